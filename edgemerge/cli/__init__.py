@@ -1,0 +1,51 @@
+"""The `edgemerge` command: a thin typer shell over the library.
+
+Exit codes: 0 success, 1 internal error (a bug: please report it with --debug output), 2 bad input
+(the message says what to fix), 3 an evaluation gate failed, 130 interrupted.
+Each command lives in its own module in this package and registers itself on `app`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import click
+
+from ..errors import EdgemergeError
+from .common import app, err_console
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "common":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; turns user errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="edgemerge", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except (click.Abort, KeyboardInterrupt):
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except EdgemergeError as e:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug: say so in one line unless --debug
+        if debug:
+            raise
+        err_console.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

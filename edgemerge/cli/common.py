@@ -1,0 +1,40 @@
+"""Shared pieces of the command line: the typer app, consoles, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="edgemerge",
+    help=(
+        "Turn an English-centric instruct LLM into an offline assistant in your language: "
+        "W = W_instruct + sum_i w_i (W_lang_i - W_base), written as GGUF, quantized and checked with llama.cpp.\n\n"
+        "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 eval gate failed, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Results (tables, JSON) go to stdout; progress and messages to stderr so pipes stay clean.
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """edgemerge: language-vector merges shipped as tested GGUF files."""
+
+
+def print_json(data: Any) -> None:
+    """Write `data` as JSON to stdout (machine-readable output for --json)."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()

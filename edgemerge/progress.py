@@ -1,0 +1,66 @@
+"""Progress reporting for library calls: the CLI passes a rich Progress, Python callers may pass None."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def make_progress(console=None, *, transient: bool = False) -> Progress:
+    """A rich progress display with sizes, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+@contextlib.contextmanager
+def task(
+    progress: Progress | None, description: str, total: float | None, *, unit: str = "bytes"
+) -> Iterator[Callable[[float], None]]:
+    """Open a progress task; yield `advance(amount)`. With no progress display, advancing does nothing."""
+    if progress is None:
+        yield lambda amount: None
+        return
+    from .files import human_bytes
+
+    def detail(done: float) -> str:
+        if total is None:
+            return ""
+        if unit == "bytes":
+            return f"{human_bytes(done)}/{human_bytes(total)}"
+        return f"{int(done)}/{int(total)} {unit}"
+
+    tid = progress.add_task(description, total=total, detail=detail(0))
+    done = 0.0
+
+    def advance(amount: float) -> None:
+        nonlocal done
+        done += amount
+        progress.update(tid, advance=amount, detail=detail(done))
+
+    try:
+        yield advance
+    finally:
+        if total is not None:
+            progress.update(tid, completed=total, detail=detail(total))
+        progress.stop_task(tid)
+
+
+__all__ = ["make_progress", "task", "Progress", "DownloadColumn", "MofNCompleteColumn"]

@@ -1,0 +1,136 @@
+"""Tiny Hugging Face model fixtures with random weights and real tokenizers.
+
+Families share one random base; instruct and language models are the base plus small seeded deltas, so merges
+have non-trivial task vectors. Hidden sizes are multiples of 256 so llama.cpp k-quants apply.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .shared import need_shared
+
+# architecture -> transformers config class name
+_ARCH_CONFIGS = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+}
+
+
+@dataclass
+class Spec:
+    arch: str = "LlamaForCausalLM"
+    tokenizer: str = "llama-bpe"  # llama-bpe | qwen2 | spm (Mistral v1 SentencePiece) | a folder
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    tie: bool = False
+    dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict)
+
+
+def tokenizer_dir(kind: str, cache: Path) -> Path:
+    """A saved Hugging Face tokenizer folder built from real shared vocabularies (cached per session)."""
+    out = cache / f"tok-{kind}"
+    if out.exists():
+        return out
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    tmp = cache / f".tok-{kind}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "spm":
+        src = need_shared("tokenizers", "mistral_sentencepiece", "tokenizer.model.v1")
+        tmp.mkdir(parents=True)
+        shutil.copy(src, tmp / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp)
+    else:
+        vocab = need_shared("tokenizers", "llama.cpp-vocab")
+        tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def make_model(out: Path, spec: Spec, tok_dir: Path, *, seed: int, base_state: dict | None = None,
+               delta_scale: float = 0.02, shard_size: str | None = None) -> Path:
+    """Write a tiny model to `out` (safetensors + config + tokenizer). With `base_state`, weights are
+    base + delta_scale * N(0, 1) (seeded), like a fine-tune of that base."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    vocab = len(tok)
+    cfg_cls = getattr(transformers, _ARCH_CONFIGS[spec.arch])
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=spec.tie,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype=spec.dtype,
+    )
+    kw.update(spec.extra)
+    config = cfg_cls(**kw)
+    config.architectures = [spec.arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.arch)(config)
+    with torch.no_grad():
+        if base_state is not None:
+            g = torch.Generator().manual_seed(seed)
+            for name, p in model.named_parameters():
+                p.copy_(base_state[name] + delta_scale * torch.randn(p.shape, generator=g))
+        else:
+            # default init is std 0.02 everywhere; norms at 1 +- noise make the fixtures less degenerate
+            g = torch.Generator().manual_seed(seed)
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model = model.to(getattr(torch, spec.dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    tok.save_pretrained(out)
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return out
+
+
+def state_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved fixture as float32 (fixtures are tiny; production code never does this)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update({k: v.float() for k, v in load_file(f).items()})
+    return state
+
+
+def make_family(root: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = ("eu",), *,
+                shard_size: str | None = None) -> dict[str, Path]:
+    """base, instruct and one language model per code, all sharing a random base."""
+    import transformers
+
+    paths = {"base": make_model(root / "base", spec, tok_dir, seed=1, shard_size=shard_size)}
+    base = transformers.AutoModelForCausalLM.from_pretrained(paths["base"], torch_dtype=torch.float32)
+    base_state = {k: v.detach().clone() for k, v in base.named_parameters()}
+    del base
+    paths["instruct"] = make_model(root / "instruct", spec, tok_dir, seed=2, base_state=base_state,
+                                   shard_size=shard_size)
+    for i, code in enumerate(langs):
+        paths[code] = make_model(root / f"lang-{code}", spec, tok_dir, seed=10 + i, base_state=base_state,
+                                 shard_size=shard_size)
+    return paths
