@@ -1,0 +1,73 @@
+"""GGUF -> Hugging Face: the converted stories260K gives llama.cpp's logits in transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemerge.errors import EdgemergeError
+from edgemerge.gguf.to_hf import gguf_to_hf, unpermute_rotary
+
+from .shared import need_shared
+
+TEXT = "Once upon a time, there was a little dog named Max. He liked to run in the park with his ball."
+
+
+@pytest.fixture(scope="session")
+def stories_hf(tmp_path_factory) -> Path:
+    seed = need_shared("models", "stories260K")
+    out = tmp_path_factory.mktemp("stories-hf") / "base"
+    return gguf_to_hf(seed / "stories260K.gguf", out, tokenizer_model=seed / "tok512.model")
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    # llama.cpp's convert_hf_to_gguf LlamaModel.permute, written out independently
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = np.arange(32 * 6, dtype=np.float32).reshape(32, 6)
+    assert np.array_equal(unpermute_rotary(permute(w, 4), 4), w)
+    assert not np.array_equal(unpermute_rotary(w, 4), w)
+
+
+def test_stories260k_logits_match_llama_cpp(stories_hf):
+    torch = pytest.importorskip("torch")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seed = need_shared("models", "stories260K", "stories260K.gguf")
+    config = json.loads((stories_hf / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (64, 5, 4)
+
+    tok = AutoTokenizer.from_pretrained(stories_hf)
+    model = AutoModelForCausalLM.from_pretrained(stories_hf, dtype=torch.float32)
+    ids = tok(TEXT).input_ids
+    with torch.no_grad():
+        hf_logits = model(torch.tensor([ids])).logits[0].numpy()
+
+    llm = llama_cpp.Llama(model_path=str(seed), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    assert llm.tokenize(TEXT.encode(), add_bos=True) == ids
+    llm.eval(ids)
+    cpp_logits = np.array(llm.scores[: len(ids)])
+    diff = np.abs(hf_logits - cpp_logits).max()
+    print(
+        f"max |logit difference| transformers vs llama.cpp: {diff:.4f} (logits up to {np.abs(cpp_logits).max():.1f})"
+    )
+    assert diff < 0.05
+    assert (hf_logits.argmax(-1) == cpp_logits.argmax(-1)).all()
+
+
+def test_wrong_tokenizer_is_refused(tmp_path):
+    seed = need_shared("models", "stories260K", "stories260K.gguf")
+    other = need_shared("tokenizers", "mistral_sentencepiece", "tokenizer.model.v1")
+    with pytest.raises(EdgemergeError, match="does not match the GGUF's vocabulary"):
+        gguf_to_hf(seed, tmp_path / "out", tokenizer_model=other)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(EdgemergeError, match="not found"):
+        gguf_to_hf(tmp_path / "nope.gguf", tmp_path / "out", tokenizer_model=tmp_path / "t.model")
