@@ -1,0 +1,141 @@
+"""Smoke test of tools/bench.py's own parts: the stage meter, the generated family, medians and ratios, and the
+F16 comparison. The peers (mergekit, llama.cpp's converter) are not run here: tools/bench.py does that."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from .shared import need_shared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench
+import bench_family
+import bench_stats as bs
+
+TINY = bench_family.Size("tiny", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
+
+
+def test_stage_meter_sees_the_child_peak_memory(tmp_path):
+    code = "x = bytearray(300_000_000); x[::4096] = b'\\1' * len(x[::4096])"
+    stage = bench.run_stage("alloc", [sys.executable, "-c", code], tmp_path / "log")
+    assert 300e6 <= stage.peak_rss < 1.5e9
+    assert stage.seconds > 0
+    with pytest.raises(bench.StageFailed, match="exit 3"):
+        bench.run_stage("fail", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log")
+
+
+def test_generated_family_is_base_plus_small_deltas(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    tok = need_shared("tokenizers", "mistral_sentencepiece", "tokenizer.model.v1")
+    fam = bench_family.make_family(tmp_path, TINY, tok)
+    tensors = {}
+    for role in bench_family.ROLES:
+        with safe_open(fam / role / "model.safetensors", "np") as f:
+            assert set(f.keys()) == {n for n, _ in bench_family.tensor_shapes(TINY)}
+            tensors[role] = {
+                k: f.get_tensor(k).astype(np.float32) for k in ("lm_head.weight", "model.norm.weight")
+            }
+    base = tensors["base"]["lm_head.weight"]
+    assert base.shape == (32000, 256)
+    assert abs(base.std() - bench_family.BASE_STD) < 1e-3
+    delta = tensors["instruct"]["lm_head.weight"] - base
+    assert abs(delta.std() - bench_family.DELTA_STD) < 2e-4
+    lang_delta = tensors["lang-eu"]["lm_head.weight"] - base
+    assert abs(np.corrcoef(delta.ravel(), lang_delta.ravel())[0, 1]) < 0.01  # independent task vectors
+    cfg = AutoConfig.from_pretrained(fam / "instruct")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.tie_word_embeddings) == (256, 2, False)
+    assert json.loads((fam / "instruct" / "tokenizer_config.json").read_text()) is not None
+    # reused, not regenerated, when the stamp matches
+    mtime = (fam / "base" / "model.safetensors").stat().st_mtime_ns
+    assert bench_family.make_family(tmp_path, TINY, tok) == fam
+    assert (fam / "base" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_medians_ratios_and_table():
+    peer = [
+        bs.RouteRun(
+            bs.PEER,
+            [
+                bs.Stage(bs.PEER_MERGE, m, 5_000_000_000),
+                bs.Stage(bs.PEER_CONVERT, c, 1),
+                bs.Stage(bs.QUANTIZE, 3.0, 1),
+            ],
+        )
+        for m, c in ((10.0, 6.0), (12.0, 2.0), (11.0, 9.0))
+    ]
+    em = [
+        bs.RouteRun(bs.EDGEMERGE, [bs.Stage(bs.EM_MERGE, t, 900_000_000), bs.Stage(bs.QUANTIZE, 3.0, 1)])
+        for t in (4.0, 5.0, 6.0)
+    ]
+    floor = [bs.RouteRun(bs.FLOOR, [bs.Stage(bs.FLOOR_STAGE, t, 1)]) for t in (1.0, 1.0, 2.0)]
+    p, e, f = bs.summarize(peer), bs.summarize(em), bs.summarize(floor)
+    assert p.route == bs.PEER
+    assert p.merge_export == 16.0  # median of (16, 14, 20), not 11 + 6
+    assert p.total == 19.0
+    assert p.peak_rss == 5_000_000_000
+    q = bs.ratios(p, e, f)
+    assert q.speedup_merge_export == pytest.approx(16.0 / 5.0)
+    assert q.speedup_total == pytest.approx(19.0 / 8.0)
+    assert q.floor_ratio == pytest.approx(5.0)
+    table = bs.format_tables(
+        [
+            {
+                "size": "1b",
+                "params": 1.1e9,
+                "summaries": {bs.PEER: p, bs.EDGEMERGE: e, bs.FLOOR: f},
+                "ratios": q,
+            }
+        ]
+    )
+    assert "| 1b | 3.20x | 2.38x | 5.0x | 0.90 GB | not checked |" in table
+
+
+def test_bf16_ulp_is_the_spacing_of_bfloat16():
+    x = (np.random.default_rng(0).standard_normal(1000) * 0.05).astype(ml_dtypes.bfloat16)
+    x = x[np.abs(x.astype(np.float32)) > 0]
+    bits = np.abs(x.astype(np.float32)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    up = (bits + 1).view(ml_dtypes.bfloat16).astype(np.float32)
+    spacing = up - np.abs(x.astype(np.float32))
+    np.testing.assert_array_equal(bs.bf16_ulp(x.astype(np.float32)), spacing)
+
+
+def _gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(path, "llama")
+    for k, v in tensors.items():
+        w.add_tensor(k, v.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_f16_comparison_accepts_one_rounding_step_and_nothing_more(tmp_path):
+    rng = np.random.default_rng(1)
+    exact = (rng.standard_normal((64, 256)) * 0.02).astype(ml_dtypes.bfloat16)
+    f32 = exact.astype(np.float32)
+    f32[3, 7] = 0.01171875  # 1.5 * 2^-7: two bf16 steps up stay below the next power of two
+    one_step = f32 + bs.bf16_ulp(f32) * (rng.random(f32.shape) < 0.3)  # mergekit-style rounding
+    two_steps = f32.copy()
+    two_steps[3, 7] += 2 * bs.bf16_ulp(f32[3, 7])
+    ref = _gguf(tmp_path / "ref.gguf", {"blk.0.ffn_up.weight": f32, "output_norm.weight": f32[0]})
+    ok = _gguf(tmp_path / "ok.gguf", {"blk.0.ffn_up.weight": one_step, "output_norm.weight": f32[0]})
+    bad = _gguf(tmp_path / "bad.gguf", {"blk.0.ffn_up.weight": two_steps, "output_norm.weight": f32[0]})
+    short = _gguf(tmp_path / "short.gguf", {"blk.0.ffn_up.weight": f32})
+
+    m = bench.verify(ref, ok)
+    assert m.ok and m.tensors == 2 and 0.5 < m.max_ulps <= 1.0 and m.differing > 0
+    m = bench.verify(ref, bad)
+    assert not m.ok and m.worst == "blk.0.ffn_up.weight" and m.max_ulps == pytest.approx(2.0, abs=0.01)
+    assert bench.verify(ref, short).missing == ["output_norm.weight"]

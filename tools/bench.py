@@ -1,0 +1,387 @@
+"""Benchmark edgemerge against today's tool chain on generated Llama families (50M, 300M, 1B parameters).
+
+Routes, side by side on the same inputs, each stage a subprocess timed on the wall clock with the peak RSS of
+its whole process tree (the kernel's ru_maxrss from wait4, and psutil's sampled sum over the tree when psutil
+is installed; the larger is reported):
+  peer       mergekit-yaml (task_arithmetic) -> llama.cpp convert_hf_to_gguf.py --outtype f16
+             -> llama.cpp quantize Q4_K_M (llama_model_quantize, what llama-quantize calls)
+  edgemerge  `edgemerge build --skip-eval` (F16 + Q4_K_M); or `edgemerge merge --gguf` + `edgemerge quantize`
+  floor      read the three inputs once and write one file of the merged model's size
+Before every route the inputs are read once (page cache warm for both) and dirty pages are flushed (os.sync).
+Each route runs --reps times; medians are reported. Afterwards both routes' F16 tensors are compared.
+
+    pip install -e ".[bench]"          # mergekit + psutil; the converter comes from tools/fetch_converter.py
+    python tools/bench.py --sizes 50m,300m,1b --reps 3 [--json out.json] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_family import SIZES, make_family, n_params
+from bench_stats import (
+    EDGEMERGE,
+    EM_MERGE,
+    FLOOR,
+    FLOOR_STAGE,
+    PEER,
+    PEER_CONVERT,
+    PEER_MERGE,
+    QUANTIZE,
+    RouteRun,
+    Stage,
+    compare_tensors,
+    format_tables,
+    ratios,
+    summarize,
+)
+
+INPUT_ROLES = ("base", "instruct", "lang-eu")
+_EDGEMERGE = "from edgemerge.cli import main; main()"
+_QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+p.nthread = 0  # llama.cpp's default: all hardware threads, as llama-quantize
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+# Read every input once and write the first `n` bytes read to one output: the least work any route must do.
+_FLOOR = """
+import sys
+ins, out, n = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+buf = bytearray(1 << 24); mv = memoryview(buf)
+with open(out, "wb") as w:
+    for f in ins:
+        with open(f, "rb", buffering=0) as r:
+            while k := r.readinto(buf):
+                m = min(k, n)
+                if m:
+                    w.write(mv[:m]); n -= m
+"""
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_stage(name: str, cmd: list[str], log: Path, *, cwd: Path | None = None) -> Stage:
+    """Run one stage as a subprocess; wall time and peak RSS of its process tree (bytes).
+
+    ru_maxrss from wait4 is the kernel's exact peak of the largest process of the tree; psutil's sum over the
+    tree, sampled every 20 ms, covers processes running at the same time. The stage's peak is the larger.
+    """
+    os.sync()  # earlier routes' dirty pages must not be flushed on this stage's clock
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+    sampled, stop = [0], threading.Event()
+
+    def poll() -> None:
+        try:
+            import psutil
+        except ImportError:  # ru_maxrss from wait4 still holds
+            return
+        while not stop.wait(0.02):
+            try:
+                sampled[0] = max(sampled[0], _tree_rss(psutil.Process(proc.pid)))
+            except psutil.Error:  # exited, not yet reaped
+                return
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise StageFailed(f"{name} failed (exit {proc.returncode}); see {log}")
+    return Stage(name, seconds, max(usage.ru_maxrss * 1024, sampled[0]))
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every file once so both routes start with the same warm page cache."""
+    buf = bytearray(1 << 24)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def input_files(fam: Path) -> list[Path]:
+    return sorted(p for role in INPUT_ROLES for p in (fam / role).iterdir() if p.is_file())
+
+
+def _clean(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+@dataclasses.dataclass
+class Tools:
+    mergekit: list[str]
+    converter: Path
+    edgemerge_route: str  # build | steps
+
+
+def find_tools(mergekit: str | None, converter: str | None, route: str) -> Tools:
+    mk = mergekit or shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    if not Path(mk).exists() and not shutil.which(mk):
+        raise SystemExit(
+            "mergekit-yaml not found: pip install -e '.[bench]' (or install mergekit in its own venv and pass "
+            "--mergekit VENV/bin/mergekit-yaml)"
+        )
+    if converter:
+        conv = Path(converter)
+    else:
+        from fetch_converter import fetch
+
+        conv = fetch() / "convert_hf_to_gguf.py"
+    if route == "auto":
+        r = subprocess.run(
+            [sys.executable, "-c", _EDGEMERGE, "build", "--help"], check=False, capture_output=True, text=True
+        )
+        route = "build" if r.returncode == 0 and "--skip-eval" in r.stdout else "steps"
+    return Tools([mk], conv, route)
+
+
+def peer_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[RouteRun, Path]:
+    """mergekit-yaml -> convert_hf_to_gguf.py --outtype f16 -> Q4_K_M; returns the run and the F16 path."""
+    hf, f16, q4 = work / "peer-merged", work / "peer.F16.gguf", work / "peer.Q4_K_M.gguf"
+    _clean(hf, f16, q4)
+    run = RouteRun(PEER)
+    run.stages.append(run_stage(PEER_MERGE, [*tools.mergekit, str(fam / "mergekit.yaml"), str(hf)], log))
+    conv = [sys.executable, str(tools.converter), str(hf), "--outtype", "f16", "--outfile", str(f16)]
+    run.stages.append(run_stage(PEER_CONVERT, conv, log))
+    run.stages.append(run_stage(QUANTIZE, [sys.executable, "-c", _QUANTIZE, str(f16), str(q4)], log))
+    _clean(hf, q4)
+    return run, f16
+
+
+def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[RouteRun, Path]:
+    """`edgemerge build --skip-eval` (one stage, split by its manifest timings) or merge --gguf + quantize."""
+    run = RouteRun(EDGEMERGE)
+    recipe = str(fam / "recipe.yaml")
+    if tools.edgemerge_route == "build":
+        out = work / "em-build"
+        _clean(out)
+        cmd = [
+            sys.executable,
+            "-c",
+            _EDGEMERGE,
+            "build",
+            "--recipe",
+            recipe,
+            "--quant",
+            "Q4_K_M",
+            "--skip-eval",
+            "--out",
+            str(out),
+            "--force",
+        ]
+        stage = run_stage("build", cmd, log)
+        run.stages += _split_build(stage, out)
+        f16 = next(out.glob("*.F16.gguf"))
+        return run, f16
+    f16, qdir = work / "em.F16.gguf", work / "em-quant"
+    _clean(f16, qdir)
+    qdir.mkdir()
+    merge = [
+        sys.executable,
+        "-c",
+        _EDGEMERGE,
+        "merge",
+        recipe,
+        "--gguf",
+        str(f16),
+        "--outtype",
+        "f16",
+        "--force",
+    ]
+    run.stages.append(run_stage(EM_MERGE, merge, log))
+    quant = [
+        sys.executable,
+        "-c",
+        _EDGEMERGE,
+        "quantize",
+        str(f16),
+        "--quant",
+        "Q4_K_M",
+        "--out-dir",
+        str(qdir),
+    ]
+    run.stages.append(run_stage(QUANTIZE, quant, log))
+    _clean(qdir)
+    return run, f16
+
+
+def _split_build(stage: Stage, out: Path) -> list[Stage]:
+    """Split the build's wall time by the per-stage timings its manifest records; the rest (start-up, model
+    card, hashes) is its own line so the stages still add up to the measured total."""
+    try:
+        timings = json.loads((out / "manifest.json").read_text()).get("timings", {})
+    except (OSError, ValueError):
+        timings = {}
+    merge = sum(v for k, v in timings.items() if "merge" in k or "export" in k or "gguf" in k)
+    quant = sum(v for k, v in timings.items() if "quant" in k)
+    if not merge or not quant:
+        return [stage]
+    rest = max(stage.seconds - merge - quant, 0.0)
+    return [
+        Stage(EM_MERGE, merge, stage.peak_rss),
+        Stage(QUANTIZE, quant, stage.peak_rss),
+        Stage("build other", rest, stage.peak_rss),
+    ]
+
+
+def floor_route(fam: Path, work: Path, log: Path) -> RouteRun:
+    out = work / "floor.bin"
+    _clean(out)
+    size = (fam / "instruct" / "model.safetensors").stat().st_size
+    ins = [str(fam / r / "model.safetensors") for r in INPUT_ROLES]
+    stage = run_stage(FLOOR_STAGE, [sys.executable, "-c", _FLOOR, *ins, str(out), str(size)], log)
+    _clean(out)
+    return RouteRun(FLOOR, [stage])
+
+
+def verify(peer_f16: Path, em_f16: Path):
+    """Both routes' merged F16 tensors, read with gguf-py's GGUFReader (memory-mapped), compared by name."""
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(peer_f16), GGUFReader(em_f16)
+    theirs = {t.name: t.data for t in b.tensors}
+    return compare_tensors(((t.name, t.data) for t in a.tensors), theirs)
+
+
+def profile_merge(fam: Path, work: Path, top: int = 25) -> str:
+    """cProfile of `edgemerge merge --gguf` (one extra run, not timed): the functions where the time goes."""
+    import pstats
+
+    prof, f16 = work / "merge.prof", work / "profile.F16.gguf"
+    code = (
+        "import cProfile, sys; from edgemerge.cli import main; "
+        f"sys.argv = ['edgemerge', 'merge', {str(fam / 'recipe.yaml')!r}, '--gguf', {str(f16)!r}, "
+        f"'--outtype', 'f16', '--force']; cProfile.run('main()', {str(prof)!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    _clean(f16)
+    import io
+
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
+def bench_size(size: str, root: Path, tools: Tools, reps: int, routes: list[str], tokenizer: Path | None):
+    fam = make_family(root, size, tokenizer)
+    work = root / f"work-{size}"
+    work.mkdir(exist_ok=True)
+    log = work / "bench.log"
+    inputs = input_files(fam)
+    runs: dict[str, list[RouteRun]] = {r: [] for r in routes}
+    f16s: dict[str, Path] = {}
+    for rep in range(reps):
+        for route in routes:
+            warm(inputs)
+            print(f"[{size}] rep {rep + 1}/{reps}: {route}", file=sys.stderr, flush=True)
+            if route == PEER:
+                run, f16s[PEER] = peer_route(fam, work, tools, log)
+            elif route == EDGEMERGE:
+                run, f16s[EDGEMERGE] = edgemerge_route(fam, work, tools, log)
+            else:
+                run = floor_route(fam, work, log)
+            runs[route].append(run)
+    summaries = {r: summarize(v) for r, v in runs.items()}
+    result = {"size": size, "params": n_params(SIZES[size]), "summaries": summaries, "runs": runs}
+    if all(r in summaries for r in (PEER, EDGEMERGE, FLOOR)):
+        result["ratios"] = ratios(summaries[PEER], summaries[EDGEMERGE], summaries[FLOOR])
+    if PEER in f16s and EDGEMERGE in f16s:
+        result["match"] = verify(f16s[PEER], f16s[EDGEMERGE])
+    for p in f16s.values():
+        _clean(p)
+    return result
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x):
+        d = dataclasses.asdict(x)
+        if hasattr(x, "ok"):
+            d["ok"] = x.ok
+        return d
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="50m,300m,1b", help="comma-separated: " + ", ".join(SIZES))
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per route (median reported)")
+    ap.add_argument("--root", type=Path, default=Path("/tmp/edgemerge-bench"), help="families and outputs")
+    ap.add_argument("--routes", default=f"{FLOOR},{PEER},{EDGEMERGE}")
+    ap.add_argument("--tokenizer", type=Path, help="SentencePiece tokenizer.model (32k Llama-2 vocab)")
+    ap.add_argument("--mergekit", help="mergekit-yaml executable (default: on PATH or beside python)")
+    ap.add_argument("--converter", help="convert_hf_to_gguf.py (default: tools/fetch_converter.py)")
+    ap.add_argument("--edgemerge-route", choices=["auto", "build", "steps"], default="auto")
+    ap.add_argument("--json", nargs="?", const="-", help="write results as JSON to this file ('-': stdout)")
+    ap.add_argument(
+        "--profile", action="store_true", help="cProfile edgemerge's merge+export on the last size"
+    )
+    args = ap.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        ap.error(f"unknown size(s) {', '.join(bad)}; choose from {', '.join(SIZES)}")
+    routes = [r.strip() for r in args.routes.split(",")]
+    args.root.mkdir(parents=True, exist_ok=True)
+    tools = find_tools(args.mergekit, args.converter, args.edgemerge_route)
+    print(f"edgemerge route: {tools.edgemerge_route}; converter: {tools.converter}", file=sys.stderr)
+    results = [bench_size(s, args.root, tools, args.reps, routes, args.tokenizer) for s in sizes]
+    table = format_tables(results)
+    if args.json == "-":
+        print(json.dumps(_jsonable(results), indent=2))
+    else:
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(_jsonable(results), indent=2))
+    if args.profile:
+        fam = args.root / sizes[-1]
+        print(profile_merge(fam, args.root / f"work-{sizes[-1]}"), file=sys.stderr)
+    ok = all(r.get("match") is None or r["match"].ok for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Pure parts of the benchmark: medians, ratios, the F16 tensor comparison and the tables.
+
+Kept apart from the runner so tests can check them without running mergekit or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PEER = "peer"
+EDGEMERGE = "edgemerge"
+FLOOR = "floor"
+
+# stage names per route; "merge+export" is the part the two routes do differently
+PEER_MERGE, PEER_CONVERT, QUANTIZE = "mergekit", "convert f16", "quantize q4_k_m"
+EM_MERGE = "merge+export f16"
+FLOOR_STAGE = "read inputs + write merged size"
+
+
+@dataclass
+class Stage:
+    """One timed subprocess: wall seconds and peak resident memory of its process tree, in bytes."""
+
+    name: str
+    seconds: float
+    peak_rss: int
+
+
+@dataclass
+class RouteRun:
+    """One repetition of one route on one size."""
+
+    route: str
+    stages: list[Stage] = field(default_factory=list)
+
+    def seconds(self, *names: str) -> float:
+        """Sum of the named stages' wall times (all stages when no name is given)."""
+        return sum(s.seconds for s in self.stages if not names or s.name in names)
+
+    @property
+    def peak_rss(self) -> int:
+        """Stages run one after another, so the route's peak is the largest stage peak."""
+        return max((s.peak_rss for s in self.stages), default=0)
+
+
+@dataclass
+class Summary:
+    """Medians over repetitions of one route: per stage, total, merge+export part, peak RSS."""
+
+    route: str
+    stages: dict[str, float]
+    total: float
+    merge_export: float
+    peak_rss: int
+    reps: int
+
+
+def merge_export_stages(route: str) -> tuple[str, ...]:
+    """The stages that turn the three input models into the merged F16 GGUF."""
+    return {PEER: (PEER_MERGE, PEER_CONVERT), EDGEMERGE: (EM_MERGE,), FLOOR: (FLOOR_STAGE,)}[route]
+
+
+def summarize(runs: list[RouteRun]) -> Summary:
+    """Median of each stage, of the total and of the merge+export sum over repetitions; peak RSS is the max.
+
+    Medians of sums are taken per repetition (median of (a_i + b_i)), not as sums of medians.
+    """
+    if not runs:
+        raise ValueError("no runs to summarize")
+    route = runs[0].route
+    names = [s.name for s in runs[0].stages]
+    stages = {n: statistics.median(r.seconds(n) for r in runs) for n in names}
+    me = merge_export_stages(route)
+    return Summary(
+        route=route,
+        stages=stages,
+        total=statistics.median(r.seconds() for r in runs),
+        merge_export=statistics.median(r.seconds(*me) for r in runs),
+        peak_rss=max(r.peak_rss for r in runs),
+        reps=len(runs),
+    )
+
+
+@dataclass
+class Ratios:
+    """speedup_merge_export = (mergekit + convert) / edgemerge merge+export; speedup_total = chain / edgemerge;
+    floor_ratio = edgemerge merge+export / I/O floor (1.0 would be pure I/O)."""
+
+    speedup_merge_export: float
+    speedup_total: float
+    floor_ratio: float
+
+
+def ratios(peer: Summary, em: Summary, floor: Summary) -> Ratios:
+    """The three ratios the targets are stated in (see `Ratios`)."""
+    return Ratios(
+        speedup_merge_export=peer.merge_export / em.merge_export,
+        speedup_total=peer.total / em.total,
+        floor_ratio=em.merge_export / floor.total,
+    )
+
+
+def bf16_ulp(x: np.ndarray) -> np.ndarray:
+    """Spacing of bfloat16 numbers at |x|: 2^(floor(log2 |x|) - 7), 8 significand bits; subnormal floor 2^-133."""
+    ax = np.maximum(np.abs(x.astype(np.float32)), np.float32(2.0**-126))
+    return np.ldexp(np.float32(1.0), np.floor(np.log2(ax)).astype(np.int32) - 7)
+
+
+@dataclass
+class TensorMatch:
+    """Comparison of two routes' merged tensors (as float32)."""
+
+    tensors: int
+    elements: int
+    differing: int  # elements that are not bit-equal
+    max_ulps: float  # largest |a - b| in bf16 ulps of max(|a|, |b|)
+    worst: str  # tensor holding max_ulps
+    missing: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """Same tensor names and every element within one bf16 rounding step (plus f16 subnormal spacing)."""
+        return not self.missing and self.max_ulps <= 1.0
+
+
+# F16 stores values below 2^-14 as subnormals spaced 2^-24, coarser than bf16 there
+_F16_SUBNORMAL = 2.0**-24
+
+
+def compare_tensors(a: Iterable[tuple[str, np.ndarray]], b: dict[str, np.ndarray]) -> TensorMatch:
+    """Compare tensors of route A with route B's by name.
+
+    ulps = (|a - b| - 2^-24)+ / ulp_bf16(max(|a|, |b|)): the two routes round differently (mergekit computes
+    in bf16, edgemerge in f32 then rounds once), so one bf16 step apart is the expected worst case.
+    """
+    seen, tensors, elements, differing, max_ulps, worst = set(), 0, 0, 0, 0.0, ""
+    missing = []
+    for name, x in a:
+        seen.add(name)
+        if name not in b:
+            missing.append(name)
+            continue
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(b[name], dtype=np.float32)
+        if x.shape != y.shape:
+            missing.append(f"{name} (shape {x.shape} vs {y.shape})")
+            continue
+        diff = np.abs(x - y)
+        tensors += 1
+        elements += x.size
+        differing += int(np.count_nonzero(diff))
+        excess = np.maximum(diff - _F16_SUBNORMAL, 0.0)
+        ulps = float(np.max(excess / bf16_ulp(np.maximum(np.abs(x), np.abs(y))), initial=0.0))
+        if not worst or ulps > max_ulps:
+            max_ulps, worst = ulps, name
+    missing += [n for n in b if n not in seen]
+    return TensorMatch(tensors, elements, differing, max_ulps, worst, missing)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _s(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f} s"
+
+
+def format_tables(results: list[dict]) -> str:
+    """Markdown tables: per size and route the median stage times, total and peak RSS; then the ratios.
+
+    Each result is {"size", "params", "summaries": {route: Summary}, "ratios": Ratios, "match": TensorMatch|None}.
+    """
+    lines = [
+        "| size | route | merge | export | quantize Q4_K_M | total | peak RSS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        label = f"{r['size']} ({r['params'] / 1e9:.2f}B)"
+        s = r["summaries"]
+        if PEER in s:
+            p = s[PEER]
+            lines.append(
+                f"| {label} | mergekit -> convert_hf_to_gguf -> quantize | {_s(p.stages.get(PEER_MERGE))} | "
+                f"{_s(p.stages.get(PEER_CONVERT))} | {_s(p.stages.get(QUANTIZE))} | {_s(p.total)} | "
+                f"{_gb(p.peak_rss)} |"
+            )
+        if EDGEMERGE in s:
+            e = s[EDGEMERGE]
+            lines.append(
+                f"| {label} | edgemerge | {_s(e.stages.get(EM_MERGE))} (fused) | | "
+                f"{_s(e.stages.get(QUANTIZE))} | {_s(e.total)} | {_gb(e.peak_rss)} |"
+            )
+        if FLOOR in s:
+            f = s[FLOOR]
+            lines.append(
+                f"| {label} | I/O floor (read 3 inputs, write 1) | | | | {_s(f.total)} | {_gb(f.peak_rss)} |"
+            )
+    lines += [
+        "",
+        (
+            "| size | merge+export speedup (target >= 3x) | end-to-end speedup (>= 1.4x) | "
+            "merge+export / I/O floor (<= 5x) | edgemerge peak RSS (< 1.5 GB) | F16 tensors match |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results:
+        q, m, s = r.get("ratios"), r.get("match"), r["summaries"]
+        if q is None:
+            continue
+        match = (
+            "not checked"
+            if m is None
+            else (
+                f"{'yes' if m.ok else 'NO'}: {m.tensors} tensors, max {m.max_ulps:.2f} bf16 ulp, "
+                f"{m.differing / max(m.elements, 1):.2%} of elements differ"
+            )
+        )
+        lines.append(
+            f"| {r['size']} | {q.speedup_merge_export:.2f}x | {q.speedup_total:.2f}x | {q.floor_ratio:.1f}x | "
+            f"{_gb(s[EDGEMERGE].peak_rss)} | {match} |"
+        )
+    return "\n".join(lines)
