@@ -147,15 +147,17 @@ def recipe_for_languages(codes: list[str]) -> str:
     """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe)."""
     codes = sorted(set(codes))
     matches = []
+    complete = {}
     for name in bundled_recipes():
         r = load_recipe(BUNDLED_DIR / f"{name}.yaml")
         if sorted(r.lang_codes) == codes:
             matches.append(name)
+            complete[name] = all(lang.model for lang in r.languages)
     if not matches:
         raise EdgemergeError(
             f"no bundled recipe for language(s) {','.join(codes)}; bundled: {', '.join(bundled_recipes())} "
             "(or pass --recipe PATH)"
         )
-    # Prefer the default family (Llama 3.1) when several families serve the language.
-    matches.sort(key=lambda n: (not n.startswith("llama"), n))
+    # Prefer recipes whose models are all public, then the default family (Llama 3.1).
+    matches.sort(key=lambda n: (not complete[n], not n.startswith("llama"), n))
     return matches[0]

@@ -8,6 +8,8 @@ called once per tensor in that order with a numpy array of dtype float32, float1
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,3 +41,114 @@ class Sink(Protocol):
     def close(self) -> None:
         """Finish the output (flush, close files)."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+class SafetensorsSink:
+    """Hugging Face shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` (or a single
+    `model.safetensors`), written as a stream: each shard's header is written from the specs up front, then
+    tensor data as it arrives. Hand-written because safetensors' `save_file` needs the whole shard in memory;
+    the format is simple: 8-byte little-endian header length, JSON header (space-padded to 8 bytes), raw data.
+    """
+
+    def __init__(
+        self, out_dir, *, max_shard_bytes: int = 5 * 1024**3, metadata: dict[str, str] | None = None
+    ):
+        from pathlib import Path
+
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._plan: list[tuple[str, list[TensorSpec]]] = []
+        self._where: dict[str, int] = {}
+        self._order: list[str] = []
+        self._next = 0
+        self._file = None
+        self._shard = -1
+        self._written = 0
+
+    def open(self, specs: list[TensorSpec]) -> list[str]:
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in specs:
+            if shards[-1] and size + s.nbytes > self.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(s)
+            size += s.nbytes
+        n = len(shards)
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._plan = list(zip(names, shards))
+        self._order = [s.name for s in specs]
+        self._where = {s.name: i for i, (_, shard) in enumerate(self._plan) for s in shard}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": {s.name: names[self._where[s.name]] for s in specs},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return list(self._order)
+
+    def _start_shard(self, i: int) -> None:
+        if self._file is not None:
+            self._finish_shard()
+        name, shard = self._plan[i]
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for s in shard:
+            header[s.name] = {
+                "dtype": _ST_DTYPES[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.out_dir / name, "wb")  # noqa: SIM115 (open across write calls)
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = i
+        self._expected_end = 8 + len(raw) + offset
+
+    def _finish_shard(self) -> None:
+        pos = self._file.tell()
+        self._file.close()
+        self._file = None
+        if pos != self._expected_end:
+            raise AssertionError(
+                f"shard {self._plan[self._shard][0]} ended at byte {pos}, header says {self._expected_end}"
+            )
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise AssertionError(f"SafetensorsSink.write({name!r}) out of order")
+        i = self._where[name]
+        spec = next(s for s in self._plan[i][1] if s.name == name)
+        if tuple(array.shape) != tuple(spec.shape) or str(array.dtype) != spec.dtype:
+            raise AssertionError(
+                f"{name}: got {array.dtype}{list(array.shape)}, expected {spec.dtype}{list(spec.shape)}"
+            )
+        if i != self._shard:
+            self._start_shard(i)
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._finish_shard()
+        if self._next != len(self._order):
+            raise AssertionError(f"SafetensorsSink closed after {self._next} of {len(self._order)} tensors")
+
+    def abort(self) -> None:
+        """Close the open file after a failure (the caller removes the partial output)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

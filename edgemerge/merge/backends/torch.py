@@ -1,0 +1,59 @@
+"""The PyTorch backend (CPU; all cores through torch's intra-op threads)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+import torch
+
+_OUT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, threads: int | None = None):
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+
+    def from_numpy(self, a: np.ndarray) -> torch.Tensor:
+        if a.dtype == ml_dtypes.bfloat16:
+            # torch has no numpy bfloat16: reinterpret the bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(a).float()
+
+    def mask_from_numpy(self, m: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(m)
+
+    def abs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+    def sign(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sign()
+
+    def where(self, cond, a, b) -> torch.Tensor:
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            a = torch.tensor(a, dtype=torch.float32)
+        return torch.where(cond, a, b)
+
+    def sum(self, x: torch.Tensor) -> float:
+        return float(x.sum())
+
+    def count(self, mask: torch.Tensor) -> int:
+        return int(mask.sum())
+
+    def kth_smallest(self, x: torch.Tensor, k: int) -> float:
+        return float(torch.kthvalue(x.reshape(-1), k + 1).values)
+
+    def cumcount(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(-1).to(torch.int32).cumsum(0, dtype=torch.int32).reshape(mask.shape)
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    def to_numpy(self, x: torch.Tensor, dtype: str) -> np.ndarray:
+        y = x.to(_OUT[dtype]).contiguous()
+        if dtype == "bfloat16":
+            return y.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return y.numpy()

@@ -1,0 +1,163 @@
+"""Whole merges: recipe -> Hugging Face folder (`merge_to_hf`) or straight to one GGUF file (`merge_to_gguf`).
+
+Both resolve the sources, run the compatibility check before writing anything, stream the merge into a sink
+inside a temporary sibling of the output and rename it only on success.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+from .. import __version__
+from ..check import CompatReport, check_compat
+from ..errors import EdgemergeError
+from ..files import atomic_output, ensure_free_space
+from ..progress import Progress
+from ..recipe import Recipe
+from ..sinks import SafetensorsSink
+from ..sources import RecipeSources, resolve_recipe
+from .engine import MergeStats, merge_into
+
+# Files of the instruct model that travel with the merge: tokenizer, chat template, generation settings (EOS
+# ids: a merged chat model that never stops is the classic merge bug) and the licence terms.
+INSTRUCT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+INSTRUCT_GLOBS = ("*.tiktoken", "LICENSE*", "USE_POLICY*", "NOTICE*")
+PROVENANCE_FILE = "edgemerge.json"
+SPACE_MARGIN = 64 * 1024**2
+
+
+def _with_dtype(recipe: Recipe, dtype: str | None) -> Recipe:
+    if dtype is None or dtype == recipe.dtype:
+        return recipe
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise EdgemergeError(f"unknown dtype {dtype!r}; choose bfloat16, float16 or float32")
+    out = recipe.model_copy(update={"dtype": dtype})
+    out.root = recipe.root
+    return out
+
+
+def output_bytes(report: CompatReport, dtype: str) -> int:
+    """Size of the merged weights in `dtype`."""
+    width = 4 if dtype == "float32" else 2
+    return report.n_params * width
+
+
+def provenance(recipe: Recipe, sources: RecipeSources, stats: MergeStats) -> dict:
+    """What was merged from what: recipe, input ids, revisions and file hashes (see `sources`), method options."""
+    return {
+        "edgemerge": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "formula": "W = W_instruct + sum_i w_i (W_lang_i - W_base)"
+        if recipe.method == "task_arithmetic"
+        else None,
+        "recipe": recipe.to_yaml_dict(),
+        "merge": stats.to_dict(),
+        "inputs": {role: src.provenance() for role, src in sources.named()},
+    }
+
+
+def write_model_files(out_dir: Path, instruct_dir: Path, config: dict, dtype: str) -> None:
+    """config.json (dtype set to the output dtype) and the instruct model's tokenizer/template/licence files."""
+    config = dict(config)
+    key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+    config[key] = dtype
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    names = {n for n in INSTRUCT_FILES if (instruct_dir / n).is_file()}
+    for pattern in INSTRUCT_GLOBS:
+        names |= {p.name for p in instruct_dir.glob(pattern) if p.is_file()}
+    for name in sorted(names):
+        shutil.copyfile(instruct_dir / name, out_dir / name)
+    extra = instruct_dir / "additional_chat_templates"
+    if extra.is_dir():
+        shutil.copytree(extra, out_dir / extra.name)
+
+
+def merge_to_hf(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    backend: str = "torch",
+    dtype: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    sources: RecipeSources | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Merge into a Hugging Face model folder: sharded safetensors (+ index), config.json, the instruct model's
+    tokenizer, chat template and generation_config.json, and `edgemerge.json` (provenance)."""
+    out_dir = Path(out_dir)
+    recipe = _with_dtype(recipe, dtype)
+    sources = sources or resolve_recipe(recipe, progress)
+    report = check_compat(sources)
+    ensure_free_space(out_dir.parent, output_bytes(report, recipe.dtype) + SPACE_MARGIN, "the merged model")
+    with atomic_output(out_dir, force=force) as tmp:
+        tmp.mkdir(parents=True)
+        sink = SafetensorsSink(
+            tmp, max_shard_bytes=max_shard_bytes, metadata={"edgemerge_recipe": recipe.name}
+        )
+        stats = merge_into(recipe, sources, sink, backend=backend, progress=progress, report=report)
+        write_model_files(tmp, sources.instruct.path, report.config, recipe.dtype)
+        data = provenance(recipe, sources, stats)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def gguf_metadata(recipe: Recipe, sources: RecipeSources):
+    """The GGUF general.* metadata of a merge: name, languages, licence, lineage and the recipe."""
+    from ..gguf.metadata import GGUFMetadata
+
+    return (
+        GGUFMetadata.for_merge(recipe, sources)
+        if hasattr(GGUFMetadata, "for_merge")
+        else GGUFMetadata(
+            name=recipe.name,
+            languages=recipe.lang_codes,
+            license=recipe.license,
+            instruct=recipe.instruct,
+            base=recipe.base,
+            language_models=[lang.model for lang in recipe.languages],
+            recipe=recipe.to_yaml_dict(),
+        )
+    )
+
+
+def merge_to_gguf(
+    recipe: Recipe,
+    out_file: Path,
+    *,
+    outtype: str = "f16",
+    backend: str = "torch",
+    dtype: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    sources: RecipeSources | None = None,
+) -> Path:
+    """Merge straight into one GGUF file (no Hugging Face folder in between): the merged tensors are rounded
+    to the recipe's dtype, then handed to the GGUF sink, so the file equals merge_to_hf + export_hf."""
+    from ..gguf.sink import GGUFSink
+
+    out_file = Path(out_file)
+    recipe = _with_dtype(recipe, dtype)
+    sources = sources or resolve_recipe(recipe, progress)
+    report = check_compat(sources)
+    width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
+    ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
+    with atomic_output(out_file, force=force) as tmp:
+        sink = GGUFSink(tmp, sources.instruct.path, outtype=outtype, metadata=gguf_metadata(recipe, sources))
+        merge_into(recipe, sources, sink, backend=backend, progress=progress, report=report)
+    return out_file

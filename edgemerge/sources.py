@@ -1,0 +1,207 @@
+"""Model sources: a recipe's model references resolved to local folders of safetensors + config + tokenizer.
+
+A reference is a local folder (absolute, or relative to the recipe's folder) or a Hugging Face repo id
+`owner/name[@revision]`, downloaded with huggingface_hub into its usual cache. Only safetensors weights, JSON,
+tokenizer and chat-template files are fetched: never pickled `.bin` weights, never remote code.
+
+Provenance hashes (`ModelSource.files`) are chosen to be honest and cheap for 16 GB models: small files
+(config, tokenizer, templates) get the sha256 of their content; a safetensors file gets the sha256 of its
+header (names, dtypes, shapes, offsets) plus its size, not of its multi-GB data. For hub models the commit sha
+(`revision`) pins the exact weights; for local folders the header hash + size identify the file but would
+not notice an in-place edit of tensor values that keeps the layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgemergeError
+from .progress import Progress, task
+from .recipe import Recipe
+
+HF_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+ALLOW_PATTERNS = [
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.jinja",
+    "merges.txt",
+    "vocab.txt",
+    "LICENSE*",
+    "USE_POLICY*",
+    "NOTICE*",
+]
+SMALL_FILE_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass
+class ModelSource:
+    """A model available locally: where it is, what it was asked as and how to recognise it again."""
+
+    ref: str
+    path: Path
+    revision: str | None = None
+    files: dict[str, str] = field(
+        default_factory=dict
+    )  # file name -> "sha256:<hex>" | "header-sha256:<hex> size:<n>"
+
+    @property
+    def safetensors(self) -> list[Path]:
+        return weight_files(self.path)
+
+    def provenance(self) -> dict:
+        return {"ref": self.ref, "revision": self.revision, "files": self.files}
+
+
+@dataclass
+class RecipeSources:
+    """The resolved inputs of a recipe: instruct, base and one source per language (recipe order)."""
+
+    instruct: ModelSource
+    base: ModelSource
+    languages: list[ModelSource]
+    codes: list[str] = field(default_factory=list)
+
+    def named(self) -> list[tuple[str, ModelSource]]:
+        """(role, source) pairs: instruct, base, then each language by code."""
+        return [("instruct", self.instruct), ("base", self.base)] + list(zip(self.codes, self.languages))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (raises EdgemergeError when the file cannot hold one)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise EdgemergeError(f"{path} is truncated (no safetensors header); download it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise EdgemergeError(
+                f"{path} is truncated (header of {n} bytes in a {size}-byte file); download it again"
+            )
+        return f.read(n)
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Hashes of a model folder's files (see the module docstring for what is hashed)."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix == ".safetensors":
+            digest = hashlib.sha256(safetensors_header(p)).hexdigest()
+            out[p.name] = f"header-sha256:{digest} size:{p.stat().st_size}"
+        elif p.stat().st_size <= SMALL_FILE_LIMIT:
+            out[p.name] = f"sha256:{_sha256_file(p)}"
+    return out
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model: those its index names, else model.safetensors, else all of them
+    (repos such as Mistral's also hold a `consolidated.safetensors` copy that must not be read twice)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _check_folder(path: Path, ref: str) -> None:
+    if not (path / "config.json").exists():
+        raise EdgemergeError(f"model {ref}: {path} has no config.json; point to a Hugging Face model folder")
+    if not weight_files(path):
+        extra = " (edgemerge never loads pickled .bin weights)" if any(path.glob("*.bin")) else ""
+        raise EdgemergeError(
+            f"model {ref}: {path} has no .safetensors weights{extra}; convert or download the safetensors version"
+        )
+
+
+def _download(
+    repo: str, revision: str | None, ref: str, progress: Progress | None
+) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+
+    with task(progress, f"download {ref}", None):
+        try:
+            # small files first, pinned to the commit they came from, then only the weights they name
+            path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+            commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
+            index = path / "model.safetensors.index.json"
+            if index.exists():
+                weights = sorted(set(read_json(index).get("weight_map", {}).values()))
+            else:
+                weights = ["model.safetensors"]
+            path = Path(snapshot_download(repo, revision=commit, allow_patterns=weights))
+            if not any(path.glob("*.safetensors")):
+                path = Path(snapshot_download(repo, revision=commit, allow_patterns=["*.safetensors"]))
+        except EdgemergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 (network, auth, missing repo: all become one actionable line)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EdgemergeError(
+                f"cannot get {ref} from the Hugging Face hub ({type(e).__name__}: {reason}); check the id, "
+                "your connection and `hf auth login` for gated models, or download it elsewhere and put "
+                "the local folder path in the recipe instead"
+            ) from None
+    # snapshot folders are named by the commit sha: the exact revision that was merged
+    return path, commit
+
+
+def resolve(ref: str, root: Path | None = None, progress: Progress | None = None) -> ModelSource:
+    """A local folder or `owner/name[@revision]` hub id -> ModelSource (downloading if needed)."""
+    p = Path(ref).expanduser()
+    local = p if p.is_absolute() else (root or Path.cwd()) / p
+    if local.exists():
+        if not local.is_dir():
+            raise EdgemergeError(f"model {ref}: {local} is a file; give the model's folder")
+        local = local.resolve()
+        _check_folder(local, ref)
+        return ModelSource(ref=ref, path=local, revision=None, files=fingerprint(local))
+    m = HF_ID.match(ref)
+    if m is None or ref.startswith((".", "/", "~")):
+        raise EdgemergeError(
+            f"model {ref}: no such folder ({local}) and not a Hugging Face id (owner/name[@revision])"
+        )
+    path, revision = _download(m["repo"], m["rev"], ref, progress)
+    _check_folder(path, ref)
+    return ModelSource(ref=ref, path=path, revision=revision, files=fingerprint(path))
+
+
+def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSources:
+    """Resolve every model of the recipe (instruct, base, languages) to a local folder."""
+    for i, lang in enumerate(recipe.languages):
+        if not lang.model:
+            raise EdgemergeError(
+                f"recipe {recipe.name}: languages.{i}.model ({lang.code}) is not set; put the language "
+                "model's Hugging Face id or local folder there"
+            )
+    return RecipeSources(
+        instruct=resolve(recipe.instruct, recipe.root, progress),
+        base=resolve(recipe.base, recipe.root, progress),
+        languages=[resolve(lang.model, recipe.root, progress) for lang in recipe.languages],
+        codes=recipe.lang_codes,
+    )
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict; a broken file is an EdgemergeError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgemergeError(f"cannot read {path}: {e}") from None
