@@ -1,0 +1,168 @@
+"""`edgemerge eval`: a thin shell over edgemerge.evaluate.evaluate and its gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import GateFailed
+from ..files import atomic_output
+from ..progress import make_progress
+from ..recipe import Gates, load_recipe
+from .common import app, console, err_console, print_json
+
+
+def _opt(flag: str, help: str):
+    return typer.Option(flag, help=help, rich_help_panel="Gates (exit code 3 when one fails)")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="The GGUF file to evaluate.")],
+    lang: Annotated[
+        str, typer.Option("--lang", "-l", help="Target language (ISO 639-1): eu, ca, gl, es, en.")
+    ],
+    ref: Annotated[
+        Path | None,
+        typer.Option("--ref", help="Reference GGUF (e.g. the F16 MODEL was quantized from): drift."),
+    ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option("--text", help="UTF-8 text for perplexity, one passage per line (default: built-in)."),
+    ] = None,
+    mc: Annotated[
+        Path | None,
+        typer.Option("--mc", help="Multiple-choice file: TruthfulQA-multi JSON or EusTrivia/EusExams JSONL."),
+    ] = None,
+    mc_limit: Annotated[
+        int | None, typer.Option("--mc-limit", help="Score only the first N questions.")
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the full report (with every answer) as JSON ('-': stdout)."),
+    ] = None,
+    markdown: Annotated[
+        Path | None,
+        typer.Option("--markdown", help="Write the metrics as a markdown table (for a model card)."),
+    ] = None,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Reduced run: 6 prompts, 64 tokens each, one text chunk, 50 MC questions."
+        ),
+    ] = False,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Token limit per answer (default 256).")
+    ] = None,
+    ctx: Annotated[
+        int | None, typer.Option("--ctx", help="Perplexity chunk size in tokens (default 256).")
+    ] = None,
+    system: Annotated[
+        bool, typer.Option("--system", help="Send the language's default system prompt with each prompt.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp.")] = None,
+    answers: Annotated[bool, typer.Option("--answers", help="Also print every prompt's answer.")] = False,
+    recipe: Annotated[
+        str | None,
+        _opt("--recipe", "Take the gates from this recipe's eval: section (flags below override)."),
+    ] = None,
+    min_fidelity: Annotated[float | None, _opt("--min-fidelity", "Minimum language fidelity (0-1).")] = None,
+    min_stop_rate: Annotated[float | None, _opt("--min-stop-rate", "Minimum stop rate (0-1).")] = None,
+    min_instructions: Annotated[
+        float | None, _opt("--min-instructions", "Minimum instruction following (0-1).")
+    ] = None,
+    max_perplexity: Annotated[float | None, _opt("--max-perplexity", "Maximum perplexity.")] = None,
+    max_kld: Annotated[float | None, _opt("--max-kld", "Maximum mean KL divergence vs --ref.")] = None,
+    min_top1: Annotated[float | None, _opt("--min-top1", "Minimum top-1 agreement with --ref (0-1).")] = None,
+    max_ppl_ratio: Annotated[
+        float | None, _opt("--max-ppl-ratio", "Maximum perplexity ratio vs --ref.")
+    ] = None,
+) -> None:
+    """Evaluate a GGUF in the target language with llama.cpp, on this CPU.
+
+    Perplexity on target-language text (llama.cpp's chunking), greedy answers through the GGUF's own chat
+    template to built-in prompts in the language: language fidelity, instruction following (verifiable
+    constraints) and the share of answers that stop cleanly on EOS/EOT. Optionally multiple choice (--mc) and
+    quantization drift against a reference (--ref: KL divergence, top-1 agreement, perplexity ratio).
+    A GGUF without a chat template (a base model) gets n/a for the chat metrics.
+    """
+    from ..evaluate import evaluate, language_info
+    from ..evaluate.gates import gate_results
+
+    gates = load_recipe(recipe).eval if recipe else Gates()
+    overrides = {
+        "min_language_fidelity": min_fidelity,
+        "min_stop_rate": min_stop_rate,
+        "min_instruction_following": min_instructions,
+        "max_perplexity": max_perplexity,
+        "max_kld_mean": max_kld,
+        "min_top1_agreement": min_top1,
+        "max_ppl_ratio": max_ppl_ratio,
+    }
+    gates = gates.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    sys_prompt = language_info(lang)["system"] if system else None
+
+    with make_progress(err_console, transient=True) as progress:
+        report = evaluate(
+            model,
+            lang,
+            ref=ref,
+            text=text,
+            mc=mc,
+            quick=quick,
+            progress=progress,
+            n_threads=threads,
+            max_tokens=max_tokens,
+            ctx=ctx,
+            mc_limit=mc_limit,
+            system=sys_prompt,
+        )
+    results = gate_results(report, gates)
+    data = report.to_dict()
+    data["gates"] = [
+        {"gate": r.gate, "metric": r.metric, "threshold": r.threshold, "value": r.value, "passed": r.passed}
+        for r in results
+    ]
+
+    if json_out is not None and str(json_out) == "-":
+        print_json(data)
+    else:
+        out = console
+        if answers and report.responses:
+            table = Table(title="answers")
+            for col in ("id", "lang", "stop", "checks", "answer"):
+                table.add_column(col, overflow="fold")
+            for r in report.responses:
+                failed = [k for k, v in r.checks.items() if not v]
+                table.add_row(
+                    r.id,
+                    r.detected_lang,
+                    "yes" if r.stopped else "no",
+                    "ok" if not failed else "failed: " + ", ".join(failed),
+                    r.answer,
+                )
+            out.print(table)
+        out.print(report.to_table())
+        if results:
+            gt = Table(title="gates")
+            gt.add_column("gate")
+            gt.add_column("result")
+            for r in results:
+                verdict = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]skipped[/dim]"}
+                gt.add_row(r.describe(), verdict[r.passed])
+            out.print(gt)
+        if json_out is not None:
+            with atomic_output(json_out, force=True) as tmp:
+                tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            err_console.print(f"report written to {json_out}")
+    if markdown is not None:
+        with atomic_output(markdown, force=True) as tmp:
+            tmp.write_text(report.to_markdown(), encoding="utf-8")
+
+    failed = [r.describe() for r in results if r.passed is False]
+    if failed:
+        raise GateFailed("evaluation gate(s) failed: " + "; ".join(failed))

@@ -1,0 +1,118 @@
+"""Multiple choice by log-likelihood: the model's answer is the candidate with the highest
+sum_i log p(c_i | prompt, c_<i) (TruthfulQA's MC1 and lm-evaluation-harness's `acc`).
+
+The prompt is "Q: {question}\nA:" and each candidate is scored as the continuation " {candidate}"; as in
+lm-evaluation-harness, the continuation's tokens are those of prompt+continuation after the prompt's tokens.
+
+Formats: TruthfulQA-multi JSON (a list of {"question", "mc1_targets": {"choices", "labels"}}, the correct
+choice labelled 1) and EusTrivia/EusExams JSONL (one {"question", "candidates", "answer": index} per line).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgemergeError
+from ..progress import task
+from .runner import Model, log_softmax
+
+PROMPT = "Q: {question}\nA:"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+@dataclass
+class MCResult:
+    accuracy: float
+    questions: int
+    file: str
+
+
+def _item(rec: Any, where: str) -> MCItem:
+    if not isinstance(rec, dict):
+        raise EdgemergeError(f"{where}: expected a JSON object per question")
+    if "mc1_targets" in rec:
+        t = rec["mc1_targets"]
+        if not isinstance(t, dict) or "choices" not in t or "labels" not in t or "question" not in rec:
+            raise EdgemergeError(f"{where}: TruthfulQA format needs question and mc1_targets.choices/labels")
+        return MCItem(rec["question"], list(t["choices"]), list(t["labels"]).index(1))
+    need = ["question", "candidates", "answer"]
+    missing = [k for k in need if k not in rec]
+    if missing:
+        raise EdgemergeError(
+            f"{where}: unknown multiple-choice format, missing field(s) {', '.join(missing)}; expected "
+            "TruthfulQA-multi JSON (question, mc1_targets) or EusTrivia/EusExams JSONL (question, candidates, answer)"
+        )
+    ans = rec["answer"]
+    if not isinstance(ans, int) or not 0 <= ans < len(rec["candidates"]):
+        raise EdgemergeError(f"{where}: answer must be the index of the right candidate, got {ans!r}")
+    return MCItem(rec["question"], list(rec["candidates"]), ans)
+
+
+def load_mc(path: Path) -> list[MCItem]:
+    """Read a multiple-choice file in one of the two formats (module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemergeError(f"multiple-choice file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EdgemergeError(f"multiple-choice file {path} is not UTF-8") from None
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+        wheres = [f"{path} item {i + 1}" for i in range(len(records))]
+    except ValueError:
+        records, wheres = [], []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    raise EdgemergeError(f"{path}:{n}: not JSON (expected JSON or JSON Lines)") from None
+                wheres.append(f"{path}:{n}")
+    if not records:
+        raise EdgemergeError(f"multiple-choice file {path} has no questions")
+    return [_item(r, w) for r, w in zip(records, wheres)]
+
+
+def choice_logliks(model: Model, item: MCItem) -> list[float]:
+    """sum log p(candidate tokens | prompt) for each candidate; the prompt is decoded once and shared."""
+    prompt = PROMPT.format(question=item.question)
+    ctx = model.tokenize(prompt)
+    last = model.logits(ctx, len(ctx) - 1)[-1]
+    out = []
+    for choice in item.choices:
+        cont = model.tokenize(prompt + " " + choice)[len(ctx) :]
+        if not cont:
+            out.append(float("-inf"))
+            continue
+        rows = (
+            np.vstack([last[None, :], model.extend_logits(cont[:-1], len(ctx))])
+            if len(cont) > 1
+            else last[None]
+        )
+        out.append(float(log_softmax(rows)[np.arange(len(cont)), cont].sum()))
+    return out
+
+
+def evaluate_mc(model: Model, path: Path, *, limit: int | None = None, progress=None) -> MCResult:
+    """Accuracy over the first `limit` questions of `path`."""
+    items = load_mc(path)[:limit]
+    correct = 0
+    with task(progress, "multiple choice", len(items), unit="questions") as advance:
+        for item in items:
+            ll = choice_logliks(model, item)
+            correct += int(int(np.argmax(ll)) == item.answer)
+            advance(1)
+    return MCResult(correct / len(items), len(items), str(path))

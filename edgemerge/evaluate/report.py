@@ -1,0 +1,104 @@
+"""The evaluation report: JSON (`to_dict`), a markdown table for model cards and a rich table for terminals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .answers import Response
+
+
+@dataclass
+class EvalReport:
+    model: str
+    lang: str
+    quick: bool = False
+    perplexity: float | None = None
+    tokens: int | None = None  # scored tokens of the perplexity text
+    ppl_ctx: int | None = None
+    ppl_chunks: int | None = None
+    chat_template: bool = False
+    language_fidelity: float | None = None
+    instruction_following: float | None = None
+    instruction_checks: float | None = None
+    stop_rate: float | None = None
+    max_tokens: int | None = None
+    responses: list[Response] = field(default_factory=list)
+    mc_file: str | None = None
+    mc_accuracy: float | None = None
+    mc_questions: int | None = None
+    ref: str | None = None
+    ref_perplexity: float | None = None
+    kld_mean: float | None = None
+    kld_max: float | None = None
+    top1_agreement: float | None = None
+    ppl_ratio: float | None = None
+    seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "responses"}
+        d["responses"] = [r.to_dict() for r in self.responses]
+        if self.mc_file is None:
+            for k in ("mc_file", "mc_accuracy", "mc_questions"):
+                d.pop(k)
+        if self.ref is None:
+            for k in ("ref", "ref_perplexity", "kld_mean", "kld_max", "top1_agreement", "ppl_ratio"):
+                d.pop(k)
+        return d
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(metric, value, what it means) for the metrics measured; n/a for chat metrics of a base model."""
+
+        def pct(x: float | None) -> str:
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        n = len(self.responses)
+        na = "" if self.chat_template else " (no chat template)"
+        rows = [
+            (
+                "perplexity",
+                "n/a" if self.perplexity is None else f"{self.perplexity:.3f}",
+                f"{self.tokens} tokens scored, chunks of {self.ppl_ctx}",
+            ),
+            ("language fidelity", pct(self.language_fidelity), f"answers in {self.lang}, of {n}{na}"),
+            (
+                "instruction following",
+                pct(self.instruction_following),
+                f"prompts with all constraints met{na}",
+            ),
+            (
+                "stop rate",
+                pct(self.stop_rate),
+                f"answers ending on EOS/EOT within {self.max_tokens} tokens{na}",
+            ),
+        ]
+        if self.mc_file is not None:
+            rows.append(
+                ("multiple choice", pct(self.mc_accuracy), f"{self.mc_questions} questions, log-likelihood")
+            )
+        if self.ref is not None:
+            rows += [
+                ("KLD vs ref", f"{self.kld_mean:.5f}", f"mean KL(ref ‖ model), max {self.kld_max:.4f}"),
+                ("top-1 agreement", pct(self.top1_agreement), "same most likely next token as ref"),
+                ("PPL ratio", f"{self.ppl_ratio:.4f}", f"ref perplexity {self.ref_perplexity:.3f}"),
+            ]
+        return rows
+
+    def to_markdown(self) -> str:
+        """A markdown table suitable for a model card."""
+        head = f"Evaluation of `{self.model}` in **{self.lang}**" + (" (quick)" if self.quick else "")
+        lines = [head, "", "| metric | value | notes |", "| --- | --- | --- |"]
+        lines += [f"| {m} | {v} | {n} |" for m, v, n in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def to_table(self, title: str | None = None):
+        """A rich table of the metrics."""
+        from rich.table import Table
+
+        table = Table(title=title or f"{self.model} · {self.lang}" + (" · quick" if self.quick else ""))
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("notes", style="dim")
+        for row in self.rows():
+            table.add_row(*row)
+        return table

@@ -1,0 +1,204 @@
+"""A GGUF loaded in llama.cpp (llama-cpp-python), and the primitives every metric builds on: tokenizing, the
+logits of a token sequence, and greedy generation through the model's own chat template."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgemergeError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> Path:
+    """Fail with a clear message unless `path` is a GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemergeError(f"model {path} not found; give a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise EdgemergeError(
+                f"{path} is not a GGUF file (no GGUF magic); convert the model first (edgemerge gguf ...)"
+            )
+    return path
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p = x - log(sum(exp(x))) per row, in float64 like llama.cpp's perplexity tool."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Generation:
+    text: str
+    stopped: bool  # ended on an end-of-generation token (EOS/EOT) before the token limit
+    tokens: int
+
+
+class Model:
+    """One GGUF in llama.cpp with a context of `n_ctx` tokens (capped at the model's training context)."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
+        import llama_cpp
+
+        self.path = check_gguf(path)
+        self._lib = llama_cpp
+        threads = n_threads or len(os.sched_getaffinity(0))
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EdgemergeError(f"llama.cpp cannot load {self.path}: {e}") from None
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self.n_batch = self.llm.n_batch
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.llm.model)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = self.llm.token_bos()
+        self.metadata: dict[str, Any] = dict(self.llm.metadata)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    # -- tokens and logits ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`; with `add_special`, BOS is prepended when the model's vocabulary asks for it."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def logits(self, tokens: list[int], first: int = 0) -> np.ndarray:
+        """Logits (float32, shape [len(tokens) - first, n_vocab]) at positions first..len-1 of one sequence
+        evaluated from an empty context; only those positions' logits are computed (llama_batch flags)."""
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} tokens do not fit a context of {self.n_ctx}")
+        lib, ctx = self._lib, self.llm.ctx
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        self.llm.reset()
+        return self._decode(tokens, 0, first)
+
+    def extend_logits(self, tokens: list[int], n_past: int) -> np.ndarray:
+        """Logits at every position of `tokens` decoded after the first `n_past` tokens already in the cache
+        (positions from n_past on are dropped first): scoring several continuations of one shared prefix."""
+        lib, ctx = self._lib, self.llm.ctx
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, n_past, -1)
+        self.llm.reset()
+        return self._decode(tokens, n_past, n_past)
+
+    def _decode(self, tokens: list[int], pos0: int, first: int) -> np.ndarray:
+        lib, ctx = self._lib, self.llm.ctx
+        rows = []
+        batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                part = tokens[start : start + self.n_batch]
+                batch.n_tokens = len(part)
+                wanted = []
+                for k, tok in enumerate(part):
+                    pos = pos0 + start + k
+                    batch.token[k] = tok
+                    batch.pos[k] = pos
+                    batch.n_seq_id[k] = 1
+                    batch.seq_id[k][0] = 0
+                    batch.logits[k] = pos >= first
+                    if pos >= first:
+                        wanted.append(k)
+                rc = lib.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with code {rc}")
+                for k in wanted:
+                    ptr = lib.llama_get_logits_ith(ctx, k)
+                    rows.append(
+                        np.ctypeslib.as_array(
+                            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)
+                        ).copy()
+                    )
+        finally:
+            lib.llama_batch_free(batch)
+        return np.stack(rows) if rows else np.zeros((0, self.n_vocab), np.float32)
+
+    # -- chat ------------------------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's own `tokenizer.chat_template`, or None (a base model)."""
+        return self.metadata.get("tokenizer.chat_template") or None
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render `messages` with the GGUF's chat template (llama-cpp-python's Jinja2ChatFormatter, with the
+        model's BOS/EOS strings) and tokenize, parsing special tokens. A BOS the template already wrote is
+        not doubled (llama.cpp's server does the same)."""
+        import jinja2
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.chat_template
+        if template is None:
+            raise EdgemergeError(
+                f"{self.path.name} has no chat template (a base model?): chat is not available"
+            )
+        bos_text = self.token_text(self.bos) if self.bos >= 0 else ""
+        eos_text = self.token_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        fmt = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+        try:
+            prompt = fmt(messages=messages).prompt
+        except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
+            if messages and messages[0]["role"] == "system" and len(messages) > 1:
+                merged = [
+                    {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+                ]
+                return self.chat_tokens(merged + messages[2:])
+            raise EdgemergeError(f"the chat template of {self.path.name} failed: {e}") from None
+        if self.add_bos and bos_text and prompt.startswith(bos_text):
+            prompt = prompt[len(bos_text) :]
+        return self.tokenize(prompt, add_special=True, parse_special=True)
+
+    def stream(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[str | Generation]:
+        """Greedy generation (temperature 0, no penalties): yields text pieces, then one `Generation`."""
+        if len(prompt_tokens) + max_tokens > self.n_ctx:
+            max_tokens = self.n_ctx - len(prompt_tokens)
+            if max_tokens <= 0:
+                raise EdgemergeError(
+                    f"the prompt ({len(prompt_tokens)} tokens) fills the context ({self.n_ctx})"
+                )
+        parts: list[str] = []
+        finish = None
+        n = 0
+        for chunk in self.llm.create_completion(
+            prompt_tokens, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stream=True
+        ):
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                parts.append(choice["text"])
+                n += 1
+                yield choice["text"]
+            finish = choice.get("finish_reason") or finish
+        # With no stop strings, llama-cpp-python reports "stop" only when an end-of-generation token came.
+        yield Generation(text="".join(parts), stopped=finish == "stop", tokens=n)
+
+    def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
+        """The whole greedy answer (see `stream`)."""
+        result = None
+        for item in self.stream(prompt_tokens, max_tokens):
+            if isinstance(item, Generation):
+                result = item
+        assert result is not None
+        return result
