@@ -171,34 +171,39 @@ class Model:
             prompt = prompt[len(bos_text) :]
         return self.tokenize(prompt, add_special=True, parse_special=True)
 
+    def _limit(self, prompt_tokens: list[int], max_tokens: int) -> int:
+        room = self.n_ctx - len(prompt_tokens)
+        if room <= 0:
+            raise EdgemergeError(f"the prompt ({len(prompt_tokens)} tokens) fills the context ({self.n_ctx})")
+        return min(max_tokens, room)
+
+    def _complete(self, prompt_tokens: list[int], max_tokens: int, stream: bool):
+        # Greedy: temperature 0 makes llama-cpp-python use llama.cpp's greedy sampler; no repetition penalty.
+        # With no stop strings, finish_reason is "stop" only when an end-of-generation token (EOS/EOT) came.
+        return self.llm.create_completion(
+            prompt_tokens,
+            max_tokens=self._limit(prompt_tokens, max_tokens),
+            temperature=0.0,
+            repeat_penalty=1.0,
+            stream=stream,
+        )
+
+    def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
+        """The greedy answer to `prompt_tokens` (already templated), at most `max_tokens` tokens."""
+        out = self._complete(prompt_tokens, max_tokens, stream=False)
+        choice = out["choices"][0]
+        return Generation(
+            choice["text"], choice["finish_reason"] == "stop", out["usage"]["completion_tokens"]
+        )
+
     def stream(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[str | Generation]:
-        """Greedy generation (temperature 0, no penalties): yields text pieces, then one `Generation`."""
-        if len(prompt_tokens) + max_tokens > self.n_ctx:
-            max_tokens = self.n_ctx - len(prompt_tokens)
-            if max_tokens <= 0:
-                raise EdgemergeError(
-                    f"the prompt ({len(prompt_tokens)} tokens) fills the context ({self.n_ctx})"
-                )
+        """Like `generate`, yielding text pieces as they come, then one `Generation` (tokens: pieces seen)."""
         parts: list[str] = []
         finish = None
-        n = 0
-        for chunk in self.llm.create_completion(
-            prompt_tokens, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stream=True
-        ):
+        for chunk in self._complete(prompt_tokens, max_tokens, stream=True):
             choice = chunk["choices"][0]
             if choice["text"]:
                 parts.append(choice["text"])
-                n += 1
                 yield choice["text"]
             finish = choice.get("finish_reason") or finish
-        # With no stop strings, llama-cpp-python reports "stop" only when an end-of-generation token came.
-        yield Generation(text="".join(parts), stopped=finish == "stop", tokens=n)
-
-    def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
-        """The whole greedy answer (see `stream`)."""
-        result = None
-        for item in self.stream(prompt_tokens, max_tokens):
-            if isinstance(item, Generation):
-                result = item
-        assert result is not None
-        return result
+        yield Generation(text="".join(parts), stopped=finish == "stop", tokens=len(parts))

@@ -1,0 +1,95 @@
+"""`edgemerge chat`: an interactive local chat through llama.cpp with the GGUF's own chat template."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import EdgemergeError
+from .common import app, err_console
+
+HELP_LINE = "/reset starts a new conversation, /exit (or Ctrl-D) quits."
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        Path, typer.Argument(help="The GGUF file to chat with (it must carry a chat template).")
+    ],
+    lang: Annotated[
+        str | None,
+        typer.Option("--lang", "-l", help="Use this language's default system prompt (eu, ca, gl, es, en)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system prompt of your own.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Token limit per answer.")] = 512,
+    ctx: Annotated[
+        int, typer.Option("--ctx", help="Context size in tokens (older turns are dropped to fit).")
+    ] = 4096,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp.")] = None,
+) -> None:
+    """Chat with a GGUF in the terminal: greedy decoding, tokens streamed as they come.
+
+    Type a message and press Enter. /reset starts a new conversation, /exit or Ctrl-D quits.
+    """
+    from ..evaluate.prompts import language_info
+    from ..evaluate.runner import Model, check_gguf
+
+    check_gguf(model)
+    if system is None and lang is not None:
+        system = language_info(lang)["system"]
+    m = Model(model, n_ctx=ctx, n_threads=threads)
+    try:
+        if m.chat_template is None:
+            raise EdgemergeError(
+                f"{model.name} has no chat template (a base model?); chat needs an instruct model's GGUF"
+            )
+        name = m.metadata.get("general.name") or model.name
+        err_console.print(f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {HELP_LINE}", highlight=False)
+        _loop(m, system, max_tokens)
+    finally:
+        m.close()
+
+
+def _loop(m, system: str | None, max_tokens: int) -> None:
+    from ..evaluate.runner import Generation
+
+    base = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            history = []
+            err_console.print("[dim](new conversation)[/dim]")
+            continue
+        history.append({"role": "user", "content": text})
+        tokens = m.chat_tokens(base + history)
+        while len(tokens) + max_tokens > m.n_ctx and len(history) > 1:
+            history = history[2:]  # drop the oldest exchange to fit the context
+            tokens = m.chat_tokens(base + history)
+        if len(tokens) >= m.n_ctx:
+            history.pop()
+            err_console.print("[red]that message does not fit the context; try a shorter one or --ctx[/red]")
+            continue
+        result = None
+        for piece in m.stream(tokens, max_tokens):
+            if isinstance(piece, Generation):
+                result = piece
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        if result is not None and not result.stopped:
+            err_console.print(f"[dim](stopped at the {max_tokens}-token limit)[/dim]")
+        history.append({"role": "assistant", "content": result.text if result else ""})
