@@ -1,0 +1,539 @@
+"""`build`: recipe -> merged GGUF -> quantized GGUFs -> evaluation -> a folder ready to upload.
+
+Stages are cached and resumable. Each stage has a key (sha256 of what determines its output: the recipe's
+merge fields and the inputs' revisions/hashes for the merge, the merge key and the quant type for a quant, the
+file's key and the eval settings for an eval); a finished stage is recorded with its key, its outputs (size,
+mtime, sha256) and its time in `<out>/.edgemerge/state.json`, rewritten atomically after every stage. A rerun
+skips every stage whose key and outputs are unchanged, so an interrupted build (Ctrl-C, crash, power loss)
+restarts where it stopped and a changed recipe redoes only what the change touches. Library calls write
+through `atomic_output`, so partial files never carry a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgemergeError
+from .files import atomic_output, ensure_free_space, free_bytes, human_bytes, remove
+from .progress import Progress
+from .recipe import Recipe
+
+WORK_DIR = ".edgemerge"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+SPACE_MARGIN = 64 * 1024**2
+# Approximate bits per weight of llama.cpp's file types (from llama-quantize's table), for the disk plan only.
+BITS_PER_WEIGHT = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
+    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3,
+    "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0, "IQ4_NL": 4.5, "IQ4_XS": 4.3,
+}  # fmt: skip
+
+
+@dataclass
+class BuildOptions:
+    """How to build (the recipe says what)."""
+
+    out: Path | None = None  # default dist/<recipe name>
+    quants: list[str] | None = None  # default: the recipe's
+    weights: list[float] | None = None  # override the language weights, recipe order
+    method: str | None = None
+    backend: str = "auto"
+    outtype: str = "f16"  # the unquantized file: f16 or bf16
+    lang: str | None = None  # evaluation language; default the recipe's first
+    skip_eval: bool = False
+    quick_eval: bool = False
+    compare_parents: bool = False
+    force: bool = False
+    demo: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    outputs: dict[str, dict]  # path relative to out -> {"size", "mtime_ns", "sha256"}
+    seconds: float
+    cached: bool = False
+
+    def to_state(self) -> dict:
+        return {"key": self.key, "outputs": self.outputs, "seconds": self.seconds}
+
+
+@dataclass
+class StageEvent:
+    """Sent to `on_stage` before (`done` False) and after (`done` True) every stage."""
+
+    name: str
+    done: bool
+    record: StageRecord | None = None
+
+
+@dataclass
+class Plan:
+    """Disk space the build still needs, per output."""
+
+    items: dict[str, int]
+    free: int
+
+    @property
+    def needed(self) -> int:
+        return sum(self.items.values()) + (SPACE_MARGIN if self.items else 0)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.items.items()) or "nothing new to write"
+        return f"needs {human_bytes(self.needed)} ({parts}); {human_bytes(self.free)} free"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    recipe: Recipe
+    lang: str
+    files: list[Path]
+    stages: dict[str, StageRecord]
+    evals: dict[str, Any] = field(default_factory=dict)  # file name -> EvalReport
+    parent_evals: dict[str, Any] = field(default_factory=dict)
+    gate_failures: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    demo: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        manifest = json.loads((self.out / "manifest.json").read_text(encoding="utf-8"))
+        return {
+            "out": str(self.out),
+            "name": self.recipe.name,
+            "lang": self.lang,
+            "demo": self.demo,
+            "seconds": round(self.seconds, 2),
+            "files": manifest["files"]
+            + [{"name": "manifest.json", "size": (self.out / "manifest.json").stat().st_size}],
+            "stages": {
+                n: {"seconds": round(r.seconds, 3), "cached": r.cached} for n, r in self.stages.items()
+            },
+            "eval": {n: _summary(r.to_dict()) for n, r in self.evals.items()},
+            "parents": {n: _summary(r.to_dict()) for n, r in self.parent_evals.items()},
+            "gate_failures": self.gate_failures,
+            "plan": None if self.plan is None else {"needed": self.plan.needed, "free": self.plan.free},
+            "warnings": self.warnings,
+        }
+
+
+def _summary(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "responses"}
+
+
+def stage_key(*parts: Any) -> str:
+    """sha256 of the JSON of `parts`: what determines a stage's output."""
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class BuildState:
+    """The finished stages of one output folder, kept in `<out>/.edgemerge/state.json`."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / WORK_DIR / STATE_FILE
+        self.data: dict[str, Any] = {"version": STATE_VERSION, "name": None, "stages": {}}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if data.get("version") == STATE_VERSION:
+                    self.data = data
+            except ValueError:  # a damaged state only costs a rebuild
+                pass
+
+    @property
+    def name(self) -> str | None:
+        return self.data.get("name")
+
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.data["stages"]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.path, force=True) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")
+
+    def finished(self, name: str, key: str) -> dict | None:
+        """The record of `name` if it ran with `key` and its outputs are still as it left them."""
+        rec = self.stages.get(name)
+        if rec is None or rec["key"] != key:
+            return None
+        for rel, meta in rec["outputs"].items():
+            p = self.out / rel
+            if not p.exists():
+                return None
+            st = p.stat()
+            if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
+                return None
+        return rec
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Stages:
+    """Runs stages against a BuildState: skip when finished with the same key, else run and record."""
+
+    def __init__(self, state: BuildState, on_stage: Callable[[StageEvent], None] | None = None):
+        self.state = state
+        self.on_stage = on_stage or (lambda e: None)
+        self.records: dict[str, StageRecord] = {}
+
+    def run(self, name: str, key: str, outputs: list[Path], fn: Callable[[], Any]) -> StageRecord:
+        rec = self.state.finished(name, key)
+        if rec is not None:
+            record = StageRecord(name, key, rec["outputs"], rec["seconds"], cached=True)
+            self.records[name] = record
+            self.on_stage(StageEvent(name, True, record))
+            return record
+        self.on_stage(StageEvent(name, False))
+        old = self.state.stages.pop(name, None)
+        if old is not None:  # what the stage wrote last time, under names it may not write again
+            for rel in old["outputs"]:
+                if self.state.out / rel not in outputs:
+                    remove(self.state.out / rel)
+            self.state.save()
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        outs = {}
+        for p in outputs:
+            st = p.stat()
+            outs[str(p.relative_to(self.state.out))] = {
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "sha256": sha256_file(p),
+            }
+        record = StageRecord(name, key, outs, seconds)
+        self.state.stages[name] = record.to_state()
+        self.state.save()
+        self.records[name] = record
+        self.on_stage(StageEvent(name, True, record))
+        return record
+
+
+def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
+    """The recipe with --quant, --weight and --method applied (validated like the YAML)."""
+    from .recipe import parse_recipe
+
+    data = recipe.to_yaml_dict()
+    if options.quants is not None:
+        data["quants"] = list(options.quants)
+    if options.method is not None:
+        data["method"] = options.method
+    if options.weights is not None:
+        if len(options.weights) == 1:
+            weights = options.weights * len(data["languages"])
+        elif len(options.weights) == len(data["languages"]):
+            weights = options.weights
+        else:
+            raise EdgemergeError(
+                f"--weight: got {len(options.weights)} weights for {len(data['languages'])} languages; give one "
+                "weight for all or one per language, in recipe order"
+            )
+        for lang, w in zip(data["languages"], weights):
+            lang["weight"] = w
+    return parse_recipe(data, source=recipe.name, root=recipe.root)
+
+
+def check_quants(quants: list[str]) -> list[str]:
+    """Upper-cased, de-duplicated quant names, each known to llama.cpp; EdgemergeError otherwise."""
+    from .quantize import QUANT_TYPES
+
+    out = []
+    for q in quants:
+        q = q.strip().upper()
+        if q not in QUANT_TYPES:
+            raise EdgemergeError(f"unknown quantization {q!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
+        if q not in out:
+            out.append(q)
+    return out
+
+
+def prepare_out(out: Path, name: str, *, force: bool) -> BuildState:
+    """Check the output folder (empty, or the same build to resume) and clean partial files from a crash."""
+    state = BuildState(out)
+    if out.exists() and not out.is_dir():
+        raise EdgemergeError(f"{out} is a file; give a folder for --out")
+    if out.is_dir() and any(out.iterdir()):
+        other = None
+        if state.name is None:
+            other = "files that are not an edgemerge build"
+        elif state.name != name:
+            other = f"another build ({state.name})"
+        if other is not None:
+            if not force:
+                raise EdgemergeError(
+                    f"{out} holds {other}; choose another --out or pass --force to replace it"
+                )
+            _remove_build(out, state)
+            state = BuildState(out)
+        elif force:
+            _remove_build(out, state)
+            state = BuildState(out)
+    for partial in list(out.glob(".*.partial-*")) + list((out / WORK_DIR).glob("**/.*.partial-*")):
+        remove(partial)
+    state.data["name"] = name
+    return state
+
+
+def _remove_build(out: Path, state: BuildState) -> None:
+    """Delete what an earlier build wrote (its recorded outputs, package files, work area), nothing else."""
+    for rec in state.stages.values():
+        for rel in rec["outputs"]:
+            remove(out / rel)
+    for name in ("README.md", "Modelfile", "eval.json", "manifest.json"):
+        if state.name is not None:
+            remove(out / name)
+    remove(out / WORK_DIR)
+
+
+def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
+    """Bytes each not-yet-built file will take: n_params * bits_per_weight / 8."""
+    items = {
+        label: int(n_params * BITS_PER_WEIGHT.get(ftype.upper(), 8.5) / 8) for label, ftype in todo.items()
+    }
+    return Plan(items=items, free=free_bytes(out))
+
+
+def build(
+    recipe: Recipe,
+    options: BuildOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    on_stage: Callable[[StageEvent], None] | None = None,
+) -> BuildResult:
+    """Run every stage (see the module docstring) and return what was built; gates are reported in the result
+    (`gate_failures`), not raised: the caller decides (the CLI exits 3 outside the demo)."""
+    from .check import check_compat
+    from .sources import resolve_recipe
+
+    t_start = time.perf_counter()
+    options = options or BuildOptions()
+    recipe = apply_overrides(recipe, options)
+    quants = check_quants(recipe.quants)
+    lang = options.lang or recipe.lang_codes[0]
+    if options.outtype.lower() not in ("f16", "bf16"):
+        raise EdgemergeError(f"unknown output type {options.outtype!r}; choose f16 or bf16")
+    if not options.skip_eval:
+        from .evaluate.prompts import load_prompts
+
+        load_prompts(lang)  # an unknown evaluation language fails before any work
+    out = Path(options.out or Path("dist") / recipe.name)
+    state = prepare_out(out, recipe.name, force=options.force)
+    state.save()
+    stages = Stages(state, on_stage)
+    work = out / WORK_DIR
+
+    # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
+    sources = resolve_recipe(recipe, progress)
+    report = check_compat(sources)
+    inputs = {role: src.provenance() for role, src in sources.named()}
+
+    ftype = options.outtype.upper()
+    merged = out / f"{recipe.name}.{ftype}.gguf"
+    merge_fields = {k: v for k, v in recipe.to_yaml_dict().items() if k not in ("quants", "eval")}
+    merge_key = stage_key("merge", __version__, merge_fields, inputs, options.outtype.lower())
+    quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
+    quant_keys = {q: stage_key("quantize", merge_key, q, _llama_cpp_version()) for q in quants}
+    parent_file = work / "parents" / f"instruct.{ftype}.gguf"
+    parent_key = stage_key("export", __version__, inputs["instruct"], options.outtype.lower())
+
+    # Disk plan for everything not yet built, before writing anything large.
+    todo = {}
+    if state.finished("merge", merge_key) is None:
+        todo[merged.name] = ftype
+    for q in quants:
+        if state.finished(f"quantize {q}", quant_keys[q]) is None:
+            todo[quant_files[q].name] = q
+    if options.compare_parents and state.finished("export instruct", parent_key) is None:
+        todo["instruct (for --compare-parents)"] = ftype
+    plan = plan_space(out, report.n_params, todo)
+    ensure_free_space(out, plan.needed, f"the build ({plan.describe()})")
+
+    planned = {"merge"} | {f"quantize {q}" for q in quants}
+    _drop_stale(state, planned)
+
+    from .merge.run import merge_to_gguf
+
+    stages.run(
+        "merge",
+        merge_key,
+        [merged],
+        lambda: merge_to_gguf(
+            recipe,
+            merged,
+            outtype=options.outtype.lower(),
+            backend=options.backend,
+            force=True,
+            progress=progress,
+            sources=sources,
+        ),
+    )
+    from .quantize import quantize
+
+    for q in quants:
+        stages.run(
+            f"quantize {q}",
+            quant_keys[q],
+            [quant_files[q]],
+            lambda q=q: quantize(merged, q, quant_files[q], threads=options.threads, progress=progress),
+        )
+
+    ggufs = [merged] + [quant_files[q] for q in quants]
+    result = BuildResult(
+        out=out, recipe=recipe, lang=lang, files=[], stages=stages.records, plan=plan, demo=options.demo
+    )
+    file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
+    if not options.skip_eval:
+        from .evaluate.gates import check_gates
+
+        for f in ggufs:
+            ref = merged if f != merged else None
+            rep = _eval_stage(stages, work, f.name, file_keys[f.name], f, lang, ref, options, progress)
+            result.evals[f.name] = rep
+            failed = check_gates(rep, recipe.eval)
+            if failed:
+                result.gate_failures[f.name] = failed
+        if options.compare_parents:
+            from .gguf.export import export_hf
+
+            parent_file.parent.mkdir(parents=True, exist_ok=True)
+            stages.run(
+                "export instruct",
+                parent_key,
+                [parent_file],
+                lambda: export_hf(
+                    sources.instruct.path,
+                    parent_file,
+                    outtype=options.outtype.lower(),
+                    force=True,
+                    progress=progress,
+                ),
+            )
+            result.parent_evals["instruct"] = _eval_stage(
+                stages, work, "instruct", parent_key, parent_file, lang, None, options, progress
+            )
+
+    from .package import PackageInfo, write_package
+
+    info = PackageInfo(
+        recipe=recipe,
+        out=out,
+        lang=lang,
+        ggufs=[f.name for f in ggufs],
+        inputs=inputs,
+        instruct_dir=sources.instruct.path,
+        evals={n: r.to_dict() for n, r in result.evals.items()},
+        eval_markdown={n: r.to_markdown() for n, r in result.evals.items()},
+        gate_failures=result.gate_failures,
+        parent_evals={
+            n: {"report": r.to_dict(), "markdown": r.to_markdown()} for n, r in result.parent_evals.items()
+        },
+        stages={n: {"seconds": round(r.seconds, 3), "cached": r.cached} for n, r in stages.records.items()},
+        hashes={
+            Path(rel).name: meta["sha256"] for r in stages.records.values() for rel, meta in r.outputs.items()
+        },
+        backend=options.backend,
+        demo=options.demo,
+    )
+    t0 = time.perf_counter()
+    if on_stage:
+        on_stage(StageEvent("package", False))
+    files, warnings = write_package(info)
+    package = StageRecord("package", "", {}, time.perf_counter() - t0)
+    stages.records["package"] = package
+    if on_stage:
+        on_stage(StageEvent("package", True, package))
+    result.files = files
+    result.warnings = warnings
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _eval_stage(
+    stages: Stages,
+    work: Path,
+    label: str,
+    file_key: str,
+    model: Path,
+    lang: str,
+    ref: Path | None,
+    options: BuildOptions,
+    progress: Progress | None,
+):
+    """Evaluate `model` (drift against `ref` when given) as a cached stage; the report is kept as JSON."""
+    from .evaluate import evaluate
+
+    out_json = work / "eval" / f"{label}.json"
+    key = stage_key("eval", __version__, file_key, lang, options.quick_eval, ref is not None)
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        rep = evaluate(
+            model, lang, ref=ref, quick=options.quick_eval, progress=progress, n_threads=options.threads
+        )
+        holder["report"] = rep
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out_json, force=True) as tmp:
+            tmp.write_text(json.dumps(rep.to_dict(), ensure_ascii=False, default=str), encoding="utf-8")
+
+    stages.run(f"eval {label}", key, [out_json], run)
+    if "report" in holder:
+        return holder["report"]
+    return _report_from_dict(json.loads(out_json.read_text(encoding="utf-8")))
+
+
+def _report_from_dict(d: dict):
+    """An EvalReport back from its JSON (cached eval stages)."""
+    from .evaluate.answers import Response
+    from .evaluate.report import EvalReport
+
+    d = dict(d)
+    fields = set(Response.__dataclass_fields__)
+    responses = [Response(**{k: v for k, v in r.items() if k in fields}) for r in d.pop("responses", [])]
+    known = set(EvalReport.__dataclass_fields__)
+    rep = EvalReport(**{k: v for k, v in d.items() if k in known and k != "responses"})
+    rep.responses = responses
+    return rep
+
+
+def _drop_stale(state: BuildState, planned: set[str]) -> None:
+    """Remove outputs of shipped-file stages the new plan no longer has (e.g. a quant dropped from the recipe)."""
+    changed = False
+    for name in list(state.stages):
+        if name.startswith(("merge", "quantize")) and name not in planned:
+            for rel in state.stages[name]["outputs"]:
+                remove(state.out / rel)
+            del state.stages[name]
+            changed = True
+    if changed:
+        state.save()
+
+
+def _llama_cpp_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("llama-cpp-python")
+    except Exception:  # noqa: BLE001 (not installed: quantize will say so)
+        return None

@@ -1,0 +1,227 @@
+"""`edgemerge build`: recipe -> merged GGUF -> quants -> eval -> a folder ready to upload (or the offline demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from ..errors import EdgemergeError, GateFailed
+from ..files import human_bytes
+from .common import app, console, err_console, print_json
+
+DEMO_WARNING = (
+    "[bold]Offline demo.[/bold] edgemerge generates a tiny model family itself (base, instruct and a language "
+    "model: a few million parameters, trained for seconds) and runs every real stage on it: merge, GGUF, "
+    "llama.cpp quantize, llama.cpp eval, packaging. The models are tiny and their answers meaningless; the "
+    "gates are reported but do not fail the demo."
+)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def _weights(value: str | None) -> list[float] | None:
+    items = _csv(value)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise EdgemergeError(
+            f"--weight: {value!r} is not a number or a comma-separated list of numbers"
+        ) from None
+
+
+def _o(*flags: str, help: str):
+    return typer.Option(*flags, help=help)
+
+
+@app.command()
+def build(
+    lang: Annotated[
+        str | None,
+        _o(
+            "--lang",
+            help="Target language: eu (its bundled recipe), or eu,ca,gl,es for the multilingual one.",
+        ),
+    ] = None,
+    recipe: Annotated[str | None, _o("--recipe", help="A recipe YAML file or bundled recipe name.")] = None,
+    quant: Annotated[
+        str | None,
+        _o("--quant", help="Quantizations, comma-separated (default: the recipe's), e.g. Q4_K_M,Q8_0."),
+    ] = None,
+    out: Annotated[Path | None, _o("--out", help="Output folder (default dist/<recipe name>).")] = None,
+    weight: Annotated[
+        str | None,
+        _o("--weight", help="Language weight(s): one for all, or one per language in recipe order."),
+    ] = None,
+    method: Annotated[
+        str | None, _o("--method", help="Merge method (default: the recipe's), e.g. ties.")
+    ] = None,
+    backend: Annotated[str, _o("--backend", help="Merge backend: auto, torch or mlx.")] = "auto",
+    outtype: Annotated[str, _o("--outtype", help="Unquantized GGUF type: f16 or bf16.")] = "f16",
+    eval_lang: Annotated[
+        str | None, _o("--eval-lang", help="Evaluation language (default: the recipe's first).")
+    ] = None,
+    skip_eval: Annotated[bool, _o("--skip-eval", help="Build and package without evaluating.")] = False,
+    quick_eval: Annotated[
+        bool, _o("--quick-eval", help="The reduced eval set (under a minute per file).")
+    ] = False,
+    compare_parents: Annotated[
+        bool,
+        _o("--compare-parents", help="Also evaluate the instruct model alone, to show what the merge gains."),
+    ] = False,
+    force: Annotated[
+        bool, _o("--force", help="Replace another build in the output folder, or rebuild every stage.")
+    ] = False,
+    demo: Annotated[
+        bool, _o("--demo", help="Offline demo on a tiny generated model family (no network).")
+    ] = False,
+    threads: Annotated[int | None, _o("--threads", help="CPU threads for llama.cpp (default: all).")] = None,
+    json_out: Annotated[bool, _o("--json", help="Print the build summary as JSON on stdout.")] = False,
+) -> None:
+    """Build a tested, shippable offline assistant: merge, GGUF, quantize, evaluate, package.
+
+    Stages are cached: rerun the same command after an interruption and it resumes where it stopped.
+    """
+    from ..build import BuildOptions, StageEvent
+    from ..build import build as run_build
+    from ..progress import make_progress
+    from ..recipe import load_recipe, recipe_for_languages
+
+    codes = _csv(lang)
+    progress = make_progress(err_console)
+    if demo:
+        if recipe is not None:
+            raise EdgemergeError("--demo builds the generated demo family; drop --recipe (or drop --demo)")
+        if codes is not None and len(codes) != 1:
+            raise EdgemergeError(
+                "--demo builds one language at a time; give --lang with one code, e.g. --lang eu"
+            )
+        from ..demo import demo_family, language_text
+
+        code = codes[0] if codes else "eu"
+        language_text(code)
+        err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        with progress:
+            r = demo_family(code, progress=progress).recipe
+        quick_eval = True
+    elif recipe is not None:
+        r = load_recipe(recipe)
+        if codes is not None and sorted(set(codes)) != sorted(set(r.lang_codes)):
+            raise EdgemergeError(
+                f"--lang {lang} does not match the recipe's languages ({','.join(r.lang_codes)}); drop one of them"
+            )
+    elif codes is not None:
+        r = load_recipe(recipe_for_languages(codes))
+    else:
+        raise EdgemergeError("say what to build: --lang eu (bundled recipe), --recipe FILE, or --demo")
+
+    options = BuildOptions(
+        out=out,
+        quants=_csv(quant),
+        weights=_weights(weight),
+        method=method,
+        backend=backend,
+        outtype=outtype,
+        lang=eval_lang or (codes[0] if codes and len(codes) == 1 else None),
+        skip_eval=skip_eval,
+        quick_eval=quick_eval,
+        compare_parents=compare_parents,
+        force=force,
+        demo=demo,
+        threads=threads,
+    )
+
+    def on_stage(e: StageEvent) -> None:
+        if not e.done:
+            progress.console.print(f"[bold]▶ {e.name}[/bold]", highlight=False)
+        elif e.record is not None and e.record.cached:
+            progress.console.print(f"[dim]↷ {e.name}: done earlier, reused[/dim]", highlight=False)
+        elif e.record is not None:
+            progress.console.print(f"[green]✓ {e.name}[/green] {e.record.seconds:.1f} s", highlight=False)
+
+    with progress:
+        result = run_build(r, options, progress=progress, on_stage=on_stage)
+    if result.plan is not None:
+        err_console.print(f"disk plan: {result.plan.describe()}", highlight=False)
+
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        _print_summary(result)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    if result.demo:
+        err_console.print(
+            "[yellow]Demo models are tiny and their answers meaningless; gates are reported, not enforced.[/yellow]"
+        )
+    elif result.gate_failures:
+        failed = "; ".join(f"{f}: {', '.join(g)}" for f, g in result.gate_failures.items())
+        raise GateFailed(
+            f"evaluation gates failed ({failed}); the files are in {result.out} but miss the recipe's thresholds"
+        )
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _print_summary(result) -> None:
+    stages = Table(title="stages")
+    stages.add_column("stage")
+    stages.add_column("time", justify="right")
+    stages.add_column("")
+    for name, rec in result.stages.items():
+        stages.add_row(name, f"{rec.seconds:.1f} s", "reused" if rec.cached else "")
+    console.print(stages)
+
+    files = Table(title=f"{result.out}" + (" (demo)" if result.demo else ""))
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("perplexity", justify="right")
+    files.add_column("fidelity", justify="right")
+    files.add_column("instructions", justify="right")
+    files.add_column("stops", justify="right")
+    files.add_column("KLD vs F16", justify="right")
+    files.add_column("gates")
+    rows = list(result.evals.items()) + [(f"{k} (parent)", v) for k, v in result.parent_evals.items()]
+    evals = dict(rows)
+    for f in result.files:
+        rep = evals.get(f.name)
+        if rep is None:
+            files.add_row(f.name, human_bytes(f.stat().st_size), *[""] * 6)
+            continue
+        failed = result.gate_failures.get(f.name)
+        gate = "[red]failed[/red]" if failed else "[green]passed[/green]"
+        files.add_row(f.name, human_bytes(f.stat().st_size), *_metrics(rep), gate)
+    for name, rep in result.parent_evals.items():
+        files.add_row(f"{name} (parent, for comparison)", "", *_metrics(rep), "")
+    console.print(files)
+    for f, failed in result.gate_failures.items():
+        console.print(f"[red]gate failed[/red] {f}: " + "; ".join(failed), highlight=False)
+    console.print(
+        f"[bold]{result.out}[/bold] is ready: model card README.md, Modelfile (ollama create NAME -f Modelfile), "
+        f"eval.json, manifest.json. Built in {result.seconds:.0f} s.",
+        highlight=False,
+    )
+
+
+def _metrics(rep) -> list[str]:
+    ppl = "n/a" if rep.perplexity is None else f"{rep.perplexity:.2f}"
+    kld = getattr(rep, "kld_mean", None)
+    return [
+        ppl,
+        _pct(rep.language_fidelity),
+        _pct(rep.instruction_following),
+        _pct(rep.stop_rate),
+        "" if kld is None else f"{kld:.4f}",
+    ]
