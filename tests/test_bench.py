@@ -121,21 +121,26 @@ def _gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def test_f16_comparison_accepts_one_rounding_step_and_nothing_more(tmp_path):
+def test_f16_comparison_accepts_bf16_rounding_and_catches_a_wrong_merge(tmp_path):
     rng = np.random.default_rng(1)
-    exact = (rng.standard_normal((64, 256)) * 0.02).astype(ml_dtypes.bfloat16)
-    f32 = exact.astype(np.float32)
-    f32[3, 7] = 0.01171875  # 1.5 * 2^-7: two bf16 steps up stay below the next power of two
-    one_step = f32 + bs.bf16_ulp(f32) * (rng.random(f32.shape) < 0.3)  # mergekit-style rounding
+    f32 = (rng.standard_normal((64, 256)) * 0.02).astype(ml_dtypes.bfloat16).astype(np.float32)
+    small = np.unravel_index(np.argmin(np.abs(f32)), f32.shape)
+    # mergekit-style: 5% of the values one bf16 step (of their own magnitude) apart
+    rounding = f32 + bs.bf16_ulp(f32) * (rng.random(f32.shape) < 0.05)
     two_steps = f32.copy()
-    two_steps[3, 7] += 2 * bs.bf16_ulp(f32[3, 7])
-    ref = _gguf(tmp_path / "ref.gguf", {"blk.0.ffn_up.weight": f32, "output_norm.weight": f32[0]})
-    ok = _gguf(tmp_path / "ok.gguf", {"blk.0.ffn_up.weight": one_step, "output_norm.weight": f32[0]})
-    bad = _gguf(tmp_path / "bad.gguf", {"blk.0.ffn_up.weight": two_steps, "output_norm.weight": f32[0]})
-    short = _gguf(tmp_path / "short.gguf", {"blk.0.ffn_up.weight": f32})
+    two_steps[small] += 2 * bs.bf16_ulp(np.abs(f32).max())
+    wrong_weight = f32 + 0.1 * 0.002 * rng.standard_normal(f32.shape).astype(np.float32)
+    norm = f32[0] + 1.0
 
-    m = bench.verify(ref, ok)
-    assert m.ok and m.tensors == 2 and 0.5 < m.max_ulps <= 1.0 and m.differing > 0
-    m = bench.verify(ref, bad)
-    assert not m.ok and m.worst == "blk.0.ffn_up.weight" and m.max_ulps == pytest.approx(2.0, abs=0.01)
+    def gguf(name, up):
+        return _gguf(tmp_path / name, {"blk.0.ffn_up.weight": up, "output_norm.weight": norm})
+
+    ref = gguf("ref.gguf", f32)
+    m = bench.verify(ref, gguf("rounding.gguf", rounding))
+    assert m.ok and m.tensors == 2 and 0.1 < m.max_steps <= 1.0 and m.differing > 0
+    m = bench.verify(ref, gguf("two.gguf", two_steps))
+    assert not m.ok and m.worst == "blk.0.ffn_up.weight" and m.max_steps == pytest.approx(2.0, abs=0.01)
+    m = bench.verify(ref, gguf("wrong.gguf", wrong_weight))
+    assert not m.ok and m.max_rel_rms > 2 * bs.REL_RMS_TOL
+    short = _gguf(tmp_path / "short.gguf", {"blk.0.ffn_up.weight": f32})
     assert bench.verify(ref, short).missing == ["output_norm.weight"]
