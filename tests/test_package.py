@@ -1,0 +1,145 @@
+"""Package pieces without llama.cpp: chat template -> Ollama template, Modelfile, model card front matter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgemerge.chat_format import derive_chat_format, render_template
+from edgemerge.demo import CHAT_TEMPLATE
+from edgemerge.errors import EdgemergeError
+from edgemerge.package import (
+    ChatInfo,
+    PackageInfo,
+    front_matter,
+    model_card,
+    modelfile,
+    parse_modelfile_stops,
+)
+from edgemerge.recipe import parse_recipe
+
+from .shared import need_shared
+
+CONVS = [
+    [{"role": "user", "content": "Kaixo, zer moduz?"}],
+    [
+        {"role": "system", "content": "Euskaraz erantzun."},
+        {"role": "user", "content": "Zein da Euskal Herriko mendirik altuena?"},
+        {"role": "assistant", "content": "Hiru Erregeen Mahaia."},
+        {"role": "user", "content": "Eta bigarrena?"},
+    ],
+    [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "five"},
+    ],
+]
+
+
+def _strip_bos(text: str, bos: str) -> str:
+    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
+def test_chatml_format_reproduces_the_template():
+    fmt = derive_chat_format(CHAT_TEMPLATE, bos="<s>", eos="<|im_end|>")
+    assert fmt.user_prefix == "<|im_start|>user\n"
+    assert fmt.generation_prompt == "<|im_start|>assistant\n"
+    for conv in CONVS:
+        assert fmt.render(conv) == render_template(CHAT_TEMPLATE, conv, add_generation_prompt=True)
+    go = fmt.to_go_template()
+    assert "{{-" not in go and "-}}" not in go  # whitespace trimming would eat the template's newlines
+    assert go.count("{{ range") == 1 and go.count("{{ .Content }}") == 3
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "Qwen-Qwen2.5-7B-Instruct",
+        "Qwen-Qwen3-0.6B",
+        "google-gemma-2-2b-it",
+        "Mistral-Small-3.2-24B-Instruct-2506",
+    ],
+)
+def test_real_templates_reproduced(name):
+    template = need_shared("tokenizers", "llama.cpp-vocab", "templates", f"{name}.jinja").read_text()
+    bos = "<|begin_of_text|>" if "Llama" in name else "<bos>" if "gemma" in name else "<s>"
+    fmt = derive_chat_format(template, bos=bos, eos="</s>")
+    for conv in CONVS:
+        if fmt.system_prefix is None and conv[0]["role"] == "system":
+            continue
+        want = _strip_bos(
+            render_template(template, conv, add_generation_prompt=True, bos=bos, eos="</s>"), bos
+        )
+        assert fmt.render(conv) == want
+    if (
+        "Llama-3.1" in name
+    ):  # the default "Cutting Knowledge Date" system block appears without a system message
+        assert "Cutting Knowledge Date" in fmt.head
+
+
+def test_template_without_per_message_blocks_is_refused():
+    template = need_shared(
+        "tokenizers", "llama.cpp-vocab", "templates", "microsoft-Phi-3.5-mini-instruct.jinja"
+    )
+    with pytest.raises(EdgemergeError, match="Ollama template"):
+        derive_chat_format(template.read_text(), bos="<s>", eos="<|end|>")
+
+
+def test_modelfile_has_template_system_and_every_stop():
+    info = ChatInfo(template=CHAT_TEMPLATE, bos="<s>", stops=["<|im_end|>", "</s>"])
+    text, warning = modelfile("m.Q4_K_M.gguf", info, "Laguntzaile adeitsua zara.")
+    assert warning is None
+    assert text.startswith("FROM ./m.Q4_K_M.gguf\n")
+    assert 'SYSTEM """Laguntzaile adeitsua zara."""' in text
+    assert parse_modelfile_stops(text) == ["<|im_end|>", "</s>"]
+    assert 'TEMPLATE """{{ $prev := "" }}' in text
+
+
+def test_modelfile_without_template_warns():
+    text, warning = modelfile("m.gguf", ChatInfo(template=None, bos="", stops=["</s>"]), None)
+    assert "TEMPLATE" not in text and "no chat template" in warning
+    assert parse_modelfile_stops(text) == ["</s>"]
+
+
+def _info(tmp_path: Path, **recipe) -> PackageInfo:
+    data = {
+        "name": "llama3.1-8b-eu",
+        "instruct": "meta-llama/Llama-3.1-8B-Instruct",
+        "base": "meta-llama/Llama-3.1-8B",
+        "languages": [{"code": "eu", "model": "HiTZ/eu_Llama-3.1-8B@abc123", "weight": 0.75}],
+        "license": "llama3.1",
+    } | recipe
+    return PackageInfo(
+        recipe=parse_recipe(data), out=tmp_path, lang="eu", ggufs=["a.F16.gguf", "a.Q4_K_M.gguf"], inputs={}
+    )
+
+
+def test_front_matter_lists_hub_models_and_parses(tmp_path):
+    card = model_card(_info(tmp_path))
+    assert card.startswith("---\n")
+    fm = yaml.safe_load(card.split("---\n")[1])
+    assert fm["language"] == ["eu"]
+    assert fm["license"] == "llama3.1"
+    assert fm["base_model"] == [
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "HiTZ/eu_Llama-3.1-8B",
+        "meta-llama/Llama-3.1-8B",
+    ]
+    assert fm["tags"] == ["merge", "gguf", "edgemerge"]
+    assert fm["pipeline_tag"] == "text-generation"
+    assert "W = W_instruct + 0.75 · (W_eu − W_base)" in card
+    assert "ollama create llama3.1-8b-eu -f Modelfile" in card
+    assert "llama-cli -m a.Q4_K_M.gguf" in card
+
+
+def test_front_matter_skips_local_folders(tmp_path):
+    (tmp_path / "inst").mkdir()
+    info = _info(tmp_path, instruct=str(tmp_path / "inst"), base="./base", license=None)
+    fm = front_matter(info)
+    assert fm["base_model"] == ["HiTZ/eu_Llama-3.1-8B"]
+    assert fm["license"] == "other"
