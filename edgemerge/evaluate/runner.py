@@ -30,6 +30,19 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
+def _train_context(path: Path) -> int | None:
+    """The GGUF's `<arch>.context_length` (read from the header only), or None."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.context_length")
+        return int(field.contents()) if field is not None else None
+    except (KeyError, ValueError, OSError):
+        return None
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log p = x - log(sum(exp(x))) per row, in float64 like llama.cpp's perplexity tool."""
     x = logits.astype(np.float64)
@@ -52,6 +65,9 @@ class Model:
 
         self.path = check_gguf(path)
         self._lib = llama_cpp
+        train_ctx = _train_context(self.path)
+        if train_ctx:
+            n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
         threads = n_threads or len(os.sched_getaffinity(0))
         try:
             self.llm = llama_cpp.Llama(
