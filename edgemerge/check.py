@@ -95,9 +95,11 @@ def _text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def tokenizer_identity(folder: Path) -> dict | None:
-    """What decides tokenization, in a comparable form: the token -> id map, the BPE merges and the added
-    tokens from tokenizer.json, else the sha256 of a SentencePiece tokenizer.model; None if neither exists."""
+def tokenizer_identity(folder: Path) -> dict[str, dict]:
+    """What decides tokenization, per tokenizer file present, in a comparable form: from tokenizer.json the
+    token -> id map, the BPE merges (either serialisation) and the added tokens; from a SentencePiece
+    tokenizer.model its sha256. Empty when neither file exists."""
+    out: dict[str, dict] = {}
     tj = folder / "tokenizer.json"
     if tj.exists():
         data = read_json(tj)
@@ -109,23 +111,26 @@ def tokenizer_identity(folder: Path) -> dict | None:
             tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []
         ]
         added = {int(t["id"]): t["content"] for t in data.get("added_tokens") or []}
-        return {"kind": "tokenizer.json", "vocab": vocab, "merges": merges, "added": added}
+        out["tokenizer.json"] = {"vocab": vocab, "merges": merges, "added": added}
     sp = folder / "tokenizer.model"
     if sp.exists():
-        return {"kind": "tokenizer.model", "sha256": hashlib.sha256(sp.read_bytes()).hexdigest()}
-    return None
+        out["tokenizer.model"] = {"sha256": hashlib.sha256(sp.read_bytes()).hexdigest()}
+    return out
 
 
-def _compare_tokenizers(ref: dict, other: dict, ref_label: str, label: str) -> None:
-    if ref["kind"] != other["kind"]:
+def _compare_tokenizers(ref: dict[str, dict], other: dict[str, dict], ref_label: str, label: str) -> None:
+    """Compare on tokenizer.json when both have it, else on tokenizer.model."""
+    kind = next((k for k in ("tokenizer.json", "tokenizer.model") if k in ref and k in other), None)
+    if kind is None:
         raise EdgemergeError(
-            f"tokenizer: {ref_label} has {ref['kind']} but {label} has {other['kind']}; cannot check they are "
-            "the same; add the matching tokenizer file to the model folder"
+            f"tokenizer: {ref_label} has {' + '.join(ref)} but {label} has {' + '.join(other)}; cannot check they "
+            "are the same; add the matching tokenizer file to the model folder"
         )
-    if ref["kind"] == "tokenizer.model":
-        if ref["sha256"] != other["sha256"]:
+    if kind == "tokenizer.model":
+        if ref[kind]["sha256"] != other[kind]["sha256"]:
             raise EdgemergeError(f"tokenizer: tokenizer.model differs between {ref_label} and {label}")
         return
+    ref, other = ref[kind], other[kind]
     a, b = ref["vocab"], other["vocab"]
     if len(a) != len(b):
         raise EdgemergeError(f"tokenizer: {len(a)} tokens in {ref_label} but {len(b)} in {label}")
@@ -187,7 +192,7 @@ def check_compat(sources: RecipeSources) -> CompatReport:
 
     toks = [tokenizer_identity(src.path) for _, src in named]
     for (label, src), tok in zip(named, toks):
-        if tok is None:
+        if not tok:
             raise EdgemergeError(
                 f"{label}: no tokenizer.json or tokenizer.model in {src.path}; the tokenizers cannot be compared"
             )

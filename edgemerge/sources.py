@@ -4,11 +4,12 @@ A reference is a local folder (absolute, or relative to the recipe's folder) or 
 `owner/name[@revision]`, downloaded with huggingface_hub into its usual cache. Only safetensors weights, JSON,
 tokenizer and chat-template files are fetched: never pickled `.bin` weights, never remote code.
 
-Provenance hashes (`ModelSource.files`) are chosen to be honest and cheap for 16 GB models: small files
-(config, tokenizer, templates) get the sha256 of their content; a safetensors file gets the sha256 of its
-header (names, dtypes, shapes, offsets) plus its size, not of its multi-GB data. For hub models the commit sha
-(`revision`) pins the exact weights; for local folders the header hash + size identify the file but would
-not notice an in-place edit of tensor values that keeps the layout.
+Provenance hashes (`ModelSource.files`) are chosen to be honest and cheap for 16 GB models. Small files
+(config, tokenizer, templates) get the sha256 of their content. A safetensors file from the hub cache gets the
+sha256 the hub computed for it (the cache names each LFS blob by it), so hub inputs are fully identified, and
+the commit sha is kept as `revision`. A local safetensors file gets a sampled hash, "sha256 of its header and
+of the first and last MiB of its data, plus its size": it tells released models apart without reading 16 GB,
+but would not notice an in-place edit in the middle of a tensor.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ALLOW_PATTERNS = [
     "NOTICE*",
 ]
 SMALL_FILE_LIMIT = 64 * 1024 * 1024
+SAMPLE = 1024 * 1024
 
 
 @dataclass
@@ -96,6 +98,19 @@ def safetensors_header(path: Path) -> bytes:
         return f.read(n)
 
 
+def _sampled_sha256(path: Path) -> str:
+    header = safetensors_header(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(header)
+    with open(path, "rb") as f:
+        start = 8 + len(header)
+        f.seek(start)
+        h.update(f.read(SAMPLE))
+        f.seek(max(start, size - SAMPLE))
+        h.update(f.read(SAMPLE))
+    return h.hexdigest()
+
+
 def fingerprint(folder: Path) -> dict[str, str]:
     """Hashes of a model folder's files (see the module docstring for what is hashed)."""
     out = {}
@@ -103,8 +118,11 @@ def fingerprint(folder: Path) -> dict[str, str]:
         if not p.is_file() or p.name.startswith("."):
             continue
         if p.suffix == ".safetensors":
-            digest = hashlib.sha256(safetensors_header(p)).hexdigest()
-            out[p.name] = f"header-sha256:{digest} size:{p.stat().st_size}"
+            blob = p.resolve().name
+            if p.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob):
+                out[p.name] = f"sha256:{blob}"
+            else:
+                out[p.name] = f"sampled-sha256:{_sampled_sha256(p)} size:{p.stat().st_size}"
         elif p.stat().st_size <= SMALL_FILE_LIMIT:
             out[p.name] = f"sha256:{_sha256_file(p)}"
     return out

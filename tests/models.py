@@ -134,3 +134,49 @@ def make_family(root: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = 
         paths[code] = make_model(root / f"lang-{code}", spec, tok_dir, seed=10 + i, base_state=base_state,
                                  shard_size=shard_size)
     return paths
+
+
+def tiny_spm_tokenizer(cache: Path) -> Path:
+    """llama2.c's 512-token SentencePiece tokenizer as a Hugging Face tokenizer folder (built in ~0.1 s): the
+    cheap vocabulary for merge tests, where what matters is the weights, not the tokenizer."""
+    out = cache / "tok-spm512"
+    if out.exists():
+        return out
+    from transformers import LlamaTokenizer
+
+    src = need_shared("models", "stories260K", "tok512.model")
+    tmp = cache / ".tok-spm512.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(src, tmp / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(tmp).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def chat_instruct(family: dict[str, Path], template: str = "meta-llama-Llama-3.1-8B-Instruct.jinja",
+                  eos: list[int] | None = None) -> dict[str, Path]:
+    """Give the family's instruct model a real chat template and a multi-EOS generation_config (as Llama 3.1
+    Instruct has), so merges can be checked to keep both."""
+    src = need_shared("tokenizers", "llama.cpp-vocab", "templates", template)
+    shutil.copy(src, family["instruct"] / "chat_template.jinja")
+    gen = json.loads((family["instruct"] / "generation_config.json").read_text())
+    gen["eos_token_id"] = eos or [2, 0]
+    (family["instruct"] / "generation_config.json").write_text(json.dumps(gen))
+    return family
+
+
+def write_recipe(path: Path, family: dict[str, Path], weights: dict[str, float], **fields) -> Path:
+    """A recipe YAML next to nothing in particular: models as absolute folders of `family`."""
+    import yaml
+
+    data = {
+        "name": fields.pop("name", "tiny"),
+        "instruct": str(family["instruct"]),
+        "base": str(family["base"]),
+        "languages": [{"code": c, "model": str(family[c]), "weight": w} for c, w in weights.items()],
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

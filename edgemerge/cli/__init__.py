@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 import click
+from rich.markup import escape
 
 from ..errors import EdgemergeError
 from .common import app, err_console
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     except EdgemergeError as e:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {e.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(e.message)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: say so in one line unless --debug
         if debug:

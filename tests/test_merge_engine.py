@@ -1,0 +1,182 @@
+"""The streaming engine and merge_to_hf on tiny families: every method, sharded inputs and outputs, tied
+embeddings, dtypes, the files that travel with the merge, and NaN detection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from edgemerge.errors import EdgemergeError
+from edgemerge.merge.engine import merge_into
+from edgemerge.merge.run import merge_to_hf
+from edgemerge.recipe import load_recipe
+from edgemerge.sinks import TensorSpec
+from edgemerge.sources import resolve_recipe
+
+from .merge_reference import assert_rounded_once, reference
+from .models import state_of, write_recipe
+
+WEIGHTS = {"eu": 0.7, "ca": 0.4}
+
+
+def read_out(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="numpy") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.fixture(scope="module")
+def states(merge_family):
+    return {k: {n: t.numpy() for n, t in state_of(p).items()} for k, p in merge_family.items()}
+
+
+def expected(method, opts, states, name, weights=WEIGHTS):
+    return reference(
+        method,
+        name,
+        states["instruct"][name],
+        states["base"][name],
+        [states[c][name] for c in weights],
+        list(weights.values()),
+        opts,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [
+        ("task_arithmetic", {}),
+        ("linear", {}),
+        ("ties", {"density": 0.5}),
+        ("dare_ties", {"density": 0.6, "seed": 3}),
+        ("dare_linear", {"density": 0.6}),
+        ("breadcrumbs", {"density": 0.9, "gamma": 0.02}),
+    ],
+)
+def test_every_method_equals_its_formula_rounded_once(tmp_path, merge_family, states, method, opts):
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
+    )
+    out = merge_to_hf(recipe, tmp_path / "out", backend="torch")
+    merged = read_out(out)
+    assert set(merged) == set(states["instruct"])
+    for name, arr in merged.items():
+        assert arr.dtype == ml_dtypes.bfloat16
+        assert_rounded_once(arr, expected(method, opts, states, name))
+
+
+def test_hf_folder_is_complete_and_loads(tmp_path, merge_family, states):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0}))
+    out = merge_to_hf(recipe, tmp_path / "out", max_shard_bytes=400_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in read_out(out).values())
+    # the instruct model's tokenizer, chat template and EOS ids travel unchanged
+    for name in ("chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (merge_family["instruct"] / name).read_bytes(), name
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    prov = json.loads((out / "edgemerge.json").read_text())
+    assert prov["recipe"]["languages"][0]["weight"] == 1.0
+    assert set(prov["inputs"]) == {"instruct", "base", "eu"}
+    assert any(v.startswith("sampled-sha256:") for v in prov["inputs"]["eu"]["files"].values())
+    assert prov["merge"]["method"] == "task_arithmetic" and prov["merge"]["tensors"] == len(states["base"])
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    name = "model.layers.1.mlp.down_proj.weight"
+    got = dict(model.named_parameters())[name].detach().numpy()
+    paper = states["instruct"][name] + (states["eu"][name] - states["base"][name])
+    np.testing.assert_allclose(got, paper, rtol=2**-8, atol=1e-6)
+
+
+def test_tied_embeddings_float16(tmp_path, tied_family):
+    states = {k: {n: t.numpy() for n, t in state_of(p).items()} for k, p in tied_family.items()}
+    assert "lm_head.weight" not in states["base"]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tied_family, {"eu": 0.5}, dtype="float16"))
+    out = merge_to_hf(recipe, tmp_path / "out")
+    merged = read_out(out)
+    assert "lm_head.weight" not in merged and set(merged) == set(states["base"])
+    for name, arr in merged.items():
+        assert arr.dtype == np.float16
+        assert_rounded_once(arr, expected("task_arithmetic", {}, states, name, {"eu": 0.5}))
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    assert np.array_equal(emb, merged["model.embed_tokens.weight"].astype(np.float32))
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_float32_output_is_the_float32_computation(tmp_path, merge_family, states):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, dtype="float32"))
+    out = merge_to_hf(recipe, tmp_path / "out", dtype="float32")
+    for name, arr in read_out(out).items():
+        assert arr.dtype == np.float32
+        np.testing.assert_allclose(arr, expected("task_arithmetic", {}, states, name), rtol=1e-6, atol=1e-7)
+
+
+class ReversedSink:
+    """A sink that asks for the tensors in reverse order and keeps them (like a GGUF writer's own order)."""
+
+    def __init__(self):
+        self.got, self.closed = {}, False
+
+    def open(self, specs: list[TensorSpec]) -> list[str]:
+        self.specs = specs
+        return [s.name for s in reversed(specs)]
+
+    def write(self, name, array):
+        self.got[name] = array
+
+    def close(self):
+        self.closed = True
+
+
+def test_engine_follows_the_sink_order_with_identical_values(tmp_path, merge_family):
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method="dare_ties", options={"density": 0.5})
+    )
+    sources = resolve_recipe(recipe)
+    sink = ReversedSink()
+    stats = merge_into(recipe, sources, sink)
+    assert sink.closed and stats.order == [s.name for s in reversed(sink.specs)]
+    assert all(s.dtype == "bfloat16" for s in sink.specs)
+    ref = read_out(merge_to_hf(recipe, tmp_path / "out", sources=sources))
+    assert set(sink.got) == set(ref)
+    for name, arr in ref.items():  # DARE masks do not depend on the order tensors are merged in
+        assert np.array_equal(sink.got[name].view(np.uint16), arr.view(np.uint16)), name
+
+
+def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_family):
+    from safetensors.numpy import save_file
+
+    bad = tmp_path / "eu-nan"
+    shutil.copytree(merge_family["eu"], bad)
+    shard = next(p for p in sorted(bad.glob("*.safetensors")) if "model.norm.weight" in safe_open(p, "numpy"))
+    with safe_open(shard, framework="numpy") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+    tensors["model.norm.weight"][3] = np.nan
+    save_file(tensors, shard, metadata={"format": "pt"})
+    family = dict(merge_family, eu=bad)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, {"eu": 1.0}))
+    with pytest.raises(EdgemergeError) as e:
+        merge_to_hf(recipe, tmp_path / "out")
+    assert "model.norm.weight" in e.value.message and "NaN" in e.value.message and "eu (" in e.value.message
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -1,0 +1,180 @@
+"""Each merge method against an independent numpy computation of its formula (tests/merge_reference.py)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from edgemerge.errors import EdgemergeError
+from edgemerge.merge.backends import get_backend
+from edgemerge.merge.methods import METHODS, dare_mask, get_method, rank_at_least
+
+from .merge_reference import reference
+
+
+class ArrayInputs:
+    """TensorInputs over numpy arrays."""
+
+    def __init__(self, xp, name, instruct, base, langs, weights):
+        self.xp, self.name, self.weights = xp, name, list(weights)
+        self._instruct, self._base, self._langs = instruct, base, langs
+
+    def instruct(self):
+        return self.xp.from_numpy(self._instruct)
+
+    def base(self):
+        return self.xp.from_numpy(self._base)
+
+    def language(self, i):
+        return self.xp.from_numpy(self._langs[i])
+
+
+def bf16(a):
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16)
+
+
+def family(shape, n_langs=2, seed=0):
+    """bf16 weights like a real family: many task-vector entries share a magnitude (ties matter)."""
+    rng = np.random.default_rng(seed)
+    base = bf16(rng.normal(0, 1, shape))
+    models = [bf16(base.astype(np.float32) + rng.normal(0, 0.02, shape)) for _ in range(n_langs + 1)]
+    return models[0], base, models[1:]
+
+
+def run(method, opts, shape=(64, 48), weights=(0.6, 0.3), name="model.layers.0.mlp.up_proj.weight", xp=None):
+    xp = xp or get_backend("torch")
+    instruct, base, langs = family(shape, len(weights))
+    m = get_method(method)
+    got = xp.to_numpy(
+        m.merge(xp, ArrayInputs(xp, name, instruct, base, langs, weights), m.parse_options(opts)), "float32"
+    )
+    want = reference(method, name, instruct, base, langs, weights, opts)
+    return got, want, (instruct, base, langs)
+
+
+CASES = [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.8}),
+    ("linear", {}),
+    ("linear", {"normalize": False}),
+    ("ties", {"density": 0.4}),
+    ("ties", {"density": 0.7, "rescale": True, "normalize": False}),
+    ("dare_ties", {"density": 0.5, "seed": 7}),
+    ("dare_linear", {"density": 0.3}),
+    ("dare_linear", {"density": 0.3, "rescale": False}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("breadcrumbs", {"density": 0.9, "gamma": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("method", "opts"), CASES)
+@pytest.mark.parametrize("shape", [(64, 48), (48,)])
+def test_method_matches_numpy_formula(method, opts, shape):
+    got, want, _ = run(method, opts, shape=shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_negative_weight_and_ties_sign_election():
+    got, want, _ = run("ties", {"density": 0.5}, weights=(0.8, -0.5))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_task_arithmetic_is_the_paper_formula():
+    """W = W_instruct + sum_i w_i (W_lang_i - W_base), multilingual (four vectors at 0.25)."""
+    weights = (0.25, 0.25, 0.25, 0.25)
+    got, _, (instruct, base, langs) = run("task_arithmetic", {}, weights=weights)
+    b = base.astype(np.float32)
+    paper = instruct.astype(np.float32) + sum(w * (x.astype(np.float32) - b) for w, x in zip(weights, langs))
+    np.testing.assert_allclose(got, paper, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - instruct.astype(np.float32)).max() > 1e-3  # the language vectors did move the weights
+
+
+def test_linear_is_the_papers_average():
+    got, _, (instruct, _, langs) = run("linear", {}, weights=(1.0,))
+    np.testing.assert_allclose(
+        got, (instruct.astype(np.float32) + langs[0].astype(np.float32)) / 2, rtol=1e-6
+    )
+
+
+def test_sparsified_methods_drop_what_they_say():
+    """ties at density 0.25 keeps a quarter of each task vector (before the consensus)."""
+    xp = get_backend("torch")
+    tau = xp.from_numpy(np.arange(100, dtype=np.float32) - 50)
+    kept = xp.to_numpy(xp.where(rank_at_least(xp, xp.abs(tau), 75), 1.0, 0.0), "float32")
+    assert kept.sum() == 25
+    assert set(np.flatnonzero(kept)) == set(range(13)) | set(range(88, 100))  # |x| >= 38, ties by position
+
+
+def test_rank_handles_ties_like_a_stable_sort():
+    xp = get_backend("torch")
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 5, size=(30, 7)).astype(np.float32)  # only five distinct values
+    order = np.argsort(a.ravel(), kind="stable")
+    for r in (0, 1, 37, 105, 209, 210):
+        want = np.zeros(a.size, bool)
+        want[order[r:]] = True
+        got = xp.to_numpy(xp.where(rank_at_least(xp, xp.from_numpy(a), r), 1.0, 0.0), "float32")
+        assert (got.ravel() == want).all(), r
+
+
+def test_dare_seeded_reproducible_and_order_independent():
+    a1, _, _ = run("dare_ties", {"density": 0.5, "seed": 1})
+    a2, _, _ = run("dare_ties", {"density": 0.5, "seed": 1})
+    b, _, _ = run("dare_ties", {"density": 0.5, "seed": 2})
+    assert np.array_equal(a1, a2)
+    assert not np.array_equal(a1, b)
+    m = dare_mask(1, "t.weight", 0, (300, 300), 0.3)
+    assert abs(m.mean() - 0.3) < 0.01
+    assert np.array_equal(m, dare_mask(1, "t.weight", 0, (300, 300), 0.3))
+    assert not np.array_equal(m, dare_mask(1, "t.weight", 1, (300, 300), 0.3))  # each model its own mask
+    assert not np.array_equal(m, dare_mask(1, "u.weight", 0, (300, 300), 0.3))  # each tensor its own mask
+
+
+def test_dare_mask_chunks_equal_one_draw():
+    """The mask is drawn in chunks; it equals one draw of the whole tensor from the documented seed."""
+    from edgemerge.merge import methods
+
+    from .merge_reference import dare_keep
+
+    shape = (3 * methods._MASK_CHUNK // 1024 + 5, 1024)
+    assert np.array_equal(dare_mask(0, "x", 2, shape, 0.5), dare_keep(0, "x", 2, shape, 0.5))
+
+
+def test_defaults_follow_mergekit():
+    opts = {name: m.parse_options({}) for name, m in METHODS.items()}
+    assert opts["task_arithmetic"] == {"normalize": False, "lambda": 1.0}
+    assert opts["linear"] == {"normalize": True}
+    assert opts["ties"]["normalize"] is True and opts["ties"]["rescale"] is False
+    assert opts["dare_ties"]["rescale"] is True and opts["dare_linear"]["normalize"] is False
+    assert opts["breadcrumbs"]["gamma"] == 0.01 and opts["breadcrumbs"]["density"] == 1.0
+    assert set(METHODS) == {"task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs"}
+
+
+@pytest.mark.parametrize(
+    ("method", "opts", "needle"),
+    [
+        (
+            "ties",
+            {"epsilon": 0.1},
+            "unknown option 'epsilon'; valid options: density, normalize, rescale, lambda",
+        ),
+        ("task_arithmetic", {"density": 0.5}, "unknown option 'density'"),
+        ("ties", {"density": 0}, "density must be in (0, 1]"),
+        ("ties", {"density": 1.5}, "density must be in (0, 1]"),
+        ("breadcrumbs", {"gamma": 1.0}, "gamma must be in [0, 1)"),
+        ("dare_linear", {"seed": -1}, "seed must be a non-negative integer"),
+        ("ties", {"normalize": "yes"}, "normalize must be true or false"),
+        ("task_arithmetic", {"lambda": float("nan")}, "lambda must be a finite number"),
+    ],
+)
+def test_bad_options_name_the_option(method, opts, needle):
+    with pytest.raises(EdgemergeError) as e:
+        get_method(method).parse_options(opts)
+    assert needle in e.value.message
+    assert "\n" not in e.value.message
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(EdgemergeError, match="unknown merge method 'slerp'; choose one of: task_arithmetic"):
+        get_method("slerp")

@@ -1,0 +1,72 @@
+"""Recipes: the bundled ones validate and are found by language; errors name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemerge.errors import EdgemergeError
+from edgemerge.merge.methods import get_method
+from edgemerge.recipe import bundled_recipes, load_recipe, parse_recipe, recipe_for_languages
+
+
+def test_bundled_recipes_cover_the_papers_setups():
+    names = bundled_recipes()
+    for family in ("llama3.1-8b", "qwen3-8b"):
+        for code in ("eu", "ca", "gl", "es", "multi"):
+            assert f"{family}-{code}" in names
+    for name in names:
+        r = load_recipe(name)
+        get_method(r.method).parse_options(r.options)  # options valid for the method
+        assert r.name == name
+        if name.endswith("-multi"):
+            assert sorted(r.lang_codes) == ["ca", "es", "eu", "gl"] and {x.weight for x in r.languages} == {
+                0.25
+            }
+    assert load_recipe("qwen3-8b-eu").languages[0].model == "HiTZ/eu_Qwen3-8B-Base"
+    assert load_recipe("llama3.1-8b-gl").instruct == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_recipe_for_languages_prefers_complete_recipes():
+    assert recipe_for_languages(["gl"]) == "llama3.1-8b-gl"
+    assert recipe_for_languages(["eu"]) == "qwen3-8b-eu"  # the Basque Llama model id is not public
+    assert sorted(load_recipe(recipe_for_languages(["es", "eu", "gl", "ca"])).lang_codes) == [
+        "ca",
+        "es",
+        "eu",
+        "gl",
+    ]
+    with pytest.raises(EdgemergeError, match="no bundled recipe for language"):
+        recipe_for_languages(["xx"])
+
+
+def test_relative_paths_keep_the_recipe_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text("name: r\ninstruct: ./i\nbase: ./b\nlanguages: [{code: eu, model: ./l}]\n")
+    r = load_recipe(path)
+    assert r.root == (tmp_path / "sub").resolve() and r.method == "task_arithmetic" and r.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"method": "slerp"}, "method:"),
+        ({"dtype": "fp8"}, "dtype:"),
+        ({"languages": []}, "languages:"),
+        ({"languages": [{"code": "EU", "model": "x"}]}, "languages.0.code"),
+        ({"languages": [{"code": "eu", "model": "x", "weight": "heavy"}]}, "languages.0.weight"),
+        ({"colour": "blue"}, "colour: unknown field"),
+        ({"name": "bad name/"}, "name:"),
+    ],
+)
+def test_errors_name_the_field(change, needle):
+    data = {
+        "name": "r",
+        "instruct": "a/b",
+        "base": "a/c",
+        "languages": [{"code": "eu", "model": "a/d"}],
+        **change,
+    }
+    with pytest.raises(EdgemergeError) as e:
+        parse_recipe(data)
+    assert needle in e.value.message
