@@ -113,7 +113,8 @@ def test_builtin_prompt_sets(lang):
     prompts = load_prompts(lang)
     assert len(prompts) == 30 and len({p.id for p in prompts}) == 30
     quick = load_prompts(lang, quick=True)
-    assert 5 <= len(quick) < len(prompts)
+    assert 5 <= len(quick) < len(prompts) and sum(p.langid for p in quick) >= 5
+    assert 0 < sum(not p.langid for p in prompts) <= 5
     used = {c["type"] for p in prompts for c in p.checks}
     assert used == set(checks.CHECKS)
     # the material is written in the language it claims

@@ -83,7 +83,9 @@ def test_chat_metrics_on_a_model_with_a_template(chat_report):
         # a clean stop ends before the limit; an answer cut by the limit used all of it
         assert resp["tokens"] < 48 if resp["stopped"] else resp["tokens"] == 48
     n = len(r.responses)
-    assert r.language_fidelity == sum(x.detected_lang == "en" for x in r.responses) / n
+    counted = [x for x in r.responses if x.langid_counted]
+    assert len(counted) == 5  # the JSON prompt's answer is too formal to identify
+    assert r.language_fidelity == sum(x.detected_lang == "en" for x in counted) / 5
     assert r.stop_rate == sum(x.stopped for x in r.responses) / n
     assert r.instruction_following == sum(x.checks_passed for x in r.responses) / n
     # stories260K writes English stories: greedy answers are detected as English

@@ -1,7 +1,8 @@
 """Chat metrics from greedy answers to the built-in prompts: language fidelity, instruction following and
 clean stops.
 
-    language_fidelity      = share of answers whose detected language is the target
+    language_fidelity      = share of answers whose detected language is the target, over the prompts whose
+                             answers are long enough to identify (not those marked "langid": false)
     instruction_following  = share of prompts whose constraints all hold (IFEval's prompt-level strict accuracy)
     instruction_checks     = share of single constraints that hold (IFEval's instruction-level strict accuracy)
     stop_rate              = share of answers that ended on an end-of-generation token before the token limit
@@ -28,6 +29,7 @@ class Response:
     stopped: bool
     tokens: int
     checks: dict[str, bool] = field(default_factory=dict)
+    langid_counted: bool = True
 
     @property
     def checks_passed(self) -> bool:
@@ -39,6 +41,7 @@ class Response:
             "prompt": self.prompt,
             "answer": self.answer,
             "detected_lang": self.detected_lang,
+            "langid_counted": self.langid_counted,
             "lang_confidence": round(self.lang_confidence, 4),
             "stopped": self.stopped,
             "tokens": self.tokens,
@@ -49,7 +52,7 @@ class Response:
 
 @dataclass
 class ChatScores:
-    language_fidelity: float
+    language_fidelity: float | None
     instruction_following: float
     instruction_checks: float
     stop_rate: float
@@ -61,15 +64,18 @@ def score_answer(
     """Judge one answer: its language (among the common languages and `lang`) and each of its constraints."""
     det = detect(answer, tuple(dict.fromkeys((*COMMON_LANGUAGES, lang))))
     results = {checks_mod.describe(c): checks_mod.run_check(answer, c) for c in prompt.checks}
-    return Response(prompt.id, prompt.prompt, answer, det.lang, det.confidence, stopped, tokens, results)
+    return Response(
+        prompt.id, prompt.prompt, answer, det.lang, det.confidence, stopped, tokens, results, prompt.langid
+    )
 
 
 def scores(responses: list[Response], lang: str) -> ChatScores:
     """The four chat metrics over `responses` (module docstring)."""
     n = len(responses)
     n_checks = sum(len(r.checks) for r in responses)
+    counted = [r for r in responses if r.langid_counted]
     return ChatScores(
-        language_fidelity=sum(r.detected_lang == lang for r in responses) / n,
+        language_fidelity=sum(r.detected_lang == lang for r in counted) / len(counted) if counted else None,
         instruction_following=sum(r.checks_passed for r in responses) / n,
         instruction_checks=sum(sum(r.checks.values()) for r in responses) / n_checks if n_checks else 1.0,
         stop_rate=sum(r.stopped for r in responses) / n,

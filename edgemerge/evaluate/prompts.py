@@ -1,7 +1,9 @@
 """The built-in evaluation material, one folder per language under `data/<lang>/`:
 
 - `sample.txt`: original text, one passage per line (perplexity and drift);
-- `prompts.jsonl`: prompts with their verifiable constraints, `{"id", "prompt", "checks": [...], "quick"?}`;
+- `prompts.jsonl`: prompts with their verifiable constraints, `{"id", "prompt", "checks": [...]}`, optionally
+  `"quick": true` (part of the --quick set) and `"langid": false` (the expected answer, JSON or one word, is
+  too short to identify its language: left out of language fidelity);
 - `lang.json`: `{"name", "english_name", "system"}` (the system prompt is written in the language).
 
 Adding a language is adding such a folder.
@@ -27,6 +29,7 @@ class Prompt:
     prompt: str
     checks: list[dict[str, Any]] = field(default_factory=list)
     quick: bool = False
+    langid: bool = True
 
 
 def available_languages() -> list[str]:
@@ -63,6 +66,7 @@ def load_prompts(lang: str, *, quick: bool = False) -> list[Prompt]:
                 prompt=rec["prompt"],
                 checks=rec.get("checks", []),
                 quick=rec.get("quick", False),
+                langid=rec.get("langid", True),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise EdgemergeError(f"{where}: not a prompt record with id, prompt, checks ({e})") from None

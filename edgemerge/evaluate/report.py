@@ -52,7 +52,7 @@ class EvalReport:
         def pct(x: float | None) -> str:
             return "n/a" if x is None else f"{100 * x:.1f}%"
 
-        n = len(self.responses)
+        n = sum(r.langid_counted for r in self.responses)
         na = "" if self.chat_template else " (no chat template)"
         rows = [
             (
