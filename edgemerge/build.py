@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EdgemergeError
-from .files import atomic_output, ensure_free_space, free_bytes, human_bytes, remove
+from .files import atomic_output, free_bytes, human_bytes, remove
 from .progress import Progress
 from .recipe import Recipe
 
@@ -340,7 +340,6 @@ def build(
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
     state = prepare_out(out, recipe.name, force=options.force)
-    state.save()
     stages = Stages(state, on_stage)
     work = out / WORK_DIR
 
@@ -368,7 +367,11 @@ def build(
     if options.compare_parents and state.finished("export instruct", parent_key) is None:
         todo["instruct (for --compare-parents)"] = ftype
     plan = plan_space(out, report.n_params, todo)
-    ensure_free_space(out, plan.needed, f"the build ({plan.describe()})")
+    if plan.free < plan.needed:
+        raise EdgemergeError(
+            f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
+        )
+    state.save()
 
     planned = {"merge"} | {f"quantize {q}" for q in quants}
     _drop_stale(state, planned)

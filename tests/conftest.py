@@ -45,3 +45,34 @@ def tied_family(tmp_path_factory, spm512_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tied-family")
     spec = Spec(arch="Qwen3ForCausalLM", tie=True, extra={"head_dim": 64})
     return make_family(root, spec, spm512_tokenizer, langs=("eu",))
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tmp_path_factory) -> Path:
+    """The demo's SentencePiece tokenizer (about 1,000 tokens, ChatML template, EOS <|im_end|>); no shared data."""
+    from edgemerge.demo import DATA_DIR, train_tokenizer
+
+    lines = []
+    for name in ("en.txt", "eu.txt", "chat_en.jsonl"):
+        lines += (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
+    return train_tokenizer(lines, tmp_path_factory.mktemp("chatml-tok"), 1024)
+
+
+@pytest.fixture(scope="session")
+def build_family(tmp_path_factory, chatml_tokenizer) -> dict[str, Path]:
+    """Tiny Llama family (ChatML, small vocab) and a recipe.yaml for it: base, instruct, eu, recipe."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("build-family")
+    fam = make_family(root, Spec(), chatml_tokenizer, langs=("eu",))
+    recipe = {
+        "name": "tiny-eu",
+        "instruct": "./instruct",
+        "base": "./base",
+        "languages": [{"code": "eu", "model": "./lang-eu", "weight": 0.8}],
+        "quants": ["Q4_K_M", "Q8_0"],
+        "license": "apache-2.0",
+        "eval": {"min_stop_rate": 0.0},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return {**fam, "recipe": root / "recipe.yaml"}

@@ -1,0 +1,228 @@
+"""End-to-end builds on a tiny fixture family: merge -> GGUF -> llama.cpp quantize -> llama.cpp eval -> package."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgemerge.build import WORK_DIR, BuildOptions, build
+from edgemerge.cli import main
+from edgemerge.errors import EdgemergeError
+from edgemerge.package import parse_modelfile_stops
+from edgemerge.recipe import load_recipe
+
+GGUFS = ["tiny-eu.F16.gguf", "tiny-eu.Q4_K_M.gguf", "tiny-eu.Q8_0.gguf"]
+PACKAGE = ["README.md", "Modelfile", "eval.json", "manifest.json"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def built(build_family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "tiny-eu"
+    events = []
+    result = build(
+        load_recipe(build_family["recipe"]), BuildOptions(out=out, quick_eval=True), on_stage=events.append
+    )
+    return result, events
+
+
+def test_build_writes_every_file_and_nothing_else(built):
+    result, _ = built
+    out = result.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE + [WORK_DIR])
+    assert [p.name for p in result.files] == GGUFS + PACKAGE[:3] + ["manifest.json"]
+    assert not list(out.rglob("*partial*"))
+
+
+def test_manifest_hashes_sizes_and_provenance(built, build_family):
+    result, _ = built
+    m = _manifest(result.out)
+    assert [f["name"] for f in m["files"]] == GGUFS + PACKAGE[:3]
+    for f in m["files"]:
+        p = result.out / f["name"]
+        assert f["size"] == p.stat().st_size
+        assert f["sha256"] == _sha256(p)
+    assert m["recipe"] == load_recipe(build_family["recipe"]).to_yaml_dict()
+    assert set(m["inputs"]) == {"instruct", "base", "eu"}
+    assert m["inputs"]["instruct"]["files"]["config.json"].startswith("sha256:")
+    assert m["tools"]["llama-cpp-python"] and m["tools"]["edgemerge"]
+    assert set(m["stages"]) == {"merge", "quantize Q4_K_M", "quantize Q8_0"} | {f"eval {g}" for g in GGUFS}
+    assert not any(s["cached"] for s in m["stages"].values())
+
+
+def test_gguf_file_types(built):
+    from edgemerge.gguf.inspect import kv
+
+    result, _ = built
+    # llama.cpp's LLAMA_FTYPE numbers: MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7, MOSTLY_Q4_K_M = 15
+    types = [kv(result.out / g)["general.file_type"] for g in GGUFS]
+    assert types == [1, 15, 7]
+
+
+def test_modelfile_stops_match_the_tokenizer_eos(built, build_family):
+    from transformers import AutoTokenizer
+
+    from edgemerge.evaluate.prompts import language_info
+
+    result, _ = built
+    text = (result.out / "Modelfile").read_text(encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(build_family["instruct"])
+    gen = json.loads((build_family["instruct"] / "generation_config.json").read_text())
+    ids = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    eos = {tok.eos_token} | {tok.convert_ids_to_tokens(i) for i in ids}
+    assert set(parse_modelfile_stops(text)) == eos
+    assert text.startswith("FROM ./tiny-eu.Q4_K_M.gguf\n")
+    assert f'SYSTEM """{language_info("eu")["system"]}"""' in text
+    assert "<|im_start|>assistant\n{{ end }}" in text  # the generation prompt after the last user turn
+
+
+def test_model_card_front_matter_and_eval(built):
+    result, _ = built
+    card = (result.out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    fm = yaml.safe_load(card.split("---\n")[1])
+    assert fm["language"] == ["eu"]
+    assert fm["license"] == "apache-2.0"
+    assert fm["tags"] == ["merge", "gguf", "edgemerge"]
+    assert fm["pipeline_tag"] == "text-generation"
+    assert "W = W_instruct + 0.8 · (W_eu − W_base)" in card
+    for g in GGUFS:
+        assert f"Evaluation of `{g}`" in card
+
+
+def test_eval_json_reports_every_file(built):
+    result, _ = built
+    ev = json.loads((result.out / "eval.json").read_text(encoding="utf-8"))
+    assert sorted(ev["files"]) == sorted(GGUFS)
+    for g in GGUFS:
+        rep = ev["files"][g]
+        assert rep["lang"] == "eu" and rep["perplexity"] > 1 and rep["responses"]
+    assert "kld_mean" not in ev["files"][GGUFS[0]]
+    assert ev["files"]["tiny-eu.Q4_K_M.gguf"]["kld_mean"] > ev["files"]["tiny-eu.Q8_0.gguf"]["kld_mean"] >= 0
+
+
+def test_resume_after_interruption_reuses_finished_stages(build_family, tmp_path):
+    recipe = load_recipe(build_family["recipe"])
+    out = tmp_path / "b"
+
+    def interrupt_after_q4(e):
+        if e.done and e.name == "quantize Q4_K_M":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, BuildOptions(out=out, skip_eval=True), on_stage=interrupt_after_q4)
+    assert (out / GGUFS[0]).exists() and (out / GGUFS[1]).exists()
+    assert not (out / GGUFS[2]).exists() and not (out / "manifest.json").exists()
+    mtime = (out / GGUFS[0]).stat().st_mtime_ns
+
+    build(recipe, BuildOptions(out=out, skip_eval=True))
+    stages = _manifest(out)["stages"]
+    assert stages["merge"]["cached"] and stages["quantize Q4_K_M"]["cached"]
+    assert not stages["quantize Q8_0"]["cached"]
+    assert (out / GGUFS[0]).stat().st_mtime_ns == mtime
+
+    # A changed recipe redoes only what it changes: dropping a quant removes its file, nothing is rebuilt.
+    build(recipe, BuildOptions(out=out, skip_eval=True, quants=["Q8_0"]))
+    m = _manifest(out)
+    assert [f["name"] for f in m["files"]][:2] == [GGUFS[0], GGUFS[2]]
+    assert not (out / GGUFS[1]).exists()
+    assert m["stages"]["merge"]["cached"] and m["stages"]["quantize Q8_0"]["cached"]
+    # A new weight changes the merge and everything after it.
+    build(recipe, BuildOptions(out=out, skip_eval=True, quants=["Q8_0"], weights=[0.5]))
+    m = _manifest(out)
+    assert not m["stages"]["merge"]["cached"] and not m["stages"]["quantize Q8_0"]["cached"]
+    assert m["recipe"]["languages"][0]["weight"] == 0.5
+
+
+def test_output_folder_of_another_build_needs_force(build_family, tmp_path, built):
+    result, _ = built
+    out = tmp_path / "o"
+    shutil.copytree(result.out, out)
+    other = build_family["recipe"].with_name("other.yaml")
+    data = yaml.safe_load(build_family["recipe"].read_text()) | {"name": "other-eu", "quants": ["Q8_0"]}
+    other.write_text(yaml.safe_dump(data))
+    with pytest.raises(EdgemergeError, match=r"holds another build \(tiny-eu\).*--force"):
+        build(load_recipe(other), BuildOptions(out=out, skip_eval=True))
+    assert (out / GGUFS[0]).exists()
+    build(load_recipe(other), BuildOptions(out=out, skip_eval=True, force=True))
+    assert not (out / GGUFS[0]).exists() and (out / "other-eu.Q8_0.gguf").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(EdgemergeError, match="not an edgemerge build"):
+        build(load_recipe(other), BuildOptions(out=foreign, skip_eval=True))
+
+
+def test_not_enough_disk_fails_before_writing(build_family, tmp_path, monkeypatch):
+    import edgemerge.build as b
+
+    monkeypatch.setattr(b, "free_bytes", lambda path: 1000)  # a full disk, without filling one
+    out = tmp_path / "full"
+    with pytest.raises(EdgemergeError, match=r"not enough disk space.*tiny-eu.F16.gguf"):
+        build(load_recipe(build_family["recipe"]), BuildOptions(out=out, skip_eval=True))
+    assert not out.exists()
+
+
+def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, capsys):
+    result, _ = built
+    out = tmp_path / "gates"
+    shutil.copytree(result.out, out)  # same build: every stage is reused, only the gates change
+    strict = build_family["recipe"].with_name("strict.yaml")
+    data = yaml.safe_load(build_family["recipe"].read_text())
+    data["eval"] = {"max_perplexity": 1.0}
+    strict.write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--recipe", str(strict), "--out", str(out), "--quick-eval"])
+    assert e.value.code == 3
+    captured = capsys.readouterr()
+    assert "failed" in captured.out and "perplexity" in captured.out
+    assert "needs <= 1" in captured.err
+    assert all(s["cached"] for n, s in _manifest(out)["stages"].items() if n != "package")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lang", "xx"], "no bundled recipe for language(s) xx; bundled: "),
+        (["--recipe", "nope"], "recipe nope not found"),
+        ([], "say what to build"),
+        (["--lang", "eu", "--demo", "--recipe", "x"], "drop --recipe"),
+        (["--lang", "xx", "--demo"], "demo languages: "),
+    ],
+)
+def test_bad_input_exits_2(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--out", str(tmp_path / "x"), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_quant_exits_2(build_family, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "build",
+                "--recipe",
+                str(build_family["recipe"]),
+                "--quant",
+                "Q9_X",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+    assert e.value.code == 2
+    assert "unknown quantization 'Q9_X'" in capsys.readouterr().err
