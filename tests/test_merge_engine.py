@@ -168,7 +168,8 @@ def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_fam
 
     bad = tmp_path / "eu-nan"
     shutil.copytree(merge_family["eu"], bad)
-    shard = next(p for p in sorted(bad.glob("*.safetensors")) if "model.norm.weight" in safe_open(p, "numpy"))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"]["model.norm.weight"]
     with safe_open(shard, framework="numpy") as h:
         tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
     tensors["model.norm.weight"][3] = np.nan

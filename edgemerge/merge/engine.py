@@ -124,6 +124,7 @@ def merge_into(
                 for i, name in enumerate(order):
                     arrays = pending.result()
                     pending = pool.submit(readers.load, order[i + 1], indices) if i + 1 < len(order) else None
+                    xp.begin_tensor(arrays[0].size)
                     merged = method.merge(xp, _Inputs(name, weights, arrays, xp), opts)
                     if not xp.all_finite(merged):
                         raise _non_finite_error(name, arrays, report.models)

@@ -117,23 +117,11 @@ def merge_to_hf(
     return out_dir
 
 
-def gguf_metadata(recipe: Recipe, sources: RecipeSources):
+def gguf_metadata(recipe: Recipe):
     """The GGUF general.* metadata of a merge: name, languages, licence, lineage and the recipe."""
     from ..gguf.metadata import GGUFMetadata
 
-    return (
-        GGUFMetadata.for_merge(recipe, sources)
-        if hasattr(GGUFMetadata, "for_merge")
-        else GGUFMetadata(
-            name=recipe.name,
-            languages=recipe.lang_codes,
-            license=recipe.license,
-            instruct=recipe.instruct,
-            base=recipe.base,
-            language_models=[lang.model for lang in recipe.languages],
-            recipe=recipe.to_yaml_dict(),
-        )
-    )
+    return GGUFMetadata.from_recipe(recipe)
 
 
 def merge_to_gguf(
@@ -158,6 +146,6 @@ def merge_to_gguf(
     width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
     ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
     with atomic_output(out_file, force=force) as tmp:
-        sink = GGUFSink(tmp, sources.instruct.path, outtype=outtype, metadata=gguf_metadata(recipe, sources))
+        sink = GGUFSink(tmp, sources.instruct.path, outtype=outtype, metadata=gguf_metadata(recipe))
         merge_into(recipe, sources, sink, backend=backend, progress=progress, report=report)
     return out_file

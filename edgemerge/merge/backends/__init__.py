@@ -31,6 +31,10 @@ class Backend(Protocol):
         """A boolean array from a numpy bool array."""
         ...
 
+    def begin_tensor(self, numel: int) -> None:
+        """Called before each tensor is merged (e.g. to pick a thread count for its size)."""
+        ...
+
     def abs(self, x: Array) -> Array: ...
 
     def sign(self, x: Array) -> Array:
@@ -42,7 +46,7 @@ class Backend(Protocol):
         ...
 
     def sum(self, x: Array) -> float:
-        """Sum of all elements (float32 accumulation), as a Python float."""
+        """Sum of all elements, accumulated in float64, as a Python float."""
         ...
 
     def count(self, mask: Array) -> int:

@@ -16,6 +16,9 @@ _OUT = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 class MLXBackend:
     name = "mlx"
 
+    def begin_tensor(self, numel: int) -> None:
+        pass
+
     def from_numpy(self, a: np.ndarray) -> mx.array:
         if a.dtype == ml_dtypes.bfloat16:
             # mlx cannot read numpy's bfloat16 extension type: pass the bits and reinterpret
@@ -35,7 +38,8 @@ class MLXBackend:
         return mx.where(cond, a, b).astype(mx.float32)
 
     def sum(self, x: mx.array) -> float:
-        return mx.sum(x).item()
+        # float64 (CPU only in MLX) so both backends get the same norm, hence the same rescaled values
+        return mx.sum(x.astype(mx.float64, stream=mx.cpu), stream=mx.cpu).item()
 
     def count(self, mask: mx.array) -> int:
         return int(mx.sum(mask.astype(mx.int64)).item())

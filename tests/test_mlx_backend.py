@@ -1,0 +1,56 @@
+"""The MLX backend gives the torch backend's results: every method, the engine, and the fused GGUF file.
+Skipped when mlx is not installed (it is an optional extra: pip install -e ".[mlx]")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx.core", reason='mlx is not installed (pip install -e ".[mlx]")')
+
+from edgemerge.merge.backends import get_backend
+from edgemerge.merge.methods import get_method
+from edgemerge.merge.run import merge_to_hf
+from edgemerge.recipe import load_recipe
+
+from .merge_reference import assert_rounded_once, reference
+from .models import write_recipe
+from .test_merge_engine import read_out
+from .test_merge_methods import CASES, ArrayInputs, family
+
+METHODS = [
+    ("task_arithmetic", {}),
+    ("linear", {}),
+    ("ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.6, "seed": 3}),
+    ("dare_linear", {"density": 0.6}),
+    ("breadcrumbs", {"density": 0.9, "gamma": 0.02}),
+]
+
+
+@pytest.mark.parametrize(("method", "opts"), CASES)
+def test_each_method_on_mlx_matches_numpy_and_torch(method, opts):
+    instruct, base, langs = family((64, 48))
+    m = get_method(method)
+    o = m.parse_options(opts)
+    results = {}
+    for name in ("torch", "mlx"):
+        xp = get_backend(name)
+        merged = m.merge(xp, ArrayInputs(xp, "w", instruct, base, langs, [0.6, 0.3]), o)
+        results[name] = (xp.to_numpy(merged, "float32"), xp.to_numpy(merged, "bfloat16"))
+    want = reference(method, "w", instruct, base, langs, [0.6, 0.3], opts)
+    np.testing.assert_allclose(results["mlx"][0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["mlx"][0], results["torch"][0], rtol=1e-6, atol=1e-7)
+    assert_rounded_once(results["mlx"][1], results["torch"][0])
+
+
+@pytest.mark.parametrize(("method", "opts"), METHODS)
+def test_engine_on_mlx_equals_torch_within_bf16_rounding(tmp_path, merge_family, method, opts):
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 0.7, "ca": 0.4}, method=method, options=opts)
+    )
+    exact = read_out(merge_to_hf(recipe, tmp_path / "torch32", backend="torch", dtype="float32"))
+    got = read_out(merge_to_hf(recipe, tmp_path / "mlx", backend="mlx"))
+    assert set(got) == set(exact)
+    for name, arr in got.items():
+        assert_rounded_once(arr, exact[name])
