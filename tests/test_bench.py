@@ -97,6 +97,14 @@ def test_medians_ratios_and_table():
         ]
     )
     assert "| 1b | 3.20x | 2.38x | 5.0x | 0.90 GB | not checked |" in table
+    # with `build`, the end-to-end time is the build process alone; its own stage split is shown, not added
+    build = bs.Stage(bs.EM_BUILD, 20.0, 1_000_000_000)
+    split = bench.build_stages(
+        {"stages": {"merge": {"seconds": 6.0}, "quantize Q4_K_M": {"seconds": 11.0}}}, build
+    )
+    assert [(x.name, x.seconds) for x in split][-1] == ("build: other", 3.0)
+    b = bs.summarize([bs.RouteRun(bs.EDGEMERGE, [bs.Stage(bs.EM_MERGE, 7.0, 1), build, *split])])
+    assert (b.total, b.merge_export, b.peak_rss) == (20.0, 7.0, 1_000_000_000)
 
 
 def test_bf16_ulp_is_the_spacing_of_bfloat16():

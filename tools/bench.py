@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_family import SIZES, make_family, n_params
 from bench_stats import (
+    BUILD_PREFIX,
     EDGEMERGE,
+    EM_BUILD,
     EM_MERGE,
     FLOOR,
     FLOOR_STAGE,
@@ -87,18 +89,18 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def run_stage(name: str, cmd: list[str], log: Path, *, cwd: Path | None = None) -> Stage:
+def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = None) -> Stage:
     """Run one stage as a subprocess; wall time and peak RSS of its process tree (bytes).
 
     ru_maxrss from wait4 is the kernel's exact peak of the largest process of the tree; psutil's sum over the
     tree, sampled every 20 ms, covers processes running at the same time. The stage's peak is the larger.
     """
     os.sync()  # earlier routes' dirty pages must not be flushed on this stage's clock
-    with open(log, "ab") as fh:
+    with open(log, "ab") as fh, open(stdout or os.devnull, "wb") as out:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=out if stdout else fh, stderr=fh)
     sampled, stop = [0], threading.Event()
 
     def poll() -> None:
@@ -187,33 +189,13 @@ def peer_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[RouteRun
 
 
 def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[RouteRun, Path]:
-    """`edgemerge build --skip-eval` (one stage, split by its manifest timings) or merge --gguf + quantize."""
+    """The fused `edgemerge merge --gguf` as its own process (the merge+export figure, start-up included like
+    the peers'), then `edgemerge build --skip-eval` to F16 + Q4_K_M (the end-to-end figure), split into its
+    stages by its --json summary. Without `build`: merge --gguf + quantize."""
     run = RouteRun(EDGEMERGE)
     recipe = str(fam / "recipe.yaml")
-    if tools.edgemerge_route == "build":
-        out = work / "em-build"
-        _clean(out)
-        cmd = [
-            sys.executable,
-            "-c",
-            _EDGEMERGE,
-            "build",
-            "--recipe",
-            recipe,
-            "--quant",
-            "Q4_K_M",
-            "--skip-eval",
-            "--out",
-            str(out),
-            "--force",
-        ]
-        stage = run_stage("build", cmd, log)
-        run.stages += _split_build(stage, out)
-        f16 = next(out.glob("*.F16.gguf"))
-        return run, f16
-    f16, qdir = work / "em.F16.gguf", work / "em-quant"
-    _clean(f16, qdir)
-    qdir.mkdir()
+    f16, qdir, out = work / "em.F16.gguf", work / "em-quant", work / "em-build"
+    _clean(f16, qdir, out)
     merge = [
         sys.executable,
         "-c",
@@ -227,6 +209,28 @@ def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[Rou
         "--force",
     ]
     run.stages.append(run_stage(EM_MERGE, merge, log))
+    if tools.edgemerge_route == "build":
+        _clean(f16)
+        cmd = [
+            sys.executable,
+            "-c",
+            _EDGEMERGE,
+            "build",
+            "--recipe",
+            recipe,
+            "--quant",
+            "Q4_K_M",
+            "--skip-eval",
+            "--out",
+            str(out),
+            "--force",
+            "--json",
+        ]
+        summary = work / "build.json"
+        stage = run_stage(EM_BUILD, cmd, log, stdout=summary)
+        run.stages += [stage, *build_stages(json.loads(summary.read_text()), stage)]
+        return run, next(out.glob("*.F16.gguf"))
+    qdir.mkdir()
     quant = [
         sys.executable,
         "-c",
@@ -243,23 +247,16 @@ def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[Rou
     return run, f16
 
 
-def _split_build(stage: Stage, out: Path) -> list[Stage]:
-    """Split the build's wall time by the per-stage timings its manifest records; the rest (start-up, model
-    card, hashes) is its own line so the stages still add up to the measured total."""
-    try:
-        timings = json.loads((out / "manifest.json").read_text()).get("timings", {})
-    except (OSError, ValueError):
-        timings = {}
-    merge = sum(v for k, v in timings.items() if "merge" in k or "export" in k or "gguf" in k)
-    quant = sum(v for k, v in timings.items() if "quant" in k)
-    if not merge or not quant:
-        return [stage]
-    rest = max(stage.seconds - merge - quant, 0.0)
-    return [
-        Stage(EM_MERGE, merge, stage.peak_rss),
-        Stage(QUANTIZE, quant, stage.peak_rss),
-        Stage("build other", rest, stage.peak_rss),
+def build_stages(summary: dict, build: Stage) -> list[Stage]:
+    """The build's own per-stage times (its --json "stages"), as `build: <stage>` lines; `build: other` is the
+    rest of its wall time (start-up, checks, output hashes, packaging)."""
+    stages = [
+        Stage(f"{BUILD_PREFIX}{k}", float(v["seconds"]), build.peak_rss)
+        for k, v in summary.get("stages", {}).items()
+        if not v.get("cached")
     ]
+    rest = build.seconds - sum(s.seconds for s in stages)
+    return [*stages, Stage(f"{BUILD_PREFIX}other", max(rest, 0.0), build.peak_rss)]
 
 
 def floor_route(fam: Path, work: Path, log: Path) -> RouteRun:
@@ -354,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", type=Path, help="SentencePiece tokenizer.model (32k Llama-2 vocab)")
     ap.add_argument("--mergekit", help="mergekit-yaml executable (default: on PATH or beside python)")
     ap.add_argument("--converter", help="convert_hf_to_gguf.py (default: tools/fetch_converter.py)")
-    ap.add_argument("--edgemerge-route", choices=["auto", "build", "steps"], default="auto")
+    ap.add_argument(
+        "--edgemerge-route",
+        choices=["auto", "build", "steps"],
+        default="auto",
+        help="end to end with `edgemerge build --skip-eval` (auto: when available) or merge --gguf + quantize",
+    )
     ap.add_argument("--json", nargs="?", const="-", help="write results as JSON to this file ('-': stdout)")
     ap.add_argument(
         "--profile", action="store_true", help="cProfile edgemerge's merge+export on the last size"

@@ -18,6 +18,8 @@ FLOOR = "floor"
 # stage names per route; "merge+export" is the part the two routes do differently
 PEER_MERGE, PEER_CONVERT, QUANTIZE = "mergekit", "convert f16", "quantize q4_k_m"
 EM_MERGE = "merge+export f16"
+EM_BUILD = "build"
+BUILD_PREFIX = "build: "  # the build's own stage split: shown, never added to totals
 FLOOR_STAGE = "read inputs + write merged size"
 
 
@@ -49,10 +51,11 @@ class RouteRun:
 
 @dataclass
 class Summary:
-    """Medians over repetitions of one route: per stage, total, merge+export part, peak RSS."""
+    """Medians over repetitions of one route: per stage, total, merge+export part; peak RSS (max over reps)."""
 
     route: str
     stages: dict[str, float]
+    peaks: dict[str, int]
     total: float
     merge_export: float
     peak_rss: int
@@ -60,8 +63,16 @@ class Summary:
 
 
 def merge_export_stages(route: str) -> tuple[str, ...]:
-    """The stages that turn the three input models into the merged F16 GGUF."""
+    """The stages that turn the three input models into the merged F16 GGUF, each a whole process."""
     return {PEER: (PEER_MERGE, PEER_CONVERT), EDGEMERGE: (EM_MERGE,), FLOOR: (FLOOR_STAGE,)}[route]
+
+
+def total_stages(route: str, names: list[str]) -> tuple[str, ...]:
+    """The stages whose sum is the route's end-to-end time: for edgemerge the `build` process when it ran,
+    else its merge and quantize processes; for the others every stage."""
+    if route == EDGEMERGE:
+        return (EM_BUILD,) if EM_BUILD in names else (EM_MERGE, QUANTIZE)
+    return tuple(names)
 
 
 def summarize(runs: list[RouteRun]) -> Summary:
@@ -74,11 +85,13 @@ def summarize(runs: list[RouteRun]) -> Summary:
     route = runs[0].route
     names = [s.name for s in runs[0].stages]
     stages = {n: statistics.median(r.seconds(n) for r in runs) for n in names}
-    me = merge_export_stages(route)
+    peaks = {n: max(s.peak_rss for r in runs for s in r.stages if s.name == n) for n in names}
+    me, tot = merge_export_stages(route), total_stages(route, names)
     return Summary(
         route=route,
         stages=stages,
-        total=statistics.median(r.seconds() for r in runs),
+        peaks=peaks,
+        total=statistics.median(r.seconds(*tot) for r in runs),
         merge_export=statistics.median(r.seconds(*me) for r in runs),
         peak_rss=max(r.peak_rss for r in runs),
         reps=len(runs),
@@ -182,8 +195,8 @@ def format_tables(results: list[dict]) -> str:
     Each result is {"size", "params", "summaries": {route: Summary}, "ratios": Ratios, "match": TensorMatch|None}.
     """
     lines = [
-        "| size | route | merge | export | quantize Q4_K_M | total | peak RSS |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| size | route | merge | export | quantize Q4_K_M | other | total | peak RSS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         label = f"{r['size']} ({r['params'] / 1e9:.2f}B)"
@@ -191,20 +204,34 @@ def format_tables(results: list[dict]) -> str:
         if PEER in s:
             p = s[PEER]
             lines.append(
-                f"| {label} | mergekit -> convert_hf_to_gguf -> quantize | {_s(p.stages.get(PEER_MERGE))} | "
-                f"{_s(p.stages.get(PEER_CONVERT))} | {_s(p.stages.get(QUANTIZE))} | {_s(p.total)} | "
+                f"| {label} | mergekit -> convert_hf_to_gguf.py -> quantize | {_s(p.stages.get(PEER_MERGE))} | "
+                f"{_s(p.stages.get(PEER_CONVERT))} | {_s(p.stages.get(QUANTIZE))} | | **{_s(p.total)}** | "
                 f"{_gb(p.peak_rss)} |"
             )
         if EDGEMERGE in s:
             e = s[EDGEMERGE]
             lines.append(
-                f"| {label} | edgemerge | {_s(e.stages.get(EM_MERGE))} (fused) | | "
-                f"{_s(e.stages.get(QUANTIZE))} | {_s(e.total)} | {_gb(e.peak_rss)} |"
+                f"| {label} | edgemerge merge --gguf (own process) | {_s(e.stages.get(EM_MERGE))} fused | | | | "
+                f"{_s(e.stages.get(EM_MERGE))} | {_gb(e.peaks.get(EM_MERGE, 0))} |"
             )
+            if EM_BUILD in e.stages:
+                b = {
+                    k.removeprefix(BUILD_PREFIX): v for k, v in e.stages.items() if k.startswith(BUILD_PREFIX)
+                }
+                quant = sum(v for k, v in b.items() if k.startswith("quantize"))
+                lines.append(
+                    f"| {label} | edgemerge build --skip-eval | {_s(b.get('merge'))} fused | | {_s(quant)} | "
+                    f"{_s(b.get('other'))} | **{_s(e.total)}** | {_gb(e.peaks[EM_BUILD])} |"
+                )
+            else:
+                lines.append(
+                    f"| {label} | edgemerge quantize | | | {_s(e.stages.get(QUANTIZE))} | | **{_s(e.total)}** | "
+                    f"{_gb(e.peaks.get(QUANTIZE, 0))} |"
+                )
         if FLOOR in s:
             f = s[FLOOR]
             lines.append(
-                f"| {label} | I/O floor (read 3 inputs, write 1) | | | | {_s(f.total)} | {_gb(f.peak_rss)} |"
+                f"| {label} | I/O floor: read the 3 inputs, write 1 | | | | | {_s(f.total)} | {_gb(f.peak_rss)} |"
             )
     lines += [
         "",
