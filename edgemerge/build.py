@@ -321,6 +321,7 @@ def build(
     *,
     progress: Progress | None = None,
     on_stage: Callable[[StageEvent], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> BuildResult:
     """Run every stage (see the module docstring) and return what was built; gates are reported in the result
     (`gate_failures`), not raised: the caller decides (the CLI exits 3 outside the demo)."""
@@ -372,6 +373,8 @@ def build(
             f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
         )
     state.save()
+    if on_plan:
+        on_plan(plan)
 
     planned = {"merge"} | {f"quantize {q}" for q in quants}
     _drop_stale(state, planned)

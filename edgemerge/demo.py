@@ -258,6 +258,9 @@ def generate_family(
     chat_texts = _chat_texts(chats, system_en)
     tok_dir = train_tokenizer(en_lines + lang_lines + chat_texts, out / "tokenizer", size.vocab)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar covers generation
     threads = torch.get_num_threads()
     # One thread: tiny matrices gain nothing from more, and contended threads make it many times slower.
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -109,6 +110,7 @@ def build(
         from ..demo import demo_family, language_text
 
         code = codes[0] if codes else "eu"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network: fail fast if touched
         language_text(code)
         err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
         with progress:
@@ -149,10 +151,11 @@ def build(
         elif e.record is not None:
             progress.console.print(f"[green]✓ {e.name}[/green] {e.record.seconds:.1f} s", highlight=False)
 
+    def on_plan(plan) -> None:
+        progress.console.print(f"disk plan: the build {plan.describe()}", highlight=False)
+
     with progress:
-        result = run_build(r, options, progress=progress, on_stage=on_stage)
-    if result.plan is not None:
-        err_console.print(f"disk plan: {result.plan.describe()}", highlight=False)
+        result = run_build(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
 
     if json_out:
         print_json(result.to_dict())
