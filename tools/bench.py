@@ -279,24 +279,77 @@ def verify(peer_f16: Path, em_f16: Path):
 
 
 def profile_merge(fam: Path, work: Path, top: int = 25) -> str:
-    """cProfile of `edgemerge merge --gguf` (one extra run, not timed): the functions where the time goes."""
-    import pstats
+    """Where `edgemerge merge --gguf` spends its time (one extra run, not timed).
 
-    prof, f16 = work / "merge.prof", work / "profile.F16.gguf"
-    code = (
-        "import cProfile, sys; from edgemerge.cli import main; "
-        f"sys.argv = ['edgemerge', 'merge', {str(fam / 'recipe.yaml')!r}, '--gguf', {str(f16)!r}, "
-        f"'--outtype', 'f16', '--force']; cProfile.run('main()', {str(prof)!r})"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    _clean(f16)
-    import io
+    With py-spy (samples every thread, 100 Hz): per thread, the functions by inclusive and by own samples.
+    Without it: cProfile of the main thread (the prefetch thread is invisible to it).
+    """
+    f16 = work / "profile.F16.gguf"
+    args = ["merge", str(fam / "recipe.yaml"), "--gguf", str(f16), "--outtype", "f16", "--force"]
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    try:
+        if spy:
+            raw = work / "merge.pyspy.txt"
+            cmd = [spy, "record", "-r", "100", "-f", "raw", "--threads", "-o", str(raw), "--"]
+            subprocess.run([*cmd, sys.executable, "-c", _EDGEMERGE, *args], check=True, capture_output=True)
+            return summarize_pyspy(raw.read_text(), top)
+        import io
+        import pstats
 
-    buf = io.StringIO()
-    stats = pstats.Stats(str(prof), stream=buf)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return buf.getvalue()
+        prof = work / "merge.prof"
+        code = f"import cProfile, sys; from edgemerge.cli import main; sys.argv = ['edgemerge', *{args!r}]; "
+        code += f"cProfile.run('main()', {str(prof)!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        buf = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=buf)
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats(top)
+        return buf.getvalue()
+    finally:
+        _clean(f16)
+
+
+_WRAPPERS = ("typer/", "click/", "<frozen ", "threading.py", "concurrent/futures", "<module> (<string>)")
+
+
+def summarize_pyspy(raw: str, top: int = 25) -> str:
+    """Aggregate py-spy's raw output ("thread (tid): name;frame;...;frame count" lines) per thread: module
+    loading, then each function's inclusive samples (it or its callees on the stack) and own samples (it is
+    the innermost frame). Wrapper frames (CLI, import machinery, thread pool) are left out of the lists."""
+    from collections import Counter
+
+    incl: dict[str, Counter] = {}
+    own: dict[str, Counter] = {}
+    total: Counter = Counter()
+    imports: Counter = Counter()
+    label: dict[str, str] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        head, _, rest = stack.partition(";")
+        tid, _, name = head.partition(": ")
+        if name:
+            label[tid] = name
+        # drop line numbers; a sample without Python frames is native code (or interpreter start/exit)
+        frames = [f.split(":")[0] + ")" if ":" in f else f for f in rest.split(";") if f] or ["(native)"]
+        n = int(count)
+        total[tid] += n
+        if any(f.startswith("_find_and_load") for f in frames):
+            imports[tid] += n
+        kept = [f for f in frames if not any(w in f for w in _WRAPPERS)]
+        incl.setdefault(tid, Counter()).update({f: n for f in set(kept)})
+        own.setdefault(tid, Counter())[frames[-1]] += n
+    out = []
+    for tid, n in total.most_common():
+        out.append(
+            f"{label.get(tid, tid)}: {n} samples ({n / 100:.1f} s at 100 Hz), {imports[tid] / n:.1%} importing"
+        )
+        out.append("  inclusive:")
+        out += [f"    {c / n:6.1%}  {f}" for f, c in incl[tid].most_common(top)]
+        out.append("  own:")
+        out += [f"    {c / n:6.1%}  {f}" for f, c in own[tid].most_common(top // 2)]
+    return "\n".join(out)
 
 
 def bench_size(size: str, root: Path, tools: Tools, reps: int, routes: list[str], tokenizer: Path | None):
