@@ -96,7 +96,7 @@ def test_medians_ratios_and_table():
             }
         ]
     )
-    assert "| 1b | 3.20x | 2.38x | 5.0x | 0.90 GB | not checked |" in table
+    assert "| 1b | 3.20x | 2.38x | 5.0x | 0.90 GB (0.00) | not checked |" in table
     # with `build`, the end-to-end time is the build process alone; its own stage split is shown, not added
     build = bs.Stage(bs.EM_BUILD, 20.0, 1_000_000_000)
     split = bench.build_stages(

@@ -77,23 +77,37 @@ class StageFailed(RuntimeError):
     pass
 
 
-def _tree_rss(proc) -> int:
-    import psutil
+def _tree_pids(pid: int) -> list[int]:
+    """The process and its descendants (psutil when installed, else the process alone)."""
+    try:
+        import psutil
 
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+    except ImportError:
+        return [pid]
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    """(resident, resident anonymous) bytes of one process from /proc/<pid>/status; RssFile, the rest, is
+    mostly memory-mapped input files: their pages count as resident but the kernel can drop them."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields.get("VmRSS", 0), fields.get("RssAnon", 0)
 
 
 def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = None) -> Stage:
     """Run one stage as a subprocess; wall time and peak RSS of its process tree (bytes).
 
-    ru_maxrss from wait4 is the kernel's exact peak of the largest process of the tree; psutil's sum over the
-    tree, sampled every 20 ms, covers processes running at the same time. The stage's peak is the larger.
+    ru_maxrss from wait4 is the kernel's exact peak of the largest process of the tree; the sum over the tree
+    (/proc, every 20 ms) covers processes running at the same time. The stage's peak is the larger. The
+    sampled peak of anonymous memory (RssAnon: what the process allocated, not mapped files) is kept too.
     """
     os.sync()  # earlier routes' dirty pages must not be flushed on this stage's clock
     with open(log, "ab") as fh, open(stdout or os.devnull, "wb") as out:
@@ -101,18 +115,16 @@ def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = Non
         fh.flush()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out if stdout else fh, stderr=fh)
-    sampled, stop = [0], threading.Event()
+    peak, peak_anon, stop = [0], [0], threading.Event()
 
     def poll() -> None:
-        try:
-            import psutil
-        except ImportError:  # ru_maxrss from wait4 still holds
-            return
         while not stop.wait(0.02):
             try:
-                sampled[0] = max(sampled[0], _tree_rss(psutil.Process(proc.pid)))
-            except psutil.Error:  # exited, not yet reaped
-                return
+                rss = [_rss(p) for p in _tree_pids(proc.pid)]
+            except OSError:  # a process of the tree exited between listing and reading
+                continue
+            peak[0] = max(peak[0], sum(r for r, _ in rss))
+            peak_anon[0] = max(peak_anon[0], sum(a for _, a in rss))
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -123,7 +135,7 @@ def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = Non
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise StageFailed(f"{name} failed (exit {proc.returncode}); see {log}")
-    return Stage(name, seconds, max(usage.ru_maxrss * 1024, sampled[0]))
+    return Stage(name, seconds, max(usage.ru_maxrss * 1024, peak[0]), peak_anon[0])
 
 
 def warm(paths: list[Path]) -> None:
@@ -278,7 +290,7 @@ def verify(peer_f16: Path, em_f16: Path):
     return compare_tensors(((t.name, t.data) for t in a.tensors), theirs)
 
 
-def profile_merge(fam: Path, work: Path, top: int = 25) -> str:
+def profile_merge(fam: Path, work: Path, top: int = 25, near: list[str] | None = None) -> str:
     """Where `edgemerge merge --gguf` spends its time (one extra run, not timed).
 
     With py-spy (samples every thread, 100 Hz): per thread, the functions by inclusive and by own samples.
@@ -286,7 +298,9 @@ def profile_merge(fam: Path, work: Path, top: int = 25) -> str:
     """
     f16 = work / "profile.F16.gguf"
     args = ["merge", str(fam / "recipe.yaml"), "--gguf", str(f16), "--outtype", "f16", "--force"]
-    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    # py-spy on PATH, beside this python, or beside mergekit-yaml (a bench venv)
+    dirs = [str(Path(p).parent) for p in [sys.executable, *(near or [])]]
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.pathsep.join(dirs))
     try:
         if spy:
             raw = work / "merge.pyspy.txt"
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(_jsonable(results), indent=2))
     if args.profile:
         fam = args.root / sizes[-1]
-        print(profile_merge(fam, args.root / f"work-{sizes[-1]}"), file=sys.stderr)
+        print(profile_merge(fam, args.root / f"work-{sizes[-1]}", near=tools.mergekit), file=sys.stderr)
     ok = all(r.get("match") is None or r["match"].ok for r in results)
     return 0 if ok else 1
 

@@ -30,6 +30,7 @@ class Stage:
     name: str
     seconds: float
     peak_rss: int
+    peak_anon: int = 0  # sampled peak of anonymous memory (RSS without mapped files)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class RouteRun:
         """Stages run one after another, so the route's peak is the largest stage peak."""
         return max((s.peak_rss for s in self.stages), default=0)
 
+    @property
+    def peak_anon(self) -> int:
+        return max((s.peak_anon for s in self.stages), default=0)
+
 
 @dataclass
 class Summary:
@@ -56,9 +61,11 @@ class Summary:
     route: str
     stages: dict[str, float]
     peaks: dict[str, int]
+    anon: dict[str, int]
     total: float
     merge_export: float
     peak_rss: int
+    peak_anon: int
     reps: int
 
 
@@ -86,14 +93,17 @@ def summarize(runs: list[RouteRun]) -> Summary:
     names = [s.name for s in runs[0].stages]
     stages = {n: statistics.median(r.seconds(n) for r in runs) for n in names}
     peaks = {n: max(s.peak_rss for r in runs for s in r.stages if s.name == n) for n in names}
+    anon = {n: max(s.peak_anon for r in runs for s in r.stages if s.name == n) for n in names}
     me, tot = merge_export_stages(route), total_stages(route, names)
     return Summary(
         route=route,
         stages=stages,
         peaks=peaks,
+        anon=anon,
         total=statistics.median(r.seconds(*tot) for r in runs),
         merge_export=statistics.median(r.seconds(*me) for r in runs),
         peak_rss=max(r.peak_rss for r in runs),
+        peak_anon=max(r.peak_anon for r in runs),
         reps=len(runs),
     )
 
@@ -181,8 +191,9 @@ def compare_tensors(a: Iterable[tuple[str, np.ndarray]], b: dict[str, np.ndarray
     return TensorMatch(tensors, elements, differing, max_steps, max_rms, worst, missing)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def _mem(rss: int, anon: int) -> str:
+    """Peak RSS, and in brackets its anonymous part (without memory-mapped files)."""
+    return f"{rss / 1e9:.2f} GB ({anon / 1e9:.2f})"
 
 
 def _s(x: float | None) -> str:
@@ -195,7 +206,7 @@ def format_tables(results: list[dict]) -> str:
     Each result is {"size", "params", "summaries": {route: Summary}, "ratios": Ratios, "match": TensorMatch|None}.
     """
     lines = [
-        "| size | route | merge | export | quantize Q4_K_M | other | total | peak RSS |",
+        "| size | route | merge | export | quantize Q4_K_M | other | total | peak RSS (anonymous) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
@@ -206,13 +217,13 @@ def format_tables(results: list[dict]) -> str:
             lines.append(
                 f"| {label} | mergekit -> convert_hf_to_gguf.py -> quantize | {_s(p.stages.get(PEER_MERGE))} | "
                 f"{_s(p.stages.get(PEER_CONVERT))} | {_s(p.stages.get(QUANTIZE))} | | **{_s(p.total)}** | "
-                f"{_gb(p.peak_rss)} |"
+                f"{_mem(p.peak_rss, p.peak_anon)} |"
             )
         if EDGEMERGE in s:
             e = s[EDGEMERGE]
             lines.append(
                 f"| {label} | edgemerge merge --gguf (own process) | {_s(e.stages.get(EM_MERGE))} fused | | | | "
-                f"{_s(e.stages.get(EM_MERGE))} | {_gb(e.peaks.get(EM_MERGE, 0))} |"
+                f"{_s(e.stages.get(EM_MERGE))} | {_mem(e.peaks[EM_MERGE], e.anon[EM_MERGE])} |"
             )
             if EM_BUILD in e.stages:
                 b = {
@@ -221,23 +232,23 @@ def format_tables(results: list[dict]) -> str:
                 quant = sum(v for k, v in b.items() if k.startswith("quantize"))
                 lines.append(
                     f"| {label} | edgemerge build --skip-eval | {_s(b.get('merge'))} fused | | {_s(quant)} | "
-                    f"{_s(b.get('other'))} | **{_s(e.total)}** | {_gb(e.peaks[EM_BUILD])} |"
+                    f"{_s(b.get('other'))} | **{_s(e.total)}** | {_mem(e.peaks[EM_BUILD], e.anon[EM_BUILD])} |"
                 )
             else:
                 lines.append(
                     f"| {label} | edgemerge quantize | | | {_s(e.stages.get(QUANTIZE))} | | **{_s(e.total)}** | "
-                    f"{_gb(e.peaks.get(QUANTIZE, 0))} |"
+                    f"{_mem(e.peaks[QUANTIZE], e.anon[QUANTIZE])} |"
                 )
         if FLOOR in s:
             f = s[FLOOR]
             lines.append(
-                f"| {label} | I/O floor: read the 3 inputs, write 1 | | | | | {_s(f.total)} | {_gb(f.peak_rss)} |"
+                f"| {label} | I/O floor: read the 3 inputs, write 1 | | | | | {_s(f.total)} | {_mem(f.peak_rss, f.peak_anon)} |"
             )
     lines += [
         "",
         (
             "| size | merge+export speedup (target >= 3x) | end-to-end speedup (>= 1.4x) | "
-            "merge+export / I/O floor (<= 5x) | edgemerge peak RSS (< 1.5 GB) | F16 tensors match |"
+            "merge+export / I/O floor (<= 5x) | edgemerge peak RSS, anonymous (< 1.5 GB) | F16 tensors match |"
         ),
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -255,6 +266,6 @@ def format_tables(results: list[dict]) -> str:
         )
         lines.append(
             f"| {r['size']} | {q.speedup_merge_export:.2f}x | {q.speedup_total:.2f}x | {q.floor_ratio:.1f}x | "
-            f"{_gb(s[EDGEMERGE].peak_rss)} | {match} |"
+            f"{_mem(s[EDGEMERGE].peak_rss, s[EDGEMERGE].peak_anon)} | {match} |"
         )
     return "\n".join(lines)
