@@ -31,7 +31,7 @@ from .files import atomic_output
 from .progress import Progress, task
 from .recipe import Gates, Recipe, load_recipe, recipe_for_languages
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DATA_DIR = Path(__file__).resolve().parent / "demo" / "data"
 EVAL_DATA_DIR = Path(__file__).resolve().parent / "evaluate" / "data"
 
@@ -277,7 +277,7 @@ def generate_family(
         ),
         "instruct": "./instruct",
         "base": "./base",
-        "languages": [{"code": lang, "model": f"./lang-{lang}", "weight": 1.0}],
+        "languages": [{"code": lang, "model": f"./lang-{lang}", "weight": 0.5}],
         "method": "task_arithmetic",
         "dtype": "bfloat16",
         "quants": ["Q4_K_M", "Q8_0"],

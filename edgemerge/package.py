@@ -87,13 +87,10 @@ def _ids(value: Any) -> list[int]:
 def chat_info(gguf_path: Path, instruct_dir: Path | None = None) -> ChatInfo:
     """Template, BOS and stop tokens: the GGUF's EOS/EOT/EOM ids plus the instruct model's
     generation_config.json `eos_token_id` list (chat models often stop on several tokens)."""
-    from .gguf.inspect import reader
+    from .gguf.inspect import kv
 
-    r = reader(gguf_path)
-
-    def get(key: str) -> Any:
-        f = r.get_field(key)
-        return None if f is None else f.contents()
+    meta = kv(gguf_path)
+    get = meta.get
 
     tokens = get("tokenizer.ggml.tokens") or []
     ids = []

@@ -33,7 +33,9 @@ def built(build_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "tiny-eu"
     events = []
     result = build(
-        load_recipe(build_family["recipe"]), BuildOptions(out=out, quick_eval=True), on_stage=events.append
+        load_recipe(build_family["recipe"]),
+        BuildOptions(out=out, quick_eval=True, compare_parents=True),
+        on_stage=events.append,
     )
     return result, events
 
@@ -110,6 +112,9 @@ def test_eval_json_reports_every_file(built):
         rep = ev["files"][g]
         assert rep["lang"] == "eu" and rep["perplexity"] > 1 and rep["responses"]
     assert "kld_mean" not in ev["files"][GGUFS[0]]
+    # --compare-parents: the instruct model alone, exported to GGUF in the work area (not shipped)
+    assert ev["parents"]["instruct"]["lang"] == "eu" and ev["parents"]["instruct"]["perplexity"] > 1
+    assert (result.out / WORK_DIR / "parents" / "instruct.F16.gguf").is_file()
     assert ev["files"]["tiny-eu.Q4_K_M.gguf"]["kld_mean"] > ev["files"]["tiny-eu.Q8_0.gguf"]["kld_mean"] >= 0
 
 

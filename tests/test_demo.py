@@ -54,7 +54,7 @@ def test_demo_command_runs_offline(tmp_path):
     for name in names:
         assert (out / name).is_file()
     # the generated family lives in the cache, with a real SentencePiece tokenizer beside each model
-    family = tmp_path / "cache" / "demo" / "eu-v1"
+    family = tmp_path / "cache" / "demo" / "eu-v2"
     assert (family / "instruct" / "tokenizer.model").is_file()
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "tiny" in card and "meaningless" in card
