@@ -60,7 +60,8 @@ def test_manifest_hashes_sizes_and_provenance(built, build_family):
     assert set(m["inputs"]) == {"instruct", "base", "eu"}
     assert m["inputs"]["instruct"]["files"]["config.json"].startswith("sha256:")
     assert m["tools"]["llama-cpp-python"] and m["tools"]["edgemerge"]
-    assert set(m["stages"]) == {"merge", "quantize Q4_K_M", "quantize Q8_0"} | {f"eval {g}" for g in GGUFS}
+    stages = {"merge", "quantize Q4_K_M", "quantize Q8_0", "export instruct", "eval instruct"}
+    assert set(m["stages"]) == stages | {f"eval {g}" for g in GGUFS}
     assert not any(s["cached"] for s in m["stages"].values())
 
 
