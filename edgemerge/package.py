@@ -179,6 +179,12 @@ def _size(n: int) -> str:
     return human_bytes(n)
 
 
+def _recipe_yaml(r: Recipe) -> dict[str, Any]:
+    data = r.to_yaml_dict()
+    data["eval"] = {k: v for k, v in data["eval"].items() if v is not None}
+    return data
+
+
 def model_card(p: PackageInfo) -> str:
     """README.md: front matter, what it is, recipe, formula, evaluation per file, how to run it."""
     r = p.recipe
@@ -186,7 +192,7 @@ def model_card(p: PackageInfo) -> str:
     out = [f"---\n{fm}\n---", "", f"# {r.name}", ""]
     if p.demo:
         out += [DEMO_NOTE, ""]
-    if r.description:
+    if r.description and not p.demo:
         out += [r.description, ""]
     langs = ", ".join(r.lang_codes)
     out += [
@@ -218,7 +224,7 @@ def model_card(p: PackageInfo) -> str:
         "Recipe:",
         "",
         "```yaml",
-        yaml.safe_dump(r.to_yaml_dict(), sort_keys=False, allow_unicode=True).strip(),
+        yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
         "```",
         "",
     ]
