@@ -204,3 +204,21 @@ def test_bad_input_exits_2(make, extra, message, tmp_path, capsys):
     code, _, err = _run(args, capsys)
     assert code == 2, err
     assert message in err and err.count("\n") <= 2
+
+
+def test_eval_command_gates_from_a_recipe_and_json_on_stdout(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: t\ninstruct: ./instruct\nbase: ./base\nlanguages: [{code: eu, model: ./eu}]\n"
+        "eval: {max_perplexity: 1.0, min_language_fidelity: 0.9}\n"
+    )
+    code, out, err = _run(
+        ["eval", str(stories_gguf()), "--lang", "eu", "--quick", "--threads", "1", "--recipe", str(recipe),
+         "--json", "-"],
+        capsys,
+    )  # fmt: skip
+    assert code == 3 and "max_perplexity" in err
+    data = json.loads(out)
+    gates = {g["gate"]: g["passed"] for g in data["gates"]}
+    # base model: no chat metrics, so the fidelity gate is skipped, not failed
+    assert gates == {"max_perplexity": False, "min_language_fidelity": None}
