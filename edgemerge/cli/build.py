@@ -116,6 +116,7 @@ def build(
         with progress:
             r = demo_family(code, progress=progress).recipe
         quick_eval = True
+        compare_parents = True  # the instruct model alone beside the merge: the language vector's effect
     elif recipe is not None:
         r = load_recipe(recipe)
         if codes is not None and sorted(set(codes)) != sorted(set(r.lang_codes)):
@@ -196,8 +197,7 @@ def _print_summary(result) -> None:
     files.add_column("stops", justify="right")
     files.add_column("KLD vs F16", justify="right")
     files.add_column("gates")
-    rows = list(result.evals.items()) + [(f"{k} (parent)", v) for k, v in result.parent_evals.items()]
-    evals = dict(rows)
+    evals = result.evals
     for f in result.files:
         rep = evals.get(f.name)
         if rep is None:
