@@ -395,14 +395,12 @@ def build(
             sources=sources,
         ),
     )
-    from .quantize import quantize
-
     for q in quants:
         stages.run(
             f"quantize {q}",
             quant_keys[q],
             [quant_files[q]],
-            lambda q=q: quantize(merged, q, quant_files[q], threads=options.threads, progress=progress),
+            lambda q=q: _quantize(merged, q, quant_files[q], options.threads, progress),
         )
 
     ggufs = [merged] + [quant_files[q] for q in quants]
@@ -474,6 +472,13 @@ def build(
     result.warnings = warnings
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None) -> None:
+    from .quantize import quantize
+
+    remove(dst)  # a stale file from an earlier key: this stage is redoing it
+    quantize(src, quant, dst, threads=threads, progress=progress)
 
 
 def _eval_stage(
