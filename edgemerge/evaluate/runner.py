@@ -25,9 +25,16 @@ def check_gguf(path: Path) -> Path:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise EdgemergeError(
-                f"{path} is not a GGUF file (no GGUF magic); convert the model first (edgemerge gguf ...)"
+                f"{path} is not a GGUF file (no GGUF magic); give a .gguf file (convert the model to GGUF first)"
             )
     return path
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (macOS has no sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _train_context(path: Path) -> int | None:
@@ -68,7 +75,7 @@ class Model:
         train_ctx = _train_context(self.path)
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
-        threads = n_threads or len(os.sched_getaffinity(0))
+        threads = n_threads or _cpus()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path),
