@@ -76,3 +76,43 @@ def build_family(tmp_path_factory, chatml_tokenizer) -> dict[str, Path]:
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return {**fam, "recipe": root / "recipe.yaml"}
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
+    """One tiny model per GGUF-supported architecture, with real tokenizers: llama (Llama 3 BPE), mistral
+    (Mistral v1 SentencePiece .model), qwen2 (Qwen2 BPE, tied embeddings, chat template) and qwen3 (tied, with
+    the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)."""
+    from .models import make_model, tiny_spm_tokenizer
+
+    root = tmp_path_factory.mktemp("arch-models")
+    specs = {
+        "llama": Spec(),
+        "mistral": Spec(arch="MistralForCausalLM", tokenizer="spm"),
+        "qwen2": Spec(arch="Qwen2ForCausalLM", tokenizer="qwen2", tie=True),
+        "qwen3": Spec(arch="Qwen3ForCausalLM", tokenizer="spm512", tie=True),
+    }
+
+    def tok(kind: str) -> Path:
+        return tiny_spm_tokenizer(tok_cache) if kind == "spm512" else tokenizer_dir(kind, tok_cache)
+
+    return {name: make_model(root / name, spec, tok(spec.tokenizer), seed=3) for name, spec in specs.items()}
+
+
+@pytest.fixture(scope="session")
+def f32_ggufs(tmp_path_factory, arch_models) -> dict[str, Path]:
+    """Our F32 GGUF export of each `arch_models` entry."""
+    from edgemerge.gguf.export import export_hf
+
+    root = tmp_path_factory.mktemp("f32-ggufs")
+    return {
+        name: export_hf(path, root / f"{name}-f32.gguf", outtype="f32") for name, path in arch_models.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def qwen3_q8_0(tmp_path_factory, arch_models) -> Path:
+    """Our Q8_0 GGUF export of the Qwen3 fixture."""
+    from edgemerge.gguf.export import export_hf
+
+    return export_hf(arch_models["qwen3"], tmp_path_factory.mktemp("q8") / "qwen3-q8_0.gguf", outtype="q8_0")

@@ -56,12 +56,61 @@ def tokenizer_dir(kind: str, cache: Path) -> Path:
         vocab = need_shared("tokenizers", "llama.cpp-vocab")
         tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
     tok.save_pretrained(tmp)
+    if kind == "llama-bpe":
+        _as_released_llama3(tmp)
     tmp.rename(out)
     return out
 
 
-def make_model(out: Path, spec: Spec, tok_dir: Path, *, seed: int, base_state: dict | None = None,
-               delta_scale: float = 0.02, shard_size: str | None = None) -> Path:
+def _as_released_llama3(folder: Path) -> None:
+    """transformers' GGUF loader adds <|endoftext|> as id 128256 and drops Llama 3's BOS post-processor and
+    ignore_merges; put them back so the fixture is the released Llama 3 tokenizer (128,256 tokens, BOS added),
+    which is what llama.cpp's converter recognises as `llama-bpe` (without BOS it hashes as `smaug-bpe`)."""
+    path = folder / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < 128256]
+    tj["model"]["ignore_merges"] = True
+    bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    tj["post_processor"] = {
+        "type": "Sequence",
+        "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [
+                    bos,
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
+                    {"Sequence": {"id": "B", "type_id": 1}},
+                ],
+                "special_tokens": {
+                    "<|begin_of_text|>": {
+                        "id": "<|begin_of_text|>",
+                        "ids": [128000],
+                        "tokens": ["<|begin_of_text|>"],
+                    }
+                },
+            },
+        ],
+    }
+    path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.get("added_tokens_decoder", {}).pop("128256", None)
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def make_model(
+    out: Path,
+    spec: Spec,
+    tok_dir: Path,
+    *,
+    seed: int,
+    base_state: dict | None = None,
+    delta_scale: float = 0.02,
+    shard_size: str | None = None,
+) -> Path:
     """Write a tiny model to `out` (safetensors + config + tokenizer). With `base_state`, weights are
     base + delta_scale * N(0, 1) (seeded), like a fine-tune of that base."""
     import transformers
@@ -104,6 +153,9 @@ def make_model(out: Path, spec: Spec, tok_dir: Path, *, seed: int, base_state: d
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out, **kwargs)
     tok.save_pretrained(out)
+    if (tok_dir / "tokenizer.model").is_file() and not (out / "tokenizer.model").is_file():
+        # transformers 5 no longer saves the SentencePiece model; released SPM checkpoints ship it
+        shutil.copy(tok_dir / "tokenizer.model", out / "tokenizer.model")
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen))
     return out
@@ -119,8 +171,9 @@ def state_of(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def make_family(root: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = ("eu",), *,
-                shard_size: str | None = None) -> dict[str, Path]:
+def make_family(
+    root: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = ("eu",), *, shard_size: str | None = None
+) -> dict[str, Path]:
     """base, instruct and one language model per code, all sharing a random base."""
     import transformers
 
@@ -128,11 +181,13 @@ def make_family(root: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = 
     base = transformers.AutoModelForCausalLM.from_pretrained(paths["base"], torch_dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in base.named_parameters()}
     del base
-    paths["instruct"] = make_model(root / "instruct", spec, tok_dir, seed=2, base_state=base_state,
-                                   shard_size=shard_size)
+    paths["instruct"] = make_model(
+        root / "instruct", spec, tok_dir, seed=2, base_state=base_state, shard_size=shard_size
+    )
     for i, code in enumerate(langs):
-        paths[code] = make_model(root / f"lang-{code}", spec, tok_dir, seed=10 + i, base_state=base_state,
-                                 shard_size=shard_size)
+        paths[code] = make_model(
+            root / f"lang-{code}", spec, tok_dir, seed=10 + i, base_state=base_state, shard_size=shard_size
+        )
     return paths
 
 
@@ -154,8 +209,11 @@ def tiny_spm_tokenizer(cache: Path) -> Path:
     return out
 
 
-def chat_instruct(family: dict[str, Path], template: str = "meta-llama-Llama-3.1-8B-Instruct.jinja",
-                  eos: list[int] | None = None) -> dict[str, Path]:
+def chat_instruct(
+    family: dict[str, Path],
+    template: str = "meta-llama-Llama-3.1-8B-Instruct.jinja",
+    eos: list[int] | None = None,
+) -> dict[str, Path]:
     """Give the family's instruct model a real chat template and a multi-EOS generation_config (as Llama 3.1
     Instruct has), so merges can be checked to keep both."""
     src = need_shared("tokenizers", "llama.cpp-vocab", "templates", template)

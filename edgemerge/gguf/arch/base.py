@@ -1,0 +1,258 @@
+"""What every model family shares: hyper-parameters from config.json, tensor names via gguf-py's TensorNameMap,
+and the per-tensor output type rule of llama.cpp's `convert_hf_to_gguf.py`.
+
+A family module subclasses `Arch`, sets `hf_names` and `model_arch`, and overrides the hooks it needs
+(`write_params`, `transform`, `extra_tensors`, `vocab_kinds`). Behaviour mirrors llama.cpp's converter
+(`conversion/base.py` in the llama.cpp vendored by llama-cpp-python) so files are byte-identical to its output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gguf
+import numpy as np
+
+from ...errors import EdgemergeError
+
+# outtype name -> (file type written to general.file_type, tensor type for tensors that are not forced to F32)
+OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+
+# tensor kinds llama.cpp keeps in F32 whatever the outtype (the subset of the converter's list that
+# can occur in the families we support; the rest are vision/audio/recurrent tensors)
+_ALWAYS_F32 = (
+    gguf.MODEL_TENSOR.FFN_GATE_INP,
+    gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+    gguf.MODEL_TENSOR.POS_EMBD,
+    gguf.MODEL_TENSOR.TOKEN_TYPES,
+)
+
+# HF tensors llama.cpp does not use
+_SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+def check_outtype(outtype: str) -> str:
+    """Normalise an outtype name; unknown names are a user error listing the valid ones."""
+    key = outtype.lower()
+    if key not in OUTTYPES:
+        raise EdgemergeError(f"unknown GGUF outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+    return key
+
+
+def load_hparams(model_dir: Path) -> dict[str, Any]:
+    """config.json as llama.cpp's converter reads it: through transformers' AutoConfig (which fills in the
+    defaults the file leaves out), falling back to the raw JSON; a nested `text_config` is lifted to the top."""
+    cfg_file = Path(model_dir) / "config.json"
+    if not cfg_file.is_file():
+        raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
+    try:
+        from transformers import AutoConfig
+
+        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    except (
+        ValueError,
+        KeyError,
+        OSError,
+    ):  # e.g. unknown model_type: the raw file still names the architecture
+        try:
+            hparams = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgemergeError(
+                f"{cfg_file} is not valid JSON ({e}); restore it from the model's source"
+            ) from None
+    if "text_config" in hparams:
+        hparams = {**hparams, **hparams["text_config"]}
+    return hparams
+
+
+class Arch:
+    """One model family: config keys -> GGUF keys, HF tensor names -> GGUF names, tensor transforms."""
+
+    hf_names: ClassVar[tuple[str, ...]] = ()
+    model_arch: ClassVar[gguf.MODEL_ARCH]
+    # vocabulary builders to try in order (see vocab.py): the first whose files exist wins
+    vocab_kinds: ClassVar[tuple[str, ...]] = ("gpt2",)
+
+    def __init__(self, hparams: dict[str, Any]):
+        self.hparams = hparams
+        self.block_count: int = self.find(["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
+        self.tensor_map = gguf.get_tensor_name_map(self.model_arch, self.block_count)
+        self.rope_parameters = _rope_parameters(hparams)
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.model_arch]
+
+    def find(self, keys: list[str], optional: bool = False) -> Any:
+        """The first of `keys` present in config.json."""
+        for k in keys:
+            if k in self.hparams:
+                return self.hparams[k]
+        if optional:
+            return None
+        raise EdgemergeError(
+            f"config.json lacks {keys[0]!r} (also looked for {keys[1:]}); is the model complete?"
+        )
+
+    # ---- tensors -------------------------------------------------------------------------------------
+    def gguf_name(self, hf_name: str) -> str | None:
+        """GGUF name of an HF tensor via gguf-py's TensorNameMap; None for tensors llama.cpp does not use."""
+        if hf_name.endswith(_SKIP_SUFFIXES):
+            return None
+        name = hf_name.replace("language_model.", "")
+        new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise EdgemergeError(
+                f"tensor {hf_name!r} has no llama.cpp name for architecture {self.name}; "
+                "the checkpoint is not a plain causal LM of this family"
+            )
+        return new
+
+    def transform(self, hf_name: str, data: np.ndarray) -> np.ndarray:
+        """Reshape/permute a tensor the way llama.cpp expects it (identity by default)."""
+        return data
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Tensors llama.cpp wants that the checkpoint does not have (e.g. Llama 3 rope_freqs)."""
+        return iter(())
+
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
+        """Storage type of one tensor, as `convert_hf_to_gguf.py` decides it:
+        1-D tensors, norms and non-weights stay F32; the rest take the outtype; Q8_0 falls back to F16 when
+        the row length is not a multiple of its block size (32)."""
+        bid = next((int(p) for p in gguf_name.split(".") if p.isdecimal()), None)
+        if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+            return gguf.GGMLQuantizationType.F32
+        if not gguf_name.endswith(".weight") or any(self._is(gguf_name, k, bid) for k in _ALWAYS_F32):
+            return gguf.GGMLQuantizationType.F32
+        qtype = OUTTYPES[outtype][1]
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            if shape[-1] % block != 0:
+                return gguf.GGMLQuantizationType.F16
+        return qtype
+
+    def _is(self, name: str, key: gguf.MODEL_TENSOR, bid: int | None) -> bool:
+        if key not in gguf.MODEL_TENSORS[self.model_arch]:
+            return False
+        key_name = gguf.TENSOR_NAMES[key]
+        if "{bid}" in key_name:
+            if bid is None:
+                return False
+            key_name = key_name.format(bid=bid)
+        elif bid is not None:
+            return False
+        return name == key_name + ".weight"
+
+    # ---- key/values ----------------------------------------------------------------------------------
+    def write_params(self, w: gguf.GGUFWriter, file_type: gguf.LlamaFileType) -> None:
+        """Hyper-parameter keys (`<arch>.block_count`, ...), as the converter's TextModel writes them."""
+        w.add_block_count(self.block_count)
+        n_ctx = self.find(
+            [
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ],
+            optional=True,
+        )
+        if n_ctx is not None:
+            w.add_context_length(n_ctx)
+        if (n_embd := self.find(["hidden_size", "n_embd", "dim"], optional=True)) is not None:
+            w.add_embedding_length(n_embd)
+        n_ff = self.find(
+            [
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+            optional=True,
+        )
+        if n_ff is not None:
+            w.add_feed_forward_length(n_ff)
+        if (n_head := self.find(["num_attention_heads", "n_head", "n_heads"], optional=True)) is not None:
+            w.add_head_count(n_head)
+        if (n_head_kv := self.find(["num_key_value_heads", "n_kv_heads"], optional=True)) is not None:
+            w.add_head_count_kv(n_head_kv)
+        if self.hparams.get("is_causal") is False:
+            w.add_causal_attention(False)
+
+        rope = self.rope_parameters.get("full_attention", self.rope_parameters)
+        rope_type = rope.get("rope_type")
+        factor = rope.get("factor")
+        if rope_type == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+        elif rope_type == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(factor)
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            if (v := rope.get("extrapolation_factor")) is not None:
+                w.add_rope_scaling_yarn_ext_factor(v)
+            if (v := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                w.add_rope_scaling_yarn_attn_factor(v)
+            if (v := rope.get("beta_fast")) is not None:
+                w.add_rope_scaling_yarn_beta_fast(v)
+            if (v := rope.get("beta_slow")) is not None:
+                w.add_rope_scaling_yarn_beta_slow(v)
+        elif rope_type in ("su", "longrope"):
+            w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        if (theta := rope.get("rope_theta")) is not None:
+            w.add_rope_freq_base(theta)
+        if (swa_theta := self.rope_parameters.get("sliding_attention", {}).get("rope_theta")) is not None:
+            w.add_rope_freq_base_swa(swa_theta)
+        if (eps := self.find(["rms_norm_eps", "norm_eps"], optional=True)) is not None:
+            w.add_layer_norm_rms_eps(eps)
+        if (
+            eps := self.find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"], optional=True)
+        ) is not None:
+            w.add_layer_norm_eps(eps)
+        if (head_dim := self.hparams.get("head_dim")) is not None:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_file_type(file_type)
+
+    def write_vocab_extras(self, w: gguf.GGUFWriter, model_dir: Path) -> None:
+        """Family-specific tokenizer keys written before the vocabulary (none by default)."""
+
+
+def _rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings in transformers 5's `rope_parameters` form, filled from older top-level keys."""
+    rope = dict(hparams.get("rope_parameters", hparams.get("rope_scaling")) or {})
+
+    def first(keys: list[str]) -> Any:
+        return next((hparams[k] for k in keys if k in hparams), None)
+
+    theta = first(
+        ["global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"]
+    )
+    local = first(
+        ["local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq"]
+    )
+    partial = first(["partial_rotary_factor", "rope_pct", "rope_percent"])
+    orig = first(["original_max_position_embeddings"])
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        if local is not None:
+            rope["sliding_attention"] = {"rope_theta": local}
+        if "rope_theta" not in rope and theta is not None:
+            rope["rope_theta"] = theta
+        if "rope_type" not in rope and (t := rope.get("type")) is not None:
+            rope["rope_type"] = t
+        if "partial_rotary_factor" not in rope and partial is not None:
+            rope["partial_rotary_factor"] = partial
+        if "original_max_position_embeddings" not in rope and orig is not None:
+            rope["original_max_position_embeddings"] = orig
+    return rope

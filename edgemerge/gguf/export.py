@@ -1,0 +1,109 @@
+"""Hugging Face folder -> GGUF, one memory-mapped tensor at a time, through the same `GGUFSink` as the merge."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from rich.progress import Progress
+
+from ..errors import EdgemergeError
+from ..files import atomic_output
+from ..progress import task
+from ..sinks import TensorSpec
+from .metadata import GGUFMetadata
+from .sink import GGUFSink
+
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (from the shard index when there is one)."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise EdgemergeError(f"{hf_dir}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        hint = " (it has PyTorch .bin weights: save it with safetensors)" if any(hf_dir.glob("*.bin")) else ""
+        raise EdgemergeError(f"{hf_dir} has no .safetensors weights{hint}")
+    return files
+
+
+def read_specs(files: list[Path]) -> tuple[list[TensorSpec], dict[str, Path]]:
+    """Name, shape and dtype of every tensor (headers only), and the file holding each."""
+    from safetensors import safe_open
+
+    specs, where = [], {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                sl = h.get_slice(name)
+                dtype = sl.get_dtype()
+                if dtype not in _DTYPES:
+                    raise EdgemergeError(
+                        f"tensor {name!r} in {f.name} is {dtype}; only float checkpoints (BF16/F16/F32) can be "
+                        "exported (dequantize the model first)"
+                    )
+                specs.append(TensorSpec(name, tuple(sl.get_shape()), _DTYPES[dtype]))
+                where[name] = f
+    return specs, where
+
+
+def iter_tensors(names: list[str], where: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield tensors as numpy (bf16 as ml_dtypes.bfloat16, no copy), memory-mapped, in the given order."""
+    import torch
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name in names:
+            f = where[name]
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(f, framework="pt"))
+            t = handles[f].get_tensor(name)
+            if t.dtype == torch.bfloat16:
+                yield name, t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                yield name, t.numpy()
+            del t
+
+
+def export_hf(
+    hf_dir: Path,
+    out_file: Path,
+    *,
+    outtype: str = "f16",
+    metadata: GGUFMetadata | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a Hugging Face model folder to one GGUF file (f32, f16, bf16 or q8_0), like llama.cpp's
+    convert_hf_to_gguf.py; nothing appears at `out_file` unless the whole file was written."""
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if not hf_dir.is_dir():
+        raise EdgemergeError(
+            f"{hf_dir} is not a folder; give a Hugging Face model folder (config.json + weights)"
+        )
+    specs, where = read_specs(safetensors_files(hf_dir))
+    by_name = {s.name: s for s in specs}
+    with atomic_output(out_file, force=force) as tmp:
+        sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata)
+        order = sink.open(specs)
+        total = sum(by_name[n].nbytes for n in order)
+        with task(progress, f"GGUF {out_file.name}", total) as advance:
+            for name, array in iter_tensors(order, where):
+                sink.write(name, array)
+                advance(by_name[name].nbytes)
+        sink.close()
+    return out_file

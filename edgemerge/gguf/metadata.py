@@ -1,0 +1,110 @@
+"""What a GGUF says about itself: name, languages, license, lineage (`general.base_model.N.*`) and the recipe.
+
+Written through gguf-py's `Metadata.set_gguf_meta_model`, so the keys are the standard ones llama.cpp, Ollama
+and the Hugging Face hub read. Without a `GGUFMetadata` (a plain `export`), the fields come from the model
+folder's README model card, as llama.cpp's converter does it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+RECIPE_KEY = "edgemerge.recipe"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Lineage:
+    """One model the GGUF was made from: `ref` is an HF id (owner/name[@rev]) or a local folder."""
+
+    ref: str
+    role: str  # "instruct" | "base" | "language <code>"
+
+    def to_gguf(self) -> dict[str, str]:
+        ref, _, revision = self.ref.partition("@")
+        entry: dict[str, str] = {"description": self.role}
+        if _HF_ID.match(ref) and not Path(ref).exists():
+            org, name = ref.split("/", 1)
+            entry.update(name=name, organization=org, repo_url=f"https://huggingface.co/{ref}")
+        else:
+            entry["name"] = Path(ref).name or ref
+        if revision:
+            entry["version"] = revision
+        return entry
+
+
+@dataclass
+class GGUFMetadata:
+    """Descriptive keys for a GGUF file (all optional)."""
+
+    name: str | None = None
+    languages: list[str] = field(default_factory=list)
+    license: str | None = None
+    description: str | None = None
+    lineage: list[Lineage] = field(default_factory=list)
+    recipe_yaml: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> GGUFMetadata:
+        """Metadata of a merge: lineage instruct, base, then each language model; the recipe as YAML."""
+        import yaml
+
+        lineage = [Lineage(recipe.instruct, "instruct"), Lineage(recipe.base, "base")]
+        lineage += [Lineage(lang.model, f"language {lang.code}") for lang in recipe.languages if lang.model]
+        return cls(
+            name=recipe.name,
+            languages=recipe.lang_codes,
+            license=recipe.license,
+            description=recipe.description,
+            lineage=lineage,
+            recipe_yaml=yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True),
+            tags=["edgemerge", "merge", "language-vector"],
+        )
+
+    def to_gguf_metadata(self, model_dir: Path, total_params: int) -> gguf.Metadata:
+        """A gguf-py Metadata: our fields over what the model card in `model_dir` says."""
+        meta = gguf.Metadata.load(None, Path(model_dir), self.name, total_params)
+        if self.name:
+            meta.name = self.name
+            # the card's naming fields describe the source model, not this one
+            meta.basename = meta.finetune = meta.version = None
+        if self.languages:
+            meta.languages = list(self.languages)
+        if self.license:
+            meta.license = self.license
+        if self.description:
+            meta.description = self.description
+        if self.lineage:
+            meta.base_models = [entry.to_gguf() for entry in self.lineage]
+        if self.tags:
+            meta.tags = list(dict.fromkeys([*(meta.tags or []), *self.tags]))
+        return meta
+
+
+def write_metadata(
+    w: gguf.GGUFWriter,
+    model_dir: Path,
+    metadata: GGUFMetadata | None,
+    total_params: int,
+    shared: int = 0,
+    expert: int = 0,
+    experts: int = 0,
+) -> None:
+    """general.* keys (+ `edgemerge.recipe`), falling back to the model card and the folder name."""
+    meta = (metadata or GGUFMetadata()).to_gguf_metadata(model_dir, total_params)
+    if meta.name is None:
+        meta.name = Path(model_dir).name
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, shared, expert, experts)
+    meta.set_gguf_meta_model(w)
+    if metadata is not None and metadata.recipe_yaml:
+        w.add_string(RECIPE_KEY, metadata.recipe_yaml)

@@ -1,0 +1,143 @@
+"""GGUFSink: the `Sink` that writes a GGUF file tensor by tensor.
+
+`open(specs)` writes the header, every key/value and all tensor infos (sizes are known from the shapes);
+`write(name, array)` then appends one tensor's data and forgets it, so memory holds one tensor at a time.
+gguf-py's `GGUFWriter.add_tensor` would keep every tensor in RAM until the end, so we use its lower-level
+`add_tensor_info` + `write_tensor_data` instead. Export and the fused merge both go through this class.
+
+Per tensor: convert to float32 (as llama.cpp's converter does with bf16), apply the family's transform (e.g.
+the Llama q/k permutation), then store it as the converter would (gguf-py's `quants.quantize`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import EdgemergeError
+from ..files import ensure_free_space
+from ..sinks import TensorSpec
+from .arch import OUTTYPES, Arch, arch_for, check_outtype, load_hparams
+from .metadata import GGUFMetadata, write_metadata
+from .vocab import write_vocab
+
+_HEADER_ALLOWANCE = 64 * 1024**2  # vocab + tensor infos: generous bound for the free-space check
+
+
+class GGUFSink:
+    """Write tensors of a Hugging Face model (`model_dir` gives config + tokenizer) into a GGUF at `path`."""
+
+    def __init__(
+        self, path: Path, model_dir: Path, *, outtype: str = "f16", metadata: GGUFMetadata | None = None
+    ):
+        self.path = Path(path)
+        self.model_dir = Path(model_dir)
+        self.outtype = check_outtype(outtype)
+        self.metadata = metadata
+        self.arch: Arch | None = None
+        self.writer: gguf.GGUFWriter | None = None
+        self._plan: dict[str, tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = {}
+        self._order: list[str] = []
+        self._next = 0
+        self.nbytes = 0
+
+    # ---- Sink protocol -------------------------------------------------------------------------------
+    def open(self, specs: list[TensorSpec]) -> list[str]:
+        """Write header, key/values and tensor infos; return the HF tensor names in the order to write them."""
+        hparams = load_hparams(self.model_dir)
+        arch = self.arch = arch_for(hparams)
+        file_type = OUTTYPES[self.outtype][0]
+        seen: dict[str, str] = {}
+        for spec in specs:
+            new = arch.gguf_name(spec.name)
+            if new is None:
+                continue
+            if new in seen:
+                raise EdgemergeError(f"tensors {seen[new]!r} and {spec.name!r} both map to {new!r}")
+            seen[new] = spec.name
+            self._plan[spec.name] = (
+                new,
+                tuple(spec.shape),
+                arch.tensor_type(new, tuple(spec.shape), self.outtype),
+            )
+        self._order = sorted(self._plan, key=lambda n: _sort_key(self._plan[n][0]))
+        extras = list(arch.extra_tensors())
+
+        w = self.writer = gguf.GGUFWriter(path=None, arch=arch.name)
+        for name, data in extras:
+            qtype = arch.tensor_type(name, data.shape, self.outtype)
+            w.add_tensor_info(
+                name, data.shape, np.dtype(np.float32), _nbytes(data.shape, qtype), raw_dtype=qtype
+            )
+        for hf_name in self._order:
+            new, shape, qtype = self._plan[hf_name]
+            w.add_tensor_info(new, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
+        self.nbytes = sum(ti.nbytes for ti in w.tensors[0].values())
+
+        w.add_type(gguf.GGUFType.MODEL)
+        write_metadata(w, self.model_dir, self.metadata, *w.get_total_parameter_count())
+        arch.write_params(w, file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        arch.write_vocab_extras(w, self.model_dir)
+        write_vocab(w, self.model_dir, hparams, arch.vocab_kinds)
+
+        ensure_free_space(
+            self.path.parent, self.nbytes + _HEADER_ALLOWANCE, f"the GGUF file {self.path.name}"
+        )
+        w.write_header_to_file(path=self.path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, data in extras:
+            w.write_tensor_data(_encode(data, arch.tensor_type(name, data.shape, self.outtype)))
+        return list(self._order)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append one tensor (float32, float16 or bfloat16), in the order `open` returned."""
+        if self.writer is None or self.arch is None:
+            raise RuntimeError("GGUFSink.write before open")
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise RuntimeError(f"GGUFSink got tensor {name!r}, expected {expected!r}")
+        _, shape, qtype = self._plan[name]
+        if tuple(array.shape) != shape:
+            raise EdgemergeError(f"tensor {name!r} has shape {tuple(array.shape)}, announced {shape}")
+        data = self.arch.transform(name, array)
+        self.writer.write_tensor_data(_encode(data, qtype))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; fails if tensors announced in `open` were never written."""
+        if self.writer is None:
+            return
+        missing = self._order[self._next :]
+        self.writer.close()
+        self.writer = None
+        if missing:
+            raise RuntimeError(
+                f"GGUF file incomplete: {len(missing)} tensors not written (first: {missing[0]})"
+            )
+
+
+def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Bytes of one tensor as llama.cpp's converter stores it: float32 first, then gguf-py's quantize()."""
+    if qtype == gguf.GGMLQuantizationType.F16 and data.dtype == np.float16:
+        return np.ascontiguousarray(data)  # f16 -> f32 -> f16 is exact: skip the copy
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    return gguf.quants.quantize(data, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Stored size: elements x type size / block size (gguf-py's GGML_QUANT_SIZES)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return n // block * size
+
+
+def _sort_key(gguf_name: str) -> tuple[int, int, str]:
+    """Embeddings first, then blocks in order, then output norm and head (the order llama.cpp lists them)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), gguf_name)
+    return (2 if parts[0].startswith("output") else 0, 0, gguf_name)

@@ -1,0 +1,146 @@
+"""HF -> GGUF export: llama.cpp reads our files and computes transformers' logits; tokenizers agree; metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from edgemerge.gguf.export import export_hf
+from edgemerge.gguf.inspect import kv, tensors
+from edgemerge.gguf.metadata import RECIPE_KEY, GGUFMetadata, Lineage
+from edgemerge.gguf.vocab import CHECK_TEXT
+
+from .shared import need_shared
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PROMPT = "Kaixo! Gaur goizean mendira joan gara, eta eguraldi ederra izan dugu. The weather was fine."
+
+
+def _sentences(lang: str, n: int = 150) -> list[str]:
+    lines = need_shared("text", "by_lang", f"{lang}.txt").read_text(encoding="utf-8").splitlines()
+    return [s for s in lines if s.strip()][:n]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(arch, arch_models, f32_ggufs):
+    """llama.cpp on our F32 file gives transformers' logits on the same ids (|diff| <= 2e-3)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(arch_models[arch])(PROMPT).input_ids
+    llm = llama_cpp.Llama(str(f32_ggufs[arch]), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    llm.eval(ids)
+    ours = np.asarray(llm.scores[: len(ids)])
+    model = AutoModelForCausalLM.from_pretrained(arch_models[arch], dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 2e-3
+    assert np.abs(ref).max() > 0.05  # the comparison is not between two near-zero arrays
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_tokenization_matches_reference_on_real_text(arch, arch_models, f32_ggufs):
+    """llama.cpp's tokenizer from our GGUF splits real eu/ca/gl/es/en sentences like the model's own tokenizer:
+    the HF tokenizer for BPE, the SentencePiece library on the real .model for SentencePiece (transformers 5's
+    tokenizer converted from the .model splits runs of spaces differently from SentencePiece itself)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    if arch == "mistral":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(arch_models[arch] / "tokenizer.model"))
+        reference = lambda text: [sp.bos_id(), *sp.encode(text)]  # Mistral adds BOS
+    else:
+        hf = AutoTokenizer.from_pretrained(arch_models[arch])
+        reference = lambda text: hf(text).input_ids
+    llm = llama_cpp.Llama(str(f32_ggufs[arch]), vocab_only=True, verbose=False)
+    checked = 0
+    for lang in ("eu", "ca", "gl", "es", "en"):
+        for text in _sentences(lang):
+            # add_bos=True means "add the special tokens the GGUF says to add", like HF's add_special_tokens
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == reference(text), (lang, text)
+            checked += 1
+    assert llm.tokenize(CHECK_TEXT.encode(), add_bos=True, special=False) == reference(CHECK_TEXT)
+    assert checked >= 500
+
+
+def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
+    for arch, path in f32_ggufs.items():
+        keys = kv(path)
+        assert keys["general.architecture"] == GGUF_ARCH[arch]
+        assert keys["general.file_type"] == gguf.LlamaFileType.ALL_F32
+        assert (
+            keys["general.name"].lower() == arch_models[arch].name
+        )  # the folder name, title-cased by gguf-py
+        cfg = json.loads((arch_models[arch] / "config.json").read_text())
+        assert keys[f"{GGUF_ARCH[arch]}.block_count"] == cfg["num_hidden_layers"]
+        assert len(keys["tokenizer.ggml.tokens"]) == cfg["vocab_size"]
+    # the Qwen fixtures carry a chat template file: it lands in the GGUF verbatim
+    template = (arch_models["qwen2"] / "chat_template.jinja").read_text(encoding="utf-8")
+    assert kv(f32_ggufs["qwen2"])["tokenizer.chat_template"] == template
+    assert kv(f32_ggufs["llama"])["tokenizer.ggml.pre"] == "llama-bpe"
+    assert kv(f32_ggufs["qwen2"])["tokenizer.ggml.pre"] == "qwen2"
+    assert kv(f32_ggufs["mistral"])["tokenizer.ggml.model"] == "llama"
+
+
+def test_tensor_types_follow_llama_cpp_rules(qwen3_q8_0):
+    """q8_0: matrices Q8_0, norms (incl. Qwen3's per-head q/k norms) F32, as the converter decides."""
+    infos = {t.name: t for t in tensors(qwen3_q8_0)}
+    assert infos["blk.0.attn_q.weight"].type == "Q8_0"
+    assert infos["blk.0.attn_q_norm.weight"].type == "F32"
+    assert infos["blk.0.attn_norm.weight"].type == "F32"
+    assert infos["token_embd.weight"].type == "Q8_0"
+    assert "output.weight" not in infos  # tied embeddings: llama.cpp reuses token_embd
+    assert kv(qwen3_q8_0)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_merge_metadata_lineage_and_recipe(arch_models, tmp_path):
+    meta = GGUFMetadata(
+        name="tiny-eu",
+        languages=["eu"],
+        license="apache-2.0",
+        lineage=[
+            Lineage("meta-llama/Llama-3.2-1B-Instruct", "instruct"),
+            Lineage("meta-llama/Llama-3.2-1B", "base"),
+            Lineage("HiTZ/latxa-llama-3.2-1b@v1.0", "language eu"),
+            Lineage(str(tmp_path / "local-lm"), "base"),
+        ],
+        recipe_yaml="name: tiny-eu\nmethod: task_arithmetic\n",
+    )
+    out = export_hf(arch_models["mistral"], tmp_path / "m.gguf", outtype="f16", metadata=meta)
+    keys = kv(out)
+    assert keys["general.name"] == "tiny-eu"
+    assert keys["general.languages"] == ["eu"]
+    assert keys["general.license"] == "apache-2.0"
+    assert keys["general.base_model.count"] == 4
+    assert keys["general.base_model.0.organization"] == "meta-llama"
+    assert keys["general.base_model.0.repo_url"] == "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct"
+    assert keys["general.base_model.2.version"] == "v1.0"
+    assert keys["general.base_model.3.name"] == "local-lm"
+    assert keys[RECIPE_KEY].startswith("name: tiny-eu")
+
+
+def test_stories260k_round_trip_keeps_greedy_output(tmp_path):
+    """stories260K.gguf -> HF (to_hf) -> our export: llama.cpp's greedy continuation is unchanged."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edgemerge.gguf.to_hf import gguf_to_hf
+
+    seed = need_shared("models", "stories260K")
+    hf = gguf_to_hf(seed / "stories260K.gguf", tmp_path / "hf", tokenizer_model=seed / "tok512.model")
+    ours = export_hf(hf, tmp_path / "stories.gguf", outtype="f32")
+
+    def greedy(path: Path) -> str:
+        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, seed=0, verbose=False)
+        return llm("Once upon a time", max_tokens=40, temperature=0.0, top_k=1)["choices"][0]["text"]
+
+    before = greedy(seed / "stories260K.gguf")
+    assert len(before.split()) > 10
+    assert greedy(ours) == before
