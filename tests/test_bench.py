@@ -105,6 +105,10 @@ def test_medians_ratios_and_table():
     assert [(x.name, x.seconds) for x in split][-1] == ("build: other", 3.0)
     b = bs.summarize([bs.RouteRun(bs.EDGEMERGE, [bs.Stage(bs.EM_MERGE, 7.0, 1), build, *split])])
     assert (b.total, b.merge_export, b.peak_rss) == (20.0, 7.0, 1_000_000_000)
+    row = bs.format_tables([{"size": "1b", "params": 1.1e9, "summaries": {bs.EDGEMERGE: b}}]).splitlines()[3]
+    assert row.startswith(
+        "| 1b (1.10B) | edgemerge build --skip-eval | 6.0 s fused | | 11.0 s | 3.0 s | **20.0 s** |"
+    )
 
 
 def test_bf16_ulp_is_the_spacing_of_bfloat16():

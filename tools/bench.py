@@ -263,12 +263,12 @@ def build_stages(summary: dict, build: Stage) -> list[Stage]:
     """The build's own per-stage times (its --json "stages"), as `build: <stage>` lines; `build: other` is the
     rest of its wall time (start-up, checks, output hashes, packaging)."""
     stages = [
-        Stage(f"{BUILD_PREFIX}{k}", float(v["seconds"]), build.peak_rss)
+        Stage(f"{BUILD_PREFIX}{k}", float(v["seconds"]), build.peak_rss, build.peak_anon)
         for k, v in summary.get("stages", {}).items()
         if not v.get("cached")
     ]
     rest = build.seconds - sum(s.seconds for s in stages)
-    return [*stages, Stage(f"{BUILD_PREFIX}other", max(rest, 0.0), build.peak_rss)]
+    return [*stages, Stage(f"{BUILD_PREFIX}other", max(rest, 0.0), build.peak_rss, build.peak_anon)]
 
 
 def floor_route(fam: Path, work: Path, log: Path) -> RouteRun:

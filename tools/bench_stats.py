@@ -230,9 +230,10 @@ def format_tables(results: list[dict]) -> str:
                     k.removeprefix(BUILD_PREFIX): v for k, v in e.stages.items() if k.startswith(BUILD_PREFIX)
                 }
                 quant = sum(v for k, v in b.items() if k.startswith("quantize"))
+                other = sum(v for k, v in b.items() if k != "merge" and not k.startswith("quantize"))
                 lines.append(
                     f"| {label} | edgemerge build --skip-eval | {_s(b.get('merge'))} fused | | {_s(quant)} | "
-                    f"{_s(b.get('other'))} | **{_s(e.total)}** | {_mem(e.peaks[EM_BUILD], e.anon[EM_BUILD])} |"
+                    f"{_s(other)} | **{_s(e.total)}** | {_mem(e.peaks[EM_BUILD], e.anon[EM_BUILD])} |"
                 )
             else:
                 lines.append(
