@@ -366,7 +366,20 @@ def summarize_pyspy(raw: str, top: int = 25) -> str:
     return "\n".join(out)
 
 
+def check_disk(root: Path, size: str) -> None:
+    """Stop before starting when the family (3 models) and the outputs (about 5 models' worth) cannot fit."""
+    model = n_params(SIZES[size]) * 2
+    have = (root / size / "family.json").exists()
+    needed = (0 if have else 3 * model) + 5 * model
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise SystemExit(
+            f"{size}: needs {needed / 1e9:.1f} GB free under {root}, {free / 1e9:.1f} GB free (--root)"
+        )
+
+
 def bench_size(size: str, root: Path, tools: Tools, reps: int, routes: list[str], tokenizer: Path | None):
+    check_disk(root, size)
     fam = make_family(root, size, tokenizer)
     work = root / f"work-{size}"
     work.mkdir(exist_ok=True)
