@@ -181,3 +181,17 @@ def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_fam
     assert "model.norm.weight" in e.value.message and "NaN" in e.value.message and "eu (" in e.value.message
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_blockwise_merge_equals_whole_tensor_merge(tmp_path, merge_family, monkeypatch):
+    """Elementwise methods run on row blocks of big tensors: same bytes as merging whole tensors."""
+    from edgemerge.merge import engine
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method="ties"))
+    whole = read_out(merge_to_hf(recipe, tmp_path / "whole"))
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
+    spec = TensorSpec("model.embed_tokens.weight", (512, 256), "bfloat16")
+    assert len(engine.pieces(spec, True)) == 512 // (5000 // 256) + 1 and engine.pieces(spec, False) == [None]
+    blocks = read_out(merge_to_hf(recipe, tmp_path / "blocks"))
+    for name, arr in whole.items():
+        assert np.array_equal(arr.view(np.uint16), blocks[name].view(np.uint16)), name

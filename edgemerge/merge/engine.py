@@ -1,8 +1,11 @@
 """The streaming merge: a loop over tensor names, one tensor of every input at a time, into a sink.
 
-Inputs are read through safetensors' memory-mapped `safe_open`; the next tensor is read in a background thread
-while the current one is merged (torch/mlx use every core for the arithmetic). Peak memory is a few copies of
-the largest tensor, whatever the model size. Every merged tensor is checked for NaN/Inf and rounded once to the
+Inputs are read through safetensors' `safe_open`; the next piece is read in a background thread while the
+current one is merged (torch/mlx use every core for the arithmetic). Methods that are elementwise for their
+options (task_arithmetic, linear, the others at density 1) run on blocks of at most BLOCK_ELEMENTS, read as row
+slices, so the float32 working set is bounded whatever the tensor size; the whole output tensor is kept only in
+the output dtype. Sparsifying methods need a whole tensor at once (top-k and norms are global): their peak is
+several float32 copies of the largest tensor. Every merged tensor is checked for NaN/Inf and rounded once to the
 recipe's dtype before the sink sees it, so every sink receives the same values.
 """
 
@@ -14,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (numpy "bfloat16" for safetensors)
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -46,8 +49,12 @@ class MergeStats:
         return d
 
 
+# 4M elements: 16 MB per float32 temporary; a merge holds about ten of them at once.
+BLOCK_ELEMENTS = 1 << 22
+
+
 class _Readers:
-    """Open safetensors handles of every input file (memory-mapped), reading one tensor on request."""
+    """Open safetensors handles of every input file, reading one tensor or one block of rows on request."""
 
     def __init__(self, models: list[ModelTensors], stack: contextlib.ExitStack):
         self.models = models
@@ -56,11 +63,28 @@ class _Readers:
 
     def _handle(self, path: Path):
         if path not in self.handles:
-            self.handles[path] = self.stack.enter_context(safe_open(path, framework="numpy"))
+            # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS)
+            # until the file is closed, so memory would grow with the model; pread buffers die with the tensor
+            self.handles[path] = self.stack.enter_context(safe_open(path, framework="numpy", backend="pread"))
         return self.handles[path]
 
-    def load(self, name: str, indices: list[int]) -> dict[int, np.ndarray]:
-        return {i: self._handle(self.models[i].files[name]).get_tensor(name) for i in indices}
+    def load(self, piece: tuple[str, slice | None], indices: list[int]) -> dict[int, np.ndarray]:
+        name, rows = piece
+        out = {}
+        for i in indices:
+            h = self._handle(self.models[i].files[name])
+            out[i] = h.get_tensor(name) if rows is None else h.get_slice(name)[rows]
+        return out
+
+
+def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
+    """Row ranges of at most BLOCK_ELEMENTS elements (None: the whole tensor in one piece)."""
+    numel = spec.nbytes // (4 if spec.dtype == "float32" else 2)
+    if not blockwise or numel <= BLOCK_ELEMENTS or not spec.shape:
+        return [None]
+    row = numel // spec.shape[0]
+    step = max(1, BLOCK_ELEMENTS // row)
+    return [slice(a, min(a + step, spec.shape[0])) for a in range(0, spec.shape[0], step)]
 
 
 class _Inputs:
@@ -117,24 +141,38 @@ def merge_into(
         if sorted(order) != sorted(by_name):
             raise AssertionError("sink.open must return every tensor name exactly once")
         total = sum(by_name[n].nbytes for n in order)
+        blockwise = method.elementwise(opts)
+        work = [(name, rows) for name in order for rows in pieces(by_name[name], blockwise)]
+        out_dtype = np.dtype(ml_dtypes.bfloat16) if recipe.dtype == "bfloat16" else np.dtype(recipe.dtype)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
             readers = _Readers(report.models, stack)
             with task(progress, f"merge ({method.name}, {xp.name})", total) as advance:
-                pending = pool.submit(readers.load, order[0], indices) if order else None
-                for i, name in enumerate(order):
+                pending = pool.submit(readers.load, work[0], indices) if work else None
+                out = None
+                for i, (name, rows) in enumerate(work):
                     arrays = pending.result()
-                    pending = pool.submit(readers.load, order[i + 1], indices) if i + 1 < len(order) else None
+                    pending = pool.submit(readers.load, work[i + 1], indices) if i + 1 < len(work) else None
                     xp.begin_tensor(arrays[0].size)
                     merged = method.merge(xp, _Inputs(name, weights, arrays, xp), opts)
                     if not xp.all_finite(merged):
                         raise _non_finite_error(name, arrays, report.models)
-                    out = xp.to_numpy(merged, recipe.dtype)
+                    block = xp.to_numpy(merged, recipe.dtype)
                     del merged, arrays
+                    if rows is None:
+                        out = block
+                    else:
+                        if rows.start == 0:
+                            out = np.empty(by_name[name].shape, dtype=out_dtype)
+                        out[rows] = block
+                        if rows.stop < by_name[name].shape[0]:
+                            continue
+                    del block
                     sink.write(name, out)
                     stats.tensors += 1
                     stats.params += out.size
                     stats.bytes_out += out.nbytes
                     advance(out.nbytes)
+                    out = None
         sink.close()
     except BaseException:
         abort = getattr(sink, "abort", None)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -270,7 +270,7 @@ class MergeMethod:
     options: tuple[Option, ...]
     fn: Callable[[Backend, TensorInputs, dict[str, Any]], Array]
     uses_base: bool = True
-    doc: str = field(default="", compare=False)
+    sparsify: str | None = None
 
     def parse_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
         """Options with defaults filled in; an unknown or invalid option is an EdgemergeError naming it."""
@@ -290,6 +290,11 @@ class MergeMethod:
             else:
                 out[name] = opt.default
         return out
+
+    def elementwise(self, opts: dict[str, Any]) -> bool:
+        """True when each output element depends only on the same element of the inputs (no top-k, norms or
+        tensor-keyed masks), so the engine may merge a tensor block by block."""
+        return self.sparsify is None or opts.get("density", 1.0) >= 1
 
     def merge(self, xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Array:
         """The merged float32 tensor (`opts` from `parse_options`)."""
@@ -327,6 +332,7 @@ METHODS: dict[str, MergeMethod] = {
             "https://arxiv.org/abs/2306.01708",
             (OPT_DENSITY, _opt_normalize(True), _opt_rescale(False), OPT_LAMBDA),
             _gta("magnitude", True),
+            sparsify="magnitude",
         ),
         MergeMethod(
             "dare_ties",
@@ -334,6 +340,7 @@ METHODS: dict[str, MergeMethod] = {
             "https://arxiv.org/abs/2311.03099",
             (OPT_DENSITY, _opt_normalize(False), _opt_rescale(True), OPT_LAMBDA, OPT_SEED),
             _gta("random", True),
+            sparsify="random",
         ),
         MergeMethod(
             "dare_linear",
@@ -341,6 +348,7 @@ METHODS: dict[str, MergeMethod] = {
             "https://arxiv.org/abs/2311.03099",
             (OPT_DENSITY, _opt_normalize(False), _opt_rescale(True), OPT_LAMBDA, OPT_SEED),
             _gta("random", False),
+            sparsify="random",
         ),
         MergeMethod(
             "breadcrumbs",
@@ -348,6 +356,7 @@ METHODS: dict[str, MergeMethod] = {
             "https://arxiv.org/abs/2312.06795",
             (OPT_DENSITY, OPT_GAMMA, _opt_normalize(False), _opt_rescale(False), OPT_LAMBDA),
             _gta("magnitude_outliers", False),
+            sparsify="magnitude_outliers",
         ),
     ]
 }
