@@ -93,10 +93,12 @@ class Config:
     seq: int = 256
     lr: float = 3e-4
     seed: int = 0
+    lines_per_doc: int = 8  # consecutive training lines per pretraining document
     threads: int = 1  # one thread: reproducible sums, and fastest on a shared 2-core machine
     held_out: int = 100  # last N instruction pairs: never trained on, used for ans_ppl_en and stop_rate_en
     eval_lines: int = 0  # 0 = every line / question of the evaluation files
     gen_prompts: int = 40  # greedy answers per language for stop rates
+    q8_lines: int = 200  # Basque lines for the Q8_0 vs F16 agreement
     max_new_tokens: int = 96
     force: bool = False
 
@@ -149,14 +151,18 @@ def chat_example(sp, question: str, answer: str) -> tuple[list[int], int]:
 
 
 def text_batches(sp, lines: list[str], cfg: Config, rng: np.random.Generator):
-    """Random windows of `seq` tokens from the stream <s> line1 </s> <s> line2 </s> ...; loss on every token.
+    """Random windows of `seq` tokens from the stream <s> doc1 </s> <s> doc2 </s> ...; loss on every token.
 
-    Each line is a document closed by </s>, as pretraining corpora pack documents: without it the language
-    model would learn that </s> never comes, and its vector would carry that into the merges."""
+    A document is `cfg.lines_per_doc` consecutive lines joined by spaces, closed by </s> as pretraining
+    corpora pack documents. Without any </s> the language model learns that it never comes and its vector
+    stops every merge from ending a turn; with a </s> after every sentence it ends every turn after one."""
     import torch
 
-    docs = [np.array([sp.bos_id()] + sp.encode(s) + [sp.eos_id()], dtype=np.int64) for s in lines]
-    stream = np.concatenate(docs)
+    n = cfg.lines_per_doc
+    docs = [" ".join(lines[i : i + n]) for i in range(0, len(lines), n)]
+    stream = np.concatenate(
+        [np.array([sp.bos_id()] + sp.encode(d) + [sp.eos_id()], dtype=np.int64) for d in docs]
+    )
     while True:
         starts = rng.integers(0, len(stream) - cfg.seq - 1, size=cfg.batch)
         x = torch.from_numpy(np.stack([stream[s : s + cfg.seq] for s in starts]))
@@ -302,7 +308,7 @@ def evaluate_gguf(f16: Path, q8: Path | None, sets: EvalSets, cfg: Config) -> di
         )
         if q8 is not None:
             with closing(Model(q8, n_ctx=512, n_threads=cfg.threads)) as mq:
-                out["q8_top1_agreement"] = top1_agreement(m, mq, sets.eu_text)
+                out["q8_top1_agreement"] = top1_agreement(m, mq, sets.eu_text[: cfg.q8_lines])
     return out
 
 
@@ -355,9 +361,8 @@ def build_models(cfg: Config) -> dict:
     models = cfg.out / "models"
     models.mkdir(parents=True, exist_ok=True)
     stamp = models / "settings.json"
-    settings = {
-        k: str(v) for k, v in asdict(cfg).items() if k not in ("out", "eval_lines", "gen_prompts", "force")
-    }
+    settings = {k: str(v) for k, v in asdict(cfg).items() if k not in EVAL_ONLY}
+    settings["version"] = str(TRAINING_VERSION)
     done = all((models / n / "config.json").exists() for n in ("base", "lang-eu", "instruct"))
     if not cfg.force and done and stamp.exists() and json.loads(stamp.read_text()) == settings:
         print("models: reusing", models)
@@ -457,6 +462,19 @@ def run(cfg: Config) -> list[dict]:
     return results
 
 
+# Settings that do not change the trained models (everything else in Config does, with TRAINING_VERSION).
+EVAL_ONLY = (
+    "out",
+    "eval_eu",
+    "eval_en",
+    "qa_eu",
+    "eval_lines",
+    "gen_prompts",
+    "q8_lines",
+    "max_new_tokens",
+    "force",
+)
+TRAINING_VERSION = 2
 COLUMNS = [
     "ppl_eu",
     "ppl_en",
@@ -516,10 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch",
         "seq",
         "seed",
+        "lines_per_doc",
         "threads",
         "held_out",
         "eval_lines",
         "gen_prompts",
+        "q8_lines",
         "max_new_tokens",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))

@@ -1,0 +1,108 @@
+"""The miniature reproduction (tools/miniature.py): a real trained family grown from stories260K, merged and
+evaluated by edgemerge through llama.cpp. The test runs a reduced configuration (REDUCED below: fewer, smaller
+training batches at a higher learning rate, and fewer evaluation lines) so that it fits the suite's budget;
+the README's table comes from the tool's full defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .shared import need_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+# 150 AdamW steps of 8 x 128 tokens at lr 1e-3 (full: 300 steps of 16 x 256 at 3e-4); first 200 lines/questions
+REDUCED = {
+    "steps": 150,
+    "batch": 8,
+    "seq": 128,
+    "lr": 1e-3,
+    "eval_lines": 60,
+    "gen_prompts": 12,
+    "q8_lines": 30,
+    "max_new_tokens": 64,
+}
+
+
+def _tool():
+    """tools/miniature.py as a module (tools/ is not a package; dataclasses need it in sys.modules)."""
+    name = "edgemerge_tools_miniature"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "miniature.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def miniature(tmp_path_factory):
+    need_shared("models", "stories260K", "stories260K.gguf")
+    need_shared("bench", "truthfulqa_multi", "eu", "validation.json")
+    need_shared("instruct", "rasbt_llms_from_scratch", "instruction-data.json")
+    pytest.importorskip("llama_cpp")
+    tool = _tool()
+    out = tmp_path_factory.mktemp("miniature")
+    cfg = tool.Config(out=out, **REDUCED)
+    results = tool.run(cfg)
+    print("\n" + tool.table(results))
+    return tool, out, results
+
+
+def test_results_file_lists_every_model(miniature):
+    tool, out, _results = miniature
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in on_disk] == tool.MODELS
+    for r in on_disk:
+        for key in ("ppl_eu", "ppl_en", "ans_ppl_en", "ans_ppl_qa_eu", "stop_rate", "q8_top1_agreement"):
+            assert isinstance(r[key], float), (r["model"], key)
+
+
+def test_a_merge_transfers_basque_and_keeps_instructions(miniature):
+    """At least one merge with w <= 1 has ppl_eu <= 0.2x instruct's, ans_ppl_en <= 0.3x lang-eu's and
+    ans_ppl_qa_eu <= 0.2x instruct's, all at once (issue 7)."""
+    tool, _, results = miniature
+    checks = tool.claims(results)
+    for c in checks:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in c.items()})
+    assert any(c["holds"] for c in checks)
+
+
+def test_training_did_what_it_says(miniature):
+    """Sanity of the family the claim rests on: each fine-tune moved its own metric, the instruct model
+    learned to stop."""
+    _, _, results = miniature
+    by = {r["model"]: r for r in results}
+    assert by["lang-eu"]["ppl_eu"] < 0.1 * by["base"]["ppl_eu"]
+    assert by["instruct"]["ans_ppl_en"] < 0.5 * by["base"]["ans_ppl_en"]
+    assert by["instruct"]["stop_rate_en"] >= 0.5 > by["base"]["stop_rate_en"]
+
+
+def test_base_round_trip_is_lossless(miniature):
+    """GGUF -> Hugging Face -> GGUF: llama.cpp's greedy 40 tokens from "Once upon a time" are identical."""
+    _, out, _ = miniature
+    trip = json.loads((out / "summary.json").read_text())["round_trip"]
+    print(f"\nseed: Once upon a time{trip['seed']}\nbase: Once upon a time{trip['base']}")
+    assert trip["seed"].startswith(", there was a little girl named Lily")
+    assert trip["base"] == trip["seed"]
+
+
+def test_chat_template_renders_the_training_format(miniature):
+    """llama.cpp's chat path (the GGUF's template) gives exactly the prompt tokens the instruct model was
+    trained on."""
+    from contextlib import closing
+
+    from edgemerge.evaluate.runner import Model
+
+    tool, out, _ = miniature
+    cfg = tool.Config(out=out)
+    sp = tool._sp(cfg)
+    question = "Name a color of the sky.\nAnswer briefly."
+    ids, start = tool.chat_example(sp, question, "Blue.")
+    with closing(Model(out / "gguf" / "instruct.f16.gguf", n_ctx=128)) as m:
+        assert m.chat_tokens([{"role": "user", "content": question}]) == ids[:start]
+        assert m.tokenize("Blue.", add_special=False) + [m.llm.token_eos()] == ids[start:]
