@@ -11,6 +11,7 @@ import pytest
 from edgemerge.cli import main
 from edgemerge.evaluate import evaluate
 from edgemerge.evaluate.gates import check_gates, gate_results
+from edgemerge.evaluate.report import EvalReport
 from edgemerge.recipe import Gates
 
 from .shared import need_shared
@@ -82,6 +83,7 @@ def test_chat_metrics_on_a_model_with_a_template(chat_report):
         assert resp["checks_passed"] == all(resp["checks"].values())
         # a clean stop ends before the limit; an answer cut by the limit used all of it
         assert resp["tokens"] < 48 if resp["stopped"] else resp["tokens"] == 48
+    assert EvalReport.from_dict(d) == r  # JSON round trip (cached reports)
     n = len(r.responses)
     counted = [x for x in r.responses if x.langid_counted]
     assert len(counted) == 5  # the JSON prompt's answer is too formal to identify

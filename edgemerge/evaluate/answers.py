@@ -42,7 +42,7 @@ class Response:
             "answer": self.answer,
             "detected_lang": self.detected_lang,
             "langid_counted": self.langid_counted,
-            "lang_confidence": round(self.lang_confidence, 4),
+            "lang_confidence": self.lang_confidence,
             "stopped": self.stopped,
             "tokens": self.tokens,
             "checks": self.checks,

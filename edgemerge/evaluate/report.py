@@ -46,6 +46,16 @@ class EvalReport:
                 d.pop(k)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        """The report back from `to_dict()` output (e.g. a cached JSON report); unknown keys are ignored."""
+        fields = set(cls.__dataclass_fields__)
+        resp_fields = set(Response.__dataclass_fields__)
+        responses = [
+            Response(**{k: v for k, v in r.items() if k in resp_fields}) for r in d.get("responses", [])
+        ]
+        return cls(**{k: v for k, v in d.items() if k in fields and k != "responses"}, responses=responses)
+
     def rows(self) -> list[tuple[str, str, str]]:
         """(metric, value, what it means) for the metrics measured; n/a for chat metrics of a base model."""
 
