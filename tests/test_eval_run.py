@@ -164,6 +164,8 @@ def test_eval_command_json_and_gate_exit_code(chat_gguf, tmp_path, capsys):
                 "1",
                 "--json",
                 str(out),
+                "--markdown",
+                str(tmp_path / "card.md"),
                 "--max-perplexity",
                 "1",
             ]
@@ -175,6 +177,7 @@ def test_eval_command_json_and_gate_exit_code(chat_gguf, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["gates"][0]["passed"] is False and len(data["responses"]) == 6
     assert "language fidelity" in captured.out  # the rich table
+    assert "| perplexity |" in (tmp_path / "card.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from ..progress import task
 from .prompts import available_languages, language_info, load_prompts, read_passages, sample_text
 from .report import EvalReport
 
@@ -58,11 +59,15 @@ def evaluate(
     max_tokens = max_tokens or (QUICK_MAX_TOKENS if quick else DEFAULT_MAX_TOKENS)
     report = EvalReport(model=Path(model).name, lang=lang, quick=quick, max_tokens=max_tokens)
 
-    with contextlib.closing(Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)) as m:
+    with task(progress, f"loading {Path(model).name}", None):
+        m = Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)
+    with contextlib.closing(m):
         chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=QUICK_CHUNKS if quick else None)
         report.ppl_ctx, report.ppl_chunks = chunks.ctx, chunks.n_chunks
         if ref is not None:
-            with contextlib.closing(Model(ref, n_ctx=CHAT_CTX, n_threads=n_threads)) as r:
+            with task(progress, f"loading {Path(ref).name}", None):
+                r = Model(ref, n_ctx=CHAT_CTX, n_threads=n_threads)
+            with contextlib.closing(r):
                 d = drift(m, r, chunks, progress)
             report.ref = Path(ref).name
             report.perplexity, report.tokens = d.perplexity, d.tokens
