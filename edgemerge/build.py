@@ -256,16 +256,14 @@ def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
 
 
 def check_quants(quants: list[str]) -> list[str]:
-    """Upper-cased, de-duplicated quant names, each known to llama.cpp; EdgemergeError otherwise."""
-    from .quantize import QUANT_TYPES
+    """Canonical, de-duplicated llama.cpp file type names; EdgemergeError for an unknown one."""
+    from .quantize import check_quant
 
     out = []
     for q in quants:
-        q = q.strip().upper()
-        if q not in QUANT_TYPES:
-            raise EdgemergeError(f"unknown quantization {q!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
-        if q not in out:
-            out.append(q)
+        name = check_quant(q.strip())
+        if name not in out:
+            out.append(name)
     return out
 
 

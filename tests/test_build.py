@@ -231,4 +231,4 @@ def test_unknown_quant_exits_2(build_family, tmp_path, capsys):
             ]
         )
     assert e.value.code == 2
-    assert "unknown quantization 'Q9_X'" in capsys.readouterr().err
+    assert "unknown quantization type 'Q9_X'" in capsys.readouterr().err
