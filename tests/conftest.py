@@ -78,36 +78,51 @@ def build_family(tmp_path_factory, chatml_tokenizer) -> dict[str, Path]:
     return {**fam, "recipe": root / "recipe.yaml"}
 
 
+class LazyDict(dict):
+    """A dict that builds a missing entry on first access (tests that need one model don't build all)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = value = self._make(key)
+        return value
+
+
+ARCH_SPECS = {
+    "llama": Spec(),
+    "mistral": Spec(arch="MistralForCausalLM", tokenizer="spm"),
+    "qwen2": Spec(arch="Qwen2ForCausalLM", tokenizer="qwen2", tie=True),
+    "qwen3": Spec(arch="Qwen3ForCausalLM", tokenizer="spm512", tie=True),
+}
+
+
 @pytest.fixture(scope="session")
 def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
-    """One tiny model per GGUF-supported architecture, with real tokenizers: llama (Llama 3 BPE), mistral
-    (Mistral v1 SentencePiece .model), qwen2 (Qwen2 BPE, tied embeddings, chat template) and qwen3 (tied, with
-    the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)."""
+    """One tiny model per GGUF-supported architecture (built on first use), with real tokenizers: llama
+    (Llama 3 BPE), mistral (Mistral v1 SentencePiece .model), qwen2 (Qwen2 BPE, tied embeddings, chat
+    template) and qwen3 (tied, with the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)."""
     from .models import make_model, tiny_spm_tokenizer
 
     root = tmp_path_factory.mktemp("arch-models")
-    specs = {
-        "llama": Spec(),
-        "mistral": Spec(arch="MistralForCausalLM", tokenizer="spm"),
-        "qwen2": Spec(arch="Qwen2ForCausalLM", tokenizer="qwen2", tie=True),
-        "qwen3": Spec(arch="Qwen3ForCausalLM", tokenizer="spm512", tie=True),
-    }
 
-    def tok(kind: str) -> Path:
-        return tiny_spm_tokenizer(tok_cache) if kind == "spm512" else tokenizer_dir(kind, tok_cache)
+    def build(name: str) -> Path:
+        spec = ARCH_SPECS[name]
+        kind = spec.tokenizer
+        tok = tiny_spm_tokenizer(tok_cache) if kind == "spm512" else tokenizer_dir(kind, tok_cache)
+        return make_model(root / name, spec, tok, seed=3)
 
-    return {name: make_model(root / name, spec, tok(spec.tokenizer), seed=3) for name, spec in specs.items()}
+    return LazyDict(build)
 
 
 @pytest.fixture(scope="session")
 def f32_ggufs(tmp_path_factory, arch_models) -> dict[str, Path]:
-    """Our F32 GGUF export of each `arch_models` entry."""
+    """Our F32 GGUF export of each `arch_models` entry (made on first use)."""
     from edgemerge.gguf.export import export_hf
 
     root = tmp_path_factory.mktemp("f32-ggufs")
-    return {
-        name: export_hf(path, root / f"{name}-f32.gguf", outtype="f32") for name, path in arch_models.items()
-    }
+    return LazyDict(lambda name: export_hf(arch_models[name], root / f"{name}-f32.gguf", outtype="f32"))
 
 
 @pytest.fixture(scope="session")

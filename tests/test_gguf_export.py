@@ -73,8 +73,8 @@ def test_tokenization_matches_reference_on_real_text(arch, arch_models, f32_gguf
 
 
 def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
-    for arch, path in f32_ggufs.items():
-        keys = kv(path)
+    for arch in ARCHS:
+        keys = kv(f32_ggufs[arch])
         assert keys["general.architecture"] == GGUF_ARCH[arch]
         assert keys["general.file_type"] == gguf.LlamaFileType.ALL_F32
         assert (
@@ -144,3 +144,99 @@ def test_stories260k_round_trip_keeps_greedy_output(tmp_path):
     before = greedy(seed / "stories260K.gguf")
     assert len(before.split()) > 10
     assert greedy(ours) == before
+
+
+def _copy_model(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in skip:
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.unlink()  # a symlink to the fixture: replace, don't write through
+    path.write_text(json.dumps(data))
+
+
+def test_bad_inputs_fail_in_one_line_and_leave_nothing(arch_models, tmp_path, monkeypatch):
+    from edgemerge.errors import EdgemergeError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    src = arch_models["qwen3"]
+
+    other = _copy_model(src, tmp_path / "gpt2")
+    _edit_json(other / "config.json", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(
+        EdgemergeError, match="'GPT2LMHeadModel' is not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"
+    ):
+        export_hf(other, out / "a.gguf")
+
+    no_tok = _copy_model(src, tmp_path / "no-tok", skip=("tokenizer.json", "tokenizer.model"))
+    with pytest.raises(EdgemergeError, match="no tokenizer"):
+        export_hf(no_tok, out / "b.gguf")
+
+    with pytest.raises(EdgemergeError, match="unknown GGUF outtype 'q4_k_m'"):
+        export_hf(src, out / "c.gguf", outtype="q4_k_m")
+
+    with pytest.raises(EdgemergeError, match="no .safetensors"):
+        export_hf(_copy_model(src, tmp_path / "no-weights", skip=("model.safetensors",)), out / "d.gguf")
+
+    import edgemerge.files
+
+    with monkeypatch.context() as m:
+        m.setattr(edgemerge.files, "free_bytes", lambda path: 1024)
+        with pytest.raises(EdgemergeError, match="not enough disk space"):
+            export_hf(src, out / "e.gguf")
+    assert not list(out.iterdir())
+
+    done = export_hf(src, out / "f.gguf", outtype="f16")
+    with pytest.raises(EdgemergeError, match="already exists"):
+        export_hf(src, done)
+
+
+def test_unknown_bpe_pre_tokenizer_is_an_error(arch_models, tmp_path):
+    """A byte-level BPE tokenizer whose check-string hash llama.cpp does not know: refuse, never default."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from edgemerge.errors import EdgemergeError
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([PROMPT, CHECK_TEXT] * 5, trainer)
+    model = _copy_model(
+        arch_models["qwen3"], tmp_path / "odd-bpe", skip=("tokenizer.json", "tokenizer.model")
+    )
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(EdgemergeError, match="unknown BPE pre-tokenizer"):
+        export_hf(model, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_export(arch_models, tmp_path, capsys):
+    from edgemerge.cli import main
+
+    main(
+        [
+            "export",
+            str(arch_models["mistral"]),
+            "--out",
+            str(tmp_path / "m.gguf"),
+            "--outtype",
+            "q8_0",
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["architecture"] == "llama" and result["outtype"] == "q8_0"
+    assert result["vocab"] == 32000 and (tmp_path / "m.gguf").stat().st_size == result["bytes"]
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path), "--out", str(tmp_path / "n.gguf")])
+    assert e.value.code == 2
+    assert "config.json" in capsys.readouterr().err

@@ -95,6 +95,8 @@ def export_hf(
         raise EdgemergeError(
             f"{hf_dir} is not a folder; give a Hugging Face model folder (config.json + weights)"
         )
+    if not (hf_dir / "config.json").is_file():
+        raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
     specs, where = read_specs(safetensors_files(hf_dir))
     by_name = {s.name: s for s in specs}
     with atomic_output(out_file, force=force) as tmp:

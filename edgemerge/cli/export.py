@@ -1,0 +1,76 @@
+"""`edgemerge export`: a Hugging Face folder -> one GGUF file (thin shell over edgemerge.gguf.export)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..files import human_bytes
+from ..progress import Progress, make_progress
+from .common import app, console, err_console, print_json
+
+
+@contextlib.contextmanager
+def live_progress() -> Iterator[Progress | None]:
+    """A progress display on a terminal; none when stderr is a pipe or a file (keeps logs clean)."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    with make_progress(err_console) as progress:
+        yield progress
+
+
+@app.command()
+def export(
+    hf_dir: Annotated[
+        Path, typer.Argument(help="Hugging Face model folder (config.json, safetensors, tokenizer).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write.")],
+    outtype: Annotated[
+        str,
+        typer.Option(
+            "--outtype", help="Tensor type: f32, f16, bf16 or q8_0 (norms stay F32, as in llama.cpp)."
+        ),
+    ] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Convert a Hugging Face model to GGUF, as llama.cpp's convert_hf_to_gguf.py does (same bytes).
+
+    Supports Llama (Llama 2/3.x), Mistral, Qwen2/2.5 and Qwen3. Keeps the vocabulary, special tokens, EOS
+    settings and chat template. Tensors are streamed one at a time; nothing appears at --out unless it completes.
+    """
+    from ..gguf.export import export_hf
+    from ..gguf.inspect import read_gguf
+
+    start = time.perf_counter()
+    with live_progress() as progress:
+        path = export_hf(hf_dir, out, outtype=outtype, force=force, progress=progress)
+    seconds = time.perf_counter() - start
+    info = read_gguf(path)
+    result = {
+        "output": str(path),
+        "architecture": info.kv.get("general.architecture"),
+        "name": info.kv.get("general.name"),
+        "outtype": outtype.lower(),
+        "tensors": len(info.tensors),
+        "vocab": len(info.kv.get("tokenizer.ggml.tokens", [])),
+        "chat_template": "tokenizer.chat_template" in info.kv,
+        "bytes": path.stat().st_size,
+        "seconds": round(seconds, 2),
+    }
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=f"exported {hf_dir.name}", show_header=False)
+    for key in ("output", "architecture", "outtype", "tensors", "vocab", "chat_template"):
+        table.add_row(key, str(result[key]))
+    table.add_row("size", human_bytes(result["bytes"]))
+    table.add_row("time", f"{seconds:.1f} s")
+    console.print(table)

@@ -1,0 +1,78 @@
+"""`edgemerge quantize`: llama.cpp's quantizer, one output file per type (thin shell over edgemerge.quantize)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import EdgemergeError
+from ..files import human_bytes
+from .common import app, console, print_json
+from .export import live_progress
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Float GGUF to quantize (F16, BF16 or F32).")],
+    quant: Annotated[
+        list[str],
+        typer.Option(
+            "--quant", "-q", help="llama.cpp file type, e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS (repeatable)."
+        ),
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Folder for the outputs (default: next to the input).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Threads (default: all cores).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize, default settings).
+
+    Writes NAME-<TYPE>.gguf per --quant (model-f16.gguf -> model-Q4_K_M.gguf). Types are checked before any
+    work starts; an unknown one lists the valid names.
+    """
+    from ..quantize import check_quant, output_name
+    from ..quantize import quantize as run_quantize
+
+    names = [check_quant(q) for q in quant]
+    if len(set(names)) != len(names):
+        raise EdgemergeError(f"--quant lists a type twice: {', '.join(quant)}")
+    folder = out_dir or src.parent
+    src_size = src.stat().st_size if src.is_file() else 0
+    rows = []
+    with live_progress() as progress:
+        for name in names:
+            start = time.perf_counter()
+            path = run_quantize(
+                src, name, folder / output_name(src, name), threads=threads, force=force, progress=progress
+            )
+            size = path.stat().st_size
+            rows.append(
+                {
+                    "quant": name,
+                    "output": str(path),
+                    "bytes": size,
+                    "ratio": round(size / src_size, 3) if src_size else None,
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+    if json_out:
+        print_json({"input": str(src), "input_bytes": src_size, "outputs": rows})
+        return
+    table = Table(title=f"quantized {src.name} ({human_bytes(src_size)})")
+    for col in ("type", "file", "size", "of input", "time"):
+        table.add_column(col, justify="right" if col in ("size", "of input", "time") else "left")
+    for r in rows:
+        table.add_row(
+            r["quant"],
+            Path(r["output"]).name,
+            human_bytes(r["bytes"]),
+            f"{100 * (r['ratio'] or 0):.0f}%",
+            f"{r['seconds']:.1f} s",
+        )
+    console.print(table)
