@@ -68,3 +68,30 @@ def test_f32_against_q4_k_m(models, chunks):
     assert 0.0 < d.kld_mean < 0.5 and d.kld_max > d.kld_mean
     assert 0.8 < d.top1_agreement < 1.0
     assert d.ppl_ratio != 1.0 and d.ref_perplexity == pytest.approx(drift(f32, f32, chunks).perplexity)
+
+
+def test_reference_with_another_vocabulary_is_refused(models, chunks, tmp_path):
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from edgemerge.errors import EdgemergeError
+
+    src = need_shared("models", "stories260K", "stories260K.gguf")
+    reader = gguf.GGUFReader(src, "r")
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    i, j = tokens.index(","), tokens.index("!")
+    tokens[i], tokens[j] = tokens[j], tokens[i]  # same size, different vocabulary
+    dst = tmp_path / "other-vocab.gguf"
+    writer = gguf.GGUFWriter(dst, arch="llama")
+    new = {
+        "tokenizer.ggml.tokens": MetadataDetails(
+            gguf.GGUFValueType.ARRAY, tokens, sub_type=gguf.GGUFValueType.STRING
+        )
+    }
+    copy_with_new_metadata(reader, writer, new, [])
+    other = Model(dst, n_ctx=512, n_threads=1)
+    try:
+        with pytest.raises(EdgemergeError, match="different vocabulary"):
+            drift(models[0], other, chunks)
+    finally:
+        other.close()
