@@ -232,3 +232,17 @@ def test_unknown_quant_exits_2(build_family, tmp_path, capsys):
         )
     assert e.value.code == 2
     assert "unknown quantization type 'Q9_X'" in capsys.readouterr().err
+
+
+def test_model_not_available_offline_names_it(tmp_path, capsys):
+    recipe = tmp_path / "net.yaml"
+    recipe.write_text(
+        "name: net-eu\ninstruct: someone-x/missing-model\nbase: someone-x/missing-base\n"
+        "languages: [{code: eu, model: someone-x/missing-eu}]\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "n"), "--skip-eval"])
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot get someone-x/missing-model" in err and "local folder" in err
+    assert not (tmp_path / "n").exists()
