@@ -23,13 +23,13 @@ def stories_hf(tmp_path_factory) -> Path:
     return gguf_to_hf(seed / "stories260K.gguf", out, tokenizer_model=seed / "tok512.model")
 
 
-def test_unpermute_inverts_llama_cpp_permute():
-    # llama.cpp's convert_hf_to_gguf LlamaModel.permute, written out independently
-    def permute(w, n_head):
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def test_unpermute_inverts_the_export_permutation():
+    """unpermute_rotary undoes edgemerge's HF -> GGUF q/k permutation (llama.cpp's LlamaModel.permute)."""
+    from edgemerge.gguf.arch.llama import permute_qk
 
     w = np.arange(32 * 6, dtype=np.float32).reshape(32, 6)
-    assert np.array_equal(unpermute_rotary(permute(w, 4), 4), w)
+    for heads in (1, 2, 4):
+        assert np.array_equal(unpermute_rotary(permute_qk(w, heads), heads), w)
     assert not np.array_equal(unpermute_rotary(w, 4), w)
 
 
@@ -71,3 +71,19 @@ def test_wrong_tokenizer_is_refused(tmp_path):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(EdgemergeError, match="not found"):
         gguf_to_hf(tmp_path / "nope.gguf", tmp_path / "out", tokenizer_model=tmp_path / "t.model")
+
+
+def test_round_trip_through_export_keeps_every_tensor(stories_hf, tmp_path):
+    """GGUF -> Hugging Face -> GGUF (edgemerge's F32 export): every tensor and the vocabulary are bit-identical."""
+    from gguf import GGUFReader
+
+    from edgemerge.gguf.export import export_hf
+
+    seed = GGUFReader(need_shared("models", "stories260K", "stories260K.gguf"))
+    back = GGUFReader(export_hf(stories_hf, tmp_path / "back.gguf", outtype="f32"))
+    seed_tensors = {t.name: np.asarray(t.data) for t in seed.tensors}
+    assert sorted(seed_tensors) == sorted(t.name for t in back.tensors)
+    for t in back.tensors:
+        assert np.array_equal(np.asarray(t.data), seed_tensors[t.name]), t.name
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        assert back.fields[key].contents() == seed.fields[key].contents(), key
