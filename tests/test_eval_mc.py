@@ -84,3 +84,13 @@ def test_unknown_formats_name_what_is_missing(tmp_path, content, message):
     f.write_text(content)
     with pytest.raises(EdgemergeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_mc(f)
+
+
+def test_questions_longer_than_the_context_are_truncated_on_the_left():
+    m = Model(need_shared("models", "stories260K", "stories260K.gguf"), n_ctx=64, n_threads=1)
+    try:
+        long_q = "Once upon a time, there was a little girl named Lily. " * 10 + "Lily went to the"
+        ll = choice_logliks(m, MCItem(long_q, ["park to play.", "vzz kq jjx."], 0))
+        assert len(m.tokenize(PROMPT.format(question=long_q))) > 64 and ll[0] > ll[1]
+    finally:
+        m.close()

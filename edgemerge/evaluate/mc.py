@@ -90,10 +90,14 @@ def choice_logliks(model: Model, item: MCItem) -> list[float]:
     """sum log p(candidate tokens | prompt) for each candidate; the prompt is decoded once and shared."""
     prompt = PROMPT.format(question=item.question)
     ctx = model.tokenize(prompt)
+    conts = [model.tokenize(prompt + " " + choice)[len(ctx) :] for choice in item.choices]
+    room = model.n_ctx - max(len(c) for c in conts)
+    if room < 1:
+        raise EdgemergeError(f"a candidate of question {item.question[:60]!r} does not fit the context")
+    ctx = ctx[-room:]  # left truncation, as lm-evaluation-harness does, for questions longer than the context
     last = model.logits(ctx, len(ctx) - 1)[-1]
     out = []
-    for choice in item.choices:
-        cont = model.tokenize(prompt + " " + choice)[len(ctx) :]
+    for cont in conts:
         if not cont:
             out.append(float("-inf"))
             continue
