@@ -119,7 +119,16 @@ def test_greedy_answer_and_clean_stop_match_an_independent_greedy_loop(chat_gguf
 
 
 def test_report_markdown_and_base_model_nulls():
-    r = evaluate(stories_gguf(), "eu", quick=True, n_threads=1)
+    import io
+
+    from rich.console import Console
+
+    from edgemerge.progress import make_progress
+
+    screen = io.StringIO()
+    with make_progress(Console(file=screen, width=100, force_terminal=False)) as progress:
+        r = evaluate(stories_gguf(), "eu", quick=True, n_threads=1, progress=progress)
+    assert "perplexity" in screen.getvalue() and "loading stories260K.gguf" in screen.getvalue()
     d = r.to_dict()
     assert d["chat_template"] is False and d["responses"] == []
     assert d["language_fidelity"] is None and d["stop_rate"] is None and d["instruction_following"] is None
