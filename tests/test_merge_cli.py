@@ -249,3 +249,12 @@ def test_output_choice(cli, tmp_path, merge_family):
     assert_user_error(cli, recipe, tmp_path / "out", "--gguf", extra=("--gguf", tmp_path / "x.gguf"))
     code, _, err = cli("merge", recipe)
     assert code == 2 and "--out DIR" in err
+
+
+def test_merge_to_gguf_from_the_command_line(cli, tmp_path, merge_family):
+    recipe = write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0})
+    code, out, err = cli("merge", recipe, "--gguf", tmp_path / "m.gguf", "--outtype", "f16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["format"] == "gguf" and (tmp_path / "m.gguf").stat().st_size > 1_000_000
+    code, _, err = cli("merge", recipe, "--gguf", tmp_path / "m.gguf")
+    assert code == 2 and "already exists" in err and err.count("\n") == 1

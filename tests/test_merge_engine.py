@@ -195,3 +195,28 @@ def test_blockwise_merge_equals_whole_tensor_merge(tmp_path, merge_family, monke
     blocks = read_out(merge_to_hf(recipe, tmp_path / "blocks"))
     for name, arr in whole.items():
         assert np.array_equal(arr.view(np.uint16), blocks[name].view(np.uint16)), name
+
+
+def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
+    """merge_to_gguf (no Hugging Face folder in between) writes the same bytes as merge_to_hf + export_hf."""
+    import hashlib
+
+    from edgemerge.gguf.export import export_hf
+    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml", merge_family, WEIGHTS, method="dare_linear", options={"density": 0.7}
+        )
+    )
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf")
+    two_step = export_hf(
+        merge_to_hf(recipe, tmp_path / "hf"), tmp_path / "two.gguf", metadata=gguf_metadata(recipe)
+    )
+    assert hashlib.sha256(fused.read_bytes()).digest() == hashlib.sha256(two_step.read_bytes()).digest()
+
+    import gguf
+
+    reader = gguf.GGUFReader(fused)
+    assert reader.fields["general.name"].contents() == "tiny"
+    assert len(reader.tensors) == len(read_out(tmp_path / "hf"))

@@ -3,6 +3,8 @@ Skipped when mlx is not installed (it is an optional extra: pip install -e ".[ml
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ pytest.importorskip("mlx.core", reason='mlx is not installed (pip install -e ".[
 
 from edgemerge.merge.backends import get_backend
 from edgemerge.merge.methods import get_method
-from edgemerge.merge.run import merge_to_hf
+from edgemerge.merge.run import merge_to_gguf, merge_to_hf
 from edgemerge.recipe import load_recipe
 
 from .merge_reference import assert_rounded_once, reference
@@ -54,3 +56,18 @@ def test_engine_on_mlx_equals_torch_within_bf16_rounding(tmp_path, merge_family,
     assert set(got) == set(exact)
     for name, arr in got.items():
         assert_rounded_once(arr, exact[name])
+
+
+def test_fused_gguf_is_the_same_file_on_both_backends(tmp_path, merge_family):
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            merge_family,
+            {"eu": 0.7, "ca": 0.4},
+            method="dare_ties",
+            options={"density": 0.5},
+        )
+    )
+    files = [merge_to_gguf(recipe, tmp_path / f"{b}.gguf", backend=b) for b in ("torch", "mlx")]
+    digests = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert len(digests) == 1

@@ -159,7 +159,7 @@ def main() -> None:
         rows.append((size, params, params * 2, largest * 4, rss, seconds))
     gb = 1024**3
     print(
-        f"edgemerge merge, backend {args.backend}, task_arithmetic (instruct + 1 language model), bf16 -> bf16"
+        f"edgemerge merge, backend {args.backend}, {args.method} (instruct + 1 language model), bf16 -> bf16"
     )
     print(f"process baseline: CLI {base_rss / gb:.2f} GB, torch + engine imported {import_rss / gb:.2f} GB")
     print(

@@ -57,11 +57,11 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Merge the recipe's models: W = W_instruct + sum_i w_i (W_lang_i - W_base) (or the recipe's method).
+    """Merge the recipe's models: W = W_instruct + sum_i w_i (W_lang_i - W_base), or the recipe's method.
 
-    Writes a Hugging Face folder (sharded safetensors, config, the instruct model's tokenizer, chat template and
-    generation_config, edgemerge.json provenance) with --out, or one GGUF file with --gguf. Inputs are checked
-    for compatibility before anything is written; nothing appears at the output path unless the merge succeeds.
+    With --out: a Hugging Face folder (sharded safetensors, config, the instruct model's tokenizer, chat template and generation_config, edgemerge.json provenance). With --gguf: one GGUF file, merged straight into it.
+
+    The inputs are checked first; nothing appears at the output path unless the merge succeeds.
     """
     from ..merge.backends import resolve_backend_name
     from ..merge.run import merge_to_gguf, merge_to_hf
@@ -109,8 +109,10 @@ def check(
     recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Check that a recipe's models can be merged (architecture, tensor names and shapes, vocabulary,
-    tokenizer) without writing anything; downloads hub models that are not cached yet."""
+    """Check that a recipe's models can be merged: architecture, tensor names and shapes, vocabulary, tokenizer.
+
+    Writes nothing; downloads hub models that are not cached yet.
+    """
     from ..check import check_compat
     from ..merge.methods import get_method
     from ..sources import resolve_recipe

@@ -77,6 +77,16 @@ class _Readers:
         return out
 
 
+def _size(by_name: dict[str, TensorSpec], piece: tuple[str, slice | None]) -> int:
+    """Elements in one piece of work."""
+    name, rows = piece
+    spec = by_name[name]
+    numel = spec.nbytes // (4 if spec.dtype == "float32" else 2)
+    if rows is None:
+        return numel
+    return numel // spec.shape[0] * (rows.stop - rows.start)
+
+
 def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
     """Row ranges of at most BLOCK_ELEMENTS elements (None: the whole tensor in one piece)."""
     numel = spec.nbytes // (4 if spec.dtype == "float32" else 2)
@@ -93,14 +103,18 @@ class _Inputs:
     def __init__(self, name: str, weights: list[float], arrays: dict[int, np.ndarray], xp: Backend):
         self.name, self.weights, self._arrays, self._xp = name, weights, arrays, xp
 
+    def _take(self, i: int) -> Array:
+        # each input is read once: drop the raw array as soon as the backend has its float32 copy
+        return self._xp.from_numpy(self._arrays.pop(i))
+
     def instruct(self) -> Array:
-        return self._xp.from_numpy(self._arrays[0])
+        return self._take(0)
 
     def base(self) -> Array:
-        return self._xp.from_numpy(self._arrays[1])
+        return self._take(1)
 
     def language(self, i: int) -> Array:
-        return self._xp.from_numpy(self._arrays[2 + i])
+        return self._take(2 + i)
 
 
 def _non_finite_error(name: str, arrays: dict[int, np.ndarray], models: list[ModelTensors]) -> EdgemergeError:
@@ -147,15 +161,17 @@ def merge_into(
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
             readers = _Readers(report.models, stack)
             with task(progress, f"merge ({method.name}, {xp.name})", total) as advance:
-                pending = pool.submit(readers.load, work[0], indices) if work else None
+                pending = None
                 out = None
                 for i, (name, rows) in enumerate(work):
-                    arrays = pending.result()
-                    pending = pool.submit(readers.load, work[i + 1], indices) if i + 1 < len(work) else None
+                    arrays = pending.result() if pending is not None else readers.load(work[i], indices)
+                    pending = None
+                    if i + 1 < len(work) and _size(by_name, work[i + 1]) <= BLOCK_ELEMENTS:
+                        pending = pool.submit(readers.load, work[i + 1], indices)  # big ones: no second copy
                     xp.begin_tensor(arrays[0].size)
                     merged = method.merge(xp, _Inputs(name, weights, arrays, xp), opts)
                     if not xp.all_finite(merged):
-                        raise _non_finite_error(name, arrays, report.models)
+                        raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
                     block = xp.to_numpy(merged, recipe.dtype)
                     del merged, arrays
                     if rows is None:
