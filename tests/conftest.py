@@ -95,6 +95,20 @@ ARCH_SPECS = {
     "mistral": Spec(arch="MistralForCausalLM", tokenizer="spm"),
     "qwen2": Spec(arch="Qwen2ForCausalLM", tokenizer="qwen2", tie=True),
     "qwen3": Spec(arch="Qwen3ForCausalLM", tokenizer="spm512", tie=True),
+    # Llama 3.1-style RoPE scaling (llama.cpp gets it as a rope_freqs tensor); cheap 512-token vocabulary
+    "llama31": Spec(
+        tokenizer="spm512",
+        extra={
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            }
+        },
+    ),
 }
 
 
@@ -102,7 +116,8 @@ ARCH_SPECS = {
 def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
     """One tiny model per GGUF-supported architecture (built on first use), with real tokenizers: llama
     (Llama 3 BPE), mistral (Mistral v1 SentencePiece .model), qwen2 (Qwen2 BPE, tied embeddings, chat
-    template) and qwen3 (tied, with the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)."""
+    template), qwen3 (tied, with the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)
+    and llama31 (Llama 3.1 RoPE scaling)."""
     from .models import make_model, tiny_spm_tokenizer
 
     root = tmp_path_factory.mktemp("arch-models")

@@ -16,8 +16,8 @@ from edgemerge.gguf.vocab import CHECK_TEXT
 
 from .shared import need_shared
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "llama31"]
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llama31": "llama"}
 PROMPT = "Kaixo! Gaur goizean mendira joan gara, eta eguraldi ederra izan dugu. The weather was fine."
 
 
@@ -89,6 +89,8 @@ def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
     assert kv(f32_ggufs["llama"])["tokenizer.ggml.pre"] == "llama-bpe"
     assert kv(f32_ggufs["qwen2"])["tokenizer.ggml.pre"] == "qwen2"
     assert kv(f32_ggufs["mistral"])["tokenizer.ggml.model"] == "llama"
+    assert "rope_freqs.weight" in {t.name for t in tensors(f32_ggufs["llama31"])}
+    assert "rope_freqs.weight" not in {t.name for t in tensors(f32_ggufs["llama"])}
 
 
 def test_tensor_types_follow_llama_cpp_rules(qwen3_q8_0):
