@@ -3,10 +3,11 @@
 Stages are cached and resumable. Each stage has a key (sha256 of what determines its output: the recipe's
 merge fields and the inputs' revisions/hashes for the merge, the merge key and the quant type for a quant, the
 file's key and the eval settings for an eval); a finished stage is recorded with its key, its outputs (size,
-mtime, sha256) and its time in `<out>/.edgemerge/state.json`, rewritten atomically after every stage. A rerun
-skips every stage whose key and outputs are unchanged, so an interrupted build (Ctrl-C, crash, power loss)
-restarts where it stopped and a changed recipe redoes only what the change touches. Library calls write
-through `atomic_output`, so partial files never carry a final name.
+mtime, sha256) and its time in the work area beside the output folder (`dist/.<name>.edgemerge/state.json`,
+outside the folder so it uploads as is), rewritten atomically after every stage. A rerun skips every stage
+whose key and outputs are unchanged, so an interrupted build (Ctrl-C, crash, power loss) restarts where it
+stopped and a changed recipe redoes only what the change touches. Library calls write through
+`atomic_output`, so partial files never carry a final name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .files import atomic_output, free_bytes, human_bytes, remove
 from .progress import Progress
 from .recipe import Recipe
 
-WORK_DIR = ".edgemerge"
+WORK_SUFFIX = ".edgemerge"
+WORK_PREFIX = "@work/"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 SPACE_MARGIN = 64 * 1024**2
@@ -139,12 +141,20 @@ def stage_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def work_dir(out: Path) -> Path:
+    """The build's work area, a hidden sibling of the output folder so the folder uploads as is:
+    dist/name -> dist/.name.edgemerge (state.json, eval reports, the parent GGUF of --compare-parents)."""
+    out = Path(out)
+    return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
 class BuildState:
-    """The finished stages of one output folder, kept in `<out>/.edgemerge/state.json`."""
+    """The finished stages of one output folder, kept in its work area (`work_dir`)."""
 
     def __init__(self, out: Path):
         self.out = out
-        self.path = out / WORK_DIR / STATE_FILE
+        self.work = work_dir(out)
+        self.path = self.work / STATE_FILE
         self.data: dict[str, Any] = {"version": STATE_VERSION, "name": None, "stages": {}}
         if self.path.exists():
             try:
@@ -153,6 +163,19 @@ class BuildState:
                     self.data = data
             except ValueError:  # a damaged state only costs a rebuild
                 pass
+
+    def relative(self, path: Path) -> str:
+        """How an output is recorded: relative to the output folder, or `@work/...` inside the work area
+        (so a folder moved together with its work area keeps its finished stages)."""
+        path = Path(path)
+        if path.is_relative_to(self.work):
+            return WORK_PREFIX + path.relative_to(self.work).as_posix()
+        return path.relative_to(self.out).as_posix()
+
+    def resolve(self, rel: str) -> Path:
+        if rel.startswith(WORK_PREFIX):
+            return self.work / rel.removeprefix(WORK_PREFIX)
+        return self.out / rel
 
     @property
     def name(self) -> str | None:
@@ -173,7 +196,7 @@ class BuildState:
         if rec is None or rec["key"] != key:
             return None
         for rel, meta in rec["outputs"].items():
-            p = self.out / rel
+            p = self.resolve(rel)
             if not p.exists():
                 return None
             st = p.stat()
@@ -182,19 +205,33 @@ class BuildState:
         return rec
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    """sha256 of a file in 1 MB blocks (a progress bar for big files: 16 GB take a minute)."""
+    from .progress import task
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = path.stat().st_size
+    with (
+        open(path, "rb") as f,
+        task(progress if size > 256 << 20 else None, f"sha256 {path.name}", size) as advance,
+    ):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            advance(len(block))
     return h.hexdigest()
 
 
 class Stages:
     """Runs stages against a BuildState: skip when finished with the same key, else run and record."""
 
-    def __init__(self, state: BuildState, on_stage: Callable[[StageEvent], None] | None = None):
+    def __init__(
+        self,
+        state: BuildState,
+        on_stage: Callable[[StageEvent], None] | None = None,
+        progress: Progress | None = None,
+    ):
         self.state = state
+        self.progress = progress
         self.on_stage = on_stage or (lambda e: None)
         self.records: dict[str, StageRecord] = {}
 
@@ -209,8 +246,8 @@ class Stages:
         old = self.state.stages.pop(name, None)
         if old is not None:  # what the stage wrote last time, under names it may not write again
             for rel in old["outputs"]:
-                if self.state.out / rel not in outputs:
-                    remove(self.state.out / rel)
+                if self.state.resolve(rel) not in outputs:
+                    remove(self.state.resolve(rel))
             self.state.save()
         t0 = time.perf_counter()
         fn()
@@ -218,10 +255,10 @@ class Stages:
         outs = {}
         for p in outputs:
             st = p.stat()
-            outs[str(p.relative_to(self.state.out))] = {
+            outs[self.state.relative(p)] = {
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
-                "sha256": sha256_file(p),
+                "sha256": sha256_file(p, self.progress),
             }
         record = StageRecord(name, key, outs, seconds)
         self.state.stages[name] = record.to_state()
@@ -273,36 +310,43 @@ def prepare_out(out: Path, name: str, *, force: bool) -> BuildState:
     if out.exists() and not out.is_dir():
         raise EdgemergeError(f"{out} is a file; give a folder for --out")
     if out.is_dir() and any(out.iterdir()):
+        found = state.name or _manifest_name(out)
         other = None
-        if state.name is None:
+        if found is None:
             other = "files that are not an edgemerge build"
-        elif state.name != name:
-            other = f"another build ({state.name})"
-        if other is not None:
-            if not force:
-                raise EdgemergeError(
-                    f"{out} holds {other}; choose another --out or pass --force to replace it"
-                )
+        elif found != name:
+            other = f"another build ({found})"
+        if other is not None and not force:
+            raise EdgemergeError(f"{out} holds {other}; choose another --out or pass --force to replace it")
+        if force:
             _remove_build(out, state)
             state = BuildState(out)
-        elif force:
-            _remove_build(out, state)
-            state = BuildState(out)
-    for partial in list(out.glob(".*.partial-*")) + list((out / WORK_DIR).glob("**/.*.partial-*")):
-        remove(partial)
+    for folder in (out, work_dir(out)):
+        for partial in folder.glob("**/.*.partial-*"):
+            remove(partial)
     state.data["name"] = name
     return state
+
+
+def _manifest_name(out: Path) -> str | None:
+    """The build name in a finished folder's manifest.json (a folder copied without its work area)."""
+    try:
+        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _remove_build(out: Path, state: BuildState) -> None:
     """Delete what an earlier build wrote (its recorded outputs, package files, work area), nothing else."""
     for rec in state.stages.values():
         for rel in rec["outputs"]:
-            remove(out / rel)
-    for name in ("README.md", "Modelfile", "eval.json", "manifest.json"):
-        if state.name is not None:
-            remove(out / name)
-    remove(out / WORK_DIR)
+            remove(state.resolve(rel))
+    if _manifest_name(out) is not None:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        for f in manifest.get("files", []):
+            remove(out / Path(f["name"]).name)
+        remove(out / "manifest.json")
+    remove(work_dir(out))
 
 
 def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
@@ -339,8 +383,8 @@ def build(
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
     state = prepare_out(out, recipe.name, force=options.force)
-    stages = Stages(state, on_stage)
-    work = out / WORK_DIR
+    stages = Stages(state, on_stage, progress)
+    work = work_dir(out)
 
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
@@ -532,7 +576,7 @@ def _drop_stale(state: BuildState, planned: set[str]) -> None:
     for name in list(state.stages):
         if name.startswith(("merge", "quantize")) and name not in planned:
             for rel in state.stages[name]["outputs"]:
-                remove(state.out / rel)
+                remove(state.resolve(rel))
             del state.stages[name]
             changed = True
     if changed:

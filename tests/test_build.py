@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgemerge.build import WORK_DIR, BuildOptions, build
+from edgemerge.build import BuildOptions, build, work_dir
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.package import parse_modelfile_stops
@@ -22,6 +22,12 @@ PACKAGE = ["README.md", "Modelfile", "eval.json", "manifest.json"]
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy_build(src: Path, dst: Path) -> None:
+    """A build folder and its work area, timestamps kept (as `cp -a` would)."""
+    shutil.copytree(src, dst)
+    shutil.copytree(work_dir(src), work_dir(dst))
 
 
 def _manifest(out: Path) -> dict:
@@ -43,7 +49,7 @@ def built(build_family, tmp_path_factory):
 def test_build_writes_every_file_and_nothing_else(built):
     result, _ = built
     out = result.out
-    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE + [WORK_DIR])
+    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE)  # uploads as is
     assert [p.name for p in result.files] == GGUFS + PACKAGE[:3] + ["manifest.json"]
     assert not list(out.rglob("*partial*"))
 
@@ -115,7 +121,7 @@ def test_eval_json_reports_every_file(built):
     assert "kld_mean" not in ev["files"][GGUFS[0]]
     # --compare-parents: the instruct model alone, exported to GGUF in the work area (not shipped)
     assert ev["parents"]["instruct"]["lang"] == "eu" and ev["parents"]["instruct"]["perplexity"] > 1
-    assert (result.out / WORK_DIR / "parents" / "instruct.F16.gguf").is_file()
+    assert (work_dir(result.out) / "parents" / "instruct.F16.gguf").is_file()
     assert ev["files"]["tiny-eu.Q4_K_M.gguf"]["kld_mean"] > ev["files"]["tiny-eu.Q8_0.gguf"]["kld_mean"] >= 0
 
 
@@ -155,7 +161,7 @@ def test_resume_after_interruption_reuses_finished_stages(build_family, tmp_path
 def test_output_folder_of_another_build_needs_force(build_family, tmp_path, built):
     result, _ = built
     out = tmp_path / "o"
-    shutil.copytree(result.out, out)
+    _copy_build(result.out, out)
     other = build_family["recipe"].with_name("other.yaml")
     data = yaml.safe_load(build_family["recipe"].read_text()) | {"name": "other-eu", "quants": ["Q8_0"]}
     other.write_text(yaml.safe_dump(data))
@@ -185,7 +191,7 @@ def test_not_enough_disk_fails_before_writing(build_family, tmp_path, monkeypatc
 def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, capsys):
     result, _ = built
     out = tmp_path / "gates"
-    shutil.copytree(result.out, out)  # same build: every stage is reused, only the gates change
+    _copy_build(result.out, out)  # same build: every stage is reused, only the gates change
     strict = build_family["recipe"].with_name("strict.yaml")
     data = yaml.safe_load(build_family["recipe"].read_text())
     data["eval"] = {"max_perplexity": 1.0}
@@ -246,3 +252,13 @@ def test_model_not_available_offline_names_it(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot get someone-x/missing-model" in err and "local folder" in err
     assert not (tmp_path / "n").exists()
+
+
+def test_folder_copied_without_work_area_is_rebuilt_not_refused(build_family, built, tmp_path):
+    result, _ = built
+    out = tmp_path / "copied"
+    shutil.copytree(result.out, out)
+    build(load_recipe(build_family["recipe"]), BuildOptions(out=out, skip_eval=True))
+    m = _manifest(out)
+    assert not m["stages"]["merge"]["cached"]
+    assert [f["name"] for f in m["files"]][:3] == GGUFS
