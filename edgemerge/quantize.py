@@ -89,11 +89,7 @@ def quantize(
         raise EdgemergeError(f"output {dst} is the input file; choose another output name")
     size = src.stat().st_size
     # quantized output is smaller than its float input, except F32 from a 16-bit input (twice the size)
-    ensure_free_space(
-        dst.parent if dst.parent.exists() else Path.cwd(),
-        size * (2 if name == "F32" else 1),
-        f"the {name} file {dst.name}",
-    )
+    ensure_free_space(dst.parent, size * (2 if name == "F32" else 1), f"the {name} file {dst.name}")
 
     import llama_cpp
     from llama_cpp import _logger

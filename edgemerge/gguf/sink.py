@@ -75,6 +75,9 @@ class GGUFSink:
             new, shape, qtype = self._plan[hf_name]
             w.add_tensor_info(new, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         self.nbytes = sum(ti.nbytes for ti in w.tensors[0].values())
+        ensure_free_space(
+            self.path.parent, self.nbytes + _HEADER_ALLOWANCE, f"the GGUF file {self.path.name}"
+        )
 
         w.add_type(gguf.GGUFType.MODEL)
         write_metadata(w, self.model_dir, self.metadata, *w.get_total_parameter_count())
@@ -83,9 +86,6 @@ class GGUFSink:
         arch.write_vocab_extras(w, self.model_dir)
         write_vocab(w, self.model_dir, hparams, arch.vocab_kinds)
 
-        ensure_free_space(
-            self.path.parent, self.nbytes + _HEADER_ALLOWANCE, f"the GGUF file {self.path.name}"
-        )
         w.write_header_to_file(path=self.path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
