@@ -207,7 +207,7 @@ def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[Rou
     run = RouteRun(EDGEMERGE)
     recipe = str(fam / "recipe.yaml")
     f16, qdir, out = work / "em.F16.gguf", work / "em-quant", work / "em-build"
-    _clean(f16, qdir, out)
+    _clean(f16, qdir, out, *work.glob(".em-build*"))  # and the build's cache beside its folder: no reuse
     merge = [
         sys.executable,
         "-c",
