@@ -375,6 +375,9 @@ def build(
     recipe = apply_overrides(recipe, options)
     quants = check_quants(recipe.quants)
     lang = options.lang or recipe.lang_codes[0]
+    from .merge.backends import resolve_backend_name
+
+    backend = resolve_backend_name(options.backend)  # bad names fail before any work
     if options.outtype.lower() not in ("f16", "bf16"):
         raise EdgemergeError(f"unknown output type {options.outtype!r}; choose f16 or bf16")
     if not options.skip_eval:
@@ -431,7 +434,7 @@ def build(
             recipe,
             merged,
             outtype=options.outtype.lower(),
-            backend=options.backend,
+            backend=backend,
             force=True,
             progress=progress,
             sources=sources,
@@ -499,7 +502,7 @@ def build(
         hashes={
             Path(rel).name: meta["sha256"] for r in stages.records.values() for rel, meta in r.outputs.items()
         },
-        backend=options.backend,
+        backend=backend,
         demo=options.demo,
     )
     t0 = time.perf_counter()

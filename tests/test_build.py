@@ -262,3 +262,12 @@ def test_folder_copied_without_work_area_is_rebuilt_not_refused(build_family, bu
     m = _manifest(out)
     assert not m["stages"]["merge"]["cached"]
     assert [f["name"] for f in m["files"]][:3] == GGUFS
+
+
+def test_unknown_backend_exits_2_before_writing(build_family, tmp_path, capsys):
+    out = tmp_path / "bk"
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--recipe", str(build_family["recipe"]), "--backend", "cuda", "--out", str(out)])
+    assert e.value.code == 2
+    assert "unknown backend 'cuda'" in capsys.readouterr().err
+    assert not out.exists() and not work_dir(out).exists()
