@@ -304,6 +304,11 @@ def tool_versions() -> dict[str, str | None]:
     try:
         import llama_cpp
 
+        # llama-cpp-python exposes no llama.cpp build number; the bundled ggml library's file name has its version
+        for lib in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-base*")):
+            m = re.search(r"(\d+\.\d+\.\d+)", lib.name)
+            if m:
+                out["ggml"] = m.group(1)
         info = llama_cpp.llama_print_system_info()
         out["llama.cpp system_info"] = info.decode() if isinstance(info, bytes) else str(info)
     except Exception:  # noqa: BLE001 (llama.cpp missing or without this call: the version above still says which)
