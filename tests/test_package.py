@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,84 @@ def test_front_matter_skips_local_folders(tmp_path):
     fm = front_matter(info)
     assert fm["base_model"] == ["HiTZ/eu_Llama-3.1-8B"]
     assert fm["license"] == "other"
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+// The shape of Ollama's template data for chat: .Messages with .Role and .Content.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("t").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": in.Messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """A binary rendering a template with Go's text/template, the engine Ollama runs TEMPLATE with."""
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("the Go toolchain is absent (needed to run Ollama's template engine)")
+    d = tmp_path_factory.mktemp("go-render")
+    (d / "main.go").write_text(GO_RENDER)
+    env = {**os.environ, "GOCACHE": str(d / "cache"), "GOPATH": str(d / "gopath"), "GO111MODULE": "off"}
+    subprocess.run([go, "build", "-o", str(d / "render"), str(d / "main.go")], check=True, env=env, cwd=d)
+
+    def render(template: str, messages: list[dict]) -> str:
+        data = json.dumps({"template": template, "messages": messages})
+        return subprocess.run(
+            [str(d / "render")], input=data, capture_output=True, text=True, check=True
+        ).stdout
+
+    return render
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "demo-chatml",
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "Qwen-Qwen2.5-7B-Instruct",
+        "Qwen-Qwen3-0.6B",
+        "google-gemma-2-2b-it",
+        "Mistral-Small-3.2-24B-Instruct-2506",
+    ],
+)
+def test_ollama_template_renders_like_the_chat_template(name, go_render):
+    if name == "demo-chatml":
+        template, bos = CHAT_TEMPLATE, "<s>"
+    else:
+        template = need_shared("tokenizers", "llama.cpp-vocab", "templates", f"{name}.jinja").read_text()
+        bos = "<|begin_of_text|>" if "Llama" in name else "<bos>" if "gemma" in name else "<s>"
+    fmt = derive_chat_format(template, bos=bos, eos="</s>")
+    go_template = fmt.to_go_template()
+    for conv in CONVS:
+        if fmt.system_prefix is None and conv[0]["role"] == "system":
+            continue
+        want = _strip_bos(
+            render_template(template, conv, add_generation_prompt=True, bos=bos, eos="</s>"), bos
+        )
+        assert go_render(go_template, conv) == want
