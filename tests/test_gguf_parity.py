@@ -50,7 +50,8 @@ def _arch_keys(kv: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("arch", "outtype"), [("llama", "f32"), ("mistral", "bf16"), ("qwen3", "q8_0"), ("llama31", "f16")]
+    ("arch", "outtype"),
+    [("llama", "f32"), ("qwen2", "f32"), ("mistral", "bf16"), ("qwen3", "q8_0"), ("llama31", "f16")],
 )
 def test_same_bytes_as_convert_hf_to_gguf(
     arch, outtype, arch_models, f32_ggufs, qwen3_q8_0, converter, tmp_path
