@@ -64,14 +64,18 @@ class ChatFormat:
                     "the chat template contains '{{' or '\"\"\"', which an Ollama TEMPLATE cannot hold"
                 )
         last = "(eq (len (slice $.Messages $i)) 1)"
-        system = ""
         if self.system_prefix is not None:
             system = f'{{{{ if eq .Role "system" }}}}{self.system_prefix}{{{{ .Content }}}}{{{{ else }}}}'
-        user_open = (
-            f'{{{{ if eq $prev "system" }}}}{self.system_user_join or ""}'
-            f"{{{{ else if eq $i 0 }}}}{self.head}{self.user_prefix}"
-            f"{{{{ else }}}}{self.user_prefix}{{{{ end }}}}"
-        )
+            user_open = (
+                f'{{{{ if eq $prev "system" }}}}{self.system_user_join}'
+                f"{{{{ else if eq $i 0 }}}}{self.head}{self.user_prefix}"
+                f"{{{{ else }}}}{self.user_prefix}{{{{ end }}}}"
+            )
+            track = "{{ $prev = .Role }}"
+        else:  # no system role: system messages are dropped, the first other message opens the prompt
+            system = ""
+            user_open = f'{{{{ if eq $prev "" }}}}{self.head}{self.user_prefix}{{{{ else }}}}{self.user_prefix}{{{{ end }}}}'
+            track = '{{ if ne .Role "system" }}{{ $prev = .Role }}{{ end }}'
         return (
             '{{ $prev := "" }}{{ range $i, $_ := .Messages }}'
             + system
@@ -80,7 +84,8 @@ class ChatFormat:
             + f'{{{{ else if eq .Role "assistant" }}}}{self.assistant_prefix}{{{{ .Content }}}}{self.assistant_suffix}'
             + "{{ end }}"
             + ("{{ end }}" if system else "")
-            + "{{ $prev = .Role }}{{ end }}"
+            + track
+            + "{{ end }}"
         )
 
     def _parts(self) -> list[str]:

@@ -130,6 +130,9 @@ def modelfile(gguf_name: str, info: ChatInfo, system: str | None) -> tuple[str, 
         warning = "the GGUF has no chat template; Ollama will use a plain prompt"
     if fmt is not None:
         lines += [f'TEMPLATE """{fmt.to_go_template()}"""', ""]
+        if fmt.system_prefix is None and system:
+            system = None
+            warning = "the chat template has no system role, so the Modelfile has no SYSTEM line"
     if system:
         if '"""' in system:
             raise EdgemergeError('the system prompt cannot contain """ (Ollama Modelfile quoting)')

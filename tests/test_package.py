@@ -226,3 +226,16 @@ def test_ollama_template_renders_like_the_chat_template(name, go_render):
             render_template(template, conv, add_generation_prompt=True, bos=bos, eos="</s>"), bos
         )
         assert go_render(go_template, conv) == want
+
+
+def test_template_without_system_role_drops_system_messages(go_render):
+    template = need_shared(
+        "tokenizers", "llama.cpp-vocab", "templates", "google-gemma-2-2b-it.jinja"
+    ).read_text()
+    fmt = derive_chat_format(template, bos="<bos>", eos="<eos>")
+    assert fmt.system_prefix is None
+    conv = CONVS[2]
+    want = _strip_bos(render_template(template, conv, add_generation_prompt=True, bos="<bos>"), "<bos>")
+    assert go_render(fmt.to_go_template(), [{"role": "system", "content": "ignored"}, *conv]) == want
+    text, warning = modelfile("g.gguf", ChatInfo(template=template, bos="<bos>", stops=["<eos>"]), "Kaixo")
+    assert "SYSTEM" not in text and "no system role" in warning
