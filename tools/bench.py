@@ -293,7 +293,8 @@ def verify(peer_f16: Path, em_f16: Path):
 def profile_merge(fam: Path, work: Path, top: int = 25, near: list[str] | None = None) -> str:
     """Where `edgemerge merge --gguf` spends its time (one extra run, not timed).
 
-    With py-spy (samples every thread, 100 Hz): per thread, the functions by inclusive and by own samples.
+    With py-spy (samples every thread at 100 Hz, idle ones too, so waits show): per thread, the functions by
+    inclusive and by own samples.
     Without it: cProfile of the main thread (the prefetch thread is invisible to it).
     """
     f16 = work / "profile.F16.gguf"
@@ -304,7 +305,7 @@ def profile_merge(fam: Path, work: Path, top: int = 25, near: list[str] | None =
     try:
         if spy:
             raw = work / "merge.pyspy.txt"
-            cmd = [spy, "record", "-r", "100", "-f", "raw", "--threads", "-o", str(raw), "--"]
+            cmd = [spy, "record", "-r", "100", "-f", "raw", "--threads", "--idle", "-o", str(raw), "--"]
             subprocess.run([*cmd, sys.executable, "-c", _EDGEMERGE, *args], check=True, capture_output=True)
             return summarize_pyspy(raw.read_text(), top)
         import io
