@@ -36,7 +36,9 @@ def _direct_llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
         "p.nthread = 1\n"
         "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(src), str(dst), str(ftype)], capture_output=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(dst), str(ftype)], capture_output=True, check=False
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
