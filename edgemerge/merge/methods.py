@@ -112,16 +112,15 @@ def rank_at_least(xp: Backend, x: Array, r: int) -> Array:
 
     With v the r-th smallest value (0-based), the entries > v are kept, those < v dropped, and of the entries
     equal to v (they occupy positions n_lt .. n_lt+n_eq-1, in index order) the j-th is kept iff n_lt + j >= r.
-    Needs no index sort: a k-th value, a count and a running count (memory O(n) in int32, not int64 indices).
+    Needs no index sort: a k-th value, a count and `true_after` (the True entries after the first `skip`).
     """
     n = math.prod(x.shape)
     if r <= 0 or r >= n:
         return xp.mask_from_numpy(np.full(tuple(x.shape), r <= 0))
     v = xp.kth_smallest(x, r)
     eq = x == v
-    n_lt = xp.count(x < v)
-    j = xp.cumcount(eq) - 1
-    return (x > v) | (eq & (j >= r - n_lt))
+    skip = r - xp.count(x < v)
+    return (x > v) | (eq if skip == 0 else xp.true_after(eq, skip))
 
 
 def rescale_l1(xp: Backend, tau: Array, kept: Array, eps: float = 1e-7) -> Array:
@@ -228,14 +227,18 @@ def generalized_task_arithmetic(
         total = weighted[0]
         for d in weighted[1:]:
             total = total + d
-        elected = xp.where(total >= 0, 1.0, -1.0)
+        positive = total >= 0  # the elected sign: + where the sum is >= 0, else -
         del total
         divisor = None
-        for d, w in zip(weighted, weights):
-            keep = xp.sign(d) == elected
-            part, wpart = xp.where(keep, d, 0.0), xp.where(keep, w, 0.0)
+        for w in weights:
+            d = weighted.pop(0)  # let each weighted vector go as soon as it is mixed in
+            keep = (positive & (d > 0)) | (~positive & (d < 0))  # sign(d) == elected sign (0 never agrees)
+            part = xp.where(keep, d, 0.0)
+            del d
             mixed = part if mixed is None else mixed + part
-            divisor = wpart if divisor is None else divisor + wpart
+            if opts["normalize"]:
+                wpart = xp.where(keep, w, 0.0)
+                divisor = wpart if divisor is None else divisor + wpart
         if opts["normalize"]:
             mixed = mixed / xp.where(divisor == 0, 1.0, divisor)
     elif opts["normalize"]:

@@ -57,8 +57,8 @@ class Backend(Protocol):
         """The value at 0-based position k of the flattened `x` sorted ascending."""
         ...
 
-    def cumcount(self, mask: Array) -> Array:
-        """Inclusive running count of True elements in row-major order, same shape as `mask` (int32)."""
+    def true_after(self, mask: Array, skip: int) -> Array:
+        """`mask` with its first `skip` True entries (row-major order) set to False."""
         ...
 
     def all_finite(self, x: Array) -> bool: ...

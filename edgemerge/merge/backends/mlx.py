@@ -47,8 +47,10 @@ class MLXBackend:
     def kth_smallest(self, x: mx.array, k: int) -> float:
         return mx.partition(x.reshape(-1), k)[k].item()
 
-    def cumcount(self, mask: mx.array) -> mx.array:
-        return mx.cumsum(mask.reshape(-1).astype(mx.int32)).reshape(mask.shape)
+    def true_after(self, mask: mx.array, skip: int) -> mx.array:
+        # MLX has no nonzero (shapes must be static): a running count finds the entries past the first `skip`
+        count = mx.cumsum(mask.reshape(-1).astype(mx.int32)).reshape(mask.shape)
+        return mask & (count > skip)
 
     def all_finite(self, x: mx.array) -> bool:
         return bool(mx.all(mx.isfinite(x)).item())

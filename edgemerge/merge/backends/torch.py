@@ -57,10 +57,14 @@ class TorchBackend:
         return int(mask.sum())
 
     def kth_smallest(self, x: torch.Tensor, k: int) -> float:
-        return float(torch.kthvalue(x.reshape(-1), k + 1).values)
+        # numpy's introselect partitions one float32 copy; torch.kthvalue adds an int64 index array (3x more)
+        return float(np.partition(x.reshape(-1).numpy(), k)[k])
 
-    def cumcount(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.reshape(-1).to(torch.int32).cumsum(0, dtype=torch.int32).reshape(mask.shape)
+    def true_after(self, mask: torch.Tensor, skip: int) -> torch.Tensor:
+        where = mask.reshape(-1).nonzero().squeeze(1)  # only the True entries: few next to the tensor
+        out = torch.zeros_like(mask)
+        out.view(-1)[where[skip:]] = True
+        return out
 
     def all_finite(self, x: torch.Tensor) -> bool:
         return bool(torch.isfinite(x).all())
