@@ -246,23 +246,31 @@ class EvalSets:
         return cls(read(cfg.eval_eu), read(cfg.eval_en), held[:n], qa_pairs(cfg.qa_eu)[:n])
 
 
-def answer_perplexity(model, pairs: list[tuple[str, str]]) -> float:
+def answer_perplexity(model, pairs: list[tuple[str, str]]) -> tuple[float, float]:
     """exp(mean -log p(answer token | prompt, earlier answer tokens)) over all answer tokens, the prompt
-    rendered by the GGUF's own chat template (the end-of-turn token is not scored: a model that never saw
-    the chat format is judged on the answer text alone)."""
+    rendered by the GGUF's own chat template, and the mean p(end-of-turn | prompt, whole answer).
+
+    The end-of-turn token is not in the perplexity (a model that never saw the chat format is judged on the
+    answer text alone); its probability after the reference answer says whether the model knows the turn is
+    over, independently of where its own greedy answers wander."""
     from edgemerge.evaluate.runner import log_softmax
 
-    total, count = 0.0, 0
+    total, count, p_end = 0.0, 0, []
+    eot = model.llm.token_eos()
     for question, answer in pairs:
         prompt = model.chat_tokens([{"role": "user", "content": question}])
         target = model.tokenize(answer, add_special=False)
-        ids = (prompt + target)[: model.n_ctx]
+        ids = (prompt + target + [eot])[: model.n_ctx]
         first = len(prompt) - 1
         logp = log_softmax(model.logits(ids, first)[:-1])
         tgt = np.asarray(ids[first + 1 :])
-        total -= float(logp[np.arange(len(tgt)), tgt].sum())
-        count += len(tgt)
-    return math.exp(total / count)
+        scored = logp[np.arange(len(tgt)), tgt]
+        if ids[-1] == eot and len(prompt + target) < model.n_ctx:
+            p_end.append(math.exp(scored[-1]))
+            scored = scored[:-1]
+        total -= float(scored.sum())
+        count += len(scored)
+    return math.exp(total / count), float(np.mean(p_end))
 
 
 def text_perplexity(model, lines: list[str], ctx: int = 256) -> float:
@@ -272,13 +280,15 @@ def text_perplexity(model, lines: list[str], ctx: int = 256) -> float:
     return perplexity(model, make_chunks(model, lines, ctx)).perplexity
 
 
-def stop_rate(model, questions: list[str], max_new_tokens: int) -> float:
-    """Share of greedy answers (chat template, temperature 0) that end with the end-of-turn token."""
-    stopped = 0
+def stop_rate(model, questions: list[str], max_new_tokens: int) -> tuple[float, float]:
+    """Share of greedy answers (chat template, temperature 0) that end with the end-of-turn token, and the
+    mean answer length in tokens (an empty answer also "stops")."""
+    stopped = tokens = 0
     for q in questions:
         gen = model.generate(model.chat_tokens([{"role": "user", "content": q}]), max_new_tokens)
         stopped += gen.stopped
-    return stopped / len(questions)
+        tokens += gen.tokens
+    return stopped / len(questions), tokens / len(questions)
 
 
 def top1_agreement(ref, other, lines: list[str], ctx: int = 256) -> float:
@@ -300,12 +310,12 @@ def evaluate_gguf(f16: Path, q8: Path | None, sets: EvalSets, cfg: Config) -> di
     with closing(Model(f16, n_ctx=512, n_threads=cfg.threads)) as m:
         out["ppl_eu"] = text_perplexity(m, sets.eu_text)
         out["ppl_en"] = text_perplexity(m, sets.en_text)
-        out["ans_ppl_en"] = answer_perplexity(m, sets.en_pairs)
-        out["ans_ppl_qa_eu"] = answer_perplexity(m, sets.qa_eu)
-        out["stop_rate"] = stop_rate(m, [q for q, _ in sets.qa_eu[: cfg.gen_prompts]], cfg.max_new_tokens)
-        out["stop_rate_en"] = stop_rate(
-            m, [q for q, _ in sets.en_pairs[: cfg.gen_prompts]], cfg.max_new_tokens
-        )
+        out["ans_ppl_en"], out["eot_prob_en"] = answer_perplexity(m, sets.en_pairs)
+        out["ans_ppl_qa_eu"], out["eot_prob_qa_eu"] = answer_perplexity(m, sets.qa_eu)
+        eu_questions = [q for q, _ in sets.qa_eu[: cfg.gen_prompts]]
+        out["stop_rate"], out["answer_tokens"] = stop_rate(m, eu_questions, cfg.max_new_tokens)
+        en_questions = [q for q, _ in sets.en_pairs[: cfg.gen_prompts]]
+        out["stop_rate_en"], out["answer_tokens_en"] = stop_rate(m, en_questions, cfg.max_new_tokens)
         if q8 is not None:
             with closing(Model(q8, n_ctx=512, n_threads=cfg.threads)) as mq:
                 out["q8_top1_agreement"] = top1_agreement(m, mq, sets.eu_text[: cfg.q8_lines])
@@ -324,19 +334,9 @@ def greedy_story(gguf_file: Path, tokens: int = 40) -> str:
 
 
 def _quantize(src: Path, dst: Path) -> Path:
-    try:
-        from edgemerge.quantize import quantize
-    except ImportError:  # TEMPORARY until edgemerge.quantize lands
-        import ctypes
+    from edgemerge.quantize import quantize
 
-        import llama_cpp
-
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.nthread = 1
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-        return dst
-    return quantize(src, "Q8_0", dst, threads=1)
+    return quantize(src, "Q8_0", dst, threads=1, force=True)
 
 
 def recipe_dict(name: str, method: str, weight: float, models: Path) -> dict:
@@ -396,11 +396,12 @@ def build_models(cfg: Config) -> dict:
 
 
 def build_ggufs(cfg: Config) -> dict[str, tuple[Path, Path]]:
-    """F16 and Q8_0 GGUF of every model: the family by edgemerge's export, the merges by edgemerge's merge."""
+    """F16 and Q8_0 GGUF of every model: the family by edgemerge's export and quantizer, each merge by
+    `edgemerge build` (merge -> F16 GGUF -> Q8_0, packaged; its own evaluation skipped: ours follows)."""
     import yaml
 
+    from edgemerge.build import BuildOptions, build
     from edgemerge.gguf.export import export_hf
-    from edgemerge.merge.run import merge_to_gguf
     from edgemerge.recipe import load_recipe
 
     models, ggufs, recipes = cfg.out / "models", cfg.out / "gguf", cfg.out / "recipes"
@@ -413,9 +414,13 @@ def build_ggufs(cfg: Config) -> dict[str, tuple[Path, Path]]:
         files[name] = (f16, _quantize(f16, ggufs / f"{name}.Q8_0.gguf"))
     for name, (method, weight) in MERGES.items():
         path = recipes / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe_dict(name, method, weight, models.resolve()), sort_keys=False))
-        f16 = merge_to_gguf(load_recipe(path), ggufs / f"{name}.f16.gguf", outtype="f16", force=True)
-        files[name] = (f16, _quantize(f16, ggufs / f"{name}.Q8_0.gguf"))
+        recipe = recipe_dict(name, method, weight, models.resolve())
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        options = BuildOptions(
+            out=cfg.out / "builds" / name, skip_eval=True, threads=1, backend="torch", force=True
+        )
+        result = build(load_recipe(path), options)
+        files[name] = (result.out / f"{recipe['name']}.F16.gguf", result.out / f"{recipe['name']}.Q8_0.gguf")
     return files
 
 
@@ -480,8 +485,10 @@ COLUMNS = [
     "ppl_en",
     "ans_ppl_en",
     "ans_ppl_qa_eu",
-    "stop_rate",
+    "eot_prob_en",
     "stop_rate_en",
+    "stop_rate",
+    "answer_tokens",
     "q8_top1_agreement",
 ]
 
@@ -494,7 +501,9 @@ def table(results: list[dict]) -> str:
         cells = []
         for c in COLUMNS:
             v = r.get(c)
-            cells.append("" if v is None else f"{v:.2f}" if c.startswith(("stop", "q8")) else f"{v:.1f}")
+            cells.append(
+                "" if v is None else f"{v:.2f}" if c.startswith(("stop", "q8", "eot")) else f"{v:.1f}"
+            )
         rows.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -549,8 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(**vars(args))
     results = run(cfg)
     print(table(results))
+    print("\nissue 7's claim, for each merge with w <= 1 (all three at once):")
     for c in claims(results):
-        print(c)
+        ratios = "  ".join(f"{k} {v:.3f}" for k, v in c.items() if k not in ("model", "holds"))
+        print(f"  {c['model']:7} {ratios}  -> {'holds' if c['holds'] else 'does not hold'}")
+    trip = json.loads((cfg.out / "summary.json").read_text())["round_trip"]
+    print(
+        f"round trip: base greedy text {'identical to' if trip['identical'] else 'DIFFERS from'} the seed GGUF's"
+    )
     return 0
 
 
