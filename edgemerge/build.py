@@ -387,7 +387,6 @@ def build(
     out = Path(options.out or Path("dist") / recipe.name)
     state = prepare_out(out, recipe.name, force=options.force)
     stages = Stages(state, on_stage, progress)
-    work = work_dir(out)
 
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
@@ -400,7 +399,7 @@ def build(
     merge_key = stage_key("merge", __version__, merge_fields, inputs, options.outtype.lower())
     quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
     quant_keys = {q: stage_key("quantize", merge_key, q, _llama_cpp_version()) for q in quants}
-    parent_file = work / "parents" / f"instruct.{ftype}.gguf"
+    parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
     parent_key = stage_key("export", __version__, inputs["instruct"], options.outtype.lower())
 
     # Disk plan for everything not yet built, before writing anything large.
@@ -452,46 +451,83 @@ def build(
     result = BuildResult(
         out=out, recipe=recipe, lang=lang, files=[], stages=stages.records, plan=plan, demo=options.demo
     )
-    file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
     if not options.skip_eval:
-        from .evaluate.gates import check_gates
-
-        for f in ggufs:
-            ref = merged if f != merged else None
-            rep = _eval_stage(stages, work, f.name, file_keys[f.name], f, lang, ref, options, progress)
-            result.evals[f.name] = rep
-            failed = check_gates(rep, recipe.eval)
-            if failed:
-                result.gate_failures[f.name] = failed
+        file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
+        _evaluate_files(result, stages, ggufs, file_keys, options, progress)
         if options.compare_parents:
-            from .gguf.export import export_hf
+            parent = (parent_file, parent_key)
+            _evaluate_parent(result, stages, sources.instruct.path, parent, options, progress)
+    _package(result, stages, ggufs, inputs, sources.instruct.path, backend, on_stage)
+    result.seconds = time.perf_counter() - t_start
+    return result
 
-            parent_file.parent.mkdir(parents=True, exist_ok=True)
-            stages.run(
-                "export instruct",
-                parent_key,
-                [parent_file],
-                lambda: export_hf(
-                    sources.instruct.path,
-                    parent_file,
-                    outtype=options.outtype.lower(),
-                    force=True,
-                    progress=progress,
-                ),
-            )
-            result.parent_evals["instruct"] = _eval_stage(
-                stages, work, "instruct", parent_key, parent_file, lang, None, options, progress
-            )
 
+def _evaluate_files(
+    result: BuildResult,
+    stages: Stages,
+    ggufs: list[Path],
+    file_keys: dict[str, str],
+    options: BuildOptions,
+    progress: Progress | None,
+) -> None:
+    """Evaluate every shipped file (quants against the unquantized one) and check the recipe's gates."""
+    from .evaluate.gates import check_gates
+
+    merged = ggufs[0]
+    for f in ggufs:
+        ref = merged if f != merged else None
+        rep = _eval_stage(stages, f.name, file_keys[f.name], f, result.lang, ref, options, progress)
+        result.evals[f.name] = rep
+        failed = check_gates(rep, result.recipe.eval)
+        if failed:
+            result.gate_failures[f.name] = failed
+
+
+def _evaluate_parent(
+    result: BuildResult,
+    stages: Stages,
+    instruct_dir: Path,
+    parent: tuple[Path, str],
+    options: BuildOptions,
+    progress: Progress | None,
+) -> None:
+    """--compare-parents: the instruct model alone, exported to GGUF in the work area and evaluated."""
+    from .gguf.export import export_hf
+
+    parent_file, parent_key = parent
+    parent_file.parent.mkdir(parents=True, exist_ok=True)
+    stages.run(
+        "export instruct",
+        parent_key,
+        [parent_file],
+        lambda: export_hf(
+            instruct_dir, parent_file, outtype=options.outtype.lower(), force=True, progress=progress
+        ),
+    )
+    result.parent_evals["instruct"] = _eval_stage(
+        stages, "instruct", parent_key, parent_file, result.lang, None, options, progress
+    )
+
+
+def _package(
+    result: BuildResult,
+    stages: Stages,
+    ggufs: list[Path],
+    inputs: dict,
+    instruct_dir: Path,
+    backend: str,
+    on_stage: Callable[[StageEvent], None] | None,
+) -> None:
+    """Write the model card, Modelfile, eval.json and manifest.json (always redone: it takes milliseconds)."""
     from .package import PackageInfo, write_package
 
     info = PackageInfo(
-        recipe=recipe,
-        out=out,
-        lang=lang,
+        recipe=result.recipe,
+        out=result.out,
+        lang=result.lang,
         ggufs=[f.name for f in ggufs],
         inputs=inputs,
-        instruct_dir=sources.instruct.path,
+        instruct_dir=instruct_dir,
         evals={n: r.to_dict() for n, r in result.evals.items()},
         eval_markdown={n: r.to_markdown() for n, r in result.evals.items()},
         gate_failures=result.gate_failures,
@@ -503,20 +539,16 @@ def build(
             Path(rel).name: meta["sha256"] for r in stages.records.values() for rel, meta in r.outputs.items()
         },
         backend=backend,
-        demo=options.demo,
+        demo=result.demo,
     )
     t0 = time.perf_counter()
     if on_stage:
         on_stage(StageEvent("package", False))
-    files, warnings = write_package(info)
-    package = StageRecord("package", "", {}, time.perf_counter() - t0)
-    stages.records["package"] = package
+    result.files, result.warnings = write_package(info)
+    record = StageRecord("package", "", {}, time.perf_counter() - t0)
+    stages.records["package"] = record
     if on_stage:
-        on_stage(StageEvent("package", True, package))
-    result.files = files
-    result.warnings = warnings
-    result.seconds = time.perf_counter() - t_start
-    return result
+        on_stage(StageEvent("package", True, record))
 
 
 def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None) -> None:
@@ -528,7 +560,6 @@ def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: P
 
 def _eval_stage(
     stages: Stages,
-    work: Path,
     label: str,
     file_key: str,
     model: Path,
@@ -540,7 +571,7 @@ def _eval_stage(
     """Evaluate `model` (drift against `ref` when given) as a cached stage; the report is kept as JSON."""
     from .evaluate import evaluate
 
-    out_json = work / "eval" / f"{label}.json"
+    out_json = stages.state.work / "eval" / f"{label}.json"
     key = stage_key("eval", __version__, file_key, lang, options.quick_eval, ref is not None)
     holder: dict[str, Any] = {}
 
