@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import typer
 from rich.console import Console
+
+from ..progress import Progress, make_progress
 
 app = typer.Typer(
     name="edgemerge",
@@ -38,3 +42,13 @@ def print_json(data: Any) -> None:
     """Write `data` as JSON to stdout (machine-readable output for --json)."""
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def live_progress() -> Iterator[Progress | None]:
+    """A progress display on a terminal; none when stderr is a pipe or a file (keeps logs clean)."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    with make_progress(err_console) as progress:
+        yield progress

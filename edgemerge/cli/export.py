@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -12,18 +10,7 @@ import typer
 from rich.table import Table
 
 from ..files import human_bytes
-from ..progress import Progress, make_progress
-from .common import app, console, err_console, print_json
-
-
-@contextlib.contextmanager
-def live_progress() -> Iterator[Progress | None]:
-    """A progress display on a terminal; none when stderr is a pipe or a file (keeps logs clean)."""
-    if not err_console.is_terminal:
-        yield None
-        return
-    with make_progress(err_console) as progress:
-        yield progress
+from .common import app, console, live_progress, print_json
 
 
 @app.command()

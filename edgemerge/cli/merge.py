@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,20 +11,8 @@ from rich.table import Table
 
 from ..errors import EdgemergeError
 from ..files import human_bytes
-from ..progress import Progress
 from ..recipe import load_recipe
-from .common import app, console, err_console, print_json
-
-
-@contextlib.contextmanager
-def _progress() -> Iterator[Progress | None]:
-    """A live progress display on a terminal; none when stderr is a pipe or a file (keeps logs clean)."""
-    if not err_console.is_terminal:
-        yield None
-        return
-    with _progress() as progress:
-        yield progress
-
+from .common import app, console, live_progress, print_json
 
 RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. llama3.1-8b-eu)."
 
@@ -73,7 +59,7 @@ def merge(
     r = load_recipe(recipe)
     backend = resolve_backend_name(backend)
     start = time.perf_counter()
-    with _progress() as progress:
+    with live_progress() as progress:
         if out is not None:
             path = merge_to_hf(r, out, backend=backend, dtype=dtype, force=force, progress=progress)
         else:
@@ -119,7 +105,7 @@ def check(
 
     r = load_recipe(recipe)
     opts = get_method(r.method).parse_options(r.options)
-    with _progress() as progress:
+    with live_progress() as progress:
         sources = resolve_recipe(r, progress)
     report = check_compat(sources)
     result = {

@@ -11,8 +11,7 @@ from rich.table import Table
 
 from ..errors import EdgemergeError
 from ..files import human_bytes
-from .common import app, console, print_json
-from .export import live_progress
+from .common import app, console, live_progress, print_json
 
 
 @app.command()
