@@ -23,6 +23,7 @@ from typing import Any
 from . import __version__
 from .errors import EdgemergeError
 from .files import atomic_output, free_bytes, human_bytes, remove
+from .package import sha256_file
 from .progress import Progress
 from .recipe import Recipe
 
@@ -203,22 +204,6 @@ class BuildState:
             if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
                 return None
         return rec
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file in 1 MB blocks (a progress bar for big files: 16 GB take a minute)."""
-    from .progress import task
-
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with (
-        open(path, "rb") as f,
-        task(progress if size > 256 << 20 else None, f"sha256 {path.name}", size) as advance,
-    ):
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            advance(len(block))
-    return h.hexdigest()
 
 
 class Stages:
