@@ -154,13 +154,21 @@ def parse_modelfile_stops(text: str) -> list[str]:
     return [json.loads(m) for m in re.findall(r"^PARAMETER stop (.+)$", text, flags=re.MULTILINE)]
 
 
-def _hf_ids(refs: list[str | None]) -> list[str]:
+def _hf_ids(refs: list[str | None], inputs: dict[str, dict]) -> list[str]:
+    """Hub ids among the refs: those resolved from the hub (a revision in `inputs`), else those that look like
+    owner/name and are no local folder (when the inputs are unknown)."""
+    resolved = {v["ref"]: v.get("revision") for v in inputs.values() if isinstance(v, dict) and "ref" in v}
     out = []
     for ref in refs:
-        if ref and HF_ID.match(ref.split("@")[0]) and not Path(ref).exists() and not ref.startswith("."):
-            rid = ref.split("@")[0]
-            if rid not in out:
-                out.append(rid)
+        if not ref:
+            continue
+        if ref in resolved:
+            hub = resolved[ref] is not None
+        else:
+            hub = bool(HF_ID.match(ref.split("@")[0])) and not ref.startswith(".") and not Path(ref).exists()
+        rid = ref.split("@")[0]
+        if hub and rid not in out:
+            out.append(rid)
     return out
 
 
@@ -169,7 +177,7 @@ def front_matter(p: PackageInfo) -> dict[str, Any]:
     r = p.recipe
     fm: dict[str, Any] = {"language": list(dict.fromkeys(r.lang_codes))}
     fm["license"] = r.license or "other"
-    base_models = _hf_ids([r.instruct] + [lang.model for lang in r.languages] + [r.base])
+    base_models = _hf_ids([r.instruct] + [lang.model for lang in r.languages] + [r.base], p.inputs)
     if base_models:
         fm["base_model"] = base_models
         fm["base_model_relation"] = "merge"

@@ -145,6 +145,9 @@ def test_front_matter_skips_local_folders(tmp_path):
     fm = front_matter(info)
     assert fm["base_model"] == ["HiTZ/eu_Llama-3.1-8B"]
     assert fm["license"] == "other"
+    # once resolved, a hub model is known by its revision: a local folder named like owner/name is not one
+    info.inputs = {"eu": {"ref": "HiTZ/eu_Llama-3.1-8B@abc123", "revision": None}}
+    assert "base_model" not in front_matter(info)
 
 
 GO_RENDER = """package main
