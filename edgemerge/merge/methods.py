@@ -218,6 +218,7 @@ def generalized_task_arithmetic(
         elif sparsify == "magnitude_outliers":
             tau = magnitude_outliers(xp, tau, opts["density"], opts["gamma"], opts["rescale"])
         d = tau * w
+        del tau
         weights.append(w)
         if consensus:
             weighted.append(d)
@@ -225,10 +226,10 @@ def generalized_task_arithmetic(
             mixed = d if mixed is None else mixed + d
     if consensus:
         total = weighted[0]
-        for d in weighted[1:]:
-            total = total + d
+        for other in weighted[1:]:
+            total = total + other
         positive = total >= 0  # the elected sign: + where the sum is >= 0, else -
-        del total
+        del total, d
         divisor = None
         for w in weights:
             d = weighted.pop(0)  # let each weighted vector go as soon as it is mixed in
@@ -239,8 +240,13 @@ def generalized_task_arithmetic(
             if opts["normalize"]:
                 wpart = xp.where(keep, w, 0.0)
                 divisor = wpart if divisor is None else divisor + wpart
+                del wpart
+            del keep, part
+        del positive
         if opts["normalize"]:
-            mixed = mixed / xp.where(divisor == 0, 1.0, divisor)
+            divisor = xp.where(divisor == 0, 1.0, divisor)
+            mixed = mixed / divisor
+            del divisor
     elif opts["normalize"]:
         total_w = sum(weights)
         mixed = mixed / (1.0 if abs(total_w) < 1e-8 else total_w)
