@@ -12,10 +12,11 @@ stopped and a changed recipe redoes only what the change touches. Library calls 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,9 +353,6 @@ def build(
 ) -> BuildResult:
     """Run every stage (see the module docstring) and return what was built; gates are reported in the result
     (`gate_failures`), not raised: the caller decides (the CLI exits 3 outside the demo)."""
-    from .check import check_compat
-    from .sources import resolve_recipe
-
     t_start = time.perf_counter()
     options = options or BuildOptions()
     recipe = apply_overrides(recipe, options)
@@ -370,6 +368,49 @@ def build(
 
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
+    with build_lock(out):
+        return _build(recipe, options, out, quants, lang, backend, t_start, progress, on_stage, on_plan)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """One build per output folder at a time: an advisory lock on `.<name>.edgemerge.lock` beside it,
+    removed afterwards (no lock where fcntl is missing, i.e. Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = out.parent / f".{out.name}{WORK_SUFFIX}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise EdgemergeError(
+                f"another edgemerge build is writing {out} now; wait for it to finish or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _build(
+    recipe: Recipe,
+    options: BuildOptions,
+    out: Path,
+    quants: list[str],
+    lang: str,
+    backend: str,
+    t_start: float,
+    progress: Progress | None,
+    on_stage: Callable[[StageEvent], None] | None,
+    on_plan: Callable[[Plan], None] | None,
+) -> BuildResult:
+    from .check import check_compat
+    from .sources import resolve_recipe
+
     state = prepare_out(out, recipe.name, force=options.force)
     stages = Stages(state, on_stage, progress)
 

@@ -271,3 +271,16 @@ def test_unknown_backend_exits_2_before_writing(build_family, tmp_path, capsys):
     assert e.value.code == 2
     assert "unknown backend 'cuda'" in capsys.readouterr().err
     assert not out.exists() and not work_dir(out).exists()
+
+
+def test_one_build_per_output_folder_at_a_time(tmp_path):
+    from edgemerge.build import build_lock
+
+    out = tmp_path / "locked"
+    with build_lock(out):
+        with pytest.raises(EdgemergeError, match="another edgemerge build is writing"):
+            with build_lock(out):
+                pass
+    with build_lock(out):  # released, and no lock file left behind
+        pass
+    assert list(tmp_path.iterdir()) == []
