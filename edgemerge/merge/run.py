@@ -20,6 +20,7 @@ from ..recipe import Recipe
 from ..sinks import SafetensorsSink
 from ..sources import RecipeSources, resolve_recipe
 from .engine import MergeStats, merge_into
+from .methods import get_method
 
 # Files of the instruct model that travel with the merge: tokenizer, chat template, generation settings (EOS
 # ids: a merged chat model that never stops is the classic merge bug) and the licence terms.
@@ -62,9 +63,11 @@ def provenance(recipe: Recipe, sources: RecipeSources, stats: MergeStats) -> dic
     return {
         "edgemerge": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "formula": "W = W_instruct + sum_i w_i (W_lang_i - W_base)"
-        if recipe.method == "task_arithmetic"
-        else None,
+        "method": {
+            "name": recipe.method,
+            "title": get_method(recipe.method).title,
+            "paper": get_method(recipe.method).paper,
+        },
         "recipe": recipe.to_yaml_dict(),
         "merge": stats.to_dict(),
         "inputs": {role: src.provenance() for role, src in sources.named()},
