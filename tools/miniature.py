@@ -6,7 +6,7 @@ builds, deterministically on CPU:
   base      stories260K converted GGUF -> Hugging Face (edgemerge.gguf.to_hf)
   lang-eu   base continued-pretrained on Basque (UD Basque-BDT + FLORES-200 dev; never devtest)
   instruct  base fine-tuned on English instructions in the chat format "User: ...\\nAssistant: ...</s>"
-then merges them with edgemerge (task_arithmetic w = 0.5, 1.0, 1.5 and linear), and evaluates every model
+then runs `edgemerge build` on a recipe per merge (task_arithmetic w = 0.5, 1.0, 1.5 and linear), and evaluates every model
 through its GGUF file with llama.cpp on held-out data. Writes OUT/results.json and prints a table.
 """
 
@@ -186,17 +186,11 @@ def chat_batches(sp, pairs: list[tuple[str, str]], cfg: Config, rng: np.random.G
         yield x, y
 
 
-def train(base_dir: Path, out_dir: Path, batches, cfg: Config, label: str) -> dict:
-    """Fine-tune a copy of `base_dir` for cfg.steps AdamW steps (no weight decay: only what the data moves
-    should move, so the task vector is the training signal alone). Returns the loss curve's ends."""
-    import shutil
-
+def _train_loop(base_dir: Path, batches, cfg: Config, label: str):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -214,6 +208,25 @@ def train(base_dir: Path, out_dir: Path, batches, cfg: Config, label: str) -> di
                 f"  {label} step {step + 1}/{cfg.steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
                 flush=True,
             )
+    return model, losses, time.time() - t0
+
+
+def train(base_dir: Path, out_dir: Path, batches, cfg: Config, label: str) -> dict:
+    """Fine-tune a copy of `base_dir` for cfg.steps AdamW steps (no weight decay: only what the data moves
+    should move, so the task vector is the training signal alone). Returns the loss curve's ends."""
+    import shutil
+
+    import torch
+
+    # process-wide torch settings, restored afterwards (the test suite runs this in-process)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        model, losses, seconds = _train_loop(base_dir, batches, cfg, label)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -223,7 +236,7 @@ def train(base_dir: Path, out_dir: Path, batches, cfg: Config, label: str) -> di
     shutil.copy(base_dir / "generation_config.json", tmp / "generation_config.json")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])), "seconds": time.time() - t0}
+    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])), "seconds": seconds}
 
 
 # ---------------------------------------------------------------- evaluation (llama.cpp on the GGUF files)
@@ -538,21 +551,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-eu", type=Path, default=d.eval_eu, help="held-out Basque text (FLORES devtest)")
     p.add_argument("--eval-en", type=Path, default=d.eval_en, help="held-out English text (FLORES devtest)")
     p.add_argument("--qa-eu", type=Path, default=d.qa_eu, help="TruthfulQA-eu validation.json")
-    for name in (
-        "steps",
-        "batch",
-        "seq",
-        "seed",
-        "lines_per_doc",
-        "threads",
-        "held_out",
-        "eval_lines",
-        "gen_prompts",
-        "q8_lines",
-        "max_new_tokens",
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lr", type=float, default=d.lr)
+    helps = {
+        "steps": "AdamW steps per fine-tune",
+        "batch": "sequences per step",
+        "seq": "tokens per sequence",
+        "seed": "random seed (data order)",
+        "lines_per_doc": "Basque lines per pretraining document (closed by </s>)",
+        "threads": "CPU threads for training and llama.cpp (results are reproducible for a given count)",
+        "held_out": "last N instruction pairs kept out of training (ans_ppl_en, stop_rate_en)",
+        "eval_lines": "evaluate on the first N lines/questions only (0 = all)",
+        "gen_prompts": "greedy answers per language for the stop rates",
+        "q8_lines": "Basque lines for the Q8_0 vs F16 top-1 agreement",
+        "max_new_tokens": "token limit of a greedy answer",
+    }
+    for name, text in helps.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=getattr(d, name),
+            help=f"{text} ({getattr(d, name)})",
+        )
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr})")
     p.add_argument("--force", action="store_true", help="retrain even when OUT/models matches the settings")
     args = p.parse_args(argv)
     cfg = Config(**vars(args))
