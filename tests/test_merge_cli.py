@@ -258,3 +258,26 @@ def test_merge_to_gguf_from_the_command_line(cli, tmp_path, merge_family):
     assert json.loads(out)["format"] == "gguf" and (tmp_path / "m.gguf").stat().st_size > 1_000_000
     code, _, err = cli("merge", recipe, "--gguf", tmp_path / "m.gguf")
     assert code == 2 and "already exists" in err and err.count("\n") == 1
+
+
+def test_backend_choice(cli, tmp_path, merge_family, monkeypatch):
+    import platform
+
+    from edgemerge.merge.backends import resolve_backend_name
+
+    recipe = write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0})
+    assert_user_error(
+        cli,
+        recipe,
+        tmp_path / "out",
+        "unknown backend 'cuda'",
+        "auto, torch, mlx",
+        extra=("--backend", "cuda"),
+    )
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    assert resolve_backend_name("auto") == "torch"
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    monkeypatch.setitem(sys.modules, "mlx", None)
+    monkeypatch.setitem(sys.modules, "mlx.core", None)
+    assert resolve_backend_name("auto") == "torch"  # Apple silicon without mlx installed

@@ -71,3 +71,14 @@ def test_fused_gguf_is_the_same_file_on_both_backends(tmp_path, merge_family):
     files = [merge_to_gguf(recipe, tmp_path / f"{b}.gguf", backend=b) for b in ("torch", "mlx")]
     digests = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     assert len(digests) == 1
+
+
+def test_auto_picks_mlx_on_apple_silicon(monkeypatch):
+    import platform
+
+    from edgemerge.merge.backends import resolve_backend_name
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert resolve_backend_name("auto") == "mlx"
+    assert get_backend("auto").name == "mlx"
