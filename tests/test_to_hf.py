@@ -87,3 +87,23 @@ def test_round_trip_through_export_keeps_every_tensor(stories_hf, tmp_path):
         assert np.array_equal(np.asarray(t.data), seed_tensors[t.name]), t.name
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         assert back.fields[key].contents() == seed.fields[key].contents(), key
+
+
+def test_small_shards_hold_the_same_tensors(stories_hf, tmp_path):
+    """With a shard limit below the model size, several shards and an index are written, same tensors."""
+    from safetensors.numpy import load_file
+
+    seed = need_shared("models", "stories260K")
+    out = gguf_to_hf(
+        seed / "stories260K.gguf",
+        tmp_path / "sharded",
+        tokenizer_model=seed / "tok512.model",
+        shard_bytes=300_000,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / f).is_file() for f in shards)
+    whole = load_file(stories_hf / "model.safetensors")
+    parts = {k: v for f in shards for k, v in load_file(out / f).items()}
+    assert sorted(parts) == sorted(whole) == sorted(index["weight_map"])
+    assert all(np.array_equal(parts[k], whole[k]) for k in whole)

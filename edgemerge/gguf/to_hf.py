@@ -141,7 +141,7 @@ def check_sentencepiece(reader, tokenizer_model: Path) -> None:
         )
 
 
-def write_tokenizer(out: Path, tokenizer_model: Path, shape: LlamaShape, chat_template: str | None) -> None:
+def write_tokenizer(out: Path, tokenizer_model: Path, chat_template: str | None) -> None:
     """A Llama SentencePiece tokenizer folder: tokenizer.model (kept for GGUF export) + transformers' files."""
     from transformers import LlamaTokenizer
 
@@ -178,6 +178,10 @@ def gguf_to_hf(
     except (ValueError, OSError) as e:
         raise EdgemergeError(f"{gguf_file} is not a readable GGUF file ({e})") from None
     shape = read_shape(reader)
+    if not Path(tokenizer_model).is_file():
+        raise EdgemergeError(
+            f"tokenizer {tokenizer_model} not found: give the SentencePiece .model file the GGUF was converted from"
+        )
     check_sentencepiece(reader, Path(tokenizer_model))
     names = hf_names(shape.num_hidden_layers)
     dtypes = {t.tensor_type.name for t in reader.tensors}
@@ -220,7 +224,7 @@ def gguf_to_hf(
         flush()
         _write_index(tmp, written, weight_map)
         _write_config(tmp, shape, torch_dtype)
-        write_tokenizer(tmp, Path(tokenizer_model), shape, chat_template)
+        write_tokenizer(tmp, Path(tokenizer_model), chat_template)
     return out_dir
 
 
