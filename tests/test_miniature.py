@@ -44,6 +44,9 @@ def miniature(tmp_path_factory):
     need_shared("models", "stories260K", "stories260K.gguf")
     need_shared("bench", "truthfulqa_multi", "eu", "validation.json")
     need_shared("instruct", "rasbt_llms_from_scratch", "instruction-data.json")
+    for name in ("eus_Latn.dev", "eus_Latn.devtest", "eng_Latn.devtest"):
+        need_shared("text", "flores200", name)
+    need_shared("text", "ud", "eu_bdt-dev.txt")
     pytest.importorskip("llama_cpp")
     tool = _tool()
     out = tmp_path_factory.mktemp("miniature")
