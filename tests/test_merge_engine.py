@@ -183,11 +183,23 @@ def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_fam
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-def test_blockwise_merge_equals_whole_tensor_merge(tmp_path, merge_family, monkeypatch):
-    """Elementwise methods run on row blocks of big tensors: same bytes as merging whole tensors."""
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [
+        ("task_arithmetic", {}),
+        ("ties", {"density": 0.5}),
+        ("dare_ties", {"density": 0.6}),
+        ("breadcrumbs", {"density": 0.9}),
+    ],
+)
+def test_blockwise_merge_equals_whole_tensor_merge(tmp_path, merge_family, monkeypatch, method, opts):
+    """Tensors above BLOCK_ELEMENTS are merged in row blocks (sparsifiers plan on the whole tensor first):
+    the same bytes as merging whole tensors."""
     from edgemerge.merge import engine
 
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method="ties"))
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
+    )
     whole = read_out(merge_to_hf(recipe, tmp_path / "whole"))
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
     spec = TensorSpec("model.embed_tokens.weight", (512, 256), "bfloat16")

@@ -14,20 +14,32 @@ from .merge_reference import reference
 
 
 class ArrayInputs:
-    """TensorInputs over numpy arrays."""
+    """TensorInputs over numpy arrays, whole or cut into row blocks."""
 
-    def __init__(self, xp, name, instruct, base, langs, weights):
-        self.xp, self.name, self.weights = xp, name, list(weights)
+    def __init__(self, xp, name, instruct, base, langs, weights, pieces=(None,)):
+        self.xp, self.name, self.weights, self.pieces = xp, name, list(weights), list(pieces)
+        self.shape = tuple(base.shape)
         self._instruct, self._base, self._langs = instruct, base, langs
 
-    def instruct(self):
-        return self.xp.from_numpy(self._instruct)
+    def _get(self, a, rows):
+        return self.xp.from_numpy(a if rows is None else np.ascontiguousarray(a[rows]))
 
-    def base(self):
-        return self.xp.from_numpy(self._base)
+    def instruct(self, rows=None):
+        return self._get(self._instruct, rows)
 
-    def language(self, i):
-        return self.xp.from_numpy(self._langs[i])
+    def base(self, rows=None):
+        return self._get(self._base, rows)
+
+    def language(self, i, rows=None):
+        return self._get(self._langs[i], rows)
+
+
+def merged(method, xp, inputs, opts):
+    """The whole merged tensor as float32 numpy, assembled from the method's blocks."""
+    out = np.empty(inputs.shape, np.float32)
+    for rows, block in method.merge(xp, inputs, opts):
+        out[slice(None) if rows is None else rows] = xp.to_numpy(block, "float32")
+    return out
 
 
 def bf16(a):
@@ -46,9 +58,7 @@ def run(method, opts, shape=(64, 48), weights=(0.6, 0.3), name="model.layers.0.m
     xp = xp or get_backend("torch")
     instruct, base, langs = family(shape, len(weights))
     m = get_method(method)
-    got = xp.to_numpy(
-        m.merge(xp, ArrayInputs(xp, name, instruct, base, langs, weights), m.parse_options(opts)), "float32"
-    )
+    got = merged(m, xp, ArrayInputs(xp, name, instruct, base, langs, weights), m.parse_options(opts))
     want = reference(method, name, instruct, base, langs, weights, opts)
     return got, want, (instruct, base, langs)
 
@@ -178,3 +188,16 @@ def test_bad_options_name_the_option(method, opts, needle):
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(EdgemergeError, match="unknown merge method 'slerp'; choose one of: task_arithmetic"):
         get_method("slerp")
+
+
+@pytest.mark.parametrize(("method", "opts"), CASES)
+def test_row_blocks_give_the_whole_tensor_result(method, opts):
+    """Sparsification statistics are global: merging in uneven row blocks changes no bit."""
+    xp = get_backend("torch")
+    instruct, base, langs = family((64, 48))
+    m = get_method(method)
+    o = m.parse_options(opts)
+    whole = merged(m, xp, ArrayInputs(xp, "w", instruct, base, langs, [0.6, 0.3]), o)
+    blocks = [slice(0, 5), slice(5, 6), slice(6, 40), slice(40, 64)]
+    parts = merged(m, xp, ArrayInputs(xp, "w", instruct, base, langs, [0.6, 0.3], blocks), o)
+    assert np.array_equal(whole.view(np.uint32), parts.view(np.uint32))

@@ -38,8 +38,8 @@ def test_each_method_on_mlx_matches_numpy_and_torch(method, opts):
     results = {}
     for name in ("torch", "mlx"):
         xp = get_backend(name)
-        merged = m.merge(xp, ArrayInputs(xp, "w", instruct, base, langs, [0.6, 0.3]), o)
-        results[name] = (xp.to_numpy(merged, "float32"), xp.to_numpy(merged, "bfloat16"))
+        ((_, block),) = m.merge(xp, ArrayInputs(xp, "w", instruct, base, langs, [0.6, 0.3]), o)
+        results[name] = (xp.to_numpy(block, "float32"), xp.to_numpy(block, "bfloat16"))
     want = reference(method, "w", instruct, base, langs, [0.6, 0.3], opts)
     np.testing.assert_allclose(results["mlx"][0], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(results["mlx"][0], results["torch"][0], rtol=1e-6, atol=1e-7)

@@ -1,11 +1,11 @@
 """The streaming merge: a loop over tensor names, one tensor of every input at a time, into a sink.
 
-Inputs are read through safetensors' `safe_open`; the next piece is read in a background thread while the
-current one is merged (torch/mlx use every core for the arithmetic). Methods that are elementwise for their
-options (task_arithmetic, linear, the others at density 1) run on blocks of at most BLOCK_ELEMENTS, read as row
-slices, so the float32 working set is bounded whatever the tensor size; the whole output tensor is kept only in
-the output dtype. Sparsifying methods need a whole tensor at once (top-k and norms are global): their peak is
-several float32 copies of the largest tensor. Every merged tensor is checked for NaN/Inf and rounded once to the
+Inputs are read through safetensors' `safe_open`; the next small tensor is read in a background thread while
+the current one is merged (torch/mlx use every core for the arithmetic). Tensors larger than BLOCK_ELEMENTS are
+merged in row blocks read as slices, so the float32 working set is bounded whatever the tensor size; the whole
+output tensor is kept only in the output dtype. Sparsifying methods first walk the blocks to fix their
+thresholds, which needs one float32 copy of a task vector's magnitudes (see methods.plan_sparsifier).
+Every merged tensor is checked for NaN/Inf and rounded once to the
 recipe's dtype before the sink sees it, so every sink receives the same values.
 """
 
@@ -27,7 +27,7 @@ from ..progress import Progress, task
 from ..recipe import Recipe
 from ..sinks import Sink, TensorSpec
 from ..sources import RecipeSources
-from .backends import Array, Backend, get_backend
+from .backends import Array, get_backend
 from .methods import get_method
 
 
@@ -98,23 +98,27 @@ def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
 
 
 class _Inputs:
-    """`TensorInputs` for one tensor: index 0 instruct, 1 base, 2.. the languages."""
+    """`TensorInputs` for one tensor: index 0 instruct, 1 base, 2.. the languages. Whole arrays read ahead by
+    the prefetch thread are used once; anything else (row blocks, second passes) is read when asked for."""
 
-    def __init__(self, name: str, weights: list[float], arrays: dict[int, np.ndarray], xp: Backend):
-        self.name, self.weights, self._arrays, self._xp = name, weights, arrays, xp
+    def __init__(self, name, shape, weights, pieces, readers: _Readers, preloaded: dict[int, np.ndarray], xp):
+        self.name, self.shape, self.weights, self.pieces = name, shape, weights, pieces
+        self._readers, self._pre, self._xp = readers, preloaded, xp
 
-    def _take(self, i: int) -> Array:
-        # each input is read once: drop the raw array as soon as the backend has its float32 copy
-        return self._xp.from_numpy(self._arrays.pop(i))
+    def _get(self, i: int, rows: slice | None) -> Array:
+        if rows is None and i in self._pre:
+            # drop the raw array as soon as the backend has its float32 copy
+            return self._xp.from_numpy(self._pre.pop(i))
+        return self._xp.from_numpy(self._readers.load((self.name, rows), [i])[i])
 
-    def instruct(self) -> Array:
-        return self._take(0)
+    def instruct(self, rows: slice | None = None) -> Array:
+        return self._get(0, rows)
 
-    def base(self) -> Array:
-        return self._take(1)
+    def base(self, rows: slice | None = None) -> Array:
+        return self._get(1, rows)
 
-    def language(self, i: int) -> Array:
-        return self._take(2 + i)
+    def language(self, i: int, rows: slice | None = None) -> Array:
+        return self._get(2 + i, rows)
 
 
 def _non_finite_error(name: str, arrays: dict[int, np.ndarray], models: list[ModelTensors]) -> EdgemergeError:
@@ -155,34 +159,39 @@ def merge_into(
         if sorted(order) != sorted(by_name):
             raise AssertionError("sink.open must return every tensor name exactly once")
         total = sum(by_name[n].nbytes for n in order)
-        blockwise = method.elementwise(opts)
-        work = [(name, rows) for name in order for rows in pieces(by_name[name], blockwise)]
         out_dtype = np.dtype(ml_dtypes.bfloat16) if recipe.dtype == "bfloat16" else np.dtype(recipe.dtype)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
             readers = _Readers(report.models, stack)
+
+            def read_ahead(name: str):
+                # small tensors (one piece) are read whole in the background while the previous one merges
+                if pieces(by_name[name], True) == [None]:
+                    return pool.submit(readers.load, (name, None), indices)
+                return None
+
             with task(progress, f"merge ({method.name}, {xp.name})", total) as advance:
-                pending = None
-                out = None
-                for i, (name, rows) in enumerate(work):
-                    arrays = pending.result() if pending is not None else readers.load(work[i], indices)
-                    pending = None
-                    if i + 1 < len(work) and _size(by_name, work[i + 1]) <= BLOCK_ELEMENTS:
-                        pending = pool.submit(readers.load, work[i + 1], indices)  # big ones: no second copy
-                    xp.begin_tensor(arrays[0].size)
-                    merged = method.merge(xp, _Inputs(name, weights, arrays, xp), opts)
-                    if not xp.all_finite(merged):
-                        raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
-                    block = xp.to_numpy(merged, recipe.dtype)
-                    del merged, arrays
-                    if rows is None:
-                        out = block
-                    else:
-                        if rows.start == 0:
-                            out = np.empty(by_name[name].shape, dtype=out_dtype)
-                        out[rows] = block
-                        if rows.stop < by_name[name].shape[0]:
-                            continue
-                    del block
+                pending = read_ahead(order[0]) if order else None
+                for i, name in enumerate(order):
+                    spec = by_name[name]
+                    preloaded = pending.result() if pending is not None else {}
+                    pending = read_ahead(order[i + 1]) if i + 1 < len(order) else None
+                    parts = pieces(spec, True)
+                    xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
+                    t = _Inputs(name, spec.shape, weights, parts, readers, preloaded, xp)
+                    out = None
+                    for rows, merged in method.merge(xp, t, opts):
+                        if not xp.all_finite(merged):
+                            raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
+                        block = xp.to_numpy(merged, recipe.dtype)
+                        del merged
+                        if rows is None:
+                            out = block
+                        else:
+                            if out is None:
+                                out = np.empty(spec.shape, dtype=out_dtype)
+                            out[rows] = block
+                        del block
+                    del t, preloaded
                     sink.write(name, out)
                     stats.tensors += 1
                     stats.params += out.size

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,16 +36,21 @@ from .backends import Array, Backend
 
 
 class TensorInputs(Protocol):
-    """One tensor of every input model, loaded on demand as float32 backend arrays."""
+    """One tensor of every input model, read on demand as float32 backend arrays, whole or by row block.
+
+    `pieces` are the row blocks (`None`: the whole tensor) a method walks through; a loader called with
+    `rows` returns only those rows. Methods may walk the pieces several times (sparsification statistics)."""
 
     name: str
+    shape: tuple[int, ...]
     weights: list[float]  # w_i of the language models, in recipe order
+    pieces: list[slice | None]
 
-    def instruct(self) -> Array: ...
+    def instruct(self, rows: slice | None = None) -> Array: ...
 
-    def base(self) -> Array: ...
+    def base(self, rows: slice | None = None) -> Array: ...
 
-    def language(self, i: int) -> Array: ...
+    def language(self, i: int, rows: slice | None = None) -> Array: ...
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -107,63 +112,54 @@ def _opt_rescale(default: bool) -> Option:
 # ---------------------------------------------------------------------------------------------- sparsification
 
 
+@dataclass
+class RankCut:
+    """Entries whose position in the stable ascending sort of the flattened |tau| is >= r.
+
+    With v the r-th smallest value (0-based) and `skip` = r - #(values < v), an entry is in iff it is > v, or
+    equal to v and not among the first `skip` entries equal to v in row-major order. v and skip come from one
+    pass over the whole tensor (numpy's in-place partition on the host: the same on every backend); the
+    entries equal to v are counted block by block, so the mask can then be built one block at a time.
+    """
+
+    v: float
+    skip: int
+    eq_before: list[int] = field(default_factory=list)  # entries == v in the blocks before block k
+    all_in: bool = False
+    none_in: bool = False
+
+    def keep(self, xp: Backend, a: Array, k: int) -> Array:
+        """The mask for block k, given its |tau| values `a`."""
+        if self.all_in or self.none_in:
+            return xp.mask_from_numpy(np.full(tuple(a.shape), self.all_in))
+        eq = a == self.v
+        local = self.skip - self.eq_before[k]
+        if local <= 0:
+            return (a > self.v) | eq
+        return (a > self.v) | xp.true_after(eq, local)
+
+
+def rank_cuts(a: np.ndarray, ranks: list[int]) -> list[RankCut]:
+    """RankCuts of the flattened float32 magnitudes `a` (partitioned in place: `a` is scratch)."""
+    n = a.size
+    inner = sorted({r for r in ranks if 0 < r < n})
+    if inner:
+        a.partition(inner)
+    cuts = []
+    for r in ranks:
+        if r <= 0 or r >= n:
+            cuts.append(RankCut(0.0, 0, all_in=r <= 0, none_in=r >= n))
+        else:
+            v = a[r]
+            cuts.append(RankCut(float(v), r - int(np.count_nonzero(a[:r] < v))))
+    return cuts
+
+
 def rank_at_least(xp: Backend, x: Array, r: int) -> Array:
-    """Mask of the entries whose position in the stable ascending sort of flattened `x` is >= r.
-
-    With v the r-th smallest value (0-based), the entries > v are kept, those < v dropped, and of the entries
-    equal to v (they occupy positions n_lt .. n_lt+n_eq-1, in index order) the j-th is kept iff n_lt + j >= r.
-    Needs no index sort: a k-th value, a count and `true_after` (the True entries after the first `skip`).
-    """
-    n = math.prod(x.shape)
-    if r <= 0 or r >= n:
-        return xp.mask_from_numpy(np.full(tuple(x.shape), r <= 0))
-    v = xp.kth_smallest(x, r)
-    eq = x == v
-    skip = r - xp.count(x < v)
-    return (x > v) | (eq if skip == 0 else xp.true_after(eq, skip))
-
-
-def rescale_l1(xp: Backend, tau: Array, kept: Array, eps: float = 1e-7) -> Array:
-    """tau * kept * (|tau|_1 / |tau * kept|_1), or just tau * kept when either norm is below eps (mergekit)."""
-    masked = xp.where(kept, tau, 0.0)
-    before = xp.sum(xp.abs(tau))
-    after = xp.sum(xp.abs(masked))
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
-
-
-def magnitude(xp: Backend, tau: Array, density: float, rescale: bool) -> Array:
-    """Keep the k = floor(density * n) entries of largest |tau| (TIES trimming); optional L1 rescale.
-
-    mergekit asserts k > 0; here a tensor too small to keep any entry loses its whole task vector.
-    """
-    if density >= 1:
-        return tau
-    n = math.prod(tau.shape)
-    k = int(density * n)
-    kept = rank_at_least(xp, xp.abs(tau), n - k)
-    return rescale_l1(xp, tau, kept) if rescale else xp.where(kept, tau, 0.0)
-
-
-def magnitude_outliers(xp: Backend, tau: Array, density: float, gamma: float, rescale: bool) -> Array:
-    """Model Breadcrumbs: drop the n_top = floor(gamma n) largest |tau| and the n_bot smallest, keeping
-    floor(density n) entries (n_bot = n - floor(density n) - n_top; if negative, fewer large ones are dropped).
-
-    mergekit slices `indices[n_bot:-n_top]`, which keeps nothing when n_top == 0; here n_top == 0 keeps the top.
-    """
-    if density >= 1:
-        return tau
-    n = math.prod(tau.shape)
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
-    a = xp.abs(tau)
-    kept = rank_at_least(xp, a, n_bot) & ~rank_at_least(xp, a, n - n_top)
-    return rescale_l1(xp, tau, kept) if rescale else xp.where(kept, tau, 0.0)
+    """Mask of the entries of a whole array whose stable ascending rank is >= r (see RankCut)."""
+    (cut,) = rank_cuts(xp.to_numpy(x, "float32").reshape(-1).copy(), [r])
+    cut.eq_before = [0]
+    return cut.keep(xp, x, 0)
 
 
 _MASK_CHUNK = 1 << 22
@@ -183,90 +179,162 @@ def dare_mask(seed: int, tensor: str, model: int, shape: tuple[int, ...], densit
     return out.reshape(shape)
 
 
-def bernoulli(xp: Backend, tau: Array, density: float, rescale: bool, key: tuple[int, str, int]) -> Array:
-    """DARE: drop each entry with probability 1 - density (`dare_mask`); rescale to the original L1 norm
-    (mergekit's `rescale`, default on for DARE, replaces the paper's 1/density)."""
+def _load(t: TensorInputs, index: int, rows: slice | None) -> Array:
+    """Model `index` of the task vectors: 0 the instruct model, i + 1 language model i."""
+    return t.instruct(rows) if index == 0 else t.language(index - 1, rows)
+
+
+@dataclass
+class Sparsifier:
+    """How one task vector is sparsified, decided from the whole tensor, applied block by block.
+
+    magnitude (TIES):  keep the k = floor(density n) largest |tau| (mergekit asserts k > 0; here a tensor too
+                       small to keep one entry loses its task vector).
+    magnitude_outliers (Breadcrumbs): drop the n_top = floor(gamma n) largest and the n_bot smallest |tau|,
+                       keeping floor(density n); if n_bot < 0, fewer large ones are dropped. mergekit slices
+                       `[n_bot:-n_top]`, which keeps nothing when n_top == 0; here n_top == 0 keeps the top.
+    random (DARE):     keep where dare_mask is True.
+    rescale:           tau * keep * (|tau|_1 / |tau * keep|_1), unless either norm is below 1e-7 (mergekit's
+                       L1 `rescale`, default on for DARE, in place of the paper's 1/density).
+    """
+
+    cuts: list[RankCut] = field(default_factory=list)  # keep = cut0 and not cut1 (Breadcrumbs)
+    mask: np.ndarray | None = None
+    scale: float | None = None
+
+    def keep(self, xp: Backend, tau: Array, k: int, rows: slice | None) -> Array:
+        if self.mask is not None:
+            return xp.mask_from_numpy(self.mask if rows is None else self.mask[rows])
+        a = xp.abs(tau)
+        kept = self.cuts[0].keep(xp, a, k)
+        if len(self.cuts) > 1:
+            kept = kept & ~self.cuts[1].keep(xp, a, k)
+        return kept
+
+    def apply(self, xp: Backend, tau: Array, k: int, rows: slice | None) -> Array:
+        masked = xp.where(self.keep(xp, tau, k, rows), tau, 0.0)
+        return masked if self.scale is None else masked * self.scale
+
+
+def plan_sparsifier(
+    xp: Backend, t: TensorInputs, opts: dict[str, Any], kind: str, index: int
+) -> Sparsifier | None:
+    """Walk the task vector's blocks to fix its sparsification (None: density 1, nothing dropped)."""
+    density = opts["density"]
     if density >= 1:
-        return tau
-    seed, name, model = key
-    kept = xp.mask_from_numpy(dare_mask(seed, name, model, tuple(tau.shape), density))
-    return rescale_l1(xp, tau, kept) if rescale else xp.where(kept, tau, 0.0)
+        return None
+    n = math.prod(t.shape)
+    plan = Sparsifier()
+    before = 0.0
+    if kind == "random":
+        plan.mask = dare_mask(opts["seed"], t.name, index, tuple(t.shape), density)
+        if opts["rescale"]:
+            before = sum(xp.sum(xp.abs(_load(t, index, rows) - t.base(rows))) for rows in t.pieces)
+    else:
+        if kind == "magnitude":
+            ranks = [n - int(density * n)]
+        else:
+            target, n_top = int(density * n), int(opts["gamma"] * n)
+            n_bot = n - target - n_top
+            if n_bot < 0:
+                n_top, n_bot = n_top + n_bot, 0
+            ranks = [n_bot, n - n_top]
+        a = np.empty(n, dtype=np.float32)  # the one whole-tensor buffer: magnitudes for the k-th values
+        pos = 0
+        for rows in t.pieces:
+            block = xp.to_numpy(xp.abs(_load(t, index, rows) - t.base(rows)), "float32").reshape(-1)
+            a[pos : pos + block.size] = block
+            pos += block.size
+        if opts["rescale"]:
+            before = float(a.sum(dtype=np.float64))
+        plan.cuts = rank_cuts(a, ranks)
+        del a
+        seen = [0] * len(plan.cuts)
+        for rows in t.pieces:
+            mag = xp.abs(_load(t, index, rows) - t.base(rows))
+            for c, cut in enumerate(plan.cuts):
+                cut.eq_before.append(seen[c])
+                if not (cut.all_in or cut.none_in):
+                    seen[c] += xp.count(mag == cut.v)
+    if opts["rescale"]:
+        after = 0.0
+        for k, rows in enumerate(t.pieces):
+            tau = _load(t, index, rows) - t.base(rows)
+            after += xp.sum(xp.abs(xp.where(plan.keep(xp, tau, k, rows), tau, 0.0)))
+        if before >= 1e-7 and after >= 1e-7:
+            plan.scale = before / after
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------- methods
 
-
-def _task_vectors(t: TensorInputs) -> list[tuple[Callable[[], Array], float]]:
-    """(loader, weight) of every task vector's model: the instruct at weight 1, then the languages."""
-    return [(t.instruct, 1.0)] + [((lambda i=i: t.language(i)), w) for i, w in enumerate(t.weights)]
+Blocks = Iterator[tuple[slice | None, Array]]
 
 
 def generalized_task_arithmetic(
     xp: Backend, t: TensorInputs, opts: dict[str, Any], *, sparsify: str | None, consensus: bool
-) -> Array:
-    """W = W_base + lambda * mix(w_i * sparsify(tau_i)); see the module docstring for `mix`."""
-    base = t.base()
-    weighted: list[Array] = []
-    mixed = None
-    weights = []
-    for index, (load, w) in enumerate(_task_vectors(t)):
-        tau = load() - base
-        if sparsify == "magnitude":
-            tau = magnitude(xp, tau, opts["density"], opts["rescale"])
-        elif sparsify == "random":
-            tau = bernoulli(xp, tau, opts["density"], opts["rescale"], (opts["seed"], t.name, index))
-        elif sparsify == "magnitude_outliers":
-            tau = magnitude_outliers(xp, tau, opts["density"], opts["gamma"], opts["rescale"])
-        d = tau * w
-        del tau
-        weights.append(w)
-        if consensus:
-            weighted.append(d)
-        else:
-            mixed = d if mixed is None else mixed + d
-    if consensus:
-        total = weighted[0]
-        for other in weighted[1:]:
-            total = total + other
-        positive = total >= 0  # the elected sign: + where the sum is >= 0, else -
-        del total, d
-        divisor = None
-        for w in weights:
-            d = weighted.pop(0)  # let each weighted vector go as soon as it is mixed in
-            keep = (positive & (d > 0)) | (~positive & (d < 0))  # sign(d) == elected sign (0 never agrees)
-            part = xp.where(keep, d, 0.0)
+) -> Blocks:
+    """W = W_base + lambda * mix(w_i * sparsify(tau_i)), block by block; see the module docstring for `mix`."""
+    weights = [1.0, *t.weights]
+    plans = [plan_sparsifier(xp, t, opts, sparsify, i) if sparsify else None for i in range(len(weights))]
+    for k, rows in enumerate(t.pieces):
+        base = t.base(rows)
+        weighted: list[Array] = []
+        mixed = None
+        for index, w in enumerate(weights):
+            tau = _load(t, index, rows) - base
+            if plans[index] is not None:
+                tau = plans[index].apply(xp, tau, k, rows)
+            d = tau * w
+            del tau
+            if consensus:
+                weighted.append(d)
+            else:
+                mixed = d if mixed is None else mixed + d
             del d
-            mixed = part if mixed is None else mixed + part
+        if consensus:
+            total = weighted[0]
+            for other in weighted[1:]:
+                total = total + other
+            positive = total >= 0  # the elected sign: + where the sum is >= 0, else -
+            del total
+            divisor = None
+            for w in weights:
+                d = weighted.pop(0)  # let each weighted vector go as soon as it is mixed in
+                keep = (positive & (d > 0)) | (
+                    ~positive & (d < 0)
+                )  # sign(d) == elected sign (0 never agrees)
+                part = xp.where(keep, d, 0.0)
+                del d
+                mixed = part if mixed is None else mixed + part
+                if opts["normalize"]:
+                    wpart = xp.where(keep, w, 0.0)
+                    divisor = wpart if divisor is None else divisor + wpart
+                    del wpart
+                del keep, part
+            del positive
             if opts["normalize"]:
-                wpart = xp.where(keep, w, 0.0)
-                divisor = wpart if divisor is None else divisor + wpart
-                del wpart
-            del keep, part
-        del positive
-        if opts["normalize"]:
-            divisor = xp.where(divisor == 0, 1.0, divisor)
-            mixed = mixed / divisor
-            del divisor
-    elif opts["normalize"]:
-        total_w = sum(weights)
-        mixed = mixed / (1.0 if abs(total_w) < 1e-8 else total_w)
-    if opts["lambda"] != 1:
-        mixed = mixed * opts["lambda"]
-    return base + mixed
+                divisor = xp.where(divisor == 0, 1.0, divisor)
+                mixed = mixed / divisor
+                del divisor
+        elif opts["normalize"]:
+            total_w = sum(weights)
+            mixed = mixed / (1.0 if abs(total_w) < 1e-8 else total_w)
+        if opts["lambda"] != 1:
+            mixed = mixed * opts["lambda"]
+        yield rows, base + mixed
 
 
-def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Array:
+def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
     """W = (W_instruct + sum_i w_i W_lang_i) / (1 + sum_i w_i); without normalize, no division."""
-    acc = None
-    for load, w in _task_vectors(t):
-        term = load() * w if w != 1.0 else load()
-        acc = term if acc is None else acc + term
-    if opts["normalize"]:
-        total = 1.0 + sum(t.weights)
-        if abs(total) < 1e-8:
-            raise EdgemergeError("linear merge: 1 + sum of the language weights is 0; change the weights")
-        acc = acc / total
-    return acc
+    total = 1.0 + sum(t.weights)
+    if opts["normalize"] and abs(total) < 1e-8:
+        raise EdgemergeError("linear merge: 1 + sum of the language weights is 0; change the weights")
+    for rows in t.pieces:
+        acc = t.instruct(rows)
+        for i, w in enumerate(t.weights):
+            acc = acc + (t.language(i, rows) * w if w != 1.0 else t.language(i, rows))
+        yield rows, acc / total if opts["normalize"] else acc
 
 
 @dataclass(frozen=True)
@@ -277,7 +345,7 @@ class MergeMethod:
     title: str
     paper: str
     options: tuple[Option, ...]
-    fn: Callable[[Backend, TensorInputs, dict[str, Any]], Array]
+    fn: Callable[[Backend, TensorInputs, dict[str, Any]], Blocks]
     uses_base: bool = True
     sparsify: str | None = None
 
@@ -300,18 +368,13 @@ class MergeMethod:
                 out[name] = opt.default
         return out
 
-    def elementwise(self, opts: dict[str, Any]) -> bool:
-        """True when each output element depends only on the same element of the inputs (no top-k, norms or
-        tensor-keyed masks), so the engine may merge a tensor block by block."""
-        return self.sparsify is None or opts.get("density", 1.0) >= 1
-
-    def merge(self, xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Array:
-        """The merged float32 tensor (`opts` from `parse_options`)."""
+    def merge(self, xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
+        """The merged float32 tensor, one (rows, array) per piece of `t.pieces` (`opts` from `parse_options`)."""
         return self.fn(xp, t, opts)
 
 
 def _gta(sparsify: str | None, consensus: bool):
-    def fn(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Array:
+    def fn(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
         return generalized_task_arithmetic(xp, t, opts, sparsify=sparsify, consensus=consensus)
 
     return fn
