@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", nargs="?", const="-", help="write results as JSON to this file ('-': stdout)")
     ap.add_argument(
-        "--profile", action="store_true", help="cProfile edgemerge's merge+export on the last size"
+        "--profile", action="store_true", help="profile edgemerge's merge+export on the largest size (py-spy)"
     )
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -451,17 +451,21 @@ def main(argv: list[str] | None = None) -> int:
     args.root.mkdir(parents=True, exist_ok=True)
     tools = find_tools(args.mergekit, args.converter, args.edgemerge_route)
     print(f"edgemerge route: {tools.edgemerge_route}; converter: {tools.converter}", file=sys.stderr)
-    results = [bench_size(s, args.root, tools, args.reps, routes, args.tokenizer) for s in sizes]
-    table = format_tables(results)
+    results = []
+    for size in sizes:
+        results.append(bench_size(size, args.root, tools, args.reps, routes, args.tokenizer))
+        # after each size: the table so far on stderr, the JSON so far on disk (a long run can be cut short)
+        print(format_tables(results), file=sys.stderr, flush=True)
+        if args.json and args.json != "-":
+            Path(args.json).write_text(json.dumps(_jsonable(results), indent=2))
     if args.json == "-":
         print(json.dumps(_jsonable(results), indent=2))
     else:
-        print(table)
-        if args.json:
-            Path(args.json).write_text(json.dumps(_jsonable(results), indent=2))
+        print(format_tables(results))
     if args.profile:
-        fam = args.root / sizes[-1]
-        print(profile_merge(fam, args.root / f"work-{sizes[-1]}", near=tools.mergekit), file=sys.stderr)
+        big = max(sizes, key=lambda s: n_params(SIZES[s]))
+        print(f"profile of edgemerge merge --gguf, {big}:", file=sys.stderr)
+        print(profile_merge(args.root / big, args.root / f"work-{big}", near=tools.mergekit), file=sys.stderr)
     ok = all(r.get("match") is None or r["match"].ok for r in results)
     return 0 if ok else 1
 
