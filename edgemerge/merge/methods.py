@@ -8,10 +8,11 @@ thing here as in a mergekit config with one value per option for every model:
 
     task_arithmetic   W = W_base + lambda * sum_i w_i tau_i                       (/ sum_i w_i if normalize)
     linear            W = (W_instruct + sum_i w_i W_lang_i) / (1 + sum_i w_i)     (no division if not normalize)
-    ties              tau_i -> magnitude(tau_i, density); sign consensus; W = W_base + lambda * mixed
-    dare_linear       tau_i -> bernoulli(tau_i, density) rescaled; W = W_base + lambda * sum_i w_i tau_i
+    ties              tau_i -> keep the top `density` of |tau_i|; sign consensus; W = W_base + lambda * mixed
+    dare_linear       tau_i -> random keep-mask (p = density), L1-rescaled; W = W_base + lambda * sum_i w_i tau_i
     dare_ties         dare masks + sign consensus
     breadcrumbs       tau_i -> drop the gamma largest and the smallest |tau| until `density` remain
+(the sparsifications in detail: `Sparsifier`).
 
 Sign consensus (TIES, "sum" method): with d_i = w_i tau_i, the elected sign is s = +1 where sum_i d_i >= 0 else
 -1; m_i = [sign(d_i) == s]; mixed = sum_i m_i d_i, divided by sum_i m_i w_i (1 where that is 0) if normalize.
@@ -19,6 +20,9 @@ Without consensus, normalize divides by sum_i w_i (1 where |sum| < 1e-8).
 
 Ties among equal magnitudes are broken by position (a stable sort), where mergekit's unstable sort leaves them
 arbitrary; that makes results reproducible and equal across backends.
+
+Methods yield the merged tensor block by block (`TensorInputs.pieces`); a sparsifier first walks all blocks to
+fix its global statistics, so the result does not depend on how the tensor is cut.
 """
 
 from __future__ import annotations
