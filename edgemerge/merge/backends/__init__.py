@@ -37,10 +37,6 @@ class Backend(Protocol):
 
     def abs(self, x: Array) -> Array: ...
 
-    def sign(self, x: Array) -> Array:
-        """-1, 0 or +1 elementwise, as float32."""
-        ...
-
     def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
         """Elementwise `a if cond else b`, float32."""
         ...
@@ -51,10 +47,6 @@ class Backend(Protocol):
 
     def count(self, mask: Array) -> int:
         """Number of True elements."""
-        ...
-
-    def kth_smallest(self, x: Array, k: int) -> float:
-        """The value at 0-based position k of the flattened `x` sorted ascending."""
         ...
 
     def true_after(self, mask: Array, skip: int) -> Array:

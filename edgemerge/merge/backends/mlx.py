@@ -31,9 +31,6 @@ class MLXBackend:
     def abs(self, x: mx.array) -> mx.array:
         return mx.abs(x)
 
-    def sign(self, x: mx.array) -> mx.array:
-        return mx.sign(x)
-
     def where(self, cond, a, b) -> mx.array:
         return mx.where(cond, a, b).astype(mx.float32)
 
@@ -43,9 +40,6 @@ class MLXBackend:
 
     def count(self, mask: mx.array) -> int:
         return int(mx.sum(mask.astype(mx.int64)).item())
-
-    def kth_smallest(self, x: mx.array, k: int) -> float:
-        return mx.partition(x.reshape(-1), k)[k].item()
 
     def true_after(self, mask: mx.array, skip: int) -> mx.array:
         # MLX has no nonzero (shapes must be static): a running count finds the entries past the first `skip`

@@ -42,9 +42,6 @@ class TorchBackend:
     def abs(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
 
-    def sign(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sign()
-
     def where(self, cond, a, b) -> torch.Tensor:
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
             a = torch.tensor(a, dtype=torch.float32)
@@ -55,10 +52,6 @@ class TorchBackend:
 
     def count(self, mask: torch.Tensor) -> int:
         return int(mask.sum())
-
-    def kth_smallest(self, x: torch.Tensor, k: int) -> float:
-        # numpy's introselect partitions one float32 copy; torch.kthvalue adds an int64 index array (3x more)
-        return float(np.partition(x.reshape(-1).numpy(), k)[k])
 
     def true_after(self, mask: torch.Tensor, skip: int) -> torch.Tensor:
         where = mask.reshape(-1).nonzero().squeeze(1)  # only the True entries: few next to the tensor
