@@ -12,6 +12,7 @@ recipe's dtype before the sink sees it, so every sink receives the same values.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,13 +61,16 @@ class _Readers:
         self.models = models
         self.stack = stack
         self.handles: dict[Path, object] = {}
+        self.lock = threading.Lock()  # the prefetch thread and the merge loop both open files
 
     def _handle(self, path: Path):
-        if path not in self.handles:
-            # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS)
-            # until the file is closed, so memory would grow with the model; pread buffers die with the tensor
-            self.handles[path] = self.stack.enter_context(safe_open(path, framework="numpy", backend="pread"))
-        return self.handles[path]
+        with self.lock:
+            if path not in self.handles:
+                # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS)
+                # until the file is closed, so memory would grow with the model; pread buffers die with the tensor
+                handle = safe_open(path, framework="numpy", backend="pread")
+                self.handles[path] = self.stack.enter_context(handle)
+            return self.handles[path]
 
     def load(self, piece: tuple[str, slice | None], indices: list[int]) -> dict[int, np.ndarray]:
         name, rows = piece
