@@ -232,3 +232,26 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     reader = gguf.GGUFReader(fused)
     assert reader.fields["general.name"].contents() == "tiny"
     assert len(reader.tensors) == len(read_out(tmp_path / "hf"))
+
+
+def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
+    """The instruct model's README card describes the instruct model, not the merge: the fused file (which reads
+    config and tokenizer from the instruct folder) must not pick up its tags or name, so it stays equal to the
+    two-step file (whose merged folder has no card)."""
+    import shutil
+
+    from edgemerge.gguf.export import export_hf
+    from edgemerge.gguf.inspect import kv
+    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+
+    family = {k: shutil.copytree(v, tmp_path / "family" / k) for k, v in merge_family.items()}
+    (family["instruct"] / "README.md").write_text(
+        "---\nlicense: other\ntags: [instruct-card-tag]\nbase_model: someone/else\n---\n# Some Instruct Model\n"
+    )
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, WEIGHTS))
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf")
+    two_step = export_hf(
+        merge_to_hf(recipe, tmp_path / "hf"), tmp_path / "two.gguf", metadata=gguf_metadata(recipe)
+    )
+    assert fused.read_bytes() == two_step.read_bytes()
+    assert "instruct-card-tag" not in str(kv(fused).get("general.tags"))

@@ -71,8 +71,13 @@ class GGUFMetadata:
         )
 
     def to_gguf_metadata(self, model_dir: Path, total_params: int) -> gguf.Metadata:
-        """A gguf-py Metadata: our fields over what the model card in `model_dir` says."""
-        meta = gguf.Metadata.load(None, Path(model_dir), self.name, total_params)
+        """A gguf-py Metadata: our fields over what the model card in `model_dir` says.
+
+        With a lineage (a merge), the card is not read: `model_dir` is then a parent's folder (fused path) or
+        the merged folder (two-step path), and either card would describe another model; skipping it also
+        keeps the fused and two-step files byte-identical."""
+        card_dir = None if self.lineage else Path(model_dir)
+        meta = gguf.Metadata.load(None, card_dir, self.name, total_params)
         if self.name:
             meta.name = self.name
             # the card's naming fields describe the source model, not this one
