@@ -14,7 +14,7 @@ from ..files import human_bytes
 from ..recipe import load_recipe
 from .common import app, console, live_progress, print_json
 
-RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. llama3.1-8b-eu)."
+RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. qwen3-8b-eu)."
 
 
 BACKEND_HELP = "Array backend: auto (MLX on Apple silicon if installed, else torch), torch or mlx."
