@@ -162,12 +162,7 @@ def _sentencepiece(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any])
                 types[i] = _USER_DEFINED
             scores[i], tokens[i] = -1000.0, text.encode("utf-8")
 
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    special_vocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    _write_llama_vocab(w, model_dir, tokens, scores, types)
 
 
 def _llama_hf(w: gguf.GGUFWriter, model_dir: Path, vocab: gguf.LlamaHfVocab) -> None:
@@ -176,6 +171,13 @@ def _llama_hf(w: gguf.GGUFWriter, model_dir: Path, vocab: gguf.LlamaHfVocab) -> 
         tokens.append(text)
         scores.append(score)
         types.append(kind)
+    _write_llama_vocab(w, model_dir, tokens, scores, types)
+
+
+def _write_llama_vocab(
+    w: gguf.GGUFWriter, model_dir: Path, tokens: list[bytes], scores: list[float], types: list[int]
+) -> None:
+    """The keys of a SentencePiece-style ("llama") vocabulary, then the special tokens."""
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
