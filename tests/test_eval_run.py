@@ -193,6 +193,7 @@ def test_eval_command_json_and_gate_exit_code(chat_gguf, tmp_path, capsys):
     ("make", "extra", "message"),
     [
         (lambda p: p.write_text("not a model"), [], "is not a GGUF file"),
+        (lambda p: p.write_bytes(stories_gguf().read_bytes()[:100_000]), [], "is truncated"),
         (None, ["--lang", "xx"], "available: ca, en, es, eu, gl"),
         (lambda p: p.write_text(""), ["--text"], "is empty"),
         (lambda p: p.write_bytes(b"caf\xe9 au lait\n"), ["--text"], "is not UTF-8"),

@@ -13,21 +13,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgemergeError
-
-GGUF_MAGIC = b"GGUF"
+from ..gguf.inspect import read_gguf
 
 
 def check_gguf(path: Path) -> Path:
-    """Fail with a clear message unless `path` is a GGUF file."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgemergeError(f"model {path} not found; give a .gguf file")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise EdgemergeError(
-                f"{path} is not a GGUF file (no GGUF magic); give a .gguf file (convert the model to GGUF first)"
-            )
-    return path
+    """Fail with a clear message unless `path` is a complete GGUF file (header parsed, tensor data present)."""
+    read_gguf(path)
+    return Path(path)
 
 
 def _cpus() -> int:
@@ -39,15 +31,9 @@ def _cpus() -> int:
 
 def _train_context(path: Path) -> int | None:
     """The GGUF's `<arch>.context_length` (read from the header only), or None."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        arch = reader.fields["general.architecture"].contents()
-        field = reader.fields.get(f"{arch}.context_length")
-        return int(field.contents()) if field is not None else None
-    except (KeyError, ValueError, OSError):
-        return None
+    kv = read_gguf(path).kv
+    value = kv.get(f"{kv.get('general.architecture')}.context_length")
+    return int(value) if value is not None else None
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
