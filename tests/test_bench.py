@@ -23,9 +23,13 @@ TINY = bench_family.Size("tiny", hidden=256, intermediate=512, layers=2, heads=4
 
 
 def test_stage_meter_sees_the_child_peak_memory(tmp_path):
-    code = "x = bytearray(300_000_000); x[::4096] = b'\\1' * len(x[::4096])"
+    # touch the pages, then keep them a moment (work, not a sleep) so the 20 ms sampling sees them too
+    code = (
+        "x = bytearray(300_000_000); x[::4096] = b'\\1' * len(x[::4096]); sum(sum(x[::64]) for _ in range(3))"
+    )
     stage = bench.run_stage("alloc", [sys.executable, "-c", code], tmp_path / "log")
     assert 300e6 <= stage.peak_rss < 1.5e9
+    assert 300e6 <= stage.peak_anon < 1.5e9
     assert stage.seconds > 0
     with pytest.raises(bench.StageFailed, match="exit 3"):
         bench.run_stage("fail", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log")

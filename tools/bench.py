@@ -43,6 +43,7 @@ from bench_stats import (
     QUANTIZE,
     RouteRun,
     Stage,
+    TensorMatch,
     compare_tensors,
     format_tables,
     ratios,
@@ -90,41 +91,49 @@ def _tree_pids(pid: int) -> list[int]:
         return [pid]
 
 
-def _rss(pid: int) -> tuple[int, int]:
-    """(resident, resident anonymous) bytes of one process from /proc/<pid>/status; RssFile, the rest, is
-    mostly memory-mapped input files: their pages count as resident but the kernel can drop them."""
-    fields = {}
+def _status(pid: int) -> tuple[int, int, int]:
+    """(resident, resident anonymous, peak resident) bytes of one process from /proc/<pid>/status. RssFile, the
+    difference, is mostly memory-mapped input files: resident, but pages the kernel can drop."""
+    fields = dict.fromkeys(("VmRSS", "RssAnon", "VmHWM"), 0)
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
+            if key in fields:
                 fields[key] = int(value.split()[0]) * 1024
-    return fields.get("VmRSS", 0), fields.get("RssAnon", 0)
+    return fields["VmRSS"], fields["RssAnon"], fields["VmHWM"]
 
 
 def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = None) -> Stage:
     """Run one stage as a subprocess; wall time and peak RSS of its process tree (bytes).
 
-    ru_maxrss from wait4 is the kernel's exact peak of the largest process of the tree; the sum over the tree
-    (/proc, every 20 ms) covers processes running at the same time. The stage's peak is the larger. The
-    sampled peak of anonymous memory (RssAnon: what the process allocated, not mapped files) is kept too.
+    Every 20 ms: the sum of VmRSS over the tree (processes running at the same time) and each process's VmHWM
+    (the kernel's own peak, so spikes between samples count); and wait4's exact ru_maxrss when it exceeds this
+    process's own high-water mark (Linux carries the parent's mark into a forked child, so below it ru_maxrss
+    says nothing about the child). The peak of anonymous memory (RssAnon: allocated, not mapped files) too.
     """
+    own_hwm = _status(os.getpid())[2]
     os.sync()  # earlier routes' dirty pages must not be flushed on this stage's clock
     with open(log, "ab") as fh, open(stdout or os.devnull, "wb") as out:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out if stdout else fh, stderr=fh)
-    peak, peak_anon, stop = [0], [0], threading.Event()
+    peak, peak_anon, hwm, stop = [0], [0], {}, threading.Event()
+
+    def sample() -> None:
+        try:
+            st = {p: _status(p) for p in _tree_pids(proc.pid)}
+        except OSError:  # a process of the tree exited between listing and reading
+            return
+        peak[0] = max(peak[0], sum(r for r, _, _ in st.values()))
+        peak_anon[0] = max(peak_anon[0], sum(a for _, a, _ in st.values()))
+        for p, (_, _, h) in st.items():
+            hwm[p] = max(hwm.get(p, 0), h)
 
     def poll() -> None:
+        sample()
         while not stop.wait(0.02):
-            try:
-                rss = [_rss(p) for p in _tree_pids(proc.pid)]
-            except OSError:  # a process of the tree exited between listing and reading
-                continue
-            peak[0] = max(peak[0], sum(r for r, _ in rss))
-            peak_anon[0] = max(peak_anon[0], sum(a for _, a in rss))
+            sample()
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
@@ -135,7 +144,8 @@ def run_stage(name: str, cmd: list[str], log: Path, *, stdout: Path | None = Non
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise StageFailed(f"{name} failed (exit {proc.returncode}); see {log}")
-    return Stage(name, seconds, max(usage.ru_maxrss * 1024, peak[0]), peak_anon[0])
+    exact = usage.ru_maxrss * 1024 if usage.ru_maxrss * 1024 > own_hwm else 0
+    return Stage(name, seconds, max(peak[0], exact, *hwm.values()), peak_anon[0])
 
 
 def warm(paths: list[Path]) -> None:
@@ -281,13 +291,25 @@ def floor_route(fam: Path, work: Path, log: Path) -> RouteRun:
     return RouteRun(FLOOR, [stage])
 
 
-def verify(peer_f16: Path, em_f16: Path):
+def verify(peer_f16: Path, em_f16: Path) -> TensorMatch:
     """Both routes' merged F16 tensors, read with gguf-py's GGUFReader (memory-mapped), compared by name."""
     from gguf import GGUFReader
 
     a, b = GGUFReader(peer_f16), GGUFReader(em_f16)
     theirs = {t.name: t.data for t in b.tensors}
     return compare_tensors(((t.name, t.data) for t in a.tensors), theirs)
+
+
+def verify_apart(peer_f16: Path, em_f16: Path) -> TensorMatch:
+    """`verify` in a child process, so this process stays small (its memory would leak into later stages')."""
+    code = (
+        f"import sys, json, dataclasses; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        f"import bench; print(json.dumps(dataclasses.asdict(bench.verify(*map(bench.Path, sys.argv[1:])))))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(peer_f16), str(em_f16)], check=True, capture_output=True
+    )
+    return TensorMatch(**json.loads(r.stdout))
 
 
 def profile_merge(fam: Path, work: Path, top: int = 25, near: list[str] | None = None) -> str:
@@ -404,7 +426,7 @@ def bench_size(size: str, root: Path, tools: Tools, reps: int, routes: list[str]
     if all(r in summaries for r in (PEER, EDGEMERGE, FLOOR)):
         result["ratios"] = ratios(summaries[PEER], summaries[EDGEMERGE], summaries[FLOOR])
     if PEER in f16s and EDGEMERGE in f16s:
-        result["match"] = verify(f16s[PEER], f16s[EDGEMERGE])
+        result["match"] = verify_apart(f16s[PEER], f16s[EDGEMERGE])
     for p in f16s.values():
         _clean(p)
     return result
