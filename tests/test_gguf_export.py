@@ -242,3 +242,21 @@ def test_cli_export(arch_models, tmp_path, capsys):
         main(["export", str(tmp_path), "--out", str(tmp_path / "n.gguf")])
     assert e.value.code == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_bf16_to_f16_encoding_equals_the_converters_for_every_bf16_value():
+    """The sink's fast bf16 -> f16 path gives gguf-py's bytes (via float32) for all 65,280 finite bf16 values."""
+    import warnings
+
+    import ml_dtypes
+
+    from edgemerge.gguf.sink import _encode
+
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16)
+    every = every[np.isfinite(every.astype(np.float32))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on the values that overflow to inf
+        ref = gguf.quants.quantize(every.astype(np.float32), gguf.GGMLQuantizationType.F16)
+    got = _encode(every.reshape(255, 256), gguf.GGMLQuantizationType.F16)
+    assert got.shape == (255, 256)
+    assert np.array_equal(ref.view(np.uint16), got.reshape(-1).view(np.uint16))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import ml_dtypes
 import numpy as np
 
 from ..errors import EdgemergeError
@@ -124,6 +125,13 @@ def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """Bytes of one tensor as llama.cpp's converter stores it: float32 first, then gguf-py's quantize()."""
     if qtype == gguf.GGMLQuantizationType.F16 and data.dtype == np.float16:
         return np.ascontiguousarray(data)  # f16 -> f32 -> f16 is exact: skip the copy
+    if qtype == gguf.GGMLQuantizationType.F16 and data.dtype == ml_dtypes.bfloat16:
+        # bf16 -> f32 is exact, so one rounding to f16 gives the same bytes; torch does it multi-threaded
+        # without the float32 copy (numpy's path was a fifth of a 1B merge's time, on one core)
+        import torch
+
+        bits = torch.from_numpy(np.ascontiguousarray(data).view(np.int16))
+        return bits.view(torch.bfloat16).to(torch.float16).numpy().reshape(data.shape)
     data = np.ascontiguousarray(data, dtype=np.float32)
     return gguf.quants.quantize(data, qtype)
 
