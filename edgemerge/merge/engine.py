@@ -12,6 +12,8 @@ recipe's dtype before the sink sees it, so every sink receives the same values.
 from __future__ import annotations
 
 import contextlib
+import json
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,8 @@ class MergeStats:
         return d
 
 
+_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+
 # 4M elements: 16 MB per float32 temporary; a merge holds about ten of them at once.
 BLOCK_ELEMENTS = 1 << 22
 
@@ -61,6 +65,7 @@ class _Readers:
         self.models = models
         self.stack = stack
         self.handles: dict[Path, object] = {}
+        self.layouts: dict[Path, tuple[int, dict]] = {}
         self.lock = threading.Lock()  # the prefetch thread and the merge loop both open files
 
     def _handle(self, path: Path):
@@ -72,12 +77,39 @@ class _Readers:
                 self.handles[path] = self.stack.enter_context(handle)
             return self.handles[path]
 
+    def _layout(self, path: Path) -> tuple[int, dict]:
+        """Start of the data section and the header entries of one safetensors file (cached)."""
+        with self.lock:
+            if path not in self.layouts:
+                with open(path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    self.layouts[path] = (8 + n, json.loads(f.read(n)))
+            return self.layouts[path]
+
+    def _rows(self, path: Path, name: str, rows: slice) -> np.ndarray:
+        """Rows [start, stop) of a tensor, read as the one contiguous byte range they occupy.
+
+        By hand because safetensors' get_slice reads row blocks about 10x slower than this (2.4 s against
+        0.26 s for a 2.2 GB model, measured); the header was already validated by safe_open in check."""
+        start, header = self._layout(path)
+        entry = header[name]
+        shape = entry["shape"]
+        dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((rows.stop - rows.start, *shape[1:]), dtype=dtype)
+        offset = start + entry["data_offsets"][0] + rows.start * row_bytes
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise EdgemergeError(f"{path} is truncated: tensor {name} ends past the end of the file")
+        return out
+
     def load(self, piece: tuple[str, slice | None], indices: list[int]) -> dict[int, np.ndarray]:
         name, rows = piece
         out = {}
         for i in indices:
-            h = self._handle(self.models[i].files[name])
-            out[i] = h.get_tensor(name) if rows is None else h.get_slice(name)[rows]
+            path = self.models[i].files[name]
+            out[i] = self._handle(path).get_tensor(name) if rows is None else self._rows(path, name, rows)
         return out
 
 
