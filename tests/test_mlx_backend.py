@@ -17,17 +17,8 @@ from edgemerge.recipe import load_recipe
 
 from .merge_reference import assert_rounded_once, reference
 from .models import write_recipe
-from .test_merge_engine import read_out
+from .test_merge_engine import METHODS, read_out
 from .test_merge_methods import CASES, ArrayInputs, family
-
-METHODS = [
-    ("task_arithmetic", {}),
-    ("linear", {}),
-    ("ties", {"density": 0.5}),
-    ("dare_ties", {"density": 0.6, "seed": 3}),
-    ("dare_linear", {"density": 0.6}),
-    ("breadcrumbs", {"density": 0.9, "gamma": 0.02}),
-]
 
 
 @pytest.mark.parametrize(("method", "opts"), CASES)
