@@ -27,7 +27,9 @@ def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
         if final.is_dir() and not any(final.iterdir()):
             pass
         else:
-            raise EdgemergeError(f"{final} already exists; choose another output or pass --force to replace it")
+            raise EdgemergeError(
+                f"{final} already exists; choose another output or pass --force to replace it"
+            )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     remove(tmp)

@@ -63,4 +63,4 @@ def task(
         progress.stop_task(tid)
 
 
-__all__ = ["make_progress", "task", "Progress", "DownloadColumn", "MofNCompleteColumn"]
+__all__ = ["DownloadColumn", "MofNCompleteColumn", "Progress", "make_progress", "task"]

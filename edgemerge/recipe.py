@@ -41,7 +41,7 @@ class Language(BaseModel):
     @classmethod
     def _weight(cls, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"weight must be a number, got {v!r}")
+            raise ValueError(f"weight must be a number, got {v!r}")  # noqa: TRY004 (pydantic reports ValueError only)
         if not math.isfinite(float(v)):
             raise ValueError(f"weight must be a finite number, got {v!r}")
         return float(v)

@@ -119,19 +119,19 @@ def make_model(
     tok = AutoTokenizer.from_pretrained(tok_dir)
     vocab = len(tok)
     cfg_cls = getattr(transformers, _ARCH_CONFIGS[spec.arch])
-    kw = dict(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=spec.tie,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        torch_dtype=spec.dtype,
-    )
+    kw = {
+        "vocab_size": vocab,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": spec.tie,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "torch_dtype": spec.dtype,
+    }
     kw.update(spec.extra)
     config = cfg_cls(**kw)
     config.architectures = [spec.arch]
