@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from ..errors import EdgemergeError
 from ..progress import Progress, task
 from ..recipe import Recipe
 from ..sinks import Sink, TensorSpec
-from ..sources import RecipeSources
+from ..sources import RecipeSources, safetensors_header
 from .backends import Array, get_backend
 from .methods import get_method
 
@@ -81,9 +80,8 @@ class _Readers:
         """Start of the data section and the header entries of one safetensors file (cached)."""
         with self.lock:
             if path not in self.layouts:
-                with open(path, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    self.layouts[path] = (8 + n, json.loads(f.read(n)))
+                header = safetensors_header(path)
+                self.layouts[path] = (8 + len(header), json.loads(header))
             return self.layouts[path]
 
     def _rows(self, path: Path, name: str, rows: slice) -> np.ndarray:
