@@ -120,6 +120,13 @@ class GGUFSink:
                 f"GGUF file incomplete: {len(missing)} tensors not written (first: {missing[0]})"
             )
 
+    def abort(self) -> None:
+        """Close the file after a failure (the caller removes the partial output)."""
+        if self.writer is not None and self.writer.fout is not None:
+            for f in self.writer.fout:
+                f.close()
+        self.writer = None
+
 
 def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """Bytes of one tensor as llama.cpp's converter stores it: float32 first, then gguf-py's quantize()."""

@@ -15,7 +15,7 @@ import contextlib
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from ..check import CompatReport, ModelTensors, check_compat
 from ..errors import EdgemergeError
 from ..progress import Progress, task
 from ..recipe import Recipe
-from ..sinks import Sink, TensorSpec
+from ..sinks import BackgroundSink, Sink, TensorSpec
 from ..sources import RecipeSources, safetensors_header
 from .backends import Array, get_backend
 from .methods import get_method
@@ -131,19 +131,62 @@ def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
     return [slice(a, min(a + step, spec.shape[0])) for a in range(0, spec.shape[0], step)]
 
 
-class _Inputs:
-    """`TensorInputs` for one tensor: index 0 instruct, 1 base, 2.. the languages. Whole arrays read ahead by
-    the prefetch thread are used once; anything else (row blocks, second passes) is read when asked for."""
+class _Prefetch:
+    """Reads pieces of the merge ahead of use in a background thread: while one piece is merged, the next one in
+    `sequence` is read. Each array read ahead is served once; reads of anything else (sparsifiers' later passes
+    over a tensor) go to disk when asked for. At most one piece waits besides the one being merged."""
 
-    def __init__(self, name, shape, weights, pieces, readers: _Readers, preloaded: dict[int, np.ndarray], xp):
+    def __init__(self, readers: _Readers, sequence: list[tuple[str, slice | None]], indices, pool):
+        self._readers, self._seq, self._indices, self._pool = readers, sequence, indices, pool
+        self._next = 0
+        self._ahead: dict[tuple[str, int | None], Future] = {}
+        self._started: set[tuple[str, int | None]] = set()
+        self._submit()
+
+    def _submit(self) -> None:
+        if self._next < len(self._seq):
+            piece = self._seq[self._next]
+            self._next += 1
+            self._ahead[_key(*piece)] = self._pool.submit(self._readers.load, piece, self._indices)
+
+    def take(self, name: str, rows: slice | None, i: int) -> np.ndarray | None:
+        """Input `i`'s array of this piece if it was read ahead (and not served yet), else None."""
+        key = _key(name, rows)
+        future = self._ahead.get(key)
+        if future is None:
+            return None
+        if key not in self._started:  # the merge reached this piece: read the next one meanwhile
+            self._started.add(key)
+            self._submit()
+        arrays = future.result()
+        array = arrays.pop(i, None)
+        if not arrays:
+            del self._ahead[key]
+        return array
+
+    def done(self, name: str) -> None:
+        """Forget what was read ahead for a merged tensor and not used (inputs a method did not need)."""
+        for key in [k for k in self._ahead if k[0] == name and k in self._started]:
+            del self._ahead[key]
+
+
+def _key(name: str, rows: slice | None) -> tuple[str, int | None]:
+    return name, None if rows is None else rows.start
+
+
+class _Inputs:
+    """`TensorInputs` for one tensor: index 0 instruct, 1 base, 2.. the languages, from the read-ahead when it
+    has them, else read when asked for."""
+
+    def __init__(self, name, shape, weights, pieces, readers: _Readers, prefetch: _Prefetch, xp):
         self.name, self.shape, self.weights, self.pieces = name, shape, weights, pieces
-        self._readers, self._pre, self._xp = readers, preloaded, xp
+        self._readers, self._prefetch, self._xp = readers, prefetch, xp
 
     def _get(self, i: int, rows: slice | None) -> Array:
-        if rows is None and i in self._pre:
-            # drop the raw array as soon as the backend has its float32 copy
-            return self._xp.from_numpy(self._pre.pop(i))
-        return self._xp.from_numpy(self._readers.load((self.name, rows), [i])[i])
+        raw = self._prefetch.take(self.name, rows, i)
+        if raw is None:
+            raw = self._readers.load((self.name, rows), [i])[i]
+        return self._xp.from_numpy(raw)  # the raw array goes as soon as the backend has its float32 copy
 
     def instruct(self, rows: slice | None = None) -> Array:
         return self._get(0, rows)
@@ -188,6 +231,7 @@ def merge_into(
     stats = MergeStats(method=method.name, backend=xp.name, dtype=recipe.dtype, options=opts)
     start = time.perf_counter()
 
+    sink = BackgroundSink(sink)
     try:
         order = list(sink.open(specs))
         if sorted(order) != sorted(by_name):
@@ -197,21 +241,21 @@ def merge_into(
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
             readers = _Readers(report.models, stack)
 
-            def read_ahead(name: str):
-                # small tensors (one piece) are read whole in the background while the previous one merges
-                if pieces(by_name[name], True) == [None]:
-                    return pool.submit(readers.load, (name, None), indices)
-                return None
-
+            # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers
+            # walk a tensor several times, so only tensors of one piece are
+            sequence = [
+                (name, rows)
+                for name in order
+                for rows in pieces(by_name[name], True)
+                if method.sparsify is None or rows is None
+            ]
+            prefetch = _Prefetch(readers, sequence, indices, pool)
             with task(progress, f"merge ({method.name}, {xp.name})", total) as advance:
-                pending = read_ahead(order[0]) if order else None
-                for i, name in enumerate(order):
+                for name in order:
                     spec = by_name[name]
-                    preloaded = pending.result() if pending is not None else {}
-                    pending = read_ahead(order[i + 1]) if i + 1 < len(order) else None
                     parts = pieces(spec, True)
                     xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
-                    t = _Inputs(name, spec.shape, weights, parts, readers, preloaded, xp)
+                    t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
                     out = None
                     for rows, merged in method.merge(xp, t, opts):
                         if not xp.all_finite(merged):
@@ -225,7 +269,8 @@ def merge_into(
                                 out = np.empty(spec.shape, dtype=out_dtype)
                             out[rows] = block
                         del block
-                    del t, preloaded
+                    del t
+                    prefetch.done(name)
                     sink.write(name, out)
                     stats.tensors += 1
                     stats.params += out.size
@@ -234,9 +279,7 @@ def merge_into(
                     out = None
         sink.close()
     except BaseException:
-        abort = getattr(sink, "abort", None)
-        if abort is not None:
-            abort()
+        sink.abort()
         raise
     stats.order = order
     stats.seconds = time.perf_counter() - start

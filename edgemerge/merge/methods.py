@@ -286,15 +286,18 @@ def generalized_task_arithmetic(
         weighted: list[Array] = []
         mixed = None
         for index, w in enumerate(weights):
-            tau = _load(t, index, rows) - base
+            d = _load(t, index, rows)  # a fresh array of ours: the updates below are in place where the
+            d -= base  # backend allows it (torch), which spares a model-sized allocation per operation
             if plans[index] is not None:
-                tau = plans[index].apply(xp, tau, k, rows)
-            d = tau * w
-            del tau
+                d = plans[index].apply(xp, d, k, rows)
+            if w != 1.0:  # x * 1 == x exactly
+                d *= w
             if consensus:
                 weighted.append(d)
+            elif mixed is None:
+                mixed = d
             else:
-                mixed = d if mixed is None else mixed + d
+                mixed += d
             del d
         if consensus:
             total = weighted[0]
@@ -310,7 +313,10 @@ def generalized_task_arithmetic(
                 )  # sign(d) == elected sign (0 never agrees)
                 part = xp.where(keep, d, 0.0)
                 del d
-                mixed = part if mixed is None else mixed + part
+                if mixed is None:
+                    mixed = part
+                else:
+                    mixed += part
                 if opts["normalize"]:
                     wpart = xp.where(keep, w, 0.0)
                     divisor = wpart if divisor is None else divisor + wpart
@@ -319,14 +325,15 @@ def generalized_task_arithmetic(
             del positive
             if opts["normalize"]:
                 divisor = xp.where(divisor == 0, 1.0, divisor)
-                mixed = mixed / divisor
+                mixed /= divisor
                 del divisor
         elif opts["normalize"]:
             total_w = sum(weights)
-            mixed = mixed / (1.0 if abs(total_w) < 1e-8 else total_w)
+            mixed /= 1.0 if abs(total_w) < 1e-8 else total_w
         if opts["lambda"] != 1:
-            mixed = mixed * opts["lambda"]
-        yield rows, base + mixed
+            mixed *= opts["lambda"]
+        mixed += base
+        yield rows, mixed
 
 
 def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
@@ -335,10 +342,16 @@ def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
     if opts["normalize"] and abs(total) < 1e-8:
         raise EdgemergeError("linear merge: 1 + sum of the language weights is 0; change the weights")
     for rows in t.pieces:
-        acc = t.instruct(rows)
+        acc = t.instruct(rows)  # ours: updated in place (see generalized_task_arithmetic)
         for i, w in enumerate(t.weights):
-            acc = acc + (t.language(i, rows) * w if w != 1.0 else t.language(i, rows))
-        yield rows, acc / total if opts["normalize"] else acc
+            x = t.language(i, rows)
+            if w != 1.0:
+                x *= w
+            acc += x
+            del x
+        if opts["normalize"]:
+            acc /= total
+        yield rows, acc
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ class Backend(Protocol):
     name: str
 
     def from_numpy(self, a: np.ndarray) -> Array:
-        """A float32 array with the values of `a` (float32, float16 or ml_dtypes.bfloat16)."""
+        """A float32 array with the values of `a` (float32, float16 or ml_dtypes.bfloat16), owned by the caller:
+        methods update it in place (`x -= y`, which torch does in place and mlx as a new array), so it may
+        share memory with `a` only because the caller gives `a` up."""
         ...
 
     def mask_from_numpy(self, m: np.ndarray) -> Array:
@@ -53,7 +55,9 @@ class Backend(Protocol):
         """`mask` with its first `skip` True entries (row-major order) set to False."""
         ...
 
-    def all_finite(self, x: Array) -> bool: ...
+    def all_finite(self, x: Array) -> bool:
+        """No NaN or Inf in `x`."""
+        ...
 
     def to_numpy(self, x: Array, dtype: str) -> np.ndarray:
         """Round the float32 `x` to `dtype` (bfloat16 | float16 | float32; round-to-nearest-even) as numpy."""

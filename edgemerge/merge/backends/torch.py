@@ -60,7 +60,9 @@ class TorchBackend:
         return out
 
     def all_finite(self, x: torch.Tensor) -> bool:
-        return bool(torch.isfinite(x).all())
+        # a finite sum proves every entry finite in one read-only pass (isfinite(x).all() was a tenth of a
+        # merge's time); only a non-finite sum, possibly an overflow of large finite values, needs the full test
+        return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
     def to_numpy(self, x: torch.Tensor, dtype: str) -> np.ndarray:
         y = x.to(_OUT[dtype]).contiguous()
