@@ -164,6 +164,28 @@ def test_engine_follows_the_sink_order_with_identical_values(tmp_path, merge_fam
         assert np.array_equal(sink.got[name].view(np.uint16), arr.view(np.uint16)), name
 
 
+class FailingSink(ReversedSink):
+    """Fails on its third tensor, in the writer thread the engine runs sinks in."""
+
+    aborted = False
+
+    def write(self, name, array):
+        if len(self.got) == 2:
+            raise EdgemergeError(f"disk full while writing {name}")
+        super().write(name, array)
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_an_error_in_the_sink_thread_stops_the_merge(tmp_path, merge_family):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS))
+    sink = FailingSink()
+    with pytest.raises(EdgemergeError, match="disk full while writing"):
+        merge_into(recipe, resolve_recipe(recipe), sink)
+    assert sink.aborted and not sink.closed and len(sink.got) == 2
+
+
 def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_family):
     from safetensors.numpy import save_file
 
@@ -235,6 +257,39 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     assert len(reader.tensors) == len(read_out(tmp_path / "hf"))
 
 
+@pytest.mark.parametrize(("method", "opts"), [("task_arithmetic", {}), ("ties", {"density": 0.5})])
+def test_fused_gguf_by_row_blocks_equals_whole_tensors(tmp_path, merge_family, monkeypatch, method, opts):
+    """With small blocks the GGUF sink gets most tensors as row blocks (all but the permuted q/k projections,
+    which it takes whole), read ahead one by one (task arithmetic) or planned first (ties): the same bytes."""
+    from edgemerge.gguf.export import export_hf
+    from edgemerge.gguf.sink import GGUFSink
+    from edgemerge.merge import engine
+    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
+    )
+    two_step = export_hf(
+        merge_to_hf(recipe, tmp_path / "hf"), tmp_path / "two.gguf", metadata=gguf_metadata(recipe)
+    )
+    rows, whole = [], []
+    monkeypatch.setattr(GGUFSink, "write_rows", _spy(GGUFSink.write_rows, rows))
+    monkeypatch.setattr(GGUFSink, "write", _spy(GGUFSink.write, whole))
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf")
+    assert fused.read_bytes() == two_step.read_bytes()
+    assert {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"} <= set(rows)
+    assert "model.layers.0.self_attn.q_proj.weight" in whole and not set(rows) & set(whole)
+
+
+def _spy(fn, calls):
+    def spy(self, name, *args):
+        calls.append(name)
+        return fn(self, name, *args)
+
+    return spy
+
+
 def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
     """The instruct model's README card describes the instruct model, not the merge: the fused file (which reads
     config and tokenizer from the instruct folder) must not pick up its tags or name, so it stays equal to the
@@ -256,3 +311,13 @@ def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
     )
     assert fused.read_bytes() == two_step.read_bytes()
     assert "instruct-card-tag" not in str(kv(fused).get("general.tags"))
+
+
+@pytest.mark.skipif(
+    not __import__("sys").platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    reason="mallopt tuning is for glibc only",
+)
+def test_glibc_accepts_the_malloc_thresholds():
+    from edgemerge.memory import retain_freed_blocks
+
+    assert retain_freed_blocks() is True

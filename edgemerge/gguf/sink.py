@@ -42,6 +42,9 @@ class GGUFSink:
         self._plan: dict[str, tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = {}
         self._order: list[str] = []
         self._next = 0
+        self._rows: tuple[str, int, int] | None = (
+            None  # tensor being written in row blocks, its size, written
+        )
         self.nbytes = 0
 
     # ---- Sink protocol -------------------------------------------------------------------------------
@@ -98,15 +101,55 @@ class GGUFSink:
         """Append one tensor (float32, float16 or bfloat16), in the order `open` returned."""
         if self.writer is None or self.arch is None:
             raise RuntimeError("GGUFSink.write before open")
-        if self._next >= len(self._order) or self._order[self._next] != name:
-            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise RuntimeError(f"GGUFSink got tensor {name!r}, expected {expected!r}")
+        self._check_next(name)
         _, shape, qtype = self._plan[name]
         if tuple(array.shape) != shape:
             raise EdgemergeError(f"tensor {name!r} has shape {tuple(array.shape)}, announced {shape}")
         data = self.arch.transform(name, array)
         self.writer.write_tensor_data(_encode(data, qtype))
         self._next += 1
+
+    def _check_next(self, name: str) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise RuntimeError(f"GGUFSink got tensor {name!r}, expected {expected!r}")
+
+    def takes_rows(self, name: str) -> bool:
+        """Tensors the family does not permute can come in row blocks: every GGUF type is stored row by row."""
+        return self.arch is not None and not self.arch.transforms(name)
+
+    def write_rows(self, name: str, rows: slice, block: np.ndarray) -> None:
+        """Rows [rows.start, rows.stop) of a tensor `takes_rows` accepts, in order. By hand because gguf-py's
+        `write_tensor_data` takes a tensor in one piece: the same padding before and after, the data in between."""
+        w = self.writer
+        if w is None or self.arch is None or w.fout is None:
+            raise RuntimeError("GGUFSink.write_rows before open")
+        new, shape, qtype = self._plan[name]
+        if rows.start == 0:
+            self._check_next(name)
+            if next(iter(w.tensors[0]), None) != new:  # gguf-py's list of what remains to be written
+                raise RuntimeError(f"GGUFSink: {new!r} is not the next tensor of the file")
+            info = w.tensors[0].pop(new)
+            self._rows = (name, info.nbytes, 0)
+            w.write_padding(w.fout[0], w.fout[0].tell())
+        current, nbytes, written = self._rows or ("", 0, 0)
+        if current != name or written != _nbytes((rows.start, *shape[1:]), qtype):
+            raise RuntimeError(f"GGUFSink got rows {rows.start}:{rows.stop} of {name!r} out of order")
+        if tuple(block.shape) != (rows.stop - rows.start, *shape[1:]):
+            raise EdgemergeError(
+                f"tensor {name!r}: row block of shape {tuple(block.shape)}, announced {shape}"
+            )
+        data = _encode(block, qtype)
+        data.tofile(w.fout[0])
+        written += data.nbytes
+        self._rows = (name, nbytes, written)
+        if rows.stop == shape[0]:
+            if written != nbytes:
+                raise RuntimeError(f"GGUFSink: {name!r} has {written} bytes, announced {nbytes}")
+            w.write_padding(w.fout[0], nbytes)
+            w.state = gguf.gguf_writer.WriterState.WEIGHTS
+            self._rows = None
+            self._next += 1
 
     def close(self) -> None:
         """Finish the file; fails if tensors announced in `open` were never written."""

@@ -1,12 +1,13 @@
 """The streaming merge: a loop over tensor names, one tensor of every input at a time, into a sink.
 
-Inputs are read through safetensors' `safe_open`; the next small tensor is read in a background thread while
-the current one is merged (torch/mlx use every core for the arithmetic). Tensors larger than BLOCK_ELEMENTS are
-merged in row blocks read as slices, so the float32 working set is bounded whatever the tensor size; the whole
-output tensor is kept only in the output dtype. Sparsifying methods first walk the blocks to fix their
-thresholds, which needs one float32 copy of a task vector's magnitudes (see methods.plan_sparsifier).
-Every merged tensor is checked for NaN/Inf and rounded once to the
-recipe's dtype before the sink sees it, so every sink receives the same values.
+Three threads overlap: one reads the next piece of input (`_Prefetch`), the merge loop does the arithmetic
+(torch/mlx use every core), and one encodes and writes the previous output (`sinks.BackgroundSink`).
+Tensors larger than BLOCK_ELEMENTS are merged in row blocks, so the float32 working set is bounded whatever
+the tensor size; a sink that takes row blocks (`sinks.RowSink`) gets them as they come, otherwise the tensor
+is assembled in the output dtype. Sparsifying methods first walk the blocks to fix their thresholds, which
+needs one float32 copy of a task vector's magnitudes (see methods.plan_sparsifier). Every merged block is
+checked for NaN/Inf and rounded once to the recipe's dtype before the sink sees it, so every sink receives
+the same values.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors import safe_open
 
 from ..check import CompatReport, ModelTensors, check_compat
 from ..errors import EdgemergeError
+from ..memory import retain_freed_blocks
 from ..progress import Progress, task
 from ..recipe import Recipe
 from ..sinks import BackgroundSink, Sink, TensorSpec
@@ -220,6 +222,7 @@ def merge_into(
     The compatibility check runs first unless its `report` is given. Raises EdgemergeError on bad input or a
     non-finite merged tensor; the sink is then left unfinished for the caller to discard.
     """
+    retain_freed_blocks()
     method = get_method(recipe.method)
     opts = method.parse_options(recipe.options)
     xp = get_backend(backend)
@@ -256,13 +259,18 @@ def merge_into(
                     parts = pieces(spec, True)
                     xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
                     t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
+                    # a large tensor goes to the sink block by block when it takes rows; else it is assembled
+                    by_rows = len(parts) > 1 and sink.takes_rows(name)
                     out = None
                     for rows, merged in method.merge(xp, t, opts):
                         if not xp.all_finite(merged):
                             raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
                         block = xp.to_numpy(merged, recipe.dtype)
                         del merged
-                        if rows is None:
+                        if by_rows:
+                            sink.write_rows(name, rows, block)
+                            advance(block.nbytes)
+                        elif rows is None:
                             out = block
                         else:
                             if out is None:
@@ -271,12 +279,13 @@ def merge_into(
                         del block
                     del t
                     prefetch.done(name)
-                    sink.write(name, out)
+                    if not by_rows:
+                        sink.write(name, out)
+                        advance(out.nbytes)
+                        out = None
                     stats.tensors += 1
-                    stats.params += out.size
-                    stats.bytes_out += out.nbytes
-                    advance(out.nbytes)
-                    out = None
+                    stats.params += spec.nbytes // out_dtype.itemsize
+                    stats.bytes_out += spec.nbytes
         sink.close()
     except BaseException:
         sink.abort()

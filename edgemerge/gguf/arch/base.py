@@ -120,6 +120,11 @@ class Arch:
         """Reshape/permute a tensor the way llama.cpp expects it (identity by default)."""
         return data
 
+    def transforms(self, hf_name: str) -> bool:
+        """Whether `transform` may change this tensor (it then needs the whole tensor at once). A family that
+        overrides `transform` without saying which tensors it touches is taken to touch all of them."""
+        return type(self).transform is not Arch.transform
+
     def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Tensors llama.cpp wants that the checkpoint does not have (e.g. Llama 3 rope_freqs)."""
         return iter(())

@@ -24,11 +24,17 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_PERMUTED = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
+
+
 class LlamaArch(Arch):
     hf_names = ("LlamaForCausalLM", "MistralForCausalLM")
     model_arch = gguf.MODEL_ARCH.LLAMA
     # SentencePiece tokenizer.model first (Llama 2, Mistral), then an SPM-style tokenizer.json, then BPE (Llama 3)
     vocab_kinds = ("sentencepiece", "llama_hf", "gpt2")
+
+    def transforms(self, hf_name: str) -> bool:
+        return hf_name.endswith(_PERMUTED)
 
     def transform(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         n_head = self.find(["n_heads", "num_attention_heads"])
