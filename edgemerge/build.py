@@ -221,7 +221,16 @@ class Stages:
         self.on_stage = on_stage or (lambda e: None)
         self.records: dict[str, StageRecord] = {}
 
-    def run(self, name: str, key: str, outputs: list[Path], fn: Callable[[], Any]) -> StageRecord:
+    def run(
+        self,
+        name: str,
+        key: str,
+        outputs: list[Path],
+        fn: Callable[[], Any],
+        hashes: dict[Path, str] | None = None,
+    ) -> StageRecord:
+        """Run `fn` unless the state has this stage done with this key; record its outputs' size, mtime and
+        sha256 (from `hashes`, which `fn` may fill while writing, else read back)."""
         rec = self.state.finished(name, key)
         if rec is not None:
             record = StageRecord(name, key, rec["outputs"], rec["seconds"], cached=True)
@@ -244,7 +253,7 @@ class Stages:
             outs[self.state.relative(p)] = {
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
-                "sha256": sha256_file(p, self.progress),
+                "sha256": (hashes or {}).get(p) or sha256_file(p, self.progress),
             }
         record = StageRecord(name, key, outs, seconds)
         self.state.stages[name] = record.to_state()
@@ -451,6 +460,7 @@ def _build(
 
     from .merge.run import merge_to_gguf
 
+    hashes: dict[Path, str] = {}
     stages.run(
         "merge",
         merge_key,
@@ -463,7 +473,10 @@ def _build(
             force=True,
             progress=progress,
             sources=sources,
+            report=report,
+            hashes=hashes,
         ),
+        hashes,
     )
     for q in quants:
         stages.run(

@@ -21,15 +21,29 @@ TRIM_THRESHOLD = 512 * 1024**2
 
 
 @functools.cache
-def retain_freed_blocks() -> bool:
-    """Keep freed blocks up to 32 MiB in the heap (glibc only; elsewhere nothing to do). True if applied."""
+def _glibc():
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs without mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - musl and other libcs lack them
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@functools.cache
+def retain_freed_blocks() -> bool:
+    """Keep freed blocks up to 32 MiB in the heap (glibc only; elsewhere nothing to do). True if applied."""
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return bool(mmap_ok and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_blocks() -> None:
+    """Give the heap's free memory back to the kernel (after a merge, before e.g. llama.cpp runs in-process)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -67,7 +67,7 @@ class BackgroundSink:
     the thread is raised by the next write or by `close`.
     """
 
-    def __init__(self, sink: Sink, *, pending_bytes: int = 128 * 1024**2):
+    def __init__(self, sink: Sink, *, pending_bytes: int = 32 * 1024**2):
         self.sink = sink
         self.pending_bytes = pending_bytes
         self._items: collections.deque = collections.deque()

@@ -11,6 +11,7 @@ the Llama q/k permutation), then store it as the converter would (gguf-py's `qua
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import gguf
@@ -31,8 +32,16 @@ class GGUFSink:
     """Write tensors of a Hugging Face model (`model_dir` gives config + tokenizer) into a GGUF at `path`."""
 
     def __init__(
-        self, path: Path, model_dir: Path, *, outtype: str = "f16", metadata: GGUFMetadata | None = None
+        self,
+        path: Path,
+        model_dir: Path,
+        *,
+        outtype: str = "f16",
+        metadata: GGUFMetadata | None = None,
+        sha256: bool = False,
     ):
+        """`sha256`: hash the file while writing it (`self.sha256` after close), which saves a second read of
+        the file when its hash is wanted (a build's manifest) and costs a second of CPU per 2 GB otherwise."""
         self.path = Path(path)
         self.model_dir = Path(model_dir)
         self.outtype = check_outtype(outtype)
@@ -42,9 +51,10 @@ class GGUFSink:
         self._plan: dict[str, tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = {}
         self._order: list[str] = []
         self._next = 0
-        self._rows: tuple[str, int, int] | None = (
-            None  # tensor being written in row blocks, its size, written
-        )
+        self._rows: tuple[str, int, int] | None = None  # tensor written in row blocks: name, size, written
+        self._file = None
+        self._pos = 0
+        self._hash = hashlib.sha256() if sha256 else None
         self.nbytes = 0
 
     # ---- Sink protocol -------------------------------------------------------------------------------
@@ -93,8 +103,16 @@ class GGUFSink:
         w.write_header_to_file(path=self.path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        # the data section is written here (gguf-py writes a tensor only whole): the same padding and bytes as
+        # its write_tensor_data, hashed on the way if asked
+        self._file = w.fout[0]
+        self._file.flush()
+        self._pos = self._file.tell()
+        if self._hash is not None:
+            with open(self.path, "rb") as f:
+                self._hash.update(f.read(self._pos))
         for name, data in extras:
-            w.write_tensor_data(_encode(data, arch.tensor_type(name, data.shape, self.outtype)))
+            self._write_whole(name, _encode(data, arch.tensor_type(name, data.shape, self.outtype)))
         return list(self._order)
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -105,8 +123,7 @@ class GGUFSink:
         _, shape, qtype = self._plan[name]
         if tuple(array.shape) != shape:
             raise EdgemergeError(f"tensor {name!r} has shape {tuple(array.shape)}, announced {shape}")
-        data = self.arch.transform(name, array)
-        self.writer.write_tensor_data(_encode(data, qtype))
+        self._write_whole(self._plan[name][0], _encode(self.arch.transform(name, array), qtype))
         self._next += 1
 
     def _check_next(self, name: str) -> None:
@@ -119,19 +136,13 @@ class GGUFSink:
         return self.arch is not None and not self.arch.transforms(name)
 
     def write_rows(self, name: str, rows: slice, block: np.ndarray) -> None:
-        """Rows [rows.start, rows.stop) of a tensor `takes_rows` accepts, in order. By hand because gguf-py's
-        `write_tensor_data` takes a tensor in one piece: the same padding before and after, the data in between."""
-        w = self.writer
-        if w is None or self.arch is None or w.fout is None:
+        """Rows [rows.start, rows.stop) of a tensor `takes_rows` accepts, in order."""
+        if self.writer is None or self.arch is None:
             raise RuntimeError("GGUFSink.write_rows before open")
         new, shape, qtype = self._plan[name]
         if rows.start == 0:
             self._check_next(name)
-            if next(iter(w.tensors[0]), None) != new:  # gguf-py's list of what remains to be written
-                raise RuntimeError(f"GGUFSink: {new!r} is not the next tensor of the file")
-            info = w.tensors[0].pop(new)
-            self._rows = (name, info.nbytes, 0)
-            w.write_padding(w.fout[0], w.fout[0].tell())
+            self._rows = (name, self._begin(new), 0)
         current, nbytes, written = self._rows or ("", 0, 0)
         if current != name or written != _nbytes((rows.start, *shape[1:]), qtype):
             raise RuntimeError(f"GGUFSink got rows {rows.start}:{rows.stop} of {name!r} out of order")
@@ -139,17 +150,50 @@ class GGUFSink:
             raise EdgemergeError(
                 f"tensor {name!r}: row block of shape {tuple(block.shape)}, announced {shape}"
             )
-        data = _encode(block, qtype)
-        data.tofile(w.fout[0])
-        written += data.nbytes
+        written += self._emit(_encode(block, qtype))
         self._rows = (name, nbytes, written)
         if rows.stop == shape[0]:
-            if written != nbytes:
-                raise RuntimeError(f"GGUFSink: {name!r} has {written} bytes, announced {nbytes}")
-            w.write_padding(w.fout[0], nbytes)
-            w.state = gguf.gguf_writer.WriterState.WEIGHTS
+            self._end(new, nbytes, written)
             self._rows = None
             self._next += 1
+
+    # ---- the data section ------------------------------------------------------------------------------
+    def _write_whole(self, gguf_name: str, data: np.ndarray) -> None:
+        nbytes = self._begin(gguf_name)
+        self._end(gguf_name, nbytes, self._emit(data))
+
+    def _begin(self, gguf_name: str) -> int:
+        """Start the next tensor of the file (padding to the alignment); returns its announced size."""
+        remaining = self.writer.tensors[0]  # gguf-py's tensor infos not yet written, in file order
+        if next(iter(remaining), None) != gguf_name:
+            raise RuntimeError(f"GGUFSink: {gguf_name!r} is not the next tensor of the file")
+        self._pad(self._pos)
+        return remaining.pop(gguf_name).nbytes
+
+    def _end(self, gguf_name: str, nbytes: int, written: int) -> None:
+        if written != nbytes:
+            raise RuntimeError(f"GGUFSink: {gguf_name!r} has {written} bytes, announced {nbytes}")
+        self._pad(nbytes)
+
+    def _pad(self, n: int) -> None:
+        pad = gguf.GGUFWriter.ggml_pad(n, self.writer.data_alignment) - n
+        if pad:
+            self._emit(np.zeros(pad, dtype=np.uint8))
+
+    def _emit(self, data: np.ndarray) -> int:
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self._file.write(raw.data)
+        if self._hash is not None:
+            self._hash.update(raw.data)
+        self._pos += raw.nbytes
+        return raw.nbytes
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the whole file, once `close` has finished it (only if asked for when created)."""
+        if self._hash is None or self.writer is not None or self._file is None:
+            raise RuntimeError("GGUFSink.sha256 needs sha256=True and a closed file")
+        return self._hash.hexdigest()
 
     def close(self) -> None:
         """Finish the file; fails if tensors announced in `open` were never written."""

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from ..check import CompatReport, ModelTensors, check_compat
 from ..errors import EdgemergeError
-from ..memory import retain_freed_blocks
+from ..memory import release_freed_blocks, retain_freed_blocks
 from ..progress import Progress, task
 from ..recipe import Recipe
 from ..sinks import BackgroundSink, Sink, TensorSpec
@@ -290,6 +290,8 @@ def merge_into(
     except BaseException:
         sink.abort()
         raise
+    finally:
+        release_freed_blocks()
     stats.order = order
     stats.seconds = time.perf_counter() - start
     return stats

@@ -137,18 +137,30 @@ def merge_to_gguf(
     force: bool = False,
     progress: Progress | None = None,
     sources: RecipeSources | None = None,
+    report: CompatReport | None = None,
+    hashes: dict[Path, str] | None = None,
 ) -> Path:
     """Merge straight into one GGUF file (no Hugging Face folder in between): the merged tensors are rounded
-    to the recipe's dtype, then handed to the GGUF sink, so the file equals merge_to_hf + export_hf."""
+    to the recipe's dtype, then handed to the GGUF sink, so the file equals merge_to_hf + export_hf.
+    `report`: the compatibility check already done on `sources`; `hashes`: filled with the file's sha256,
+    computed while writing."""
     from ..gguf.sink import GGUFSink
 
     out_file = Path(out_file)
     recipe = _with_dtype(recipe, dtype)
     sources = sources or resolve_recipe(recipe, progress)
-    report = check_compat(sources)
+    report = report or check_compat(sources)
     width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
     ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
     with atomic_output(out_file, force=force) as tmp:
-        sink = GGUFSink(tmp, sources.instruct.path, outtype=outtype, metadata=gguf_metadata(recipe))
+        sink = GGUFSink(
+            tmp,
+            sources.instruct.path,
+            outtype=outtype,
+            metadata=gguf_metadata(recipe),
+            sha256=hashes is not None,
+        )
         merge_into(recipe, sources, sink, backend=backend, progress=progress, report=report)
+    if hashes is not None:
+        hashes[out_file] = sink.sha256
     return out_file
