@@ -281,3 +281,17 @@ def test_backend_choice(cli, tmp_path, merge_family, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx", None)
     monkeypatch.setitem(sys.modules, "mlx.core", None)
     assert resolve_backend_name("auto") == "torch"  # Apple silicon without mlx installed
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("build", "recipe.yaml"), "unexpected extra argument"),
+        (("merge", "r.yaml", "--no-such-option"), "No such option"),
+        (("no-such-command",), "No such command"),
+    ],
+)
+def test_usage_errors_exit_2_without_internal_error(cli, args, needle):
+    code, _out, err = cli(*args)
+    assert code == 2, err
+    assert needle in err and "internal error" not in err and "Traceback" not in err

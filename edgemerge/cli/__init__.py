@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-import click
+import typer
 from rich.markup import escape
 
 from ..errors import EdgemergeError
@@ -28,14 +28,18 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         app(args=args, prog_name="edgemerge", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except typer.TyperException as e:  # usage errors (typer's own copy of click's): usage line + message
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        sys.exit(2)
     except EdgemergeError as e:
         if debug:
             raise

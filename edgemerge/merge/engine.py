@@ -55,8 +55,10 @@ class MergeStats:
 
 _ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
-# 4M elements: 16 MB per float32 temporary; a merge holds about ten of them at once.
-BLOCK_ELEMENTS = 1 << 22
+# 512K elements: 2 MB per float32 temporary, so a block's working set stays in the CPU caches. Measured on the
+# 1B bench family (merge loop, 2 cores): 4M-element blocks 6.9 s and 0.66 GB peak RSS, 1M 4.3 s, 512K 4.0 s and
+# 0.44 GB, 256K 4.2 s.
+BLOCK_ELEMENTS = 1 << 19
 
 
 class _Readers:
