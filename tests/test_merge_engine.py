@@ -320,6 +320,7 @@ def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
     reason="mallopt tuning is for glibc only",
 )
 def test_glibc_accepts_the_malloc_thresholds():
-    from edgemerge.memory import retain_freed_blocks
+    from edgemerge.memory import freed_blocks_kept
 
-    assert retain_freed_blocks() is True
+    with freed_blocks_kept() as applied:
+        assert applied is True

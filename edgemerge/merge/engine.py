@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from ..check import CompatReport, ModelTensors, check_compat
 from ..errors import EdgemergeError
-from ..memory import release_freed_blocks, retain_freed_blocks
+from ..memory import freed_blocks_kept
 from ..progress import Progress, task
 from ..recipe import Recipe
 from ..sinks import BackgroundSink, Sink, TensorSpec
@@ -224,7 +224,6 @@ def merge_into(
     The compatibility check runs first unless its `report` is given. Raises EdgemergeError on bad input or a
     non-finite merged tensor; the sink is then left unfinished for the caller to discard.
     """
-    retain_freed_blocks()
     method = get_method(recipe.method)
     opts = method.parse_options(recipe.options)
     xp = get_backend(backend)
@@ -244,6 +243,7 @@ def merge_into(
         total = sum(by_name[n].nbytes for n in order)
         out_dtype = np.dtype(ml_dtypes.bfloat16) if recipe.dtype == "bfloat16" else np.dtype(recipe.dtype)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            stack.enter_context(freed_blocks_kept())
             readers = _Readers(report.models, stack)
 
             # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers
@@ -288,12 +288,10 @@ def merge_into(
                     stats.tensors += 1
                     stats.params += spec.nbytes // out_dtype.itemsize
                     stats.bytes_out += spec.nbytes
-        sink.close()
+            sink.close()
     except BaseException:
         sink.abort()
         raise
-    finally:
-        release_freed_blocks()
     stats.order = order
     stats.seconds = time.perf_counter() - start
     return stats
