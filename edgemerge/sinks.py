@@ -3,7 +3,9 @@
 Contract: `open(specs)` receives every tensor's name, shape and dtype before any data and returns the order
 in which the sink wants them (it writes headers first, then data in that order); `write(name, array)` is
 called once per tensor in that order with a numpy array of dtype float32, float16 or ml_dtypes.bfloat16;
-`close()` finishes the files. Sinks write into a temporary path the caller renames on success.
+`close()` finishes the files. Sinks write into a temporary path the caller renames on success. A sink that can
+take a large tensor as consecutive row blocks says so per tensor (`RowSink`), so the merge never assembles it.
+The engine drives every sink through `BackgroundSink`, which runs its writes in a thread.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ class BackgroundSink:
 
     Writing is the largest single cost of a merge once reads are cached (a quarter of a 1B merge, mostly the
     kernel throttling dirty pages, which no CPU work can speed up, but which other work can hide). The kernel
-    throttles in bursts, so up to `pending_bytes` of output may wait (128 MB: a 1B merge spent 1.3 s blocked
-    with two 8 MB blocks allowed, 0.2-0.4 s with 128 MB); a single larger tensor still passes alone. An error in
-    the thread is raised by the next write or by `close`.
+    throttles in bursts, so up to `pending_bytes` of output may wait: with two 8 MB blocks allowed a 1B merge
+    spent 1.3 s blocked on the queue, with 32 MB about as little as with 128 MB, which only raised peak RSS
+    (measured). A single larger tensor still passes alone. An error in the thread is raised by the next write or
+    by `close`.
     """
 
     def __init__(self, sink: Sink, *, pending_bytes: int = 32 * 1024**2):

@@ -1,9 +1,11 @@
 """GGUFSink: the `Sink` that writes a GGUF file tensor by tensor.
 
-`open(specs)` writes the header, every key/value and all tensor infos (sizes are known from the shapes);
-`write(name, array)` then appends one tensor's data and forgets it, so memory holds one tensor at a time.
-gguf-py's `GGUFWriter.add_tensor` would keep every tensor in RAM until the end, so we use its lower-level
-`add_tensor_info` + `write_tensor_data` instead. Export and the fused merge both go through this class.
+`open(specs)` writes the header, every key/value and all tensor infos (sizes are known from the shapes) with
+gguf-py's `GGUFWriter`; `write(name, array)` then appends one tensor's data and forgets it, and `write_rows`
+appends a tensor the family does not permute block by block, so memory never holds more than one tensor.
+gguf-py's `add_tensor` would keep every tensor in RAM until the end and its `write_tensor_data` takes a tensor
+only whole, so the data section is written here with the same padding (and hashed on the way if asked).
+Export and the fused merge both go through this class.
 
 Per tensor: convert to float32 (as llama.cpp's converter does with bf16), apply the family's transform (e.g.
 the Llama q/k permutation), then store it as the converter would (gguf-py's `quants.quantize`).
