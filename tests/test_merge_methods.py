@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -126,6 +128,32 @@ def test_rank_handles_ties_like_a_stable_sort():
         want[order[r:]] = True
         got = xp.to_numpy(xp.where(rank_at_least(xp, xp.from_numpy(a), r), 1.0, 0.0), "float32")
         assert (got.ravel() == want).all(), r
+
+
+@pytest.mark.parametrize("kind", ["normal", "few values", "mostly zero", "subnormal and huge"])
+def test_rank_cuts_stream_equals_a_partition_of_the_whole_tensor(kind):
+    """The two-pass radix selection over uneven blocks gives the value and tie count a full partition gives."""
+    from edgemerge.merge.methods import rank_cuts
+
+    rng = np.random.default_rng(5)
+    n = 50_000
+    a = {
+        "normal": np.abs(rng.normal(0, 0.002, n)),
+        "few values": rng.integers(0, 4, n) * 0.25,
+        "mostly zero": np.where(rng.random(n) < 0.9, 0.0, np.abs(rng.normal(0, 1, n))),
+        "subnormal and huge": np.abs(rng.normal(0, 1, n)) * np.where(rng.random(n) < 0.5, 1e-40, 1e30),
+    }[kind].astype(np.float32)
+    cuts = np.cumsum([0, 7, 1000, 13, 20_000, 1, 28_979])
+    blocks = [a[i:j] for i, j in itertools.pairwise(cuts)]
+    ranks = [0, 1, 17, n // 3, n // 2, n - 1, n]
+    got = rank_cuts(lambda: iter(blocks), ranks, n)
+    part = np.sort(a)
+    for r, cut in zip(ranks, got):
+        if r in (0, n):
+            assert (cut.all_in, cut.none_in) == (r == 0, r == n)
+            continue
+        assert np.float32(cut.v) == part[r], (kind, r)
+        assert cut.skip == r - int(np.count_nonzero(a < part[r])), (kind, r)
 
 
 def test_dare_seeded_reproducible_and_order_independent():

@@ -1,11 +1,12 @@
 """The streaming merge: a loop over tensor names, one tensor of every input at a time, into a sink.
 
 Three threads overlap: one reads the next piece of input (`_Prefetch`), the merge loop does the arithmetic
-(torch/mlx use every core), and one encodes and writes the previous output (`sinks.BackgroundSink`).
+(cache-sized blocks, one core with torch), and one encodes and writes the previous output
+(`sinks.BackgroundSink`).
 Tensors larger than BLOCK_ELEMENTS are merged in row blocks, so the float32 working set is bounded whatever
 the tensor size; a sink that takes row blocks (`sinks.RowSink`) gets them as they come, otherwise the tensor
-is assembled in the output dtype. Sparsifying methods first walk the blocks to fix their thresholds, which
-needs one float32 copy of a task vector's magnitudes (see methods.plan_sparsifier). Every merged block is
+is assembled in the output dtype. Sparsifying methods first walk the blocks to fix their thresholds (see
+methods.plan_sparsifier; DARE holds its keep-mask for the tensor, 1 byte per element). Every merged block is
 checked for NaN/Inf and rounded once to the recipe's dtype before the sink sees it, so every sink receives
 the same values.
 """

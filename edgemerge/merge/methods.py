@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,48 +121,73 @@ class RankCut:
     """Entries whose position in the stable ascending sort of the flattened |tau| is >= r.
 
     With v the r-th smallest value (0-based) and `skip` = r - #(values < v), an entry is in iff it is > v, or
-    equal to v and not among the first `skip` entries equal to v in row-major order. v and skip come from one
-    pass over the whole tensor (numpy's in-place partition on the host: the same on every backend); the
-    entries equal to v are counted block by block, so the mask can then be built one block at a time.
+    equal to v and not among the first `skip` entries equal to v in row-major order. v and skip come from two
+    passes over the tensor's blocks (`rank_cuts`, on the host: the same on every backend). The entries equal to v
+    are counted as blocks are first visited, which must be in order (the methods' passes are), so the mask is
+    built one block at a time.
     """
 
     v: float
     skip: int
-    eq_before: list[int] = field(default_factory=list)  # entries == v in the blocks before block k
     all_in: bool = False
     none_in: bool = False
+    eq_before: list[int] = field(default_factory=lambda: [0])  # entries == v in the blocks before block k
 
     def keep(self, xp: Backend, a: Array, k: int) -> Array:
         """The mask for block k, given its |tau| values `a`."""
         if self.all_in or self.none_in:
             return xp.mask_from_numpy(np.full(tuple(a.shape), self.all_in))
         eq = a == self.v
+        if k == len(self.eq_before) - 1:  # first visit of block k
+            self.eq_before.append(self.eq_before[k] + xp.count(eq))
+        elif k >= len(self.eq_before):
+            raise AssertionError(f"block {k} visited before block {len(self.eq_before) - 1}")
         local = self.skip - self.eq_before[k]
         if local <= 0:
             return (a > self.v) | eq
         return (a > self.v) | xp.true_after(eq, local)
 
 
-def rank_cuts(a: np.ndarray, ranks: list[int]) -> list[RankCut]:
-    """RankCuts of the flattened float32 magnitudes `a` (partitioned in place: `a` is scratch)."""
-    n = a.size
+_RADIX = 16
+_BUCKETS = 1 << _RADIX
+
+
+def rank_cuts(passes: Callable[[], Iterable[np.ndarray]], ranks: list[int], n: int) -> list[RankCut]:
+    """RankCuts of n non-negative float32 magnitudes that `passes()` yields block by block (called twice).
+
+    An exact radix selection: for non-negative floats the order of the uint32 bit patterns is the order of the
+    values (NaN after +inf, where a sort puts it too), so a histogram of the high 16 bits finds the bucket holding
+    each rank and a histogram of the low 16 bits inside that bucket finds the value and how many are below it.
+    Two 65,536-entry tables instead of the tensor: a partition needs 4 bytes per element (2.1 GB for the
+    embedding of an 8B model)."""
     inner = sorted({r for r in ranks if 0 < r < n})
+    found: dict[int, RankCut] = {}
     if inner:
-        a.partition(inner)
-    cuts = []
-    for r in ranks:
-        if r <= 0 or r >= n:
-            cuts.append(RankCut(0.0, 0, all_in=r <= 0, none_in=r >= n))
-        else:
-            v = a[r]
-            cuts.append(RankCut(float(v), r - int(np.count_nonzero(a[:r] < v))))
-    return cuts
+        high = np.zeros(_BUCKETS, np.int64)
+        for block in passes():
+            high += np.bincount(block.view(np.uint32) >> _RADIX, minlength=_BUCKETS)
+        cum_high = np.cumsum(high)
+        bucket = {r: int(np.searchsorted(cum_high, r, side="right")) for r in inner}
+        low = {b: np.zeros(_BUCKETS, np.int64) for b in set(bucket.values())}
+        for block in passes():
+            bits = block.view(np.uint32)
+            top = bits >> _RADIX
+            for b, table in low.items():
+                table += np.bincount(bits[top == b] & (_BUCKETS - 1), minlength=_BUCKETS)
+        for r, b in bucket.items():
+            below = int(cum_high[b - 1]) if b else 0
+            cum_low = np.cumsum(low[b])
+            c = int(np.searchsorted(cum_low, r - below, side="right"))
+            below += int(cum_low[c - 1]) if c else 0
+            v = np.array([(b << _RADIX) | c], dtype=np.uint32).view(np.float32)[0]
+            found[r] = RankCut(float(v), r - below)
+    return [found[r] if r in found else RankCut(0.0, 0, all_in=r <= 0, none_in=r >= n) for r in ranks]
 
 
 def rank_at_least(xp: Backend, x: Array, r: int) -> Array:
-    """Mask of the entries of a whole array whose stable ascending rank is >= r (see RankCut)."""
-    (cut,) = rank_cuts(xp.to_numpy(x, "float32").reshape(-1).copy(), [r])
-    cut.eq_before = [0]
+    """Mask of the entries of a whole non-negative array whose stable ascending rank is >= r (see RankCut)."""
+    flat = xp.to_numpy(x, "float32").reshape(-1)
+    (cut,) = rank_cuts(lambda: [flat], [r], flat.size)
     return cut.keep(xp, x, 0)
 
 
@@ -230,10 +255,10 @@ def plan_sparsifier(
     n = math.prod(t.shape)
     plan = Sparsifier()
     before = 0.0
+    if opts["rescale"]:
+        before = sum(xp.sum(xp.abs(_load(t, index, rows) - t.base(rows))) for rows in t.pieces)
     if kind == "random":
         plan.mask = dare_mask(opts["seed"], t.name, index, tuple(t.shape), density)
-        if opts["rescale"]:
-            before = sum(xp.sum(xp.abs(_load(t, index, rows) - t.base(rows))) for rows in t.pieces)
     else:
         if kind == "magnitude":
             ranks = [n - int(density * n)]
@@ -243,23 +268,12 @@ def plan_sparsifier(
             if n_bot < 0:
                 n_top, n_bot = n_top + n_bot, 0
             ranks = [n_bot, n - n_top]
-        a = np.empty(n, dtype=np.float32)  # the one whole-tensor buffer: magnitudes for the k-th values
-        pos = 0
-        for rows in t.pieces:
-            block = xp.to_numpy(xp.abs(_load(t, index, rows) - t.base(rows)), "float32").reshape(-1)
-            a[pos : pos + block.size] = block
-            pos += block.size
-        if opts["rescale"]:
-            before = float(a.sum(dtype=np.float64))
-        plan.cuts = rank_cuts(a, ranks)
-        del a
-        seen = [0] * len(plan.cuts)
-        for rows in t.pieces:
-            mag = xp.abs(_load(t, index, rows) - t.base(rows))
-            for c, cut in enumerate(plan.cuts):
-                cut.eq_before.append(seen[c])
-                if not (cut.all_in or cut.none_in):
-                    seen[c] += xp.count(mag == cut.v)
+
+        def magnitudes() -> Iterator[np.ndarray]:
+            for rows in t.pieces:
+                yield xp.to_numpy(xp.abs(_load(t, index, rows) - t.base(rows)), "float32").reshape(-1)
+
+        plan.cuts = rank_cuts(magnitudes, ranks, n)
     if opts["rescale"]:
         after = 0.0
         for k, rows in enumerate(t.pieces):
