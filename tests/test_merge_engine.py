@@ -259,10 +259,16 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     assert len(reader.tensors) == len(read_out(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize(("method", "opts"), [("task_arithmetic", {}), ("ties", {"density": 0.5})])
-def test_fused_gguf_by_row_blocks_equals_whole_tensors(tmp_path, merge_family, monkeypatch, method, opts):
+@pytest.mark.parametrize(
+    ("method", "opts", "outtype"),
+    [("task_arithmetic", {}, "f16"), ("ties", {"density": 0.5}, "f16"), ("linear", {}, "q8_0")],
+)
+def test_fused_gguf_by_row_blocks_equals_whole_tensors(
+    tmp_path, merge_family, monkeypatch, method, opts, outtype
+):
     """With small blocks the GGUF sink gets most tensors as row blocks (all but the permuted q/k projections,
-    which it takes whole), read ahead one by one (task arithmetic) or planned first (ties): the same bytes."""
+    which it takes whole), read ahead one by one (task arithmetic) or planned first (ties), stored as f16 or
+    quantized row by row (q8_0): the same bytes as exporting the merged folder."""
     from edgemerge.gguf.export import export_hf
     from edgemerge.gguf.sink import GGUFSink
     from edgemerge.merge import engine
@@ -272,13 +278,16 @@ def test_fused_gguf_by_row_blocks_equals_whole_tensors(tmp_path, merge_family, m
         write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
     )
     two_step = export_hf(
-        merge_to_hf(recipe, tmp_path / "hf"), tmp_path / "two.gguf", metadata=gguf_metadata(recipe)
+        merge_to_hf(recipe, tmp_path / "hf"),
+        tmp_path / "two.gguf",
+        outtype=outtype,
+        metadata=gguf_metadata(recipe),
     )
     rows, whole = [], []
     monkeypatch.setattr(GGUFSink, "write_rows", _spy(GGUFSink.write_rows, rows))
     monkeypatch.setattr(GGUFSink, "write", _spy(GGUFSink.write, whole))
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
-    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf")
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf", outtype=outtype)
     assert fused.read_bytes() == two_step.read_bytes()
     assert {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"} <= set(rows)
     assert "model.layers.0.self_attn.q_proj.weight" in whole and not set(rows) & set(whole)
