@@ -1,20 +1,14 @@
-"""Hugging Face folder -> GGUF, one memory-mapped tensor at a time, through the same `GGUFSink` as the merge."""
+"""Hugging Face folder -> GGUF through the same `GGUFSink` and streaming engine as the merge (`copy_into`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-import ml_dtypes
-import numpy as np
 from rich.progress import Progress
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
-from ..progress import task
 from ..sinks import TensorSpec
 from .metadata import GGUFMetadata
 from .sink import GGUFSink
@@ -60,25 +54,6 @@ def read_specs(files: list[Path]) -> tuple[list[TensorSpec], dict[str, Path]]:
     return specs, where
 
 
-def iter_tensors(names: list[str], where: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield tensors as numpy (bf16 as ml_dtypes.bfloat16, no copy), memory-mapped, in the given order."""
-    import torch
-    from safetensors import safe_open
-
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for name in names:
-            f = where[name]
-            if f not in handles:
-                handles[f] = stack.enter_context(safe_open(f, framework="pt"))
-            t = handles[f].get_tensor(name)
-            if t.dtype == torch.bfloat16:
-                yield name, t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            else:
-                yield name, t.numpy()
-            del t
-
-
 def export_hf(
     hf_dir: Path,
     out_file: Path,
@@ -97,15 +72,12 @@ def export_hf(
         )
     if not (hf_dir / "config.json").is_file():
         raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
+    from ..check import ModelTensors
+    from ..merge.engine import copy_into
+
     specs, where = read_specs(safetensors_files(hf_dir))
-    by_name = {s.name: s for s in specs}
+    model = ModelTensors(label=str(hf_dir), files=where)
     with atomic_output(out_file, force=force) as tmp:
         sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata)
-        order = sink.open(specs)
-        total = sum(by_name[n].nbytes for n in order)
-        with task(progress, f"GGUF {out_file.name}", total) as advance:
-            for name, array in iter_tensors(order, where):
-                sink.write(name, array)
-                advance(by_name[name].nbytes)
-        sink.close()
+        copy_into(model, specs, sink, progress=progress, label=f"GGUF {out_file.name}")
     return out_file

@@ -17,6 +17,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,67 @@ def _non_finite_error(name: str, arrays: dict[int, np.ndarray], models: list[Mod
     return EdgemergeError(f"merged tensor {name} has NaN or Inf values: {where}")
 
 
+class _TensorOut:
+    """One tensor's blocks into the sink: row block by row block when the sink takes them (so the tensor is
+    never held whole), else assembled and written whole."""
+
+    def __init__(self, sink: BackgroundSink, spec: TensorSpec, parts: list[slice | None]):
+        self.sink, self.spec = sink, spec
+        self.by_rows = len(parts) > 1 and sink.takes_rows(spec.name)
+        self.out: np.ndarray | None = None
+
+    def add(self, rows: slice | None, block: np.ndarray) -> int:
+        """Hand over one block (not to be modified afterwards); returns the bytes sent to the sink."""
+        if self.by_rows:
+            self.sink.write_rows(self.spec.name, rows, block)
+            return block.nbytes
+        if rows is None:
+            self.out = block
+        else:
+            if self.out is None:
+                self.out = np.empty(self.spec.shape, dtype=block.dtype)
+            self.out[rows] = block
+        return 0
+
+    def finish(self) -> int:
+        """Write an assembled tensor; returns the bytes sent to the sink."""
+        if self.by_rows or self.out is None:
+            return 0
+        nbytes = self.out.nbytes
+        self.sink.write(self.spec.name, self.out)
+        self.out = None
+        return nbytes
+
+
+@contextlib.contextmanager
+def _pipeline(
+    sink: Sink, specs: list[TensorSpec], models: list[ModelTensors], indices: list[int], read_all_ahead: bool
+) -> Iterator[tuple[BackgroundSink, list[str], _Readers, _Prefetch]]:
+    """The three threads: `sink` opened behind a writer thread, the inputs behind a read-ahead thread (every
+    piece, or with `read_all_ahead` False only tensors of one piece). Yields (sink, order, readers, prefetch);
+    closes the sink at the end, or aborts it on any error."""
+    by_name = {s.name: s for s in specs}
+    sink = BackgroundSink(sink)
+    try:
+        order = list(sink.open(specs))
+        if sorted(order) != sorted(by_name):
+            raise AssertionError("sink.open must return every tensor name exactly once")
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+            stack.enter_context(freed_blocks_kept())
+            readers = _Readers(models, stack)
+            sequence = [
+                (name, rows)
+                for name in order
+                for rows in pieces(by_name[name], True)
+                if read_all_ahead or rows is None
+            ]
+            yield sink, order, readers, _Prefetch(readers, sequence, indices, pool)
+            sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
 def merge_into(
     recipe: Recipe,
     sources: RecipeSources,
@@ -235,64 +297,51 @@ def merge_into(
     indices = [0] + ([1] if method.uses_base else []) + [2 + i for i in range(len(weights))]
     stats = MergeStats(method=method.name, backend=xp.name, dtype=recipe.dtype, options=opts)
     start = time.perf_counter()
-
-    sink = BackgroundSink(sink)
-    try:
-        order = list(sink.open(specs))
-        if sorted(order) != sorted(by_name):
-            raise AssertionError("sink.open must return every tensor name exactly once")
-        total = sum(by_name[n].nbytes for n in order)
-        out_dtype = np.dtype(ml_dtypes.bfloat16) if recipe.dtype == "bfloat16" else np.dtype(recipe.dtype)
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-            stack.enter_context(freed_blocks_kept())
-            readers = _Readers(report.models, stack)
-
-            # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers
-            # walk a tensor several times, so only tensors of one piece are
-            sequence = [
-                (name, rows)
-                for name in order
-                for rows in pieces(by_name[name], True)
-                if method.sparsify is None or rows is None
-            ]
-            prefetch = _Prefetch(readers, sequence, indices, pool)
-            with task(progress, f"merge ({method.name}, {xp.name})", total) as advance:
-                for name in order:
-                    spec = by_name[name]
-                    parts = pieces(spec, True)
-                    xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
-                    t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
-                    # a large tensor goes to the sink block by block when it takes rows; else it is assembled
-                    by_rows = len(parts) > 1 and sink.takes_rows(name)
-                    out = None
-                    for rows, merged in method.merge(xp, t, opts):
-                        if not xp.all_finite(merged):
-                            raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
-                        block = xp.to_numpy(merged, recipe.dtype)
-                        del merged
-                        if by_rows:
-                            sink.write_rows(name, rows, block)
-                            advance(block.nbytes)
-                        elif rows is None:
-                            out = block
-                        else:
-                            if out is None:
-                                out = np.empty(spec.shape, dtype=out_dtype)
-                            out[rows] = block
-                        del block
-                    del t
-                    prefetch.done(name)
-                    if not by_rows:
-                        sink.write(name, out)
-                        advance(out.nbytes)
-                        out = None
-                    stats.tensors += 1
-                    stats.params += spec.nbytes // out_dtype.itemsize
-                    stats.bytes_out += spec.nbytes
-            sink.close()
-    except BaseException:
-        sink.abort()
-        raise
+    total = sum(s.nbytes for s in specs)
+    # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers walk a
+    # tensor several times, so only tensors of one piece are
+    pipeline = _pipeline(sink, specs, report.models, indices, read_all_ahead=method.sparsify is None)
+    with (
+        pipeline as (writer, order, readers, prefetch),
+        task(progress, f"merge ({method.name}, {xp.name})", total) as advance,
+    ):
+        for name in order:
+            spec = by_name[name]
+            parts = pieces(spec, True)
+            xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
+            t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
+            out = _TensorOut(writer, spec, parts)
+            for rows, merged in method.merge(xp, t, opts):
+                if not xp.all_finite(merged):
+                    raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
+                block = xp.to_numpy(merged, recipe.dtype)
+                del merged
+                advance(out.add(rows, block))
+                del block
+            del t
+            prefetch.done(name)
+            advance(out.finish())
+            stats.tensors += 1
+            stats.params += spec.nbytes // (4 if recipe.dtype == "float32" else 2)
+            stats.bytes_out += spec.nbytes
     stats.order = order
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def copy_into(
+    model: ModelTensors, specs: list[TensorSpec], sink: Sink, *, progress: Progress | None = None, label: str
+) -> None:
+    """Stream one model's tensors, as stored, into `sink` (the GGUF export): the merge's reader, read-ahead and
+    writer threads without the arithmetic, so large tensors pass in row blocks and memory stays flat."""
+    total = sum(s.nbytes for s in specs)
+    by_name = {s.name: s for s in specs}
+    pipeline = _pipeline(sink, specs, [model], [0], read_all_ahead=True)
+    with pipeline as (writer, order, readers, prefetch), task(progress, label, total) as advance:
+        for name in order:
+            parts = pieces(by_name[name], True)
+            out = _TensorOut(writer, by_name[name], parts)
+            for rows in parts:
+                block = prefetch.take(name, rows, 0)
+                advance(out.add(rows, block if block is not None else readers.load((name, rows), [0])[0]))
+            advance(out.finish())
