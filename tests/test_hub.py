@@ -1,0 +1,96 @@
+"""The real hub code path (huggingface_hub's snapshot_download inside edgemerge.sources) against a local stand-in
+for the hub's HTTP API (tests/fake_hub.py): what is downloaded, what is recorded, what is reused, what fails."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgemerge.merge.run import merge_to_hf
+from edgemerge.recipe import load_recipe
+
+from .fake_hub import FakeHub
+from .models import write_recipe
+from .test_merge_engine import WEIGHTS, read_out
+
+ORG = "edgemerge-test"
+
+
+@pytest.fixture
+def hub(tmp_path, merge_family):
+    """The merge family on the fake hub, each repo with files edgemerge must not fetch: pickled weights, a
+    consolidated copy of the weights (as Mistral repos have) and a README."""
+    repos = {}
+    for role, folder in merge_family.items():
+        repo = tmp_path / "repos" / role
+        shutil.copytree(folder, repo)
+        (repo / "pytorch_model.bin").write_bytes(b"pickled weights must never be downloaded")
+        shutil.copyfile(next(repo.glob("model-*.safetensors")), repo / "consolidated.safetensors")
+        (repo / "README.md").write_text("# a model card\n")
+        repos[f"{ORG}/{role}"] = repo
+    server = FakeHub(repos)
+    yield server
+    server.close()
+
+
+def run_cli(hub: FakeHub, cache, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, **hub.env(cache)}
+    cmd = [sys.executable, "-c", "from edgemerge.cli import main; main()", *map(str, args)]
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_merge_from_the_hub_fetches_only_the_weights_it_needs(tmp_path, hub, merge_family):
+    ids = {role: f"{ORG}/{role}" for role in merge_family}
+    recipe = write_recipe(tmp_path / "hub.yaml", ids, WEIGHTS)
+    cache, out = tmp_path / "cache", tmp_path / "merged"
+
+    done = run_cli(hub, cache, "merge", recipe, "--out", out)
+    assert done.returncode == 0, done.stderr
+
+    # same tensors as merging the local folders
+    local = merge_to_hf(
+        load_recipe(write_recipe(tmp_path / "local.yaml", merge_family, WEIGHTS)), tmp_path / "l"
+    )
+    got, want = read_out(out), read_out(local)
+    assert set(got) == set(want)
+    assert all(np.array_equal(got[k].view(np.uint16), want[k].view(np.uint16)) for k in want)
+
+    # only config/tokenizer files and the shards the index names; never pickles, copies or the card
+    fetched = hub.fetched()
+    shards = {p.name for p in merge_family["instruct"].glob("model-*.safetensors")}
+    assert {f for f in fetched if f.endswith(".safetensors")} == shards
+    assert not any(f.endswith(".bin") or f.startswith(("consolidated", "README")) for f in fetched)
+    assert fetched.count("config.json") == 4  # once per model: base, instruct, eu, ca
+
+    # provenance: the commit that was merged and the hub's sha256 of every weight file
+    inputs = json.loads((out / "edgemerge.json").read_text())["inputs"]
+    assert inputs["instruct"]["revision"] == hub.commits[f"{ORG}/instruct"]
+    for name in shards:
+        data = (merge_family["instruct"] / name).read_bytes()
+        assert inputs["instruct"]["files"][name] == f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+    # a second merge reuses the cache: no file is downloaded again
+    before = len(hub.fetched())
+    again = run_cli(hub, cache, "merge", recipe, "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert hub.fetched()[before:] == []
+
+
+def test_a_missing_hub_repo_is_one_line_and_exit_2(tmp_path, hub, merge_family):
+    ids = {role: f"{ORG}/{role}" for role in merge_family} | {"eu": f"{ORG}/no-such-model"}
+    recipe = write_recipe(tmp_path / "hub.yaml", ids, WEIGHTS)
+    done = run_cli(hub, tmp_path / "cache", "merge", recipe, "--out", tmp_path / "merged")
+    assert done.returncode == 2, done.stderr
+    # above it: huggingface_hub's own progress bars for the models that did download
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot get edgemerge-test/no-such-model from the Hugging Face hub"), last
+    assert "local folder" in last and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [last]
+    assert not (tmp_path / "merged").exists()
