@@ -2,7 +2,8 @@
 
 A reference is a local folder (absolute, or relative to the recipe's folder) or a Hugging Face repo id
 `owner/name[@revision]`, downloaded with huggingface_hub into its usual cache. Only safetensors weights, JSON,
-tokenizer and chat-template files are fetched: never pickled `.bin` weights, never remote code.
+tokenizer and chat-template files are fetched: never pickled `.bin` weights, never remote code. The weights still
+to download are sized first (the hub's dry run) and checked against the cache disk's free space.
 
 Provenance hashes (`ModelSource.files`) are chosen to be honest and cheap for 16 GB models. Small files
 (config, tokenizer, templates) get the sha256 of their content. A safetensors file from the hub cache gets the
@@ -14,14 +15,17 @@ but would not notice an in-place edit in the middle of a tensor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgemergeError
+from .files import free_bytes, human_bytes
 from .progress import Progress, task
 from .recipe import Recipe
 
@@ -39,6 +43,7 @@ ALLOW_PATTERNS = [
     "NOTICE*",
 ]
 SMALL_FILE_LIMIT = 64 * 1024 * 1024
+DOWNLOAD_MARGIN = 256 * 1024 * 1024  # hub cache bookkeeping, partial-file slack
 SAMPLE = 1024 * 1024
 
 
@@ -150,35 +155,89 @@ def _check_folder(path: Path, ref: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _hub_errors(ref: str) -> Iterator[None]:
+    """Turn any hub failure (network, auth, missing repo) into one actionable EdgemergeError line."""
+    try:
+        yield
+    except EdgemergeError:
+        raise
+    except Exception as e:  # noqa: BLE001 (network, auth, missing repo: all become one actionable line)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgemergeError(
+            f"cannot get {ref} from the Hugging Face hub ({type(e).__name__}: {reason}); check the id, "
+            "your connection and `hf auth login` for gated models, or download it elsewhere and put "
+            "the local folder path in the recipe instead"
+        ) from None
+
+
+def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str | None, list[str]]:
+    """Fetch the JSON, tokenizer and template files (pinned to the commit they came from); return the snapshot
+    folder, the commit and the weight files the model needs (those its index names, else model.safetensors)."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(ref):
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
+    index = path / "model.safetensors.index.json"
+    weights = sorted(set(read_json(index).get("weight_map", {}).values())) if index.exists() else []
+    return path, commit, weights or ["model.safetensors"]
+
+
+def _weights(repo: str, commit: str | None, weights: list[str], ref: str, *, dry_run: bool = False):
+    """Download the weight files (or with `dry_run`, say what downloading them would fetch); a repo without
+    the expected names gets all its safetensors files."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(ref):
+        got = snapshot_download(repo, revision=commit, allow_patterns=weights, dry_run=dry_run)
+        if not got if dry_run else not any(Path(got).glob("*.safetensors")):
+            got = snapshot_download(repo, revision=commit, allow_patterns=["*.safetensors"], dry_run=dry_run)
+    return got
+
+
 def _download(
     repo: str, revision: str | None, ref: str, progress: Progress | None
 ) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-
     with task(progress, f"download {ref}", None):
-        try:
-            # small files first, pinned to the commit they came from, then only the weights they name
-            path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
-            commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
-            index = path / "model.safetensors.index.json"
-            if index.exists():
-                weights = sorted(set(read_json(index).get("weight_map", {}).values()))
-            else:
-                weights = ["model.safetensors"]
-            path = Path(snapshot_download(repo, revision=commit, allow_patterns=weights))
-            if not any(path.glob("*.safetensors")):
-                path = Path(snapshot_download(repo, revision=commit, allow_patterns=["*.safetensors"]))
-        except EdgemergeError:
-            raise
-        except Exception as e:  # noqa: BLE001 (network, auth, missing repo: all become one actionable line)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EdgemergeError(
-                f"cannot get {ref} from the Hugging Face hub ({type(e).__name__}: {reason}); check the id, "
-                "your connection and `hf auth login` for gated models, or download it elsewhere and put "
-                "the local folder path in the recipe instead"
-            ) from None
+        _, commit, weights = _small_files(repo, revision, ref)
+        path = Path(_weights(repo, commit, weights, ref))
     # snapshot folders are named by the commit sha: the exact revision that was merged
     return path, commit
+
+
+def pending_download(ref: str, root: Path | None = None) -> int:
+    """Bytes of weights that resolving `ref` would download (0 for a local folder or a fully cached model).
+    Fetches the model's small files to learn which weights it needs, and asks the hub for their sizes."""
+    m = HF_ID.match(ref)
+    p = Path(ref).expanduser()
+    if (p if p.is_absolute() else (root or Path.cwd()) / p).exists() or m is None:
+        return 0
+    _, commit, weights = _small_files(m["repo"], m["rev"], ref)
+    try:
+        files = _weights(m["repo"], commit, weights, ref, dry_run=True)
+    except (
+        EdgemergeError
+    ):  # sizes unknown (e.g. offline with the model cached): the download itself will tell
+        return 0
+    return sum(f.file_size or 0 for f in files if f.will_download)
+
+
+def check_download_space(refs: list[str], root: Path | None = None) -> int:
+    """Fail before downloading when the hub cache's disk cannot hold the weights still to fetch for `refs`;
+    returns the bytes to download."""
+    from huggingface_hub import constants
+
+    need = sum(pending_download(ref, root) for ref in dict.fromkeys(refs))
+    if need:
+        cache = Path(constants.HF_HUB_CACHE)
+        free = free_bytes(cache)
+        if free < need + DOWNLOAD_MARGIN:
+            raise EdgemergeError(
+                f"not enough disk space to download the models: {human_bytes(need)} of weights to fetch into "
+                f"{cache}, {human_bytes(free)} free; free some space or set HF_HUB_CACHE to a larger disk"
+            )
+    return need
 
 
 def resolve(ref: str, root: Path | None = None, progress: Progress | None = None) -> ModelSource:
@@ -209,6 +268,8 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
                 f"recipe {recipe.name}: languages.{i}.model ({lang.code}) is not set; put the language "
                 "model's Hugging Face id or local folder there"
             )
+    refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages)]
+    check_download_space(refs, recipe.root)
     return RecipeSources(
         instruct=resolve(recipe.instruct, recipe.root, progress),
         base=resolve(recipe.base, recipe.root, progress),

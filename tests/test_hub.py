@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from edgemerge.files import human_bytes
 from edgemerge.merge.run import merge_to_hf
 from edgemerge.recipe import load_recipe
 
@@ -94,3 +95,58 @@ def test_a_missing_hub_repo_is_one_line_and_exit_2(tmp_path, hub, merge_family):
     assert "local folder" in last and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [last]
     assert not (tmp_path / "merged").exists()
+
+
+def run_py(hub: FakeHub, cache, code: str, **env_overrides: str) -> str:
+    """Run `code` in a fresh process whose huggingface_hub talks to `hub` (its endpoint is read at import);
+    returns what it printed."""
+    env = {**os.environ, **hub.env(cache), **env_overrides}
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_downloads_are_checked_against_free_space_before_fetching(tmp_path, hub, merge_family):
+    ids = {role: f"{ORG}/{role}" for role in merge_family}
+    recipe = write_recipe(tmp_path / "hub.yaml", ids, WEIGHTS)
+    cache = tmp_path / "cache"
+    shards = [p for folder in merge_family.values() for p in folder.glob("model-*.safetensors")]
+    weights = sum(p.stat().st_size for p in shards)
+    refs = list(ids.values())
+
+    # exactly the indexed shards of the four models, sized by the hub, before anything large is fetched
+    need = run_py(hub, cache, f"from edgemerge.sources import check_download_space as c; print(c({refs!r}))")
+    assert int(need) == weights
+    assert not [f for f in hub.fetched() if f.endswith(".safetensors")]
+
+    # a disk without room for them (the margin): one line naming the size, the cache and the way out
+    small_disk = f"""
+import edgemerge.sources as s
+from edgemerge.errors import EdgemergeError
+from edgemerge.recipe import load_recipe
+s.free_bytes = lambda path: {weights}
+try:
+    s.resolve_recipe(load_recipe({str(recipe)!r}))
+except EdgemergeError as e:
+    print(e.message)
+"""
+    message = run_py(hub, cache, small_disk)
+    assert message.startswith("not enough disk space to download the models:"), message
+    assert human_bytes(weights) in message and str(cache) in message and "HF_HUB_CACHE" in message
+    assert not [f for f in hub.fetched() if f.endswith(".safetensors")]
+
+    # with room: downloaded, after which nothing is pending
+    after = f"""
+import edgemerge.sources as s
+from edgemerge.recipe import load_recipe
+print(s.resolve_recipe(load_recipe({str(recipe)!r})).instruct.revision, s.check_download_space({refs!r}))
+"""
+    revision, pending = run_py(hub, cache, after).split()
+    assert revision == hub.commits[f"{ORG}/instruct"] and pending == "0"
+    assert sorted(f for f in hub.fetched() if f.endswith(".safetensors")) == sorted(p.name for p in shards)
+
+    # offline with everything cached: the sizes cannot be asked for, and are not needed
+    offline = run_py(hub, cache, after.replace("load_recipe({", "load_recipe({"), HF_HUB_OFFLINE="1")
+    assert offline.split() == [revision, "0"]
