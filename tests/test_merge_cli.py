@@ -295,3 +295,16 @@ def test_usage_errors_exit_2_without_internal_error(cli, args, needle):
     code, _out, err = cli(*args)
     assert code == 2, err
     assert needle in err and "internal error" not in err and "Traceback" not in err
+
+
+def test_ctrl_c_exits_130_and_says_so(cli, tmp_path, merge_family, monkeypatch):
+    """typer turns KeyboardInterrupt into exit code 130, returned (not raised) outside standalone mode."""
+    from edgemerge.merge import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "merge_to_hf", interrupted)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0})
+    code, _out, err = cli("merge", recipe, "--out", tmp_path / "out")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err

@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="edgemerge", standalone_mode=False)
+        # without standalone mode typer returns the code of an exit instead of raising it, and turns Ctrl-C
+        # (KeyboardInterrupt) into the exit code 130
+        code = app(args=args, prog_name="edgemerge", standalone_mode=False)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[red]interrupted[/red]")
-        sys.exit(130)
+        code = 130
     except typer.TyperException as e:  # usage errors (typer's own copy of click's): usage line + message
         show = getattr(e, "show", None)
         if show is not None:
@@ -54,3 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    if code == 130:
+        err_console.print("[red]interrupted[/red]")
+    if isinstance(code, int) and code:
+        sys.exit(code)
