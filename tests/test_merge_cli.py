@@ -308,3 +308,10 @@ def test_ctrl_c_exits_130_and_says_so(cli, tmp_path, merge_family, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0})
     code, _out, err = cli("merge", recipe, "--out", tmp_path / "out")
     assert code == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_version(cli):
+    from edgemerge import __version__
+
+    code, out, _err = cli("--version")
+    assert code == 0 and out.strip() == f"edgemerge {__version__}"
