@@ -315,3 +315,27 @@ def test_version(cli):
 
     code, out, _err = cli("--version")
     assert code == 0 and out.strip() == f"edgemerge {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("errno_", "needle"),
+    [("ENOSPC", "free some space"), ("EACCES", "choose a folder you can write to")],
+)
+def test_a_full_or_forbidden_disk_is_one_line_and_exit_2(
+    cli, tmp_path, merge_family, monkeypatch, errno_, needle
+):
+    """Failures of the machine while writing (another process filled the disk after the space check, a folder
+    without write permission) are not edgemerge bugs: one line with what to do, exit 2."""
+    import errno
+
+    from edgemerge.merge import run
+
+    def fails(*args, **kwargs):
+        code = getattr(errno, errno_)
+        raise OSError(code, os.strerror(code), str(tmp_path / "out"))
+
+    monkeypatch.setattr(run, "merge_to_hf", fails)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0})
+    code, _out, err = cli("merge", recipe, "--out", tmp_path / "out")
+    assert code == 2 and err.startswith("error: ") and needle in err and str(tmp_path / "out") in err
+    assert err.strip().count("\n") == 0 and "internal error" not in err

@@ -7,6 +7,7 @@ Each command lives in its own module in this package and registers itself on `ap
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 import sys
@@ -20,6 +21,16 @@ from .common import app, err_console
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "common":
         importlib.import_module(f"{__name__}.{_mod.name}")
+
+
+# Failures of the machine, not of edgemerge: one line and what to do, like bad input (exit 2)
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "free some space or write to another disk (--out)",
+    errno.EDQUOT: "free some space or write to another disk (--out)",
+    errno.EACCES: "choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the disk is read-only: write to another one (--out)",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: say so in one line unless --debug
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRORS:
+            where = f" ({e.filename})" if e.filename else ""
+            message = f"{e.strerror}{where}; {_ENVIRONMENT_ERRORS[e.errno]}"
+            err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         err_console.print(
             f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
             highlight=False,
