@@ -117,16 +117,6 @@ class _Readers:
         return out
 
 
-def _size(by_name: dict[str, TensorSpec], piece: tuple[str, slice | None]) -> int:
-    """Elements in one piece of work."""
-    name, rows = piece
-    spec = by_name[name]
-    numel = spec.nbytes // (4 if spec.dtype == "float32" else 2)
-    if rows is None:
-        return numel
-    return numel // spec.shape[0] * (rows.stop - rows.start)
-
-
 def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
     """Row ranges of at most BLOCK_ELEMENTS elements (None: the whole tensor in one piece)."""
     numel = spec.nbytes // (4 if spec.dtype == "float32" else 2)
@@ -308,7 +298,6 @@ def merge_into(
         for name in order:
             spec = by_name[name]
             parts = pieces(spec, True)
-            xp.begin_tensor(min(_size(by_name, (name, None)), BLOCK_ELEMENTS))
             t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
             out = _TensorOut(writer, spec, parts)
             for rows, merged in method.merge(xp, t, opts):

@@ -33,10 +33,6 @@ class Backend(Protocol):
         """A boolean array from a numpy bool array."""
         ...
 
-    def begin_tensor(self, numel: int) -> None:
-        """Called before each tensor is merged (e.g. to pick a thread count for its size)."""
-        ...
-
     def abs(self, x: Array) -> Array: ...
 
     def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
@@ -86,7 +82,7 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def get_backend(name: str = "torch", *, threads: int | None = None) -> Backend:
+def get_backend(name: str = "torch") -> Backend:
     """The backend called `name` (auto | torch | mlx), ready to use."""
     name = resolve_backend_name(name)
     if name == "mlx":
@@ -95,4 +91,4 @@ def get_backend(name: str = "torch", *, threads: int | None = None) -> Backend:
         return MLXBackend()
     from .torch import TorchBackend
 
-    return TorchBackend(threads=threads)
+    return TorchBackend()

@@ -16,9 +16,6 @@ _OUT = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 class MLXBackend:
     name = "mlx"
 
-    def begin_tensor(self, numel: int) -> None:
-        pass
-
     def from_numpy(self, a: np.ndarray) -> mx.array:
         if a.dtype == ml_dtypes.bfloat16:
             # mlx cannot read numpy's bfloat16 extension type: pass the bits and reinterpret

@@ -1,8 +1,6 @@
-"""The PyTorch backend (CPU; all cores through torch's intra-op threads)."""
+"""The PyTorch backend (CPU, one intra-op thread: see TorchBackend)."""
 
 from __future__ import annotations
-
-import os
 
 import ml_dtypes
 import numpy as np
@@ -11,26 +9,15 @@ import torch
 _OUT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-# Below this many elements one thread is faster: waking a thread pool per elementwise op costs more than
-# the op, and on a busy machine spinning OpenMP threads made small ops 100x slower (measured here). The engine's
-# pieces (engine.BLOCK_ELEMENTS) are smaller, so its arithmetic runs on one core while the others read ahead and
-# write: 1B merge loop 3.5-3.8 s against 3.9-4.3 s with every piece on two threads (measured on 2 cores).
-PARALLEL_MIN_ELEMENTS = 1 << 22
-
-
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, threads: int | None = None):
-        self.threads = threads or os.cpu_count() or 1
-        self._current = torch.get_num_threads()
-
-    def begin_tensor(self, numel: int) -> None:
-        """Use every core for large tensors, one thread for small ones."""
-        want = self.threads if numel >= PARALLEL_MIN_ELEMENTS else 1
-        if want != self._current:
-            torch.set_num_threads(want)
-            self._current = want
+    def __init__(self):
+        # The engine's pieces are cache-sized (engine.BLOCK_ELEMENTS), and on them one thread is faster: waking a
+        # thread pool per elementwise op costs more than the op (on a busy machine spinning OpenMP threads made
+        # small ops 100x slower), and the other cores read ahead and write. 1B merge loop on 2 cores: 3.5-3.8 s
+        # against 3.9-4.3 s with two threads per piece (measured).
+        torch.set_num_threads(1)
 
     def from_numpy(self, a: np.ndarray) -> torch.Tensor:
         if a.dtype == ml_dtypes.bfloat16:
