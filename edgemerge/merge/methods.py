@@ -213,6 +213,11 @@ def _load(t: TensorInputs, index: int, rows: slice | None) -> Array:
     return t.instruct(rows) if index == 0 else t.language(index - 1, rows)
 
 
+def _tau(t: TensorInputs, index: int, rows: slice | None) -> Array:
+    """Task vector `index` (see `_load`) on these rows: its model minus the base."""
+    return _load(t, index, rows) - t.base(rows)
+
+
 @dataclass
 class Sparsifier:
     """How one task vector is sparsified, decided from the whole tensor, applied block by block.
@@ -254,9 +259,7 @@ def plan_sparsifier(
         return None
     n = math.prod(t.shape)
     plan = Sparsifier()
-    before = 0.0
-    if opts["rescale"]:
-        before = sum(xp.sum(xp.abs(_load(t, index, rows) - t.base(rows))) for rows in t.pieces)
+    before, walks = 0.0, 0  # |tau|_1 for the rescale, summed block by block on the first walk over the tensor
     if kind == "random":
         plan.mask = dare_mask(opts["seed"], t.name, index, tuple(t.shape), density)
     else:
@@ -270,14 +273,21 @@ def plan_sparsifier(
             ranks = [n_bot, n - n_top]
 
         def magnitudes() -> Iterator[np.ndarray]:
+            nonlocal before, walks
+            walks += 1
             for rows in t.pieces:
-                yield xp.to_numpy(xp.abs(_load(t, index, rows) - t.base(rows)), "float32").reshape(-1)
+                mag = xp.abs(_tau(t, index, rows))
+                if walks == 1 and opts["rescale"]:
+                    before += xp.sum(mag)
+                yield xp.to_numpy(mag, "float32").reshape(-1)
 
         plan.cuts = rank_cuts(magnitudes, ranks, n)
     if opts["rescale"]:
+        if walks == 0:  # nothing walked yet (DARE's mask, or cuts at the ends that need no selection)
+            before = sum(xp.sum(xp.abs(_tau(t, index, rows))) for rows in t.pieces)
         after = 0.0
         for k, rows in enumerate(t.pieces):
-            tau = _load(t, index, rows) - t.base(rows)
+            tau = _tau(t, index, rows)
             after += xp.sum(xp.abs(xp.where(plan.keep(xp, tau, k, rows), tau, 0.0)))
         if before >= 1e-7 and after >= 1e-7:
             plan.scale = before / after
