@@ -206,20 +206,23 @@ def _download(
     return path, commit
 
 
+def _local_path(ref: str, root: Path | None) -> Path:
+    """Where `ref` would be as a local folder: absolute, or relative to `root` (the recipe's folder)."""
+    p = Path(ref).expanduser()
+    return p if p.is_absolute() else (root or Path.cwd()) / p
+
+
 def pending_download(ref: str, root: Path | None = None) -> int:
     """Bytes of weights that resolving `ref` would download (0 for a local folder or a fully cached model).
     Fetches the model's small files to learn which weights it needs, and asks the hub for their sizes."""
     m = HF_ID.match(ref)
-    p = Path(ref).expanduser()
-    if (p if p.is_absolute() else (root or Path.cwd()) / p).exists() or m is None:
+    if m is None or _local_path(ref, root).exists():
         return 0
     _, commit, weights = _small_files(m["repo"], m["rev"], ref)
     try:
         files = _weights(m["repo"], commit, weights, ref, dry_run=True)
-    except (
-        EdgemergeError
-    ):  # sizes unknown (e.g. offline with the model cached): the download itself will tell
-        return 0
+    except EdgemergeError:
+        return 0  # sizes unknown (e.g. offline with the model cached): the download itself will tell
     return sum(f.file_size or 0 for f in files if f.will_download)
 
 
@@ -242,8 +245,7 @@ def check_download_space(refs: list[str], root: Path | None = None) -> int:
 
 def resolve(ref: str, root: Path | None = None, progress: Progress | None = None) -> ModelSource:
     """A local folder or `owner/name[@revision]` hub id -> ModelSource (downloading if needed)."""
-    p = Path(ref).expanduser()
-    local = p if p.is_absolute() else (root or Path.cwd()) / p
+    local = _local_path(ref, root)
     if local.exists():
         if not local.is_dir():
             raise EdgemergeError(f"model {ref}: {local} is a file; give the model's folder")
