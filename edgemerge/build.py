@@ -535,13 +535,20 @@ def _evaluate_parent(
 
     parent_file, parent_key = parent
     parent_file.parent.mkdir(parents=True, exist_ok=True)
+    hashes: dict[Path, str] = {}
     stages.run(
         "export instruct",
         parent_key,
         [parent_file],
         lambda: export_hf(
-            instruct_dir, parent_file, outtype=options.outtype.lower(), force=True, progress=progress
+            instruct_dir,
+            parent_file,
+            outtype=options.outtype.lower(),
+            force=True,
+            progress=progress,
+            hashes=hashes,
         ),
+        hashes,
     )
     result.parent_evals["instruct"] = _eval_stage(
         stages, "instruct", parent_key, parent_file, result.lang, None, options, progress

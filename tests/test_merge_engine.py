@@ -247,10 +247,14 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     hashes = {}
     fused = merge_to_gguf(recipe, tmp_path / "fused.gguf", hashes=hashes)
     two_step = export_hf(
-        merge_to_hf(recipe, tmp_path / "hf"), tmp_path / "two.gguf", metadata=gguf_metadata(recipe)
+        merge_to_hf(recipe, tmp_path / "hf"),
+        tmp_path / "two.gguf",
+        metadata=gguf_metadata(recipe),
+        hashes=hashes,
     )
     assert hashlib.sha256(fused.read_bytes()).digest() == hashlib.sha256(two_step.read_bytes()).digest()
-    assert hashes == {fused: hashlib.sha256(fused.read_bytes()).hexdigest()}  # hashed while writing
+    digest = hashlib.sha256(fused.read_bytes()).hexdigest()
+    assert hashes == {fused: digest, two_step: digest}  # both hashed while writing
 
     import gguf
 

@@ -62,9 +62,11 @@ def export_hf(
     metadata: GGUFMetadata | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    hashes: dict[Path, str] | None = None,
 ) -> Path:
     """Convert a Hugging Face model folder to one GGUF file (f32, f16, bf16 or q8_0), like llama.cpp's
-    convert_hf_to_gguf.py; nothing appears at `out_file` unless the whole file was written."""
+    convert_hf_to_gguf.py; nothing appears at `out_file` unless the whole file was written. `hashes`: filled
+    with the file's sha256, computed while writing (as `merge_to_gguf` does)."""
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if not hf_dir.is_dir():
         raise EdgemergeError(
@@ -78,6 +80,8 @@ def export_hf(
     specs, where = read_specs(safetensors_files(hf_dir))
     model = ModelTensors(label=str(hf_dir), files=where)
     with atomic_output(out_file, force=force) as tmp:
-        sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata)
+        sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata, sha256=hashes is not None)
         copy_into(model, specs, sink, progress=progress, label=f"GGUF {out_file.name}")
+    if hashes is not None:
+        hashes[out_file] = sink.sha256
     return out_file
