@@ -323,12 +323,18 @@ def prepare_out(out: Path, name: str, *, force: bool) -> BuildState:
     return state
 
 
+def _manifest(out: Path) -> dict[str, Any]:
+    """A finished folder's manifest.json ({} when there is none or it is unreadable)."""
+    try:
+        data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _manifest_name(out: Path) -> str | None:
     """The build name in a finished folder's manifest.json (a folder copied without its work area)."""
-    try:
-        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _manifest(out).get("name")
 
 
 def _remove_build(out: Path, state: BuildState) -> None:
@@ -336,8 +342,8 @@ def _remove_build(out: Path, state: BuildState) -> None:
     for rec in state.stages.values():
         for rel in rec["outputs"]:
             remove(state.resolve(rel))
-    if _manifest_name(out) is not None:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest = _manifest(out)
+    if manifest.get("name") is not None:
         for f in manifest.get("files", []):
             remove(out / Path(f["name"]).name)
         remove(out / "manifest.json")
