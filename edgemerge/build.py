@@ -8,6 +8,12 @@ outside the folder so it uploads as is), rewritten atomically after every stage.
 whose key and outputs are unchanged, so an interrupted build (Ctrl-C, crash, power loss) restarts where it
 stopped and a changed recipe redoes only what the change touches. Library calls write through
 `atomic_output`, so partial files never carry a final name.
+
+What a build may delete: the output folder and its work area carry edgemerge's marker (`files.MARKER`); only
+a marked folder is ever treated as an earlier build, and only the files its state and manifest list (each path
+resolved and kept inside the folder or its work area) are removed. The marker also says whether the build
+finished: the card, Modelfile, eval.json and manifest are removed when a build starts changing the folder and
+written again at its end, so they describe only a finished build.
 """
 
 from __future__ import annotations
@@ -23,8 +29,23 @@ from typing import Any
 
 from . import __version__
 from .errors import EdgemergeError
-from .files import atomic_output, free_bytes, human_bytes, remove
-from .package import sha256_file
+from .files import (
+    atomic_output,
+    check_path,
+    clean_partials,
+    contained,
+    free_bytes,
+    human_bytes,
+    is_ours,
+    lock_file,
+    overlapping_input,
+    read_marker,
+    remove,
+    remove_file,
+    shown,
+    write_marker,
+)
+from .package import CARD, EVAL_JSON, MANIFEST, MODELFILE, sha256_file
 from .progress import Progress
 from .recipe import Recipe
 
@@ -32,6 +53,7 @@ WORK_SUFFIX = ".edgemerge"
 WORK_PREFIX = "@work/"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+PACKAGE_FILES = (CARD, MODELFILE, EVAL_JSON, MANIFEST)  # rewritten at the end of every build
 SPACE_MARGIN = 64 * 1024**2
 # Approximate bits per weight of llama.cpp's file types (from llama-quantize's table), for the disk plan only.
 BITS_PER_WEIGHT = {
@@ -158,13 +180,13 @@ class BuildState:
         self.work = work_dir(out)
         self.path = self.work / STATE_FILE
         self.data: dict[str, Any] = {"version": STATE_VERSION, "name": None, "stages": {}}
-        if self.path.exists():
+        if self.work.is_dir() and not self.work.is_symlink() and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-                if data.get("version") == STATE_VERSION:
-                    self.data = data
-            except ValueError:  # a damaged state only costs a rebuild
-                pass
+            except (OSError, ValueError):  # a damaged state only costs a rebuild
+                data = None
+            if _valid_state(data):
+                self.data = data
 
     def relative(self, path: Path) -> str:
         """How an output is recorded: relative to the output folder, or `@work/...` inside the work area
@@ -174,10 +196,18 @@ class BuildState:
             return WORK_PREFIX + path.relative_to(self.work).as_posix()
         return path.relative_to(self.out).as_posix()
 
-    def resolve(self, rel: str) -> Path:
+    def resolve(self, rel: str) -> Path | None:
+        """Where a recorded output is; None when the record points outside the output folder and its work
+        area (absolute, `..`, through a symlink): such a path is never read as an output nor deleted."""
         if rel.startswith(WORK_PREFIX):
-            return self.work / rel.removeprefix(WORK_PREFIX)
-        return self.out / rel
+            return contained(self.work, rel.removeprefix(WORK_PREFIX))
+        return contained(self.out, rel)
+
+    def remove_output(self, rel: str) -> None:
+        """Delete a recorded output file (only inside the folder or work area; never a folder tree)."""
+        path = self.resolve(rel)
+        if path is not None:
+            remove_file(path)
 
     @property
     def name(self) -> str | None:
@@ -188,7 +218,10 @@ class BuildState:
         return self.data["stages"]
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the state atomically and durably (fsynced before the rename the resume logic trusts)."""
+        if not is_ours(self.work, "work"):
+            self.work.mkdir(parents=True, exist_ok=True)
+            write_marker(self.work, "work", build=self.out.name)
         with atomic_output(self.path, force=True) as tmp:
             tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")
 
@@ -199,7 +232,7 @@ class BuildState:
             return None
         for rel, meta in rec["outputs"].items():
             p = self.resolve(rel)
-            if not p.exists():
+            if p is None or not p.is_file():
                 return None
             st = p.stat()
             if st.st_size != meta["size"] or st.st_mtime_ns != meta["mtime_ns"]:
@@ -242,7 +275,7 @@ class Stages:
         if old is not None:  # what the stage wrote last time, under names it may not write again
             for rel in old["outputs"]:
                 if self.state.resolve(rel) not in outputs:
-                    remove(self.state.resolve(rel))
+                    self.state.remove_output(rel)
             self.state.save()
         t0 = time.perf_counter()
         fn()
@@ -299,55 +332,126 @@ def check_quants(quants: list[str]) -> list[str]:
     return out
 
 
-def prepare_out(out: Path, name: str, *, force: bool) -> BuildState:
-    """Check the output folder (empty, or the same build to resume) and clean partial files from a crash."""
-    state = BuildState(out)
+def _valid_state(data: Any) -> bool:
+    """Whether `data` has the shape of a state file (a planted or damaged one is ignored: it costs a rebuild)."""
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        return False
+    if not isinstance(data.get("name"), str | None) or not isinstance(data.get("stages"), dict):
+        return False
+    for rec in data["stages"].values():
+        if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+            return False
+        if not isinstance(rec.get("seconds"), int | float) or not isinstance(rec.get("outputs"), dict):
+            return False
+        for rel, meta in rec["outputs"].items():
+            if not isinstance(rel, str) or not isinstance(meta, dict):
+                return False
+            if not all(isinstance(meta.get(k), int) for k in ("size", "mtime_ns")):
+                return False
+            if not isinstance(meta.get("sha256"), str):
+                return False
+    return True
+
+
+def check_out_path(out: Path, inputs: list[Path]) -> None:
+    """The output folder and its work area can be written and are none of the inputs (nor inside or around
+    one): refused before anything is locked, written or deleted."""
+    check_path(out, "--out")
+    for p in (out, work_dir(out)):
+        hit = overlapping_input(p, inputs)
+        if hit is not None:
+            inp, how = hit
+            raise EdgemergeError(
+                f"--out {shown(p)} {how} the input model {shown(inp)}; choose an output folder outside the inputs"
+            )
+
+
+def prepare_out(out: Path, name: str, *, force: bool, inputs: list[Path] | None = None) -> BuildState:
+    """Check the output folder (new, empty, or an earlier edgemerge build: the same to resume, another only
+    with --force) and its work area, mark the folder as edgemerge's and clean partial files of dead processes."""
+    out = Path(out)
+    work = work_dir(out)
+    check_out_path(out, inputs or [])
     if out.exists() and not out.is_dir():
-        raise EdgemergeError(f"{out} is a file; give a folder for --out")
+        raise EdgemergeError(f"{shown(out)} is a file; give a folder for --out")
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise EdgemergeError(
+            f"{shown(work)} (the build's work area) is a symlink or a file edgemerge did not make; move it away "
+            "or choose another --out"
+        )
+    state = BuildState(out)
     if out.is_dir() and any(out.iterdir()):
-        found = state.name or _manifest_name(out)
-        other = None
-        if found is None:
-            other = "files that are not an edgemerge build"
-        elif found != name:
-            other = f"another build ({found})"
-        if other is not None and not force:
-            raise EdgemergeError(f"{out} holds {other}; choose another --out or pass --force to replace it")
+        marker = read_marker(out) if is_ours(out) else None
+        if marker is None or marker["kind"] != "build":
+            raise EdgemergeError(
+                f"{shown(out)} holds files that are not an edgemerge build; choose another --out (--force "
+                "replaces only an earlier edgemerge build, never other files)"
+            )
+        found = marker.get("name") or state.name
+        if found != name and not force:
+            raise EdgemergeError(
+                f"{shown(out)} holds another build ({shown(str(found), 60)}); choose another --out or pass "
+                "--force to replace it"
+            )
         if force:
             _remove_build(out, state)
             state = BuildState(out)
-    for folder in (out, work_dir(out)):
-        for partial in folder.glob("**/.*.partial-*"):
-            remove(partial)
+    for folder in (out, state.work, state.work / "eval", state.work / "parents"):
+        clean_partials(folder)
+    marker = read_marker(out) if is_ours(out, "build") else None
+    if marker is None or marker.get("name") != name or force:
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "build", name=name, finished=False)
     state.data["name"] = name
     return state
+
+
+def mark_unfinished(out: Path, name: str) -> None:
+    """Before a build changes its folder: the folder says it is unfinished and no card, Modelfile, eval.json
+    or manifest stays to describe an earlier build (written again, for this one, when it finishes)."""
+    write_marker(out, "build", name=name, finished=False)
+    for n in PACKAGE_FILES:
+        remove_file(out / n)
+
+
+def mark_finished(out: Path, name: str) -> None:
+    """After the package is written: the folder holds a finished build."""
+    write_marker(out, "build", name=name, finished=True)
 
 
 def _manifest(out: Path) -> dict[str, Any]:
     """A finished folder's manifest.json ({} when there is none or it is unreadable)."""
     try:
-        data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _manifest_name(out: Path) -> str | None:
-    """The build name in a finished folder's manifest.json (a folder copied without its work area)."""
-    return _manifest(out).get("name")
+def _manifest_files(out: Path) -> list[Path]:
+    """The files a build's manifest lists, each kept inside `out` (other entries are ignored)."""
+    files = _manifest(out).get("files")
+    if not isinstance(files, list):
+        return []
+    paths = [contained(out, f.get("name")) for f in files if isinstance(f, dict)]
+    return [p for p in paths if p is not None]
 
 
 def _remove_build(out: Path, state: BuildState) -> None:
-    """Delete what an earlier build wrote (its recorded outputs, package files, work area), nothing else."""
+    """Delete what an earlier build wrote (its recorded outputs, the files its manifest lists, its package
+    files, its work area when marked as edgemerge's), nothing else. Called only for a marked build folder."""
     for rec in state.stages.values():
         for rel in rec["outputs"]:
-            remove(state.resolve(rel))
-    manifest = _manifest(out)
-    if manifest.get("name") is not None:
-        for f in manifest.get("files", []):
-            remove(out / Path(f["name"]).name)
-        remove(out / "manifest.json")
-    remove(work_dir(out))
+            state.remove_output(rel)
+    for p in _manifest_files(out):
+        remove_file(p)
+    for n in PACKAGE_FILES:
+        remove_file(out / n)
+    work = work_dir(out)
+    if is_ours(work, "work"):
+        remove(work)
+    else:
+        remove_file(work / STATE_FILE)
 
 
 def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
@@ -383,6 +487,9 @@ def build(
 
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
+    from .merge.run import local_inputs
+
+    check_out_path(out, local_inputs(recipe))  # before the lock file is made beside it
     with build_lock(out):
         return _build(recipe, options, out, quants, lang, backend, t_start, progress, on_stage, on_plan)
 
@@ -390,25 +497,13 @@ def build(
 @contextlib.contextmanager
 def build_lock(out: Path) -> Iterator[None]:
     """One build per output folder at a time: an advisory lock on `.<name>.edgemerge.lock` beside it,
-    removed afterwards (no lock where fcntl is missing, i.e. Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+    removed afterwards (see `files.lock_file`)."""
     lock = out.parent / f".{out.name}{WORK_SUFFIX}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise EdgemergeError(
-                f"another edgemerge build is writing {out} now; wait for it to finish or choose another --out"
-            ) from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+    busy = (
+        f"another edgemerge build is writing {shown(out)} now; wait for it to finish or choose another --out"
+    )
+    with lock_file(lock, busy):
+        yield
 
 
 def _build(
@@ -424,13 +519,15 @@ def _build(
     on_plan: Callable[[Plan], None] | None,
 ) -> BuildResult:
     from .check import check_compat
+    from .merge.run import local_inputs
     from .sources import resolve_recipe
 
-    state = prepare_out(out, recipe.name, force=options.force)
+    state = prepare_out(out, recipe.name, force=options.force, inputs=local_inputs(recipe))
     stages = Stages(state, on_stage, progress)
 
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
+    check_out_path(out, [src.path for _, src in sources.named()])  # hub models too, before any write
     report = check_compat(sources)
     inputs = {role: src.provenance() for role, src in sources.named()}
 
@@ -458,6 +555,7 @@ def _build(
             f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
         )
     state.save()
+    mark_unfinished(out, recipe.name)
     if on_plan:
         on_plan(plan)
 
@@ -597,6 +695,7 @@ def _package(
     if on_stage:
         on_stage(StageEvent("package", False))
     result.files, result.warnings = write_package(info)
+    mark_finished(result.out, result.recipe.name)
     record = StageRecord("package", "", {}, time.perf_counter() - t0)
     stages.records["package"] = record
     if on_stage:
@@ -606,7 +705,7 @@ def _package(
 def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None) -> None:
     from .quantize import quantize
 
-    remove(dst)  # a stale file from an earlier key: this stage is redoing it
+    remove_file(dst)  # a stale file from an earlier key: this stage is redoing it (a folder there is refused)
     quantize(src, quant, dst, threads=threads, progress=progress)
 
 
@@ -662,7 +761,7 @@ def _drop_stale(state: BuildState, planned: set[str]) -> None:
     for name in list(state.stages):
         if name.startswith(("merge", "quantize")) and name not in planned:
             for rel in state.stages[name]["outputs"]:
-                remove(state.resolve(rel))
+                state.remove_output(rel)
             del state.stages[name]
             changed = True
     if changed:

@@ -297,7 +297,7 @@ def demo_family(
     root = (cache or demo_cache_dir()) / f"{lang}-v{DEMO_VERSION}"
     if not (root / "recipe.yaml").exists():
         language_text(lang)  # fail before any work when the language has no text
-        with atomic_output(root, force=True) as tmp:
+        with atomic_output(root, force=True, kind="demo") as tmp:
             generate_family(tmp, lang, progress=progress)
     recipe = load_recipe(root / "recipe.yaml")
     return DemoFamily(root=root, recipe=recipe, lang=lang)

@@ -1,14 +1,48 @@
-"""Atomic outputs and disk-space checks: partial files never carry a final name."""
+"""Outputs, in one place: what a command may replace, atomic writes, partials, locks, disk-space checks.
+
+The rule every command follows (`check_output`, applied again by `atomic_output` when it writes):
+- an output path must be valid UTF-8, its parents folders (not a file, not a dangling symlink), and it must not
+  be a dangling symlink itself;
+- an output never equals, lies inside or contains an input of the same command (refused, --force or not);
+- an existing *file* (or a symlink: only the link is replaced) is replaced only with --force;
+- an existing *folder* is replaced only with --force and only when edgemerge wrote it (it carries the marker
+  file `MARKER`, written into every folder edgemerge creates); a folder of other content is never replaced.
+  An empty folder holds nothing to lose and is replaced without --force.
+Writes go to a hidden sibling `.<name>.partial-<pid>`, fsynced, renamed over the final name, and the folder is
+fsynced after the rename: a final name always holds a complete file. Partials whose process is gone are removed
+by the next write of the same output. One writer per output at a time (an advisory lock beside it).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .errors import EdgemergeError
+
+MARKER = ".edgemerge-output"  # written into every folder edgemerge creates: "edgemerge wrote this folder"
+LOCK_SUFFIX = ".edgemerge-lock"
+_MARKER_MAX = 64 * 1024
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d{1,10})(?:-old)?$")
+_NAME_MAX = 255 - len(".partial-4294967295-old") - 1  # room for the temporary name beside the final one
+
+
+def shown(path: Path | str, limit: int = 120) -> str:
+    """A path as it may appear in a message: printable (bytes that are not UTF-8 escaped), at most `limit`
+    characters (the middle cut out)."""
+    s = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    if len(s) > limit:
+        half = limit // 2
+        s = f"{s[:half]}...{s[-half:]}"
+    return s
 
 
 def temp_sibling(final: Path) -> Path:
@@ -16,40 +50,382 @@ def temp_sibling(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
-@contextlib.contextmanager
-def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path of `final` (file or folder); rename it to `final` on success.
-
-    On any exception the temporary is removed and `final` is left as it was.
-    """
-    final = Path(final)
-    if final.exists() and not force:
-        if final.is_dir() and not any(final.iterdir()):
-            pass
-        else:
-            raise EdgemergeError(
-                f"{final} already exists; choose another output or pass --force to replace it"
-            )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(final)
-    remove(tmp)
+def check_path(path: Path, what: str = "output") -> None:
+    """Refuse an output path that cannot be written as asked: not UTF-8, a dangling symlink, a name too long
+    for its temporary sibling, or a parent that is a file or a dangling symlink."""
+    path = Path(path)
+    text = str(path)
     try:
-        yield tmp
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgemergeError(
+            f"{what} path {shown(path)} is not valid UTF-8; choose a name in UTF-8"
+        ) from None
+    if "\x00" in text or not path.name:
+        raise EdgemergeError(f"{what} path {shown(path)} is not a usable file name; choose another {what}")
+    if len(path.name.encode("utf-8")) > _NAME_MAX:
+        raise EdgemergeError(
+            f"{what} name {shown(path.name, 60)} is too long ({len(path.name)} characters); choose a shorter one"
+        )
+    full = Path(os.path.abspath(path))
+    if full.is_symlink() and not full.exists():
+        raise EdgemergeError(
+            f"{what} {shown(path)} is a symlink to a missing path ({shown(os.readlink(full), 60)}); remove the "
+            f"link or choose another {what}"
+        )
+    for parent in full.parents:
+        if parent.is_dir():
+            break
+        if parent.is_symlink() and not parent.exists():
+            raise EdgemergeError(
+                f"{what} {shown(path)}: {shown(parent)} is a symlink to a missing path; remove the link or choose "
+                f"another {what}"
+            )
+        if parent.exists() or parent.is_symlink():
+            raise EdgemergeError(
+                f"{what} {shown(path)}: {shown(parent)} is a file, not a folder; choose another {what}"
+            )
+
+
+def _forms(path: Path) -> set[Path]:
+    """A path as given (made absolute) and with its symlinks resolved: an overlap through either counts."""
+    forms = {Path(os.path.abspath(path))}
+    with contextlib.suppress(OSError, RuntimeError):
+        forms.add(Path(path).resolve())
+    return forms
+
+
+def overlapping_input(final: Path, inputs: Iterable[Path | None]) -> tuple[Path, str] | None:
+    """The first input that `final` equals, lies inside or contains, and how; None when there is none."""
+    outs = _forms(final)
+    for inp in inputs:
+        if inp is None:
+            continue
+        for i in _forms(Path(inp)):
+            for o in outs:
+                if o == i:
+                    return Path(inp), "is"
+                if o.is_relative_to(i):
+                    return Path(inp), "is inside"
+                if i.is_relative_to(o):
+                    return Path(inp), "contains"
+    return None
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """What the marker of `folder` says (kind, and e.g. a build's name) when edgemerge wrote the folder; None
+    otherwise (no marker, a symlink, too large, not edgemerge's JSON)."""
+    marker = Path(folder) / MARKER
+    try:
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > _MARKER_MAX:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("written_by") != "edgemerge"
+        or not isinstance(data.get("kind"), str)
+    ):
+        return None
+    return data
+
+
+def is_ours(folder: Path, kind: str | None = None) -> bool:
+    """Whether edgemerge wrote `folder` (a folder carrying the marker), of `kind` if given."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    data = read_marker(folder)
+    return data is not None and (kind is None or data["kind"] == kind)
+
+
+def write_marker(folder: Path, kind: str, **info: Any) -> None:
+    """Mark `folder` as written by edgemerge (`kind`: what it is, e.g. "build", "merge"); durable."""
+    from . import __version__
+
+    data = {"written_by": "edgemerge", "version": __version__, "kind": kind, **info}
+    write_durably(Path(folder) / MARKER, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write a small text file atomically and durably (temporary sibling, fsync, rename, fsync the folder)."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         remove(tmp)
         raise
-    if final.exists():
-        remove(final)
-    os.replace(tmp, final)
+    fsync_dir(path.parent)
+
+
+def check_output(
+    final: Path, *, force: bool = False, inputs: Iterable[Path | None] = (), replace_dir: bool = True
+) -> None:
+    """Raise EdgemergeError unless the command may write `final` (the rule in the module docstring).
+    `replace_dir` False: a folder at `final` is never replaced (reports are files)."""
+    final = Path(final)
+    check_path(final)
+    hit = overlapping_input(final, inputs)
+    if hit is not None:
+        inp, how = hit
+        raise EdgemergeError(
+            f"output {shown(final)} {how} the input {shown(inp)}; choose an output outside the inputs"
+        )
+    if final.is_symlink():  # a live link (dangling ones are refused): replacing it leaves its target alone
+        if not force:
+            raise EdgemergeError(
+                f"{shown(final)} already exists; choose another output or pass --force to replace it"
+            )
+        return
+    if not final.exists():
+        return
+    if final.is_dir():
+        if not replace_dir:
+            raise EdgemergeError(f"{shown(final)} is a folder; give the path of a file to write")
+        if not any(final.iterdir()):
+            return
+        if not is_ours(final):
+            raise EdgemergeError(
+                f"{shown(final)} is a folder edgemerge did not write; choose another output (--force replaces "
+                "only files and folders edgemerge wrote)"
+            )
+    elif not final.is_file():
+        raise EdgemergeError(f"{shown(final)} is not a regular file or folder; choose another output")
+    if not force:
+        raise EdgemergeError(
+            f"{shown(final)} already exists; choose another output or pass --force to replace it"
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def stale_partials(folder: Path, name: str | None = None) -> list[Path]:
+    """Temporaries in `folder` (of the output `name`, or of any) left by processes that are gone; a live
+    writer's are never listed, nor folders that are neither empty nor edgemerge's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{glob.escape(name)}.partial-*" if name is not None else ".*.partial-*"
+    stale = []
+    for p in folder.glob(pattern):
+        m = _PARTIAL.match(p.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink() and any(p.iterdir()) and not is_ours(p):
+            continue
+        stale.append(p)
+    return sorted(stale)
+
+
+def clean_partials(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove `stale_partials(folder, name)`; returns what was removed."""
+    stale = stale_partials(folder, name)
+    for p in stale:
+        remove(p)
+    return stale
+
+
+@contextlib.contextmanager
+def output_lock(final: Path, message: str | None = None) -> Iterator[None]:
+    """One writer of `final` at a time: `lock_file` on `.<name>.edgemerge-lock` beside it; EdgemergeError
+    (`message`) when another process is writing it."""
+    final = Path(final)
+    busy = message or (
+        f"another edgemerge process is writing {shown(final)} now; wait for it to finish or choose another output"
+    )
+    with lock_file(final.with_name(f".{final.name}{LOCK_SUFFIX}"), busy):
+        yield
+
+
+@contextlib.contextmanager
+def lock_file(lock: Path, busy: str) -> Iterator[None]:
+    """An advisory lock on the file `lock` (created, and removed afterwards); EdgemergeError(`busy`) when
+    another holder has it (another process, or another call in this one). No lock where fcntl is missing
+    (Windows). The lock goes with its process: a killed writer holds none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = Path(os.path.abspath(lock))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = None
+    for _ in range(3):  # the holder may unlink the file between our open and our lock: open it again
+        f = open(lock, "a")  # noqa: SIM115 (held until the end of the block below)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise EdgemergeError(busy) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+        f = None
+    if f is None:
+        raise EdgemergeError(busy)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or creation in `folder` durable (no-op where folders cannot be opened, i.e. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder of a tree (what a writer left in the page cache)."""
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    if path.is_dir():
+        for root, _dirs, names in os.walk(path):
+            for n in names:
+                fsync_tree(Path(root) / n)
+            fsync_dir(Path(root))
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename `tmp` over `final` (a file, a symlink, nothing, or a folder the checks allowed replacing)."""
+    if final.is_dir() and not final.is_symlink():
+        # a folder cannot be renamed over: move it aside under a partial name (a crash here leaves a stale
+        # partial the next run removes), then rename and remove the old one
+        old = final.with_name(f".{final.name}.partial-{os.getpid()}-old")
+        remove(old)
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the old one back: the failed write changes nothing
+            raise
+        remove(old)
+    elif tmp.is_dir() and (final.is_symlink() or final.exists()):
+        final.unlink()  # a folder cannot be renamed over a file or a link either
+        os.replace(tmp, final)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_output(
+    final: Path,
+    *,
+    force: bool = False,
+    inputs: Iterable[Path | None] = (),
+    kind: str | None = None,
+    replace_dir: bool = True,
+    locked: bool = False,
+) -> Iterator[Path]:
+    """Yield a temporary sibling path of `final`; on success fsync it and rename it to `final`.
+
+    `check_output` decides whether `final` may be written (`force`, `inputs`, `replace_dir`). `kind`: the output
+    is a folder: the temporary is created and marked as edgemerge's (`write_marker`) before it is yielded.
+    The write holds `output_lock(final)` (`locked`: the caller already holds it) and first removes stale
+    partials of `final`. On any exception the temporary is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    inputs = list(inputs)
+    check_output(final, force=force, inputs=inputs, replace_dir=replace_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if locked else output_lock(final):
+        check_output(final, force=force, inputs=inputs, replace_dir=replace_dir)  # as it is now, locked
+        clean_partials(final.parent, final.name)
+        tmp = temp_sibling(final)
+        remove(tmp)
+        try:
+            if kind is not None:
+                tmp.mkdir()
+                write_marker(tmp, kind)
+            yield tmp
+            fsync_tree(tmp)
+            _replace(tmp, final)
+        except BaseException:
+            remove(tmp)
+            raise
+        fsync_dir(final.parent)
 
 
 def remove(path: Path) -> None:
-    """Remove a file or a folder tree if it exists."""
+    """Remove a file, a symlink (never its target) or a folder tree if it exists. Only for paths edgemerge
+    names itself (temporaries, checked outputs); paths read from a file go through `contained` and
+    `remove_file`."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_file(path: Path) -> bool:
+    """Remove a file or a symlink; never a folder (a recorded output is a file: a folder there is not ours)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return True
+    return False
+
+
+def contained(base: Path, rel: Any) -> Path | None:
+    """`base / rel` when `rel` (read from a state file or manifest) is a relative path that stays inside
+    `base` once symlinks are resolved; None otherwise (absolute, `..`, a symlink out, not a string)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        return None
+    p = PurePosixPath(rel)
+    if not p.parts or p.is_absolute() or ".." in p.parts or p.parts[0].endswith(":"):
+        return None
+    candidate = Path(base) / p
+    try:
+        root = Path(base).resolve()
+        real = candidate.resolve()
+    except (OSError, RuntimeError):
+        return None
+    if real == root or not real.is_relative_to(root):
+        return None
+    return candidate
 
 
 def free_bytes(path: Path) -> int:

@@ -100,7 +100,7 @@ def quantize(
     previous = _logger.logger.level
     _logger.set_verbose(False)  # llama.cpp logs every tensor; keep errors only
     try:
-        with atomic_output(dst, force=force) as tmp, task(progress, f"{name} {dst.name}", None):
+        with atomic_output(dst, force=force, inputs=[src]) as tmp, task(progress, f"{name} {dst.name}", None):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0 or not tmp.is_file():
                 raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")

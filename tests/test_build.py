@@ -49,7 +49,8 @@ def built(build_family, tmp_path_factory):
 def test_build_writes_every_file_and_nothing_else(built):
     result, _ = built
     out = result.out
-    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE)  # uploads as is
+    marker = [".edgemerge-output"]  # edgemerge's marker: this folder is its build
+    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE + marker)  # uploads as is
     assert [p.name for p in result.files] == GGUFS + PACKAGE[:3] + ["manifest.json"]
     assert not list(out.rglob("*partial*"))
 

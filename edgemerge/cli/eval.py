@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -9,11 +10,38 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import GateFailed
-from ..files import atomic_output
+from ..errors import EdgemergeError, GateFailed
+from ..files import atomic_output, check_output, output_lock, shown
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
 from .common import app, console, err_console, print_json
+
+
+def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Path | None]) -> list[Path]:
+    """The report files to write (not '-'), checked before the evaluation runs: a report replaces a file,
+    never a folder and never an input of the evaluation."""
+    reports = [p for p in (json_out, markdown) if p is not None and str(p) != "-"]
+    for p in reports:
+        check_output(p, force=True, inputs=inputs, replace_dir=False)
+    if len(reports) == 2 and Path(reports[0]).absolute() == Path(reports[1]).absolute():
+        raise EdgemergeError(f"--json and --markdown both name {shown(reports[0])}; give two files")
+    return reports
+
+
+@contextlib.contextmanager
+def _locked(reports: list[Path]):
+    """Hold the reports' locks for the whole evaluation: a second eval writing the same report is refused at
+    its start, not after minutes of work."""
+    with contextlib.ExitStack() as stack:
+        for p in reports:
+            stack.enter_context(output_lock(p))
+        yield
+
+
+def _write_report(path: Path, text: str, inputs: list[Path | None]) -> None:
+    """Write a report whose lock `_locked` holds."""
+    with atomic_output(path, force=True, inputs=inputs, replace_dir=False, locked=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _opt(flag: str, help: str):
@@ -105,8 +133,10 @@ def eval_(
     }
     gates = gates.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     sys_prompt = language_info(lang)["system"] if system else None
+    inputs = [model, ref, text, mc]
+    reports = _report_paths(json_out, markdown, inputs)
 
-    with make_progress(err_console, transient=True) as progress:
+    with _locked(reports), make_progress(err_console, transient=True) as progress:
         report = evaluate(
             model,
             lang,
@@ -156,12 +186,10 @@ def eval_(
                 gt.add_row(r.describe(), verdict[r.passed])
             out.print(gt)
         if json_out is not None:
-            with atomic_output(json_out, force=True) as tmp:
-                tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            err_console.print(f"report written to {json_out}")
+            _write_report(json_out, json.dumps(data, indent=2, ensure_ascii=False) + "\n", inputs)
+            err_console.print(f"report written to {shown(json_out)}", highlight=False)
     if markdown is not None:
-        with atomic_output(markdown, force=True) as tmp:
-            tmp.write_text(report.to_markdown(), encoding="utf-8")
+        _write_report(markdown, report.to_markdown(), inputs)
 
     failed = [r.describe() for r in results if r.passed is False]
     if failed:

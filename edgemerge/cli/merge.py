@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EdgemergeError
-from ..files import human_bytes
+from ..files import check_output, human_bytes
 from ..recipe import load_recipe
 from .common import app, console, live_progress, print_json
 
@@ -50,13 +50,14 @@ def merge(
     The inputs are checked first; nothing appears at the output path unless the merge succeeds.
     """
     from ..merge.backends import resolve_backend_name
-    from ..merge.run import merge_to_gguf, merge_to_hf
+    from ..merge.run import local_inputs, merge_to_gguf, merge_to_hf
 
     if (out is None) == (gguf is None):
         raise EdgemergeError(
             "give --out DIR (Hugging Face folder) or --gguf FILE (fused merge to GGUF), one of them"
         )
     r = load_recipe(recipe)
+    check_output(out or gguf, force=force, inputs=local_inputs(r))  # before resolving (downloading) models
     backend = resolve_backend_name(backend)
     start = time.perf_counter()
     with live_progress() as progress:

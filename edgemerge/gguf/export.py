@@ -79,7 +79,7 @@ def export_hf(
 
     specs, where = read_specs(safetensors_files(hf_dir))
     model = ModelTensors(label=str(hf_dir), files=where)
-    with atomic_output(out_file, force=force) as tmp:
+    with atomic_output(out_file, force=force, inputs=[hf_dir]) as tmp:
         sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata, sha256=hashes is not None)
         copy_into(model, specs, sink, progress=progress, label=f"GGUF {out_file.name}")
     if hashes is not None:

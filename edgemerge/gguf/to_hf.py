@@ -187,8 +187,7 @@ def gguf_to_hf(
     dtypes = {t.tensor_type.name for t in reader.tensors}
     torch_dtype = "float16" if dtypes <= {"F16"} else "float32"
 
-    with atomic_output(out_dir, force=force) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_output(out_dir, force=force, inputs=[gguf_file, Path(tokenizer_model)], kind="hf") as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         weight_map: dict[str, int] = {}

@@ -90,6 +90,21 @@ def write_model_files(out_dir: Path, instruct_dir: Path, config: dict, dtype: st
         shutil.copytree(extra, out_dir / extra.name)
 
 
+def local_inputs(recipe: Recipe) -> list[Path]:
+    """The recipe's models that are local folders, known without resolving or downloading anything (an output
+    is checked against them before any work)."""
+    from ..sources import _local_path
+
+    refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages if lang.model)]
+    paths = [_local_path(ref, recipe.root) for ref in refs]
+    return [p for p in paths if p.exists()]
+
+
+def _input_paths(sources: RecipeSources) -> list[Path]:
+    """The folders a merge reads: its output may not be, contain or lie inside any of them."""
+    return [src.path for _, src in sources.named()]
+
+
 def merge_to_hf(
     recipe: Recipe,
     out_dir: Path,
@@ -108,8 +123,7 @@ def merge_to_hf(
     sources = sources or resolve_recipe(recipe, progress)
     report = check_compat(sources)
     ensure_free_space(out_dir.parent, output_bytes(report, recipe.dtype) + SPACE_MARGIN, "the merged model")
-    with atomic_output(out_dir, force=force) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_output(out_dir, force=force, inputs=_input_paths(sources), kind="merge") as tmp:
         sink = SafetensorsSink(
             tmp, max_shard_bytes=max_shard_bytes, metadata={"edgemerge_recipe": recipe.name}
         )
@@ -152,7 +166,7 @@ def merge_to_gguf(
     report = report or check_compat(sources)
     width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
     ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
-    with atomic_output(out_file, force=force) as tmp:
+    with atomic_output(out_file, force=force, inputs=_input_paths(sources)) as tmp:
         sink = GGUFSink(
             tmp,
             sources.instruct.path,
