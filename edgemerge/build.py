@@ -368,7 +368,8 @@ def check_out_path(out: Path, inputs: list[Path]) -> None:
 
 def prepare_out(out: Path, name: str, *, force: bool, inputs: list[Path] | None = None) -> BuildState:
     """Check the output folder (new, empty, or an earlier edgemerge build: the same to resume, another only
-    with --force) and its work area, mark the folder as edgemerge's and clean partial files of dead processes."""
+    with --force) and its work area, and clean partial files of dead processes (`mark_unfinished` marks the
+    folder once the build is about to write into it)."""
     out = Path(out)
     work = work_dir(out)
     check_out_path(out, inputs or [])
@@ -395,20 +396,19 @@ def prepare_out(out: Path, name: str, *, force: bool, inputs: list[Path] | None 
             )
         if force:
             _remove_build(out, state)
+            write_marker(out, "build", name=name, finished=False)  # the folder is this build's from now on
             state = BuildState(out)
     for folder in (out, state.work, state.work / "eval", state.work / "parents"):
         clean_partials(folder)
-    marker = read_marker(out) if is_ours(out, "build") else None
-    if marker is None or marker.get("name") != name or force:
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "build", name=name, finished=False)
     state.data["name"] = name
     return state
 
 
 def mark_unfinished(out: Path, name: str) -> None:
     """Before a build changes its folder: the folder says it is unfinished and no card, Modelfile, eval.json
-    or manifest stays to describe an earlier build (written again, for this one, when it finishes)."""
+    or manifest stays to describe an earlier build (written again, for this one, when it finishes). Creates
+    the folder: nothing is written into it before the checks and the disk plan have passed."""
+    out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "build", name=name, finished=False)
     for n in PACKAGE_FILES:
         remove_file(out / n)

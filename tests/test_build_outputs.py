@@ -22,6 +22,7 @@ from edgemerge.build import (
     _drop_stale,
     build,
     mark_finished,
+    mark_unfinished,
     prepare_out,
     work_dir,
 )
@@ -39,6 +40,7 @@ def fake_build(out: Path, name: str = NAME) -> BuildState:
     """A finished build folder made by the library's own state functions (no model work): two GGUFs, an eval
     report in the work area, the package files, a manifest listing them."""
     state = prepare_out(out, name, force=False)
+    mark_unfinished(out, name)
     stages = Stages(state)
     ggufs = {"merge": out / f"{name}.F16.gguf", "quantize Q8_0": out / f"{name}.Q8_0.gguf"}
     for stage, f in ggufs.items():
@@ -264,8 +266,6 @@ def test_stale_partials_are_cleaned_live_ones_kept(tmp_path):
 
 
 def test_an_unfinished_build_has_no_card_or_manifest(tmp_path):
-    from edgemerge.build import mark_unfinished
-
     out = tmp_path / "dist" / NAME
     fake_build(out)
     assert read_marker(out)["finished"] is True
