@@ -31,6 +31,7 @@ MARKER = ".edgemerge-output"  # written into every folder edgemerge creates: "ed
 LOCK_SUFFIX = ".edgemerge-lock"
 _MARKER_MAX = 64 * 1024
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d{1,10})(?:-old)?$")
+_INPUT_ENTRIES = 10_000  # a model folder has tens of files: a bound, not a limit met in practice
 _NAME_MAX = 255 - len(".partial-4294967295-old") - 1  # room for the temporary name beside the final one
 
 
@@ -95,13 +96,28 @@ def _forms(path: Path) -> set[Path]:
     return forms
 
 
+def _input_forms(inp: Path) -> set[Path]:
+    """`_forms` of an input, and for a folder also where its symlinked entries lead (a hub snapshot's files
+    are links into the cache's blobs: those blobs are the input's bytes too)."""
+    forms = _forms(inp)
+    if inp.is_dir():
+        with contextlib.suppress(OSError):
+            for i, entry in enumerate(os.scandir(inp)):
+                if i >= _INPUT_ENTRIES:
+                    break
+                if entry.is_symlink():
+                    with contextlib.suppress(OSError, RuntimeError):
+                        forms.add(Path(entry.path).resolve())
+    return forms
+
+
 def overlapping_input(final: Path, inputs: Iterable[Path | None]) -> tuple[Path, str] | None:
     """The first input that `final` equals, lies inside or contains, and how; None when there is none."""
     outs = _forms(final)
     for inp in inputs:
         if inp is None:
             continue
-        for i in _forms(Path(inp)):
+        for i in _input_forms(Path(inp)):
             for o in outs:
                 if o == i:
                     return Path(inp), "is"
@@ -204,7 +220,10 @@ def check_output(
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (a process of another user counts)."""
+    """Whether process `pid` exists (a process of another user counts). Where it cannot be asked without
+    side effects (Windows: os.kill would end it) every writer counts as alive: a partial is kept, never lost."""
+    if os.name == "nt":
+        return True
     if pid <= 0:
         return False
     try:

@@ -127,6 +127,14 @@ def _input_via_dotdot(tmp):
     return tmp / "other" / ".." / "model", [tmp / "model"]
 
 
+def _hub_blob(tmp):  # a hub snapshot: its files are links into the cache's blobs, which are the input too
+    (tmp / "blobs").mkdir()
+    (tmp / "blobs" / "3f2a").write_bytes(b"weights")
+    (tmp / "snapshot").mkdir()
+    (tmp / "snapshot" / "model.safetensors").symlink_to(tmp / "blobs" / "3f2a")
+    return tmp / "blobs" / "3f2a", [tmp / "snapshot"]
+
+
 def _planted_marker_link(tmp):  # a marker that is a symlink to a real marker elsewhere is not ours
     real = ours_folder(tmp / "real")
     foreign_folder(tmp / "out")
@@ -160,6 +168,7 @@ REPLACE_CASES = [
     ("output contains the input", _contains_input, {"force": True}, "contains the input"),
     ("output is a symlink to the input", _link_to_input, {"force": True}, "is the input"),
     ("output reaches the input through ..", _input_via_dotdot, {"force": True}, "is the input"),
+    ("output is a hub snapshot's blob", _hub_blob, {"force": True}, "is the input"),
     ("marker is a symlink", _planted_marker_link, {"force": True}, "did not write"),
     ("marker of other content", _marker_not_ours, {"force": True}, "did not write"),
     ("report onto a folder", _ours, {"force": True, "replace_dir": False}, "is a folder"),

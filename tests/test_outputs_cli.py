@@ -299,6 +299,17 @@ def test_quantize_and_eval_remove_a_killed_runs_partial(tmp_path, cli):
         assert not stale.exists() and live.exists()
 
 
+def test_to_hf_removes_a_killed_runs_partial(tmp_path):
+    from edgemerge.gguf.to_hf import gguf_to_hf
+
+    seed = need_shared("models", "stories260K")
+    out = tmp_path / "hf"
+    stale, live = plant_partials(out)
+    gguf_to_hf(seed / "stories260K.gguf", out, tokenizer_model=seed / "tok512.model")
+    assert (out / "config.json").is_file() and (out / MARKER).is_file()
+    assert not stale.exists() and live.exists()
+
+
 WRITERS = {
     "export": lambda f, t: (t / "x.gguf", ["export", f["instruct"], "--out", t / "x.gguf"]),
     "merge --gguf": lambda f, t: (t / "x.gguf", ["merge", f["recipe"], "--gguf", t / "x.gguf", "--force"]),
