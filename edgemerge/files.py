@@ -62,7 +62,7 @@ def check_path(path: Path, what: str = "output") -> None:
         raise EdgemergeError(
             f"{what} path {shown(path)} is not valid UTF-8; choose a name in UTF-8"
         ) from None
-    if "\x00" in text or not path.name:
+    if "\x00" in text or path.name in ("", ".", ".."):
         raise EdgemergeError(f"{what} path {shown(path)} is not a usable file name; choose another {what}")
     if len(path.name.encode("utf-8")) > _NAME_MAX:
         raise EdgemergeError(

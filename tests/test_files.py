@@ -223,6 +223,8 @@ BAD_PATHS = [
     ("not UTF-8", lambda t: t / os.fsdecode(b"out\xff\xfe.gguf"), "not valid UTF-8"),
     ("name too long", lambda t: t / ("x" * 240 + ".gguf"), "too long"),
     ("a device", lambda t: Path("/dev/null"), "not a regular file"),
+    ("the parent folder", lambda t: t / "sub" / "..", "not a usable file name"),
+    ("the root", lambda t: Path("/"), "not a usable file name"),
 ]
 
 

@@ -236,14 +236,15 @@ COMMANDS = {
     "eval --json": lambda f, p: ["eval", f["root"] / "m.gguf", "--lang", "eu", "--json", p],
     "eval --markdown": lambda f, p: ["eval", f["root"] / "m.gguf", "--lang", "eu", "--markdown", p],
     "build": lambda f, p: ["build", "--recipe", f["recipe"], "--out", p, "--skip-eval"],
+    "quantize --out-dir": lambda f, p: ["quantize", f["root"] / "m.gguf", "-q", "Q8_0", "--out-dir", p],
 }
 
 
 @pytest.mark.parametrize("bad", BAD_PATHS, ids=[b.__name__[1:] for b in BAD_PATHS])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_bad_output_paths_exit_2_with_one_line(command, bad, family, tmp_path, cli):
-    if command == "build":
-        pytest.importorskip("llama_cpp")  # build checks its quant types first
+    if command in ("build", "quantize --out-dir"):
+        pytest.importorskip("llama_cpp")  # both check their quant types first
     path, message = bad(tmp_path)
     before = snapshot(family["root"]), snapshot(tmp_path)
     code, _, err = cli(*COMMANDS[command](family, path))
