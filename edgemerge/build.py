@@ -218,8 +218,9 @@ class BuildState:
         return self.data["stages"]
 
     def save(self) -> None:
-        """Write the state atomically and durably (fsynced before the rename the resume logic trusts)."""
-        if not is_ours(self.work, "work"):
+        """Write the state atomically and durably (fsynced before the rename the resume logic trusts). A work
+        area this build creates is marked as edgemerge's (only a marked one is ever deleted whole)."""
+        if not self.work.exists() or (self.work.is_dir() and not any(self.work.iterdir())):
             self.work.mkdir(parents=True, exist_ok=True)
             write_marker(self.work, "work", build=self.out.name)
         with atomic_output(self.path, force=True) as tmp:
@@ -478,6 +479,7 @@ def build(
     quants = check_quants(recipe.quants)
     lang = options.lang or recipe.lang_codes[0]
     from .merge.backends import resolve_backend_name
+    from .merge.run import local_inputs
 
     backend = resolve_backend_name(options.backend)  # bad names fail before any work
     if options.outtype.lower() not in ("f16", "bf16"):
@@ -487,8 +489,6 @@ def build(
 
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
-    from .merge.run import local_inputs
-
     check_out_path(out, local_inputs(recipe))  # before the lock file is made beside it
     with build_lock(out):
         return _build(recipe, options, out, quants, lang, backend, t_start, progress, on_stage, on_plan)

@@ -242,6 +242,20 @@ def test_a_work_area_that_is_a_symlink_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_work_area_edgemerge_did_not_make_is_never_deleted_whole(tmp_path):
+    out = tmp_path / "dist" / NAME
+    fake_build(out, "other-eu")
+    work = work_dir(out)
+    shutil.rmtree(work)
+    (work / "notes").mkdir(parents=True)  # someone's own folder under that name, with a planted state
+    (work / "notes" / "todo.txt").write_text("mine")
+    (work / "state.json").write_text(json.dumps({"version": 1, "name": "other-eu", "stages": {}}))
+    state = prepare_out(out, NAME, force=True)
+    state.save()
+    assert (work / "notes" / "todo.txt").read_text() == "mine"
+    assert not (work / MARKER).exists()  # not marked as edgemerge's: a later --force still keeps it
+
+
 # ---- leftovers and half states -----------------------------------------------------------------------------
 
 
