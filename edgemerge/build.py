@@ -376,11 +376,12 @@ def prepare_out(out: Path, name: str, *, force: bool, inputs: list[Path] | None 
     check_out_path(out, inputs or [])
     if out.exists() and not out.is_dir():
         raise EdgemergeError(f"{shown(out)} is a file; give a folder for --out")
-    if work.is_symlink() or (work.exists() and not work.is_dir()):
-        raise EdgemergeError(
-            f"{shown(work)} (the build's work area) is a symlink or a file edgemerge did not make; move it away "
-            "or choose another --out"
-        )
+    for p in (work, work / "eval", work / "parents"):  # a link there would lead the build's writes elsewhere
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise EdgemergeError(
+                f"{shown(p)} (in the build's work area) is a symlink or a file edgemerge did not make; move it "
+                "away or choose another --out"
+            )
     state = BuildState(out)
     if out.is_dir() and any(out.iterdir()):
         marker = read_marker(out) if is_ours(out) else None

@@ -234,7 +234,17 @@ def pid_alive(pid: int) -> bool:
         return True
     except (OverflowError, OSError):
         return False
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether `pid` has exited but not been reaped yet (Linux: state Z in /proc; elsewhere unknown: False)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def stale_partials(folder: Path, name: str | None = None) -> list[Path]:

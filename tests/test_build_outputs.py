@@ -229,12 +229,17 @@ def test_a_state_of_the_wrong_shape_is_ignored(tmp_path, state):
     prepare_out(out, NAME, force=True)  # nothing to trip on
 
 
-def test_a_work_area_that_is_a_symlink_is_refused(tmp_path):
+@pytest.mark.parametrize("where", [".", "eval", "parents"], ids=["work area", "eval", "parents"])
+def test_a_work_area_that_is_a_symlink_is_refused(tmp_path, where):
     keep = outside(tmp_path)
     out = tmp_path / "dist" / NAME
     out.mkdir(parents=True)
     (keep / "state.json").write_text(json.dumps({"version": 1, "name": NAME, "stages": {}}))
-    work_dir(out).symlink_to(keep)
+    if where == ".":
+        work_dir(out).symlink_to(keep)
+    else:
+        work_dir(out).mkdir()
+        (work_dir(out) / where).symlink_to(keep)
     before = snapshot(tmp_path)
     for force in (False, True):
         with pytest.raises(EdgemergeError, match="work area"):

@@ -23,6 +23,7 @@ from edgemerge.files import (
     contained,
     is_ours,
     output_lock,
+    pid_alive,
     remove_file,
     shown,
     temp_sibling,
@@ -68,6 +69,16 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_an_exited_unreaped_writer_counts_as_gone():
+    proc = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # it has exited; not reaped: a zombie, pid taken
+    try:
+        assert not pid_alive(proc.pid)
+        assert pid_alive(os.getpid()) and not pid_alive(0)
+    finally:
+        proc.wait()
 
 
 def write(final: Path, data: bytes = b"new", **kw) -> None:
