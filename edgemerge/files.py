@@ -219,6 +219,17 @@ def check_output(
         )
 
 
+def prepare_output(
+    final: Path, *, force: bool = False, inputs: Iterable[Path | None] = (), replace_dir: bool = True
+) -> None:
+    """Before a command writes `final`: remove the partials of `final` whose process is gone (even when the
+    write is then refused, so a killed run's leftovers go with the next run), then `check_output`."""
+    final = Path(final)
+    check_path(final)
+    clean_partials(final.parent, final.name)
+    check_output(final, force=force, inputs=inputs, replace_dir=replace_dir)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists (a process of another user counts). Where it cannot be asked without
     side effects (Windows: os.kill would end it) every writer counts as alive: a partial is kept, never lost."""
@@ -393,16 +404,15 @@ def atomic_output(
 
     `check_output` decides whether `final` may be written (`force`, `inputs`, `replace_dir`). `kind`: the output
     is a folder: the temporary is created and marked as edgemerge's (`write_marker`) before it is yielded.
-    The write holds `output_lock(final)` (`locked`: the caller already holds it) and first removes stale
-    partials of `final`. On any exception the temporary is removed and `final` is left as it was.
+    Stale partials of `final` are removed first (`prepare_output`); the write holds `output_lock(final)`
+    (`locked`: the caller already holds it). On any exception the temporary is removed and `final` is left as it was.
     """
     final = Path(final)
     inputs = list(inputs)
-    check_output(final, force=force, inputs=inputs, replace_dir=replace_dir)
+    prepare_output(final, force=force, inputs=inputs, replace_dir=replace_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.nullcontext() if locked else output_lock(final):
         check_output(final, force=force, inputs=inputs, replace_dir=replace_dir)  # as it is now, locked
-        clean_partials(final.parent, final.name)
         tmp = temp_sibling(final)
         remove(tmp)
         try:

@@ -283,6 +283,24 @@ def test_next_run_removes_a_killed_runs_partial_not_a_live_writers(family, gguf,
     assert not stale_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda f, out: ["merge", f["recipe"], "--gguf", out],
+        lambda f, out: ["export", f["instruct"], "--out", out],
+        lambda f, out: ["merge", f["recipe"], "--out", out],
+    ],
+    ids=["merge --gguf onto a file", "export onto a file", "merge --out onto a file"],
+)
+def test_a_refused_run_still_removes_a_killed_runs_partial(command, family, tmp_path, cli):
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"an earlier output")
+    stale, live = plant_partials(out)
+    code, _, err = cli(*command(family, out))
+    one_line_error(code, err)
+    assert not stale.exists() and live.exists() and out.read_bytes() == b"an earlier output"
+
+
 def test_quantize_and_eval_remove_a_killed_runs_partial(tmp_path, cli):
     pytest.importorskip("llama_cpp")
     src = stories(tmp_path)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
-from ..files import atomic_output, check_output, output_lock, shown
+from ..files import atomic_output, output_lock, prepare_output, shown
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
 from .common import app, console, err_console, print_json
@@ -22,7 +22,7 @@ def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Pat
     never a folder and never an input of the evaluation."""
     reports = [p for p in (json_out, markdown) if p is not None and str(p) != "-"]
     for p in reports:
-        check_output(p, force=True, inputs=inputs, replace_dir=False)
+        prepare_output(p, force=True, inputs=inputs, replace_dir=False)
     if len(reports) == 2 and Path(reports[0]).absolute() == Path(reports[1]).absolute():
         raise EdgemergeError(f"--json and --markdown both name {shown(reports[0])}; give two files")
     return reports

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EdgemergeError
-from ..files import check_output, human_bytes
+from ..files import human_bytes, prepare_output
 from ..recipe import load_recipe
 from .common import app, console, live_progress, print_json
 
@@ -57,7 +57,7 @@ def merge(
             "give --out DIR (Hugging Face folder) or --gguf FILE (fused merge to GGUF), one of them"
         )
     r = load_recipe(recipe)
-    check_output(out or gguf, force=force, inputs=local_inputs(r))  # before resolving (downloading) models
+    prepare_output(out or gguf, force=force, inputs=local_inputs(r))  # before resolving (downloading) models
     backend = resolve_backend_name(backend)
     start = time.perf_counter()
     with live_progress() as progress:

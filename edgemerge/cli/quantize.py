@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EdgemergeError
-from ..files import check_output, human_bytes
+from ..files import human_bytes, prepare_output
 from .common import app, console, live_progress, print_json
 
 
@@ -43,7 +43,7 @@ def quantize(
         raise EdgemergeError(f"--quant lists a type twice: {', '.join(quant)}")
     folder = out_dir or src.parent
     for name in names:  # every output checked before the first file is written
-        check_output(folder / output_name(src, name), force=force, inputs=[src])
+        prepare_output(folder / output_name(src, name), force=force, inputs=[src])
     src_size = src.stat().st_size if src.is_file() else 0
     rows = []
     with live_progress() as progress:
