@@ -310,6 +310,7 @@ def lock_file(lock: Path, busy: str) -> Iterator[None]:
         yield
         return
     lock = Path(os.path.abspath(lock))
+    made_parent = not lock.parent.exists()  # removed again if nothing else was put there
     lock.parent.mkdir(parents=True, exist_ok=True)
     f = None
     for _ in range(3):  # the holder may unlink the file between our open and our lock: open it again
@@ -334,6 +335,9 @@ def lock_file(lock: Path, busy: str) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)
         f.close()
+        if made_parent:
+            with contextlib.suppress(OSError):
+                lock.parent.rmdir()
 
 
 def fsync_dir(folder: Path) -> None:

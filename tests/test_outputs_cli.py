@@ -329,6 +329,13 @@ def test_to_hf_removes_a_killed_runs_partial(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+def test_a_failed_eval_leaves_no_report_folder(tmp_path, cli):
+    (tmp_path / "m.gguf").write_text("not a model")
+    code, _, err = cli("eval", tmp_path / "m.gguf", "--lang", "eu", "--json", tmp_path / "new" / "r.json")
+    one_line_error(code, err, "not a GGUF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 WRITERS = {
     "export": lambda f, t: (t / "x.gguf", ["export", f["instruct"], "--out", t / "x.gguf"]),
     "merge --gguf": lambda f, t: (t / "x.gguf", ["merge", f["recipe"], "--gguf", t / "x.gguf", "--force"]),
