@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edgemerge.cli import main
 from edgemerge.files import MARKER, output_lock, write_marker
@@ -368,8 +367,6 @@ def test_a_second_concurrent_build_is_refused(family, tmp_path, cli):
     from edgemerge.build import build_lock
 
     out = tmp_path / "b"
-    recipe = yaml.safe_load(family["recipe"].read_text())
-    assert recipe["name"]
     with build_lock(out):
         code, _, err = cli("build", "--recipe", family["recipe"], "--out", out, "--skip-eval")
         one_line_error(code, err, "another edgemerge build is writing")
