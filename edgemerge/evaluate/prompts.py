@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgemergeError
+from ..limits import shown
 from . import checks
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -40,7 +41,7 @@ def available_languages() -> list[str]:
 def _lang_dir(lang: str) -> Path:
     if lang not in available_languages():
         raise EdgemergeError(
-            f"no built-in prompt set for language {lang!r}; available: {', '.join(available_languages())} "
+            f"no built-in prompt set for language {shown(lang)}; available: {', '.join(available_languages())} "
             f"(add one as edgemerge/evaluate/data/{lang}/ with {', '.join(_FILES)})"
         )
     return DATA_DIR / lang

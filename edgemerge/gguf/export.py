@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.progress import Progress
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
+from ..limits import shown
+from ..model_json import check_model_json, read_tokenizer_json
 from ..sinks import TensorSpec
+from ..sources import index_weight_files
 from .metadata import GGUFMetadata
 from .sink import GGUFSink
 
@@ -21,8 +23,7 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        files = [hf_dir / f for f in index_weight_files(index)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise EdgemergeError(f"{hf_dir}: shards listed in the index are missing: {', '.join(missing)}")
@@ -46,7 +47,7 @@ def read_specs(files: list[Path]) -> tuple[list[TensorSpec], dict[str, Path]]:
                 dtype = sl.get_dtype()
                 if dtype not in _DTYPES:
                     raise EdgemergeError(
-                        f"tensor {name!r} in {f.name} is {dtype}; only float checkpoints (BF16/F16/F32) can be "
+                        f"tensor {shown(name)} in {f.name} is {dtype}; only float checkpoints (BF16/F16/F32) can be "
                         "exported (dequantize the model first)"
                     )
                 specs.append(TensorSpec(name, tuple(sl.get_shape()), _DTYPES[dtype]))
@@ -74,6 +75,8 @@ def export_hf(
         )
     if not (hf_dir / "config.json").is_file():
         raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
+    check_model_json(hf_dir)
+    read_tokenizer_json(hf_dir)
     from ..check import ModelTensors
     from ..merge.engine import copy_into
 
