@@ -7,6 +7,7 @@ hostile file fails at once, in little memory, with one short line.
 
 from __future__ import annotations
 
+import os
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .errors import EdgemergeError
 ECHO_CHARS = 80  # at most this much of an input value appears in an error message
 MAX_RECIPE_BYTES = 256 * 1024  # a real recipe is about 1 KB
 MAX_YAML_NODES = 10_000  # YAML nodes after alias expansion (a real recipe has about 50)
+MAX_YAML_DEPTH = 32  # nesting levels (a real recipe has 4)
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config, index and tokenizer JSON (a 256K-token tokenizer.json is ~30 MB)
 MAX_MC_BYTES = 64 * 1024 * 1024  # a multiple-choice file (TruthfulQA-multi is ~1 MB per language)
 # as the safetensors library (MAX_HEADER_SIZE): a header that claims more is refused before it is read
@@ -48,7 +50,7 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
 
 def read_limited(path: Path, limit: int, what: str) -> bytes:
     """The bytes of a regular file no larger than `limit`; anything else (a folder, a device, a pipe, a bigger
-    file) is an EdgemergeError naming `what`. Reads at most `limit` + 1 bytes, whatever the file claims."""
+    file) is an EdgemergeError naming `what`. Reads at most `limit` + 1 bytes, whatever the file holds."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -57,7 +59,11 @@ def read_limited(path: Path, limit: int, what: str) -> bytes:
             kind = "does not exist" if not path.exists() else "is not a regular file"
             raise EdgemergeError(f"{what} {path} {kind}; give a file")
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # read() of n bytes allocates n up front: ask for what the file has (and one more, to see growth)
+            want = min(os.fstat(f.fileno()).st_size, limit) + 1
+            data = f.read(want)
+            if len(data) == want <= limit:  # it grew since: read on, still bounded
+                data += f.read(limit + 1 - want)
     except OSError as e:
         raise EdgemergeError(f"cannot read {what} {path} ({e.strerror or e})") from None
     except ValueError as e:  # e.g. a NUL byte in the path

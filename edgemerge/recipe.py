@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import EdgemergeError
-from .limits import MAX_RECIPE_BYTES, MAX_YAML_NODES, read_limited, shown
+from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_limited, shown
 
 MethodName = Literal["task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
 DType = Literal["bfloat16", "float16", "float32"]
@@ -191,12 +191,16 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json", exclude={"root"})
 
 
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
     """One line: the first few errors, each as `field.path: what is wrong`, input values shortened."""
     errors = err.errors(include_url=False, include_context=False)
     parts = []
     for e in errors[:3]:
-        loc = ".".join(str(p)[:40] if isinstance(p, (int, str)) else shown(p, 40) for p in e["loc"])
+        loc = ".".join(_clip(str(p), 40) if isinstance(p, (int, str)) else shown(p, 40) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -220,7 +224,20 @@ def parse_recipe(data: Any, *, source: str = "<recipe>", root: Path | None = Non
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no tags that build Python objects) for recipes."""
+    """PyYAML's safe loader (no tags that build Python objects) for recipes, with a bound on nesting: the
+    composer recurses once per level, and past a few hundred levels the scanner's bookkeeping (one possible
+    key per open bracket) makes each further level slower (seconds for 1,000 brackets)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _expanded_nodes(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
@@ -268,8 +285,10 @@ def load_yaml(text: str, source: str) -> Any:
         raise EdgemergeError(f"recipe {source}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
     except RecursionError:
         raise EdgemergeError(f"recipe {source}: nested too deeply to be a recipe") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise EdgemergeError(f"recipe {source}: not a valid recipe value ({str(e)[:200]})") from None
+    except ValueError:  # e.g. an integer of more than 4300 digits, which Python refuses to convert
+        raise EdgemergeError(
+            f"recipe {source}: holds a value that is not a recipe value (e.g. an integer of thousands of digits)"
+        ) from None
     finally:
         loader.dispose()
 

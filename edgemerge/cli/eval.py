@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -36,9 +37,7 @@ def check_eval_numbers(
     """The numeric flags of `eval`, before any model is loaded (0 or a negative count is never meant)."""
     from ..evaluate.perplexity import MIN_CTX
 
-    check_count(
-        "--ctx", ctx, MIN_CTX, 1 << 20, ": a perplexity chunk scores its second half, so it needs tokens"
-    )
+    check_count("--ctx", ctx, MIN_CTX, 1 << 20, " (tokens per perplexity chunk, half of them scored)")
     check_count("--mc-limit", mc_limit, 1, why=" (the number of questions to score)")
     check_count("--max-tokens", max_tokens, 1, MAX_TOKENS)
     check_count("--threads", threads, 1, MAX_THREADS)
@@ -149,7 +148,11 @@ def eval_(
     gates = gates_with(gates, overrides)
     sys_prompt = language_info(lang)["system"] if system else None
 
-    with make_progress(err_console, transient=True) as progress:
+    # a display only on a terminal: in a pipe or a log, rich would leave a blank line before any error
+    display = (
+        make_progress(err_console, transient=True) if err_console.is_terminal else contextlib.nullcontext()
+    )
+    with display as progress:
         report = evaluate(
             model,
             lang,

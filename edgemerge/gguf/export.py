@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.progress import Progress
@@ -11,7 +13,7 @@ from ..files import atomic_output
 from ..limits import shown
 from ..model_json import check_model_json, read_tokenizer_json
 from ..sinks import TensorSpec
-from ..sources import index_weight_files
+from ..sources import index_weight_files, safetensors_layout
 from .metadata import GGUFMetadata
 from .sink import GGUFSink
 
@@ -35,13 +37,25 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A safetensors file the library cannot read is a user error naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise EdgemergeError(f"{path} is unreadable or truncated ({e}); download it again") from None
+
+
 def read_specs(files: list[Path]) -> tuple[list[TensorSpec], dict[str, Path]]:
     """Name, shape and dtype of every tensor (headers only), and the file holding each."""
     from safetensors import safe_open
 
     specs, where = [], {}
     for f in files:
-        with safe_open(f, framework="pt") as h:
+        safetensors_layout(f)  # bounded header checks with one-line errors before the library opens it
+        with _unreadable(f), safe_open(f, framework="pt") as h:
             for name in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 sl = h.get_slice(name)
                 dtype = sl.get_dtype()
