@@ -20,6 +20,7 @@ MAX_YAML_NODES = 10_000  # YAML nodes after alias expansion (a real recipe has a
 MAX_YAML_DEPTH = 32  # nesting levels (a real recipe has 4)
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config, index and tokenizer JSON (a 256K-token tokenizer.json is ~30 MB)
 MAX_MC_BYTES = 64 * 1024 * 1024  # a multiple-choice file (TruthfulQA-multi is ~1 MB per language)
+MAX_TEXT_BYTES = 64 * 1024 * 1024  # perplexity text: ~16M tokens, days of CPU at 256 tokens a chunk
 # as the safetensors library (MAX_HEADER_SIZE): a header that claims more is refused before it is read
 MAX_SAFETENSORS_HEADER = 100_000_000
 MAX_THREADS = 1024

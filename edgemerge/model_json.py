@@ -159,8 +159,10 @@ def check_tokenizer_json(data: dict, path: Path) -> None:
             raise _bad(path, "post_processor.processors", "a list of objects", procs)
         for p in procs or [post]:
             single = p.get("single")
-            if single is not None and not isinstance(single, list):
-                raise _bad(path, "post_processor single", "a list", single)
+            if single is not None and not (
+                isinstance(single, list) and all(isinstance(x, dict) for x in single)
+            ):
+                raise _bad(path, "post_processor single", "a list of objects", single)
 
 
 def check_tokenizer_config(data: dict, path: Path) -> None:

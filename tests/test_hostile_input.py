@@ -540,3 +540,50 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path, args):
         code = proc.wait(timeout=120)
     assert first.strip().split(b"\t")[0] == b"eu"
     assert code == 141 and err == b"", (code, err)
+
+
+def test_real_ggufs_pass_the_stricter_header_checks():
+    """The checks refuse only what llama.cpp would: every GGUF written by llama.cpp's tools here is accepted,
+    the vocabulary-only ones (no tensors, so no padded data section) too."""
+    from .shared import need_shared
+
+    files = sorted(need_shared("tokenizers", "llama.cpp-vocab").glob("*.gguf"))
+    files.append(need_shared("models", "stories260K", "stories260K.gguf"))
+    for path in files:
+        info = read_gguf(path)
+        assert info.kv["general.architecture"] and info.version in (2, 3), path
+
+
+# ------------------------------------------------------------------------------------------ error messages
+
+
+def test_every_error_message_is_one_bounded_line():
+    """The last safety net (EdgemergeError itself): line breaks and terminal control characters become
+    spaces, and a huge message keeps its start and its end."""
+    e = EdgemergeError("bad value\n\x1b[2Jcleared?\u2028" + "x" * 100_000 + " do this")
+    assert "\n" not in e.message and "\x1b" not in e.message and "\u2028" not in e.message
+    assert len(e.message) <= 2000 and e.message.startswith("bad value") and e.message.endswith("do this")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["s" * 10**6, 10**5000, list(range(10**5)), {"k" * 1000: [1] * 1000}, b"\0" * 10**6, [[[[[[1]]]]]]],
+    ids=["long string", "5000-digit int", "long list", "big dict", "bytes", "deep list"],
+)
+def test_shown_values_are_short_whatever_the_input(value):
+    from edgemerge.limits import ECHO_CHARS, shown
+
+    text = shown(value)
+    assert len(text) <= ECHO_CHARS and "\n" not in text
+
+
+def test_an_internal_error_is_one_line_too(capsys, monkeypatch):
+    """Even a bug's message (exit 1) is cut to one line: its text may come from the input."""
+    from edgemerge.cli import merge
+
+    def broken(path):
+        raise KeyError("x\n" * 10_000)
+
+    monkeypatch.setattr(merge, "load_recipe", broken)
+    code, err = run(capsys, "check", "r.yaml")
+    assert code == 1 and err.count("\n") == 1 and len(err) < 2200, err[:300]

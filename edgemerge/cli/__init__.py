@@ -19,7 +19,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from ..errors import EdgemergeError
+from ..errors import EdgemergeError, one_line
 from .common import app, err_console
 
 for _mod in pkgutil.iter_modules(__path__):
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         err_console.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            f"[red]internal error:[/red] {type(e).__name__}: {escape(one_line(str(e)))} "
+            "(rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -146,7 +146,7 @@ def read_gguf(path: Path) -> GGUFInfo:
             raise EdgemergeError(
                 f"{path} is a damaged or truncated GGUF file ({str(e)[:200]}); re-create or re-download it"
             ) from None
-    end = max((t.offset + t.nbytes for t in info.tensors), default=info.data_offset)
+    end = max((t.offset + t.nbytes for t in info.tensors), default=0)  # no tensors, no (padded) data section
     if end > size:
         raise EdgemergeError(
             f"{path} is truncated: its tensors need {end} bytes, the file has {size}; re-create or re-download it"

@@ -177,8 +177,8 @@ def gguf_to_hf(
     read_gguf(gguf_file)  # bounded checks first: GGUFReader's work grows with the counts a header claims
     try:
         reader = GGUFReader(gguf_file)
-    except (ValueError, OSError) as e:
-        raise EdgemergeError(f"{gguf_file} is not a readable GGUF file ({e})") from None
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise EdgemergeError(f"{gguf_file} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     shape = read_shape(reader)
     if not Path(tokenizer_model).is_file():
         raise EdgemergeError(
