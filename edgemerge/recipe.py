@@ -306,7 +306,7 @@ def load_recipe(path: str | Path) -> Recipe:
             p = bundled
         else:
             raise EdgemergeError(
-                f"recipe {shown(str(path), 300)} not found: give a YAML file or one of the bundled recipes: "
+                f"recipe {_clip(str(path), 300)} not found: give a YAML file or one of the bundled recipes: "
                 + ", ".join(bundled_recipes())
             )
     raw = read_limited(p, MAX_RECIPE_BYTES, "recipe")

@@ -354,11 +354,14 @@ def gguf_file(
     n_kv: int | None = None,
     n_tensors: int | None = None,
     data: bytes = b"\0" * 16,
+    sparse: int = 0,
 ) -> Path:
     head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
                                  len(kvs) if n_kv is None else n_kv)  # fmt: skip
     body = head + b"".join(kvs) + b"".join(tensors)
     path.write_bytes(body + b"\0" * (-len(body) % 32) + data)
+    if sparse:  # zeros that take no disk: room for the counts a case claims
+        os.truncate(path, sparse)
     return path
 
 
@@ -380,6 +383,7 @@ GGUFS = [
     ("string array of 2**60", with_kv(kv("x", T.ARRAY, arr(T.STRING, 2**60))), ["array of"]),
     ("bool array of 2**60", with_kv(kv("x", T.ARRAY, arr(T.BOOL, 2**60))), ["array of"]),
     ("array array of 2**60", with_kv(kv("x", T.ARRAY, arr(T.ARRAY, 2**60))), ["array of"]),
+    ("2**25 empty strings", {**with_kv(kv("x", T.ARRAY, arr(T.STRING, 2**25))), "sparse": 2**29}, ["no GGUF field"]),
     ("arrays nested 1000 deep", with_kv(_s("x") + nested(1000)), ["nests arrays"]),
     ("unknown value type", with_kv(kv("x", 99, b"")), ["unknown value type"]),
     ("duplicate key", with_kv(GOOD_KV[0]), ["twice"]),
@@ -421,6 +425,8 @@ def test_hostile_ggufs_exit_2_fast_and_small(capsys, tmp_path, case, fields, nee
         assert needle in err.message, (needle, err.message)
     assert_one_line(*run(capsys, "eval", path, "--lang", "eu"), *needles)
     assert_one_line(*run(capsys, "chat", path), *needles)
+    assert_one_line(*run(capsys, "quantize", path, "--quant", "Q8_0", "--out-dir", tmp_path), *needles)
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
 
 
 @pytest.mark.parametrize("etype", [T.UINT8, T.STRING])

@@ -67,6 +67,8 @@ _T = gguf.GGUFValueType
 _INTEGERS = frozenset({_T.UINT8, _T.INT8, _T.UINT16, _T.INT16, _T.UINT32, _T.INT32, _T.UINT64, _T.INT64})
 MAX_ARRAY_DEPTH = 4  # arrays of arrays: llama.cpp reads none nested at all; a deeper claim is hostile
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_LIST = 1 << 22  # numeric array elements returned as a list (a vocabulary's scores: at most ~256K)
+MAX_STRINGS = 1 << 24  # strings or arrays in one array (a vocabulary: at most a few hundred thousand)
 MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses longer tensor names (with the terminating NUL, 63)
 # smallest encoding of one element of each type: a count times this must fit the bytes left
 _MIN_BYTES = {**{t: struct.calcsize("<" + f) for t, f in _SCALARS.items()}, _T.STRING: 8, _T.ARRAY: 12}
@@ -123,7 +125,11 @@ class _Cursor:
                 dt = np.dtype("<" + _SCALARS[etype]) if etype != _T.BOOL else np.dtype(np.uint8)
                 arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
                 self.pos += n * dt.itemsize
-                return arr.astype(bool).tolist() if etype == _T.BOOL else arr.tolist()
+                arr = arr.astype(bool) if etype == _T.BOOL else arr
+                # a Python list costs 8-32 bytes per element: beyond MAX_LIST, keep the numbers as an array
+                return arr.tolist() if n <= MAX_LIST else arr.copy()
+            if n > MAX_STRINGS:
+                raise _Damaged(f"{what} claims {n} values; no GGUF field holds more than {MAX_STRINGS}")
             return [self.value(etype, what, depth + 1) for _ in range(n)]
         return self.unpack(_SCALARS[vtype])
 
