@@ -16,8 +16,10 @@ import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" so safetensors can
 from safetensors import SafetensorError, safe_open
 
 from .errors import EdgemergeError
+from .limits import shown
+from .model_json import check_model_json, read_tokenizer_json
 from .sinks import TensorSpec
-from .sources import ModelSource, RecipeSources, read_json, weight_files
+from .sources import ModelSource, RecipeSources, weight_files
 
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
 
@@ -100,9 +102,8 @@ def tokenizer_identity(folder: Path) -> dict[str, dict]:
     token -> id map, the BPE merges (either serialisation) and the added tokens; from a SentencePiece
     tokenizer.model its sha256. Empty when neither file exists."""
     out: dict[str, dict] = {}
-    tj = folder / "tokenizer.json"
-    if tj.exists():
-        data = read_json(tj)
+    data = read_tokenizer_json(folder)  # shapes checked: the code below indexes it freely
+    if data is not None:
         model = data.get("model") or {}
         vocab = model.get("vocab") or {}
         if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
@@ -114,7 +115,11 @@ def tokenizer_identity(folder: Path) -> dict[str, dict]:
         out["tokenizer.json"] = {"vocab": vocab, "merges": merges, "added": added}
     sp = folder / "tokenizer.model"
     if sp.exists():
-        out["tokenizer.model"] = {"sha256": hashlib.sha256(sp.read_bytes()).hexdigest()}
+        h = hashlib.sha256()
+        with open(sp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out["tokenizer.model"] = {"sha256": h.hexdigest()}
     return out
 
 
@@ -138,14 +143,14 @@ def _compare_tokenizers(ref: dict[str, dict], other: dict[str, dict], ref_label:
         inv_a, inv_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
         i = min(i for i in set(inv_a) | set(inv_b) if inv_a.get(i) != inv_b.get(i))
         raise EdgemergeError(
-            f"tokenizer: token id {i} is {inv_a.get(i)!r} in {ref_label} but {inv_b.get(i)!r} in {label}"
+            f"tokenizer: token id {i} is {shown(inv_a.get(i))} in {ref_label} but {shown(inv_b.get(i))} in {label}"
         )
     if ref["added"] != other["added"]:
         ids = sorted(set(ref["added"]) | set(other["added"]))
         i = next(i for i in ids if ref["added"].get(i) != other["added"].get(i))
         raise EdgemergeError(
-            f"tokenizer: added token id {i} is {ref['added'].get(i)!r} in {ref_label} "
-            f"but {other['added'].get(i)!r} in {label}"
+            f"tokenizer: added token id {i} is {shown(ref['added'].get(i))} in {ref_label} "
+            f"but {shown(other['added'].get(i))} in {label}"
         )
     if ref["merges"] != other["merges"]:
         raise EdgemergeError(f"tokenizer: the BPE merges differ between {ref_label} and {label}")
@@ -154,7 +159,7 @@ def _compare_tokenizers(ref: dict[str, dict], other: dict[str, dict], ref_label:
 def check_compat(sources: RecipeSources) -> CompatReport:
     """Check that all inputs can be merged; raise EdgemergeError naming the first mismatch and both values."""
     named = [(f"{role} ({src.ref})", src) for role, src in sources.named()]
-    configs = [read_json(src.path / "config.json") for _, src in named]
+    configs = [check_model_json(src.path) for _, src in named]
     ref_label, ref_cfg = named[0][0], configs[0]
     arch = (ref_cfg.get("architectures") or [ref_cfg.get("model_type", "?")])[0]
     for (label, _), cfg in zip(named[1:], configs[1:]):

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from .errors import EdgemergeError
 from .files import atomic_output, ensure_free_space
 from .gguf.inspect import read_gguf
+from .limits import MAX_THREADS, check_count, shown
 from .progress import task
 
 # llama.cpp's llama-quantize refuses these without an importance matrix (edgemerge does not compute one)
@@ -50,7 +51,7 @@ def check_quant(quant: str) -> str:
     name = quant.upper().removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
     if name not in QUANT_TYPES:
         valid = ", ".join(n for n in QUANT_TYPES if n not in NEEDS_IMATRIX)
-        raise EdgemergeError(f"unknown quantization type {quant!r}; valid types: {valid}")
+        raise EdgemergeError(f"unknown quantization type {shown(quant)}; valid types: {valid}")
     if name in NEEDS_IMATRIX:
         raise EdgemergeError(
             f"{name} needs an importance matrix, which edgemerge does not compute; choose e.g. Q4_K_M, IQ4_XS or Q3_K_M"
@@ -78,6 +79,7 @@ def quantize(
     Uses all cores unless `threads` is given. Nothing appears at `dst` unless llama.cpp finished writing it.
     """
     name = check_quant(quant)
+    check_count("--threads", threads, 1, MAX_THREADS)
     src, dst = Path(src), Path(dst)
     info = read_gguf(src)  # not a GGUF / truncated -> one-line error before llama.cpp sees it
     src_type = info.kv.get("general.file_type")

@@ -15,11 +15,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import EdgemergeError
+from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_limited, shown
 
 MethodName = Literal["task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
 DType = Literal["bfloat16", "float16", "float32"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "recipes"
+
+MAX_NAME = 128  # the name becomes file names (<name>-Q4_K_M.gguf): well under 255 bytes
+MAX_REF = 4096  # a model reference is a hub id or a local path (PATH_MAX)
+MAX_LANGUAGES = 64
+MAX_QUANTS = 32
+MAX_OPTIONS = 32
+MAX_TEXT = 10_000  # description (it goes into the model card)
+
+
+def _model_ref(what: str, v: str) -> str:
+    """A hub id or local path: bounded, and without control characters (a NUL makes every path call fail)."""
+    if len(v) > MAX_REF:
+        raise ValueError(f"{what} is {len(v)} characters long; a hub id or path has at most {MAX_REF}")
+    if not v.strip() or not v.isprintable():
+        raise ValueError(f"{what} must be a hub id or a folder path, got {shown(v)}")
+    return v
 
 
 class Language(BaseModel):
@@ -34,17 +51,31 @@ class Language(BaseModel):
     @classmethod
     def _code(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z]{2,3}", v):
-            raise ValueError(f"language code must be 2-3 lowercase letters (ISO 639), got {v!r}")
+            raise ValueError(f"language code must be 2-3 lowercase letters (ISO 639), got {shown(v)}")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        return None if v is None else _model_ref("model", v)
 
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"weight must be a number, got {v!r}")  # noqa: TRY004 (pydantic reports ValueError only)
-        if not math.isfinite(float(v)):
-            raise ValueError(f"weight must be a finite number, got {v!r}")
-        return float(v)
+        return _finite("weight", v)
+
+
+def _finite(what: str, v: Any) -> float:
+    """A finite float from a YAML number (an integer too large for a float is not one)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} must be a number, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be a finite number, got {shown(v)}")
+    return x
 
 
 class Gates(BaseModel):
@@ -58,6 +89,18 @@ class Gates(BaseModel):
     max_kld_mean: float | None = None
     min_top1_agreement: float | None = None
     max_ppl_ratio: float | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any, info) -> float | None:
+        if v is None:
+            return None
+        x = _finite(info.field_name, v)
+        if info.field_name.startswith("min_") and not 0 <= x <= 1:
+            raise ValueError(f"{info.field_name} is a fraction: it must be between 0 and 1, got {shown(v)}")
+        if x < 0:
+            raise ValueError(f"{info.field_name} must not be negative, got {shown(v)}")
+        return x
 
 
 class Recipe(BaseModel):
@@ -81,8 +124,62 @@ class Recipe(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        if len(v) > MAX_NAME:
+            raise ValueError(f"name is used in file names: at most {MAX_NAME} characters, got {len(v)}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError(f"name is used in file names: letters, digits, '.', '_' and '-' only, got {v!r}")
+            raise ValueError(
+                f"name is used in file names: letters, digits, '.', '_' and '-' only, got {shown(v)}"
+            )
+        return v
+
+    @field_validator("instruct", "base")
+    @classmethod
+    def _ref(cls, v: str, info) -> str:
+        return _model_ref(info.field_name, v)
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, v: list[Language]) -> list[Language]:
+        if len(v) > MAX_LANGUAGES:
+            raise ValueError(f"at most {MAX_LANGUAGES} languages, got {len(v)}")
+        return v
+
+    @field_validator("quants")
+    @classmethod
+    def _quants(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_QUANTS:
+            raise ValueError(f"at most {MAX_QUANTS} quantization types, got {len(v)}")
+        for q in v:
+            if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", q):
+                raise ValueError(f"a quantization type is a llama.cpp name such as Q4_K_M, got {shown(q)}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > MAX_OPTIONS:
+            raise ValueError(f"at most {MAX_OPTIONS} options, got {len(v)}")
+        for key, value in v.items():
+            if not re.fullmatch(r"[a-z_]{1,32}", key):
+                raise ValueError(f"an option name is a word such as density, got {shown(key)}")
+            if not isinstance(value, (bool, int, float)):
+                raise ValueError(  # noqa: TRY004 (pydantic reports ValueError only)
+                    f"option {key} must be a number or true/false, got {shown(value)}"
+                )
+        return v
+
+    @field_validator("license")
+    @classmethod
+    def _license(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w.+-]{1,64}", v):
+            raise ValueError(f"license is an identifier such as apache-2.0 or llama3.1, got {shown(v)}")
+        return v
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str | None) -> str | None:
+        if v is not None and len(v) > MAX_TEXT:
+            raise ValueError(f"description: at most {MAX_TEXT} characters, got {len(v)}")
         return v
 
     @property
@@ -94,17 +191,24 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json", exclude={"root"})
 
 
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
+    """One line: the first few errors, each as `field.path: what is wrong`, input values shortened."""
+    errors = err.errors(include_url=False, include_context=False)
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    for e in errors[:3]:
+        loc = ".".join(_clip(str(p), 40) if isinstance(p, (int, str)) else shown(p, 40) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "literal_error":
-            msg = f"{msg}, got {e.get('input')!r}"
-        parts.append(f"{loc}: {msg}")
-    return f"recipe {source}: " + "; ".join(parts)
+            msg = f"{msg}, got {shown(e.get('input'))}"
+        parts.append(f"{loc or '(top level)'}: {msg[:300]}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return f"recipe {source}: " + "; ".join(parts) + more
 
 
 def parse_recipe(data: Any, *, source: str = "<recipe>", root: Path | None = None) -> Recipe:
@@ -119,22 +223,98 @@ def parse_recipe(data: Any, *, source: str = "<recipe>", root: Path | None = Non
     return recipe
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build Python objects) for recipes, with a bound on nesting: the
+    composer recurses once per level, and past a few hundred levels the scanner's bookkeeping (one possible
+    key per open bracket) makes each further level slower (seconds for 1,000 brackets)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (as pydantic and any dump would walk
+    it); stops counting past MAX_YAML_NODES. An alias shares its anchor's node, so the sizes are memoized by
+    node: the work is one visit per distinct node however large the expansion."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise yaml.YAMLError("an anchor is used inside itself (a recursive alias)")
+    open_.add(key)
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [c for pair in node.value for c in pair]
+    else:
+        children = []
+    for child in children:
+        n += _expanded_nodes(child, memo, open_)
+        if n > MAX_YAML_NODES:
+            break
+    open_.discard(key)
+    memo[key] = n
+    return n
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with the safe loader, refusing (before building anything) a document whose
+    aliases expand to more than MAX_YAML_NODES nodes: a few hundred bytes of nested aliases ("billion
+    laughs") would otherwise expand to gigabytes when validated or written back."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
+            raise EdgemergeError(
+                f"recipe {source}: more than {MAX_YAML_NODES} values once its aliases (*name) are expanded; "
+                "a recipe is a short list of fields: write them out"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise EdgemergeError(f"recipe {source}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise EdgemergeError(f"recipe {source}: nested too deeply to be a recipe") from None
+    except ValueError:  # e.g. an integer of more than 4300 digits, which Python refuses to convert
+        raise EdgemergeError(
+            f"recipe {source}: holds a value that is not a recipe value (e.g. an integer of thousands of digits)"
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file, or a bundled recipe by name (e.g. `llama3.1-8b-eu`)."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        exists = False
+    if not exists:
         bundled = BUNDLED_DIR / f"{path}.yaml"
-        if bundled.exists():
+        if re.fullmatch(r"[\w.-]{1,128}", str(path)) and bundled.exists():
             p = bundled
         else:
             raise EdgemergeError(
-                f"recipe {path} not found: give a YAML file or one of the bundled recipes: "
+                f"recipe {_clip(str(path), 300)} not found: give a YAML file or one of the bundled recipes: "
                 + ", ".join(bundled_recipes())
             )
+    raw = read_limited(p, MAX_RECIPE_BYTES, "recipe")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise EdgemergeError(f"recipe {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgemergeError(f"recipe {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    data = load_yaml(text, str(p))
     return parse_recipe(data, source=str(p), root=p.resolve().parent)
 
 

@@ -23,9 +23,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import EdgemergeError
 from .files import free_bytes, human_bytes
+from .limits import MAX_JSON_BYTES, MAX_SAFETENSORS_HEADER, read_limited, shown
 from .progress import Progress, task
 from .recipe import Recipe
 
@@ -89,13 +91,19 @@ def _sha256_file(path: Path) -> str:
 
 
 def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (raises EdgemergeError when the file cannot hold one)."""
+    """The JSON header of a safetensors file (raises EdgemergeError when the file cannot hold one). The claimed
+    length is checked against MAX_SAFETENSORS_HEADER and the file's size before anything is read."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise EdgemergeError(f"{path} is truncated (no safetensors header); download it again")
         (n,) = struct.unpack("<Q", raw)
+        if n > MAX_SAFETENSORS_HEADER:
+            raise EdgemergeError(
+                f"{path} is not a safetensors file (its header claims {n} bytes, more than the format's "
+                f"{MAX_SAFETENSORS_HEADER}); download it again"
+            )
         if n > size - 8:
             raise EdgemergeError(
                 f"{path} is truncated (header of {n} bytes in a {size}-byte file); download it again"
@@ -103,9 +111,65 @@ def safetensors_header(path: Path) -> bytes:
         return f.read(n)
 
 
+# bytes per element of the safetensors dtypes (sub-byte and exotic types are left to the library's check)
+_ST_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def parse_safetensors_header(raw: bytes, path: Path, data_size: int) -> dict[str, dict]:
+    """The tensor entries of a safetensors header, checked to be what the format says: a JSON object of
+    {name: {"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}} (plus an optional string map
+    `__metadata__`), every tensor's bytes inside the data section and of the size its shape and dtype imply."""
+
+    def bad(why: str) -> EdgemergeError:
+        return EdgemergeError(f"{path} is unreadable or truncated ({why}); download it again")
+
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ is not a map of strings")
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {shown(name)} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise bad(f"tensor {shown(name)} has a malformed dtype or shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise bad(f"tensor {shown(name)} has malformed data_offsets")
+        begin, end = offsets
+        if not begin <= end <= data_size:
+            raise bad(f"tensor {shown(name)} lies outside the file's {data_size} data bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        need = numel * _ST_ITEMSIZE.get(dtype, 0)
+        if dtype in _ST_ITEMSIZE and need != end - begin:
+            raise bad(f"tensor {shown(name)} has {end - begin} bytes, its shape and dtype need {need}")
+    return header
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, dict]]:
+    """Start of the data section and the validated tensor entries of a safetensors file."""
+    raw = safetensors_header(path)
+    start = 8 + len(raw)
+    return start, parse_safetensors_header(raw, path, path.stat().st_size - start)
+
+
 def _sampled_sha256(path: Path) -> str:
     header = safetensors_header(path)
     size = path.stat().st_size
+    parse_safetensors_header(header, path, size - 8 - len(header))
     h = hashlib.sha256(header)
     with open(path, "rb") as f:
         start = 8 + len(header)
@@ -138,8 +202,7 @@ def weight_files(folder: Path) -> list[Path]:
     (repos such as Mistral's also hold a `consolidated.safetensors` copy that must not be read twice)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
-        return [folder / n for n in names]
+        return [folder / n for n in index_weight_files(index)]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
     return sorted(folder.glob("*.safetensors"))
@@ -180,7 +243,7 @@ def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str |
         path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
     index = path / "model.safetensors.index.json"
-    weights = sorted(set(read_json(index).get("weight_map", {}).values())) if index.exists() else []
+    weights = index_weight_files(index) if index.exists() else []
     return path, commit, weights or ["model.safetensors"]
 
 
@@ -212,11 +275,19 @@ def _local_path(ref: str, root: Path | None) -> Path:
     return p if p.is_absolute() else (root or Path.cwd()) / p
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists() for any string: a name too long for the file system or with a NUL is not there."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def pending_download(ref: str, root: Path | None = None) -> int:
     """Bytes of weights that resolving `ref` would download (0 for a local folder or a fully cached model).
     Fetches the model's small files to learn which weights it needs, and asks the hub for their sizes."""
     m = HF_ID.match(ref)
-    if m is None or _local_path(ref, root).exists():
+    if m is None or _exists(_local_path(ref, root)):
         return 0
     _, commit, weights = _small_files(m["repo"], m["rev"], ref)
     try:
@@ -246,7 +317,7 @@ def check_download_space(refs: list[str], root: Path | None = None) -> int:
 def resolve(ref: str, root: Path | None = None, progress: Progress | None = None) -> ModelSource:
     """A local folder or `owner/name[@revision]` hub id -> ModelSource (downloading if needed)."""
     local = _local_path(ref, root)
-    if local.exists():
+    if _exists(local):
         if not local.is_dir():
             raise EdgemergeError(f"model {ref}: {local} is a file; give the model's folder")
         local = local.resolve()
@@ -280,9 +351,48 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
     )
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file as a dict; a broken file is an EdgemergeError naming it."""
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file of at most `limit` bytes; a broken, huge or too deeply nested file is an EdgemergeError
+    naming it."""
+    raw = read_limited(path, limit, "JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgemergeError(f"cannot read {path}: {e}") from None
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise EdgemergeError(f"cannot read {path}: not UTF-8 (byte {e.start})") from None
+    except ValueError as e:
+        raise EdgemergeError(f"cannot read {path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise EdgemergeError(f"cannot read {path}: JSON nested too deeply") from None
+
+
+def read_json_object(path: Path, what: str = "") -> dict:
+    """A JSON file that must hold an object ({...}), as config and tokenizer files do."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EdgemergeError(
+            f"{path} is not a JSON object ({type(data).__name__} at the top level){what}; restore it from the "
+            "model's source"
+        )
+    return data
+
+
+def index_weight_files(index: Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` names, checked: its weight_map is an object of
+    tensor name -> plain file name (no folder part: shards sit beside the index) ending in .safetensors."""
+    weight_map = read_json_object(index).get("weight_map", {})
+    if not isinstance(weight_map, dict):
+        raise EdgemergeError(
+            f"{index}: weight_map must be an object of tensor name -> shard file, got a "
+            f"{type(weight_map).__name__}; restore the file from the model's source"
+        )
+    names = set()
+    for name in weight_map.values():
+        if not (isinstance(name, str) and name.endswith(".safetensors") and name.isprintable()) or (
+            Path(name).name != name
+        ):
+            raise EdgemergeError(
+                f"{index}: weight_map values must be shard file names such as model-00001-of-00002.safetensors, "
+                f"got {shown(name)}"
+            )
+        names.add(name)
+    return sorted(names)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
+from ..limits import MAX_THREADS, check_count, shown
 from .common import app, console, err_console, print_json
 
 DEMO_WARNING = (
@@ -37,7 +38,7 @@ def _weights(value: str | None) -> list[float] | None:
         return [float(v) for v in items]
     except ValueError:
         raise EdgemergeError(
-            f"--weight: {value!r} is not a number or a comma-separated list of numbers"
+            f"--weight: {shown(value)} is not a number or a comma-separated list of numbers"
         ) from None
 
 
@@ -98,6 +99,7 @@ def build(
     from ..progress import make_progress
     from ..recipe import load_recipe, recipe_for_languages
 
+    check_count("--threads", threads, 1, MAX_THREADS)
     codes = _csv(lang)
     progress = make_progress(err_console)
     if demo:

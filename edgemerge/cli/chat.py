@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from ..errors import EdgemergeError
+from ..limits import MAX_THREADS, check_count
 from .common import app, err_console
 
+MIN_CHAT_CTX = 64
 HELP_LINE = "/reset starts a new conversation, /exit (or Ctrl-D) quits."
 
 
@@ -37,6 +39,11 @@ def chat(
     from ..evaluate.prompts import language_info
     from ..evaluate.runner import Model, check_gguf
 
+    check_count(
+        "--ctx", ctx, MIN_CHAT_CTX, 1 << 24, ": a chat turn needs room for the template and an answer"
+    )
+    check_count("--max-tokens", max_tokens, 1, ctx - 1, " (the answer must fit the context with a prompt)")
+    check_count("--threads", threads, 1, MAX_THREADS)
     check_gguf(model)
     if system is None and lang is not None:
         system = language_info(lang)["system"]

@@ -8,13 +8,53 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
 from ..files import atomic_output, output_lock, prepare_output, shown
+from ..limits import MAX_THREADS, check_count
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
 from .common import app, console, err_console, print_json
+
+# gate field -> its flag (for messages about a bad threshold)
+GATE_FLAGS = {
+    "min_language_fidelity": "--min-fidelity",
+    "min_stop_rate": "--min-stop-rate",
+    "min_instruction_following": "--min-instructions",
+    "max_perplexity": "--max-perplexity",
+    "max_kld_mean": "--max-kld",
+    "min_top1_agreement": "--min-top1",
+    "max_ppl_ratio": "--max-ppl-ratio",
+}
+MAX_TOKENS = 1 << 16
+
+
+def check_eval_numbers(
+    ctx: int | None, mc_limit: int | None, max_tokens: int | None, threads: int | None
+) -> None:
+    """The numeric flags of `eval`, before any model is loaded (0 or a negative count is never meant)."""
+    from ..evaluate.perplexity import MIN_CTX
+
+    check_count("--ctx", ctx, MIN_CTX, 1 << 20, " (tokens per perplexity chunk, half of them scored)")
+    check_count("--mc-limit", mc_limit, 1, why=" (the number of questions to score)")
+    check_count("--max-tokens", max_tokens, 1, MAX_TOKENS)
+    check_count("--threads", threads, 1, MAX_THREADS)
+
+
+def gates_with(gates: Gates, overrides: dict[str, float | None]) -> Gates:
+    """`gates` with the flags given, validated like a recipe's eval: section (finite, fractions in [0, 1])."""
+    try:
+        return Gates.model_validate(
+            {**gates.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        raise EdgemergeError(
+            f"{GATE_FLAGS.get(field, field)}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Path | None]) -> list[Path]:
@@ -121,6 +161,7 @@ def eval_(
     from ..evaluate import evaluate, language_info
     from ..evaluate.gates import gate_results
 
+    check_eval_numbers(ctx, mc_limit, max_tokens, threads)
     gates = load_recipe(recipe).eval if recipe else Gates()
     overrides = {
         "min_language_fidelity": min_fidelity,
@@ -131,12 +172,16 @@ def eval_(
         "min_top1_agreement": min_top1,
         "max_ppl_ratio": max_ppl_ratio,
     }
-    gates = gates.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    gates = gates_with(gates, overrides)
     sys_prompt = language_info(lang)["system"] if system else None
     inputs = [model, ref, text, mc]
     reports = _report_paths(json_out, markdown, inputs)
 
-    with _locked(reports), make_progress(err_console, transient=True) as progress:
+    # a display only on a terminal: in a pipe or a log, rich would leave a blank line before any error
+    display = (
+        make_progress(err_console, transient=True) if err_console.is_terminal else contextlib.nullcontext()
+    )
+    with _locked(reports), display as progress:
         report = evaluate(
             model,
             lang,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgemergeError
+from ..limits import MAX_MC_BYTES, read_limited, shown
 from ..progress import task
 from .runner import Model, log_softmax
 
@@ -38,14 +39,49 @@ class MCResult:
     file: str
 
 
+MAX_CHOICES = 100
+MAX_TEXT = 20_000  # characters of a question or a candidate
+
+
+def _text(v: Any, what: str, where: str) -> str:
+    if not isinstance(v, str):  # empty is allowed: real TruthfulQA-multi files hold a few empty choices
+        raise EdgemergeError(f"{where}: {what} must be a string, got {shown(v)}")
+    if len(v) > MAX_TEXT:
+        raise EdgemergeError(f"{where}: {what} has {len(v)} characters, more than {MAX_TEXT}")
+    return v
+
+
+def _choices(v: Any, what: str, where: str) -> list[str]:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_CHOICES:
+        n = f"{len(v)} items" if isinstance(v, list) else shown(v)
+        raise EdgemergeError(f"{where}: {what} must be a list of 1 to {MAX_CHOICES} strings, got {n}")
+    return [_text(c, f"{what}[{i}]", where) for i, c in enumerate(v)]
+
+
 def _item(rec: Any, where: str) -> MCItem:
+    """One question, its fields checked: a question, 1 to MAX_CHOICES candidate strings and exactly one
+    correct answer (a TruthfulQA label 1, or an EusTrivia index in range)."""
     if not isinstance(rec, dict):
         raise EdgemergeError(f"{where}: expected a JSON object per question")
     if "mc1_targets" in rec:
         t = rec["mc1_targets"]
         if not isinstance(t, dict) or "choices" not in t or "labels" not in t or "question" not in rec:
             raise EdgemergeError(f"{where}: TruthfulQA format needs question and mc1_targets.choices/labels")
-        return MCItem(rec["question"], list(t["choices"]), list(t["labels"]).index(1))
+        choices = _choices(t["choices"], "mc1_targets.choices", where)
+        labels = t["labels"]
+        if (
+            not isinstance(labels, list)
+            or len(labels) != len(choices)
+            or any(isinstance(x, bool) or x not in (0, 1) for x in labels)
+        ):
+            raise EdgemergeError(
+                f"{where}: mc1_targets.labels must be one 0 or 1 per choice, got {shown(labels)}"
+            )
+        if labels.count(1) != 1:
+            raise EdgemergeError(
+                f"{where}: mc1_targets.labels must mark exactly one correct choice with 1, got {shown(labels)}"
+            )
+        return MCItem(_text(rec["question"], "question", where), choices, labels.index(1))
     need = ["question", "candidates", "answer"]
     missing = [k for k in need if k not in rec]
     if missing:
@@ -53,10 +89,13 @@ def _item(rec: Any, where: str) -> MCItem:
             f"{where}: unknown multiple-choice format, missing field(s) {', '.join(missing)}; expected "
             "TruthfulQA-multi JSON (question, mc1_targets) or EusTrivia/EusExams JSONL (question, candidates, answer)"
         )
+    choices = _choices(rec["candidates"], "candidates", where)
     ans = rec["answer"]
-    if not isinstance(ans, int) or not 0 <= ans < len(rec["candidates"]):
-        raise EdgemergeError(f"{where}: answer must be the index of the right candidate, got {ans!r}")
-    return MCItem(rec["question"], list(rec["candidates"]), ans)
+    if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+        raise EdgemergeError(
+            f"{where}: answer must be the index (0 to {len(choices) - 1}) of the right candidate, got {shown(ans)}"
+        )
+    return MCItem(_text(rec["question"], "question", where), choices, ans)
 
 
 def load_mc(path: Path) -> list[MCItem]:
@@ -64,22 +103,27 @@ def load_mc(path: Path) -> list[MCItem]:
     path = Path(path)
     if not path.is_file():
         raise EdgemergeError(f"multiple-choice file {path} not found")
+    raw = read_limited(path, MAX_MC_BYTES, "multiple-choice file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise EdgemergeError(f"multiple-choice file {path} is not UTF-8") from None
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
         wheres = [f"{path} item {i + 1}" for i in range(len(records))]
+    except RecursionError:
+        raise EdgemergeError(f"multiple-choice file {path}: JSON nested too deeply") from None
     except ValueError:
         records, wheres = [], []
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except ValueError:
-                    raise EdgemergeError(f"{path}:{n}: not JSON (expected JSON or JSON Lines)") from None
+                except (ValueError, RecursionError):
+                    raise EdgemergeError(
+                        f"{path}:{n}: not JSON (expected one JSON array, or JSON Lines: one object per line)"
+                    ) from None
                 wheres.append(f"{path}:{n}")
     if not records:
         raise EdgemergeError(f"multiple-choice file {path} has no questions")
@@ -93,7 +137,7 @@ def choice_logliks(model: Model, item: MCItem) -> list[float]:
     conts = [model.tokenize(prompt + " " + choice)[len(ctx) :] for choice in item.choices]
     room = model.n_ctx - max(len(c) for c in conts)
     if room < 1:
-        raise EdgemergeError(f"a candidate of question {item.question[:60]!r} does not fit the context")
+        raise EdgemergeError(f"a candidate of question {shown(item.question, 60)} does not fit the context")
     ctx = ctx[-room:]  # left truncation, as lm-evaluation-harness does, for questions longer than the context
     last = model.logits(ctx, len(ctx) - 1)[-1]
     out = []

@@ -49,8 +49,15 @@ def make_chunks(
 ) -> Chunks:
     """Tokenize the text and choose the chunking. With `fit`, `ctx` shrinks (not below 16) so that the text
     gives at least two chunks, and never exceeds the model's context or training context."""
+    if ctx < MIN_CTX:
+        raise EdgemergeError(f"a perplexity chunk of {ctx} tokens is too small: give at least {MIN_CTX}")
+    room = min(model.n_ctx, model.n_ctx_train)
+    if room < MIN_CTX:
+        raise EdgemergeError(
+            f"{model.path.name} has a context of {room} tokens; perplexity needs at least {MIN_CTX}"
+        )
     tokens = model.tokenize("\n".join(passages), add_special=True)
-    ctx = min(ctx, model.n_ctx, model.n_ctx_train)
+    ctx = min(ctx, room)
     if fit and len(tokens) < 2 * ctx:
         ctx = max(MIN_CTX, len(tokens) // 2)
     n_chunks = len(tokens) // ctx

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgemergeError
+from ..limits import MAX_TEXT_BYTES, read_limited, shown
 from . import checks
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -40,7 +41,7 @@ def available_languages() -> list[str]:
 def _lang_dir(lang: str) -> Path:
     if lang not in available_languages():
         raise EdgemergeError(
-            f"no built-in prompt set for language {lang!r}; available: {', '.join(available_languages())} "
+            f"no built-in prompt set for language {shown(lang)}; available: {', '.join(available_languages())} "
             f"(add one as edgemerge/evaluate/data/{lang}/ with {', '.join(_FILES)})"
         )
     return DATA_DIR / lang
@@ -88,7 +89,7 @@ def read_passages(path: Path) -> list[str]:
     if not path.is_file():
         raise EdgemergeError(f"text file {path} not found; give a UTF-8 file with one passage per line")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, MAX_TEXT_BYTES, "text file").decode("utf-8")
     except UnicodeDecodeError as e:
         raise EdgemergeError(
             f"text file {path} is not UTF-8 (byte {e.start}); convert it, e.g. iconv -t UTF-8"

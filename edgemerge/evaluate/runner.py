@@ -14,6 +14,9 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..gguf.inspect import read_gguf
+from ..limits import MAX_THREADS, check_count
+
+MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
 
 
 def check_gguf(path: Path) -> Path:
@@ -56,6 +59,8 @@ class Model:
     def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
         import llama_cpp
 
+        check_count("--ctx", n_ctx, MIN_CTX, 1 << 24, " tokens")
+        check_count("--threads", n_threads, 1, MAX_THREADS)
         self.path = check_gguf(path)
         self._lib = llama_cpp
         train_ctx = _train_context(self.path)

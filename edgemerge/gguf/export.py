@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.progress import Progress
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
+from ..limits import shown
+from ..model_json import check_model_json, read_tokenizer_json
 from ..sinks import TensorSpec
+from ..sources import index_weight_files, safetensors_layout
 from .metadata import GGUFMetadata
 from .sink import GGUFSink
 
@@ -21,8 +25,7 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        files = [hf_dir / f for f in index_weight_files(index)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise EdgemergeError(f"{hf_dir}: shards listed in the index are missing: {', '.join(missing)}")
@@ -34,19 +37,31 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A safetensors file the library cannot read is a user error naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise EdgemergeError(f"{path} is unreadable or truncated ({e}); download it again") from None
+
+
 def read_specs(files: list[Path]) -> tuple[list[TensorSpec], dict[str, Path]]:
     """Name, shape and dtype of every tensor (headers only), and the file holding each."""
     from safetensors import safe_open
 
     specs, where = [], {}
     for f in files:
-        with safe_open(f, framework="pt") as h:
+        safetensors_layout(f)  # bounded header checks with one-line errors before the library opens it
+        with _unreadable(f), safe_open(f, framework="pt") as h:
             for name in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 sl = h.get_slice(name)
                 dtype = sl.get_dtype()
                 if dtype not in _DTYPES:
                     raise EdgemergeError(
-                        f"tensor {name!r} in {f.name} is {dtype}; only float checkpoints (BF16/F16/F32) can be "
+                        f"tensor {shown(name)} in {f.name} is {dtype}; only float checkpoints (BF16/F16/F32) can be "
                         "exported (dequantize the model first)"
                     )
                 specs.append(TensorSpec(name, tuple(sl.get_shape()), _DTYPES[dtype]))
@@ -74,6 +89,8 @@ def export_hf(
         )
     if not (hf_dir / "config.json").is_file():
         raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
+    check_model_json(hf_dir)
+    read_tokenizer_json(hf_dir)
     from ..check import ModelTensors
     from ..merge.engine import copy_into
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
+from .inspect import read_gguf
 
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 SHARD_BYTES = 2 * 1024**3
@@ -173,10 +174,11 @@ def gguf_to_hf(
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():
         raise EdgemergeError(f"{gguf_file} not found: give the path of a .gguf file")
+    read_gguf(gguf_file)  # bounded checks first: GGUFReader's work grows with the counts a header claims
     try:
         reader = GGUFReader(gguf_file)
-    except (ValueError, OSError) as e:
-        raise EdgemergeError(f"{gguf_file} is not a readable GGUF file ({e})") from None
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise EdgemergeError(f"{gguf_file} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     shape = read_shape(reader)
     if not Path(tokenizer_model).is_file():
         raise EdgemergeError(

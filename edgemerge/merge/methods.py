@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import EdgemergeError
+from ..limits import shown
 from .backends import Array, Backend
 
 
@@ -70,14 +71,20 @@ class Option:
 
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise TypeError(f"{name} must be true or false, got {v!r}")
+        raise TypeError(f"{name} must be true or false, got {shown(v)}")
     return v
 
 
 def _number(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a finite number, got {shown(v)}")  # noqa: TRY004 (as the others)
+    try:
+        x = float(v)
+    except OverflowError:  # an integer beyond the float range
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {shown(v)}")
+    return x
 
 
 def _fraction(lo_open: bool, hi_open: bool) -> Callable[[str, Any], float]:
@@ -85,15 +92,15 @@ def _fraction(lo_open: bool, hi_open: bool) -> Callable[[str, Any], float]:
         x = _number(name, v)
         if (x <= 0 if lo_open else x < 0) or (x >= 1 if hi_open else x > 1):
             lo, hi = ("(" if lo_open else "["), (")" if hi_open else "]")
-            raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {v!r}")
+            raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {shown(v)}")
         return x
 
     return parse
 
 
 def _seed(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+        raise ValueError(f"{name} must be a non-negative integer below 2**64, got {shown(v)}")
     return v
 
 
@@ -397,7 +404,9 @@ class MergeMethod:
         unknown = sorted(set(given) - set(valid))
         if unknown:
             names = ", ".join(valid) or "none"
-            raise EdgemergeError(f"method {self.name}: unknown option {unknown[0]!r}; valid options: {names}")
+            raise EdgemergeError(
+                f"method {self.name}: unknown option {shown(unknown[0])}; valid options: {names}"
+            )
         out = {}
         for name, opt in valid.items():
             if name in given:
@@ -478,5 +487,5 @@ METHODS: dict[str, MergeMethod] = {
 def get_method(name: str) -> MergeMethod:
     """The registered method `name`; an unknown name is an EdgemergeError listing the valid ones."""
     if name not in METHODS:
-        raise EdgemergeError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}")
+        raise EdgemergeError(f"unknown merge method {shown(name)}; choose one of: {', '.join(METHODS)}")
     return METHODS[name]

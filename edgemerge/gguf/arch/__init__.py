@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import EdgemergeError
+from ...limits import shown
 from .base import OUTTYPES, Arch, check_outtype, load_hparams
 from .llama import LlamaArch
 from .qwen2 import Qwen2Arch
@@ -20,7 +21,7 @@ def arch_for(hparams: dict[str, Any]) -> Arch:
     name = archs[0] if archs else hparams.get("model_type", "<none>")
     if name not in SUPPORTED:
         raise EdgemergeError(
-            f"architecture {name!r} is not supported for GGUF export; supported: {', '.join(sorted(SUPPORTED))}"
+            f"architecture {shown(name)} is not supported for GGUF export; supported: {', '.join(sorted(SUPPORTED))}"
         )
     return SUPPORTED[name](hparams)
 

@@ -8,7 +8,6 @@ A family module subclasses `Arch`, sets `hf_names` and `model_arch`, and overrid
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +16,7 @@ import gguf
 import numpy as np
 
 from ...errors import EdgemergeError
+from ...model_json import read_config
 
 # outtype name -> (file type written to general.file_type, tensor type for tensors that are not forced to F32)
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -53,6 +53,7 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
         raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
+    raw = read_config(model_dir)  # shapes and bounds checked before transformers or the converter reads it
     try:
         from transformers import AutoConfig
 
@@ -62,12 +63,7 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
         KeyError,
         OSError,
     ):  # e.g. unknown model_type: the raw file still names the architecture
-        try:
-            hparams = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgemergeError(
-                f"{cfg_file} is not valid JSON ({e}); restore it from the model's source"
-            ) from None
+        hparams = raw
     if "text_config" in hparams:
         hparams = {**hparams, **hparams["text_config"]}
     return hparams

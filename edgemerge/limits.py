@@ -1,0 +1,83 @@
+"""Bounds on untrusted input, in one place: how much of a file we read, how much of it an error message shows.
+
+Recipes, model folders, GGUF and evaluation files come from strangers. Every parser checks a size or count
+against these limits (or against the bytes the file really has) before it allocates or loops, so a small
+hostile file fails at once, in little memory, with one short line.
+"""
+
+from __future__ import annotations
+
+import os
+import reprlib
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgemergeError
+
+ECHO_CHARS = 80  # at most this much of an input value appears in an error message
+MAX_RECIPE_BYTES = 256 * 1024  # a real recipe is about 1 KB
+MAX_YAML_NODES = 10_000  # YAML nodes after alias expansion (a real recipe has about 50)
+MAX_YAML_DEPTH = 32  # nesting levels (a real recipe has 4)
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config, index and tokenizer JSON (a 256K-token tokenizer.json is ~30 MB)
+MAX_MC_BYTES = 64 * 1024 * 1024  # a multiple-choice file (TruthfulQA-multi is ~1 MB per language)
+MAX_TEXT_BYTES = 64 * 1024 * 1024  # perplexity text: ~16M tokens, days of CPU at 256 tokens a chunk
+# as the safetensors library (MAX_HEADER_SIZE): a header that claims more is refused before it is read
+MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_THREADS = 1024
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with a bound on the work too: huge integers are described, never converted to digits (Python
+    refuses more than 4300 digits, and the conversion is quadratic below that)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return repr(x)
+
+
+_REPR = _ShortRepr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, ECHO_CHARS, ECHO_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """A short, one-line repr of an input value for an error message (strings quoted, long ones cut)."""
+    text = _REPR.repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def read_limited(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file no larger than `limit`; anything else (a folder, a device, a pipe, a bigger
+    file) is an EdgemergeError naming `what`. Reads at most `limit` + 1 bytes, whatever the file holds."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise EdgemergeError(f"{what} {path} is a folder; give a file")
+        if not path.is_file():
+            kind = "does not exist" if not path.exists() else "is not a regular file"
+            raise EdgemergeError(f"{what} {path} {kind}; give a file")
+        with open(path, "rb") as f:
+            # read() of n bytes allocates n up front: ask for what the file has (and one more, to see growth)
+            want = min(os.fstat(f.fileno()).st_size, limit) + 1
+            data = f.read(want)
+            if len(data) == want <= limit:  # it grew since: read on, still bounded
+                data += f.read(limit + 1 - want)
+    except OSError as e:
+        raise EdgemergeError(f"cannot read {what} {path} ({e.strerror or e})") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise EdgemergeError(f"cannot read {what} {shown(str(path))} ({e})") from None
+    if len(data) > limit:
+        raise EdgemergeError(f"{what} {path} is larger than {limit} bytes; this cannot be a real one")
+    return data
+
+
+def check_count(flag: str, value: int | None, low: int, high: int | None = None, why: str = "") -> None:
+    """A numeric option within [low, high] (None: not given); otherwise one line naming the flag."""
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise EdgemergeError(f"{flag} {shown(value)}: must be {bound}{why}")
