@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 
 from ...errors import EdgemergeError
+from ...trust import load_config_dict
 
 # outtype name -> (file type written to general.file_type, tensor type for tensors that are not forced to F32)
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -53,10 +54,8 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
         raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
-    try:
-        from transformers import AutoConfig
-
-        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    try:  # a folder that carries code is refused inside, before transformers reads it
+        hparams = load_config_dict(model_dir)
     except (
         ValueError,
         KeyError,
