@@ -350,6 +350,18 @@ def _remove_build(out: Path, state: BuildState) -> None:
     remove(work_dir(out))
 
 
+def input_provenance(sources: Any) -> dict[str, dict]:
+    """Every input's provenance (ref, revision, file fingerprints) by role, for the merge key and the manifest;
+    two inputs under one role would make two models one entry of the key, so that is refused."""
+    named = sources.named()
+    inputs = {role: src.provenance() for role, src in named}
+    if len(inputs) != len(named):
+        roles = [role for role, _ in named]
+        dup = next(r for r in roles if roles.count(r) > 1)
+        raise EdgemergeError(f"two inputs of the recipe share the role {dup!r}; give each language code once")
+    return inputs
+
+
 def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
     """Bytes each not-yet-built file will take: n_params * bits_per_weight / 8."""
     items = {
@@ -432,7 +444,7 @@ def _build(
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
     report = check_compat(sources)
-    inputs = {role: src.provenance() for role, src in sources.named()}
+    inputs = input_provenance(sources)
 
     ftype = options.outtype.upper()
     merged = out / f"{recipe.name}.{ftype}.gguf"
