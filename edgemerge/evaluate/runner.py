@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ..chat_format import ChatTemplateRaised, TemplateRenderer
 from ..errors import EdgemergeError
 from ..gguf.inspect import read_gguf
+from ..interrupts import llama_call, raise_if_interrupted
 
 
 def check_gguf(path: Path) -> Path:
@@ -62,15 +64,17 @@ class Model:
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
         threads = n_threads or _cpus()
+        self._renderer: TemplateRenderer | None = None
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=min(n_ctx, 512),
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
+            with llama_call():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 512),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as e:
             raise EdgemergeError(f"llama.cpp cannot load {self.path}: {e}") from None
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -83,7 +87,10 @@ class Model:
         self.metadata: dict[str, Any] = dict(self.llm.metadata)
 
     def close(self) -> None:
-        self.llm.close()
+        if self._renderer is not None:
+            self._renderer.close()
+        with llama_call():
+            self.llm.close()
 
     # -- tokens and logits ---------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -132,7 +139,8 @@ class Model:
                     batch.logits[k] = pos >= first
                     if pos >= first:
                         wanted.append(k)
-                rc = lib.llama_decode(ctx, batch)
+                with llama_call():
+                    rc = lib.llama_decode(ctx, batch)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed with code {rc}")
                 for k in wanted:
@@ -153,12 +161,9 @@ class Model:
         return self.metadata.get("tokenizer.chat_template") or None
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render `messages` with the GGUF's chat template (llama-cpp-python's Jinja2ChatFormatter, with the
-        model's BOS/EOS strings) and tokenize, parsing special tokens. A BOS the template already wrote is
-        not doubled (llama.cpp's server does the same)."""
-        import jinja2
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+        """Render `messages` with the GGUF's chat template (as llama-cpp-python's Jinja2ChatFormatter does, with
+        the model's BOS/EOS strings, through the bounded `TemplateRenderer`) and tokenize, parsing special
+        tokens. A BOS the template already wrote is not doubled (llama.cpp's server does the same)."""
         template = self.chat_template
         if template is None:
             raise EdgemergeError(
@@ -166,16 +171,21 @@ class Model:
             )
         bos_text = self.token_text(self.bos) if self.bos >= 0 else ""
         eos_text = self.token_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+        if self._renderer is None:
+            self._renderer = TemplateRenderer(template, label=f"the chat template of {self.path.name}")
+        # the variables llama-cpp-python's Jinja2ChatFormatter passes
+        context = {"eos_token": eos_text, "bos_token": bos_text, "functions": None, "function_call": None}
         try:
-            prompt = fmt(messages=messages).prompt
-        except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
+            prompt = self._renderer.render(
+                messages, add_generation_prompt=True, tools=None, tool_choice=None, **context
+            )
+        except ChatTemplateRaised:  # e.g. a role the template rejects
             if messages and messages[0]["role"] == "system" and len(messages) > 1:
                 merged = [
                     {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
                 ]
                 return self.chat_tokens(merged + messages[2:])
-            raise EdgemergeError(f"the chat template of {self.path.name} failed: {e}") from None
+            raise
         if self.add_bos and bos_text and prompt.startswith(bos_text):
             prompt = prompt[len(bos_text) :]
         return self.tokenize(prompt, add_special=True, parse_special=True)
@@ -189,17 +199,21 @@ class Model:
     def _complete(self, prompt_tokens: list[int], max_tokens: int, stream: bool):
         # Greedy: temperature 0 makes llama-cpp-python use llama.cpp's greedy sampler; no repetition penalty.
         # With no stop strings, finish_reason is "stop" only when an end-of-generation token (EOS/EOT) came.
+        # The stopping criterion is Python code llama-cpp-python runs after every token: Ctrl-C ends the
+        # generation there instead of being lost in a log callback (interrupts.py).
         return self.llm.create_completion(
             prompt_tokens,
             max_tokens=self._limit(prompt_tokens, max_tokens),
             temperature=0.0,
             repeat_penalty=1.0,
             stream=stream,
+            stopping_criteria=self._lib.StoppingCriteriaList([raise_if_interrupted]),
         )
 
     def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
         """The greedy answer to `prompt_tokens` (already templated), at most `max_tokens` tokens."""
-        out = self._complete(prompt_tokens, max_tokens, stream=False)
+        with llama_call():
+            out = self._complete(prompt_tokens, max_tokens, stream=False)
         choice = out["choices"][0]
         return Generation(
             choice["text"], choice["finish_reason"] == "stop", out["usage"]["completion_tokens"]
@@ -209,7 +223,13 @@ class Model:
         """Like `generate`, yielding text pieces as they come, then one `Generation` (tokens: pieces seen)."""
         parts: list[str] = []
         finish = None
-        for chunk in self._complete(prompt_tokens, max_tokens, stream=True):
+        with llama_call():
+            chunks = iter(self._complete(prompt_tokens, max_tokens, stream=True))
+        while True:
+            with llama_call():  # not around the yield: the caller's own code keeps its usual Ctrl-C
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
             choice = chunk["choices"][0]
             if choice["text"]:
                 parts.append(choice["text"])
