@@ -16,6 +16,7 @@ from ..check import CompatReport, check_compat
 from ..errors import EdgemergeError
 from ..files import atomic_output, ensure_free_space
 from ..progress import Progress
+from ..public import public_inputs, public_recipe
 from ..recipe import Recipe
 from ..sinks import SafetensorsSink
 from ..sources import RecipeSources, resolve_recipe
@@ -68,9 +69,9 @@ def provenance(recipe: Recipe, sources: RecipeSources, stats: MergeStats) -> dic
             "title": get_method(recipe.method).title,
             "paper": get_method(recipe.method).paper,
         },
-        "recipe": recipe.to_yaml_dict(),
+        "recipe": public_recipe(recipe),
         "merge": stats.to_dict(),
-        "inputs": {role: src.provenance() for role, src in sources.named()},
+        "inputs": public_inputs({role: src.provenance() for role, src in sources.named()}, recipe.root),
     }
 
 
