@@ -4,7 +4,11 @@ whoever renders them (the check, evaluation, chat, packaging)."""
 
 from __future__ import annotations
 
+import io
+import shutil
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from edgemerge.chat_format import (
     derive_chat_format,
     render_template,
 )
+from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.package import ChatInfo, modelfile
 
@@ -147,3 +152,60 @@ def test_packaging_warns_instead_of_hanging(case, monkeypatch):
     assert "TEMPLATE" not in text and warning and "Ollama will fall back" in warning
     with pytest.raises(EdgemergeError):
         derive_chat_format(HOSTILE[case][0])
+
+
+GOOD = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+
+
+def _padded(template: str, length: int) -> str:
+    pad = length - len(template) - len("{##}")
+    assert pad >= 0
+    return template + "{#" + "x" * pad + "#}"
+
+
+@pytest.fixture(scope="module")
+def gguf_with_template(merge_family, tmp_path_factory):
+    """A GGUF exported with a 600-character template, and a function writing a copy whose template is
+    replaced in place (same length, so the file layout is unchanged): hostile templates in a real GGUF."""
+    from edgemerge.gguf.export import export_hf
+
+    root = tmp_path_factory.mktemp("tpl")
+    folder = root / "instruct"
+    shutil.copytree(merge_family["instruct"], folder)
+    (folder / "chat_template.jinja").write_text(_padded(GOOD, 600))
+    src = export_hf(folder, root / "good.gguf", outtype="f32")
+
+    def with_template(template: str, dst: Path) -> Path:
+        data = src.read_bytes()
+        old = _padded(GOOD, 600).encode()
+        assert data.count(old) == 1
+        dst.write_bytes(data.replace(old, _padded(template, 600).encode()))
+        return dst
+
+    return with_template
+
+
+@pytest.mark.parametrize(
+    "case", ["nested loops", "loop without output", "growing output", "syntax error", "sandbox attribute"]
+)
+@pytest.mark.parametrize("command", ["eval", "chat"])
+def test_eval_and_chat_refuse_hostile_gguf_templates(
+    tmp_path, gguf_with_template, monkeypatch, capsys, case, command
+):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr("edgemerge.chat_format.RENDER_SECONDS", 2.0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Kaixo\n/exit\n"))
+    model = gguf_with_template(HOSTILE[case][0], tmp_path / "hostile.gguf")
+    argv = (
+        ["eval", model, "--lang", "eu", "--quick", "--json", tmp_path / "r.json"]
+        if command == "eval"
+        else ["chat", model]
+    )
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 120  # a hang detector
+    assert e.value.code == 2, err
+    assert "hostile.gguf" in err and HOSTILE[case][2] in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "r.json").exists()

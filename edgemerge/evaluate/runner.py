@@ -38,6 +38,30 @@ def _train_context(path: Path) -> int | None:
     return int(value) if value is not None else None
 
 
+def _compile_templates(path: Path) -> TemplateRenderer | None:
+    """A renderer of the GGUF's `tokenizer.chat_template` (None without one), after every template of the file
+    (also the named `tokenizer.chat_template.<name>` ones) compiled in the bounded renderer."""
+    kv = read_gguf(path).kv
+    templates = {
+        k: v
+        for k, v in kv.items()
+        if k == "tokenizer.chat_template" or k.startswith("tokenizer.chat_template.")
+    }
+    default = None
+    try:
+        for key, template in templates.items():
+            renderer = TemplateRenderer(template, label=f"{key} of {Path(path).name}")
+            if key == "tokenizer.chat_template":
+                default = renderer
+            else:
+                renderer.close()
+    except BaseException:
+        if default is not None:
+            default.close()
+        raise
+    return default
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log p = x - log(sum(exp(x))) per row, in float64 like llama.cpp's perplexity tool."""
     x = logits.astype(np.float64)
@@ -64,7 +88,9 @@ class Model:
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
         threads = n_threads or _cpus()
-        self._renderer: TemplateRenderer | None = None
+        # llama-cpp-python compiles every chat template of the file while loading it: each one is compiled in
+        # the bounded renderer first, so a broken or hostile one is one error line, never our process's problem
+        self._renderer = _compile_templates(self.path)
         try:
             with llama_call():
                 self.llm = llama_cpp.Llama(
@@ -171,8 +197,8 @@ class Model:
             )
         bos_text = self.token_text(self.bos) if self.bos >= 0 else ""
         eos_text = self.token_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        if self._renderer is None:
-            self._renderer = TemplateRenderer(template, label=f"the chat template of {self.path.name}")
+        if self._renderer is None:  # a template in metadata that read_gguf did not see: render it bounded too
+            self._renderer = TemplateRenderer(template, label=f"tokenizer.chat_template of {self.path.name}")
         # the variables llama-cpp-python's Jinja2ChatFormatter passes
         context = {"eos_token": eos_text, "bos_token": bos_text, "functions": None, "function_call": None}
         try:
@@ -189,6 +215,12 @@ class Model:
         if self.add_bos and bos_text and prompt.startswith(bos_text):
             prompt = prompt[len(bos_text) :]
         return self.tokenize(prompt, add_special=True, parse_special=True)
+
+    def check_chat_template(self) -> None:
+        """Render the GGUF's chat template once for a plain user message (no-op without a template): a template
+        that cannot render fails here, before any long evaluation."""
+        if self.chat_template is not None:
+            self.chat_tokens([{"role": "user", "content": "Kaixo!"}])
 
     def _limit(self, prompt_tokens: list[int], max_tokens: int) -> int:
         room = self.n_ctx - len(prompt_tokens)
