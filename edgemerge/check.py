@@ -213,6 +213,7 @@ def check_compat(sources: RecipeSources) -> CompatReport:
             )
     for (label, _), tok in zip(named[1:], toks[1:]):
         _compare_tokenizers(toks[0], tok, ref_label, label)
+    _check_token_ids(toks[0], _text_config(ref_cfg).get("vocab_size"), ref_label)
 
     specs = [TensorSpec(name, ref.shapes[name], FLOAT_DTYPES[ref.dtypes[name]]) for name in ref.files]
     tied = "lm_head.weight" not in ref.files and bool(_text_config(ref_cfg).get("tie_word_embeddings", False))
@@ -224,6 +225,23 @@ def check_compat(sources: RecipeSources) -> CompatReport:
         models=models,
         tied_embeddings=tied,
     )
+
+
+def _check_token_ids(tok: dict[str, dict], vocab_size: object, label: str) -> None:
+    """Every token id of tokenizer.json must have an embedding row: the GGUF's vocabulary is cut at vocab_size,
+    so a larger tokenizer would silently lose tokens."""
+    if "tokenizer.json" not in tok or not isinstance(vocab_size, int):
+        return
+    ids = [
+        i
+        for i in (*tok["tokenizer.json"]["vocab"].values(), *tok["tokenizer.json"]["added"])
+        if isinstance(i, int)
+    ]
+    if ids and max(ids) >= vocab_size:
+        raise EdgemergeError(
+            f"{label}: the tokenizer has token ids up to {max(ids)} but config.json vocab_size is {vocab_size} "
+            "(no embedding row for them); use the tokenizer files released with these weights"
+        )
 
 
 # ---- config.json against the tensors -------------------------------------------------------------------------
@@ -269,6 +287,9 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
     inter = _positive(tc, "intermediate_size", label)
     vocab = _positive(tc, "vocab_size", label)
     head_dim = _positive(tc, "head_dim", label)
+    _positive(
+        tc, "max_position_embeddings", label
+    )  # the GGUF's context length: 0 is a file llama.cpp refuses
     layers = sorted({int(m.group(1)) for name in shapes if (m := _LAYER.search(name))})
     if n_layers is not None and layers != list(range(n_layers)):
         have = (

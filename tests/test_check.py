@@ -121,6 +121,7 @@ CONFIG_LIES = [
     (_set(intermediate_size=1024), "mlp.gate_proj.weight"),
     (_set(vocab_size=1024), "embed_tokens.weight"),
     (_set(hidden_size=True), "hidden_size must be a positive integer"),
+    (_set(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
 ]
 
 
@@ -211,3 +212,15 @@ def test_a_template_may_reject_system_messages(tmp_path, merge_family):
     )
     fam = family_copy(tmp_path, merge_family, edit_instruct=_write("chat_template.jinja", template))
     check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
+
+
+def test_tokenizer_larger_than_the_embeddings_fails_the_check(tmp_path, merge_family):
+    """Token ids at or beyond vocab_size have no embedding row (the GGUF vocabulary would be cut silently)."""
+    fam = family_copy(tmp_path, merge_family)
+    for folder in fam.values():  # the same extra token everywhere: the tokenizers still agree
+        tj = json.loads((folder / "tokenizer.json").read_text())
+        tj["added_tokens"].append({"id": 700, "content": "<extra>", "special": True, "single_word": False,
+                                   "lstrip": False, "rstrip": False, "normalized": False})  # fmt: skip
+        (folder / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(EdgemergeError, match="token ids up to 700 but config.json vocab_size is 512"):
+        check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))

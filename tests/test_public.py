@@ -3,6 +3,7 @@ edgemerge.json) name inputs by hub id or local folder name, never by a path of t
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def test_build_ships_no_local_path(tmp_path, build_family, monkeypatch, style, e
 def test_merges_ship_no_local_path(tmp_path, build_family, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     recipe = load_recipe(_family_recipe(tmp_path, build_family, "absolute"))
+    instruct = Path(recipe.instruct)
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        data = json.loads((instruct / name).read_text())  # what older transformers saved from a local folder
+        data[key] = str(instruct)
+        (instruct / name).write_text(json.dumps(data))
     secrets = _private_strings(tmp_path, build_family["instruct"].parent)
     _assert_private(merge_to_gguf(recipe, tmp_path / "out" / "m.gguf"), secrets)
     _assert_private(merge_to_hf(recipe, tmp_path / "out" / "hf"), secrets)
