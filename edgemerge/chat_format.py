@@ -240,7 +240,7 @@ def _environment():
 
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}  # noqa: RUF012 (jinja2's Extension API)
@@ -257,9 +257,13 @@ def _environment():
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-    )
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj, attribute):
+            # jinja2 hands out an Undefined that fails only when used; reaching for an unsafe attribute at all
+            # (`''.__class__`, `list.append`) is what no chat template does: refuse it where it happens
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: dt.datetime.now().strftime(fmt)

@@ -446,18 +446,33 @@ _CHECK_CONVERSATIONS = (
 _SYSTEM_CONVERSATION = [{"role": "system", "content": "Lagun zara."}, {"role": "user", "content": "Kaixo!"}]
 
 
-def check_chat_template(template: str, where: str, bos: str = "", eos: str = "") -> None:
+def check_chat_template(
+    template: str, where: str, bos: str = "", eos: str = "", *, default: bool = True
+) -> None:
     """Render the template once per kind of conversation, bounded in time, size and memory (chat_format): a
-    syntax error, a sandbox violation, a runaway loop or an error on a plain user/assistant conversation is an
-    EdgemergeError naming `where`. A template may reject system messages (many do, by raising)."""
+    syntax error, a sandbox violation or a runaway render is an EdgemergeError naming `where`, and so is an
+    error on a plain user/assistant conversation for the `default` template (chat and evaluation use it).
+    Any template may reject system messages (many do, by raising), and a named one (e.g. "tool_use", which
+    wants tools) may reject plain conversations too."""
     with TemplateRenderer(template, label=f"chat template ({where})") as renderer:
         for gen in (True, False):
             for conv in _CHECK_CONVERSATIONS:
-                render_template(renderer, conv, add_generation_prompt=gen, bos=bos, eos=eos)
+                try:
+                    render_template(renderer, conv, add_generation_prompt=gen, bos=bos, eos=eos)
+                except ChatTemplateRaised:
+                    if default:
+                        raise
         try:
             render_template(renderer, _SYSTEM_CONVERSATION, add_generation_prompt=True, bos=bos, eos=eos)
         except ChatTemplateRaised:
             pass
+
+
+def _is_default(where: str) -> bool:
+    """Whether the template found at `where` (see chat_templates) is the one chat and evaluation use."""
+    return not where.startswith("additional_chat_templates") and (
+        not where.endswith("'") or where.endswith("'default'")
+    )
 
 
 def check_inherited_files(folder: Path, label: str) -> None:
@@ -467,4 +482,4 @@ def check_inherited_files(folder: Path, label: str) -> None:
     cfg = check_tokenizer_config(folder, label)
     bos, eos = (_special_text(cfg.get(k)) or "" for k in ("bos_token", "eos_token"))
     for where, template in chat_templates(folder, label).items():
-        check_chat_template(template, f"{label}: {where}", bos=bos, eos=eos)
+        check_chat_template(template, f"{label}: {where}", bos=bos, eos=eos, default=_is_default(where))

@@ -224,3 +224,31 @@ def test_tokenizer_larger_than_the_embeddings_fails_the_check(tmp_path, merge_fa
         (folder / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(EdgemergeError, match="token ids up to 700 but config.json vocab_size is 512"):
         check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
+
+
+TOOLS_ONLY = "{% for t in tools %}{{ t.name }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("named", "refused"),
+    [
+        (TOOLS_ONLY, None),  # a tool_use template may need tools: not refused
+        ("{{ raise_exception('tools required') }}", None),
+        ("{% for t in tools %}", "syntax error"),
+        (NESTED, "rendering took longer than"),
+        ("{{ ''.__class__ }}", "the template breaks the sandbox"),
+    ],
+)
+def test_named_templates_are_checked_for_what_they_are(tmp_path, merge_family, monkeypatch, named, refused):
+    monkeypatch.setattr("edgemerge.chat_format.RENDER_SECONDS", 2.0)
+    default = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    templates = [{"name": "default", "template": default}, {"name": "tool_use", "template": named}]
+    edit = _json_edit("tokenizer_config.json", _set(chat_template=templates))
+    fam = family_copy(tmp_path, merge_family, edit_instruct=edit)
+    (fam["instruct"] / "chat_template.jinja").unlink()
+    if refused is None:
+        check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
+        return
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
+    assert "'tool_use'" in e.value.message and refused in e.value.message
