@@ -402,14 +402,22 @@ def chat_templates(folder: Path, label: str) -> dict[str, str]:
     for where, value in sources:
         if isinstance(value, str):
             out[where] = value
-        elif isinstance(value, list) and all(
-            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-            for t in value
+        elif (
+            isinstance(value, list)
+            and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                for t in value
+            )
+            and any(t["name"] == "default" for t in value)  # the one chat uses (transformers also wants it)
         ):
             out.update({f"{where} {t['name']!r}": t["template"] for t in value})
         else:
             raise _bad(
-                label, where.split()[0], "chat_template", "a string or a list of {name, template}", value
+                label,
+                where.split()[0],
+                "chat_template",
+                "a string or a list of {name, template} with a 'default'",
+                value,
             )
     return out
 
@@ -458,10 +466,16 @@ def check_chat_template(
         for gen in (True, False):
             for conv in _CHECK_CONVERSATIONS:
                 try:
-                    render_template(renderer, conv, add_generation_prompt=gen, bos=bos, eos=eos)
+                    text = render_template(renderer, conv, add_generation_prompt=gen, bos=bos, eos=eos)
                 except ChatTemplateRaised:
                     if default:
                         raise
+                    continue
+                if default and conv[-1]["content"] not in text:
+                    raise EdgemergeError(
+                        f"chat template ({where}): the prompt it renders leaves out the user's message; "
+                        "restore the model's own chat template"
+                    )
         try:
             render_template(renderer, _SYSTEM_CONVERSATION, add_generation_prompt=True, bos=bos, eos=eos)
         except ChatTemplateRaised:

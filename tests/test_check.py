@@ -192,6 +192,15 @@ BROKEN_INHERITED = [
     (_write("chat_template.jinja", NESTED), "rendering took longer than"),
     (_write("chat_template.json", '{"chat_template": "{% if %}"}'), "chat_template.json chat_template"),
     (_write("chat_template.json", '{"chat_template": 7}'), "chat_template.json chat_template"),
+    (_write("chat_template.jinja", ""), "leaves out the user's message"),
+    (
+        _write("chat_template.jinja", "{% for m in messages %}<{{ m.role }}>{% endfor %}"),
+        "leaves out the user",
+    ),
+    (
+        _json_edit("tokenizer_config.json", _set(chat_template=[{"name": "tool_use", "template": "x"}])),
+        "with a 'default'",
+    ),
 ]
 
 
