@@ -103,7 +103,8 @@ def test_ctrl_c_during_quantize(tmp_path, slow_gguf, group):
     assert not _leftover_processes(str(out_dir))
 
 
-def test_ctrl_c_during_a_build_quantize_stops_the_build(tmp_path, slow_family):
+@pytest.mark.parametrize(("stage", "partial"), [("merge", "F16"), ("quantize", "Q4_K_M")])
+def test_ctrl_c_during_a_build_stage_stops_the_build(tmp_path, slow_family, stage, partial):
     recipe = tmp_path / "recipe.yaml"
     data = {
         "name": "slow",
@@ -122,10 +123,11 @@ def test_ctrl_c_during_a_build_quantize_stops_the_build(tmp_path, slow_family):
         text=True,
         start_new_session=True,
     )
-    _wait_for(proc, lambda: any("Q4_K_M" in p.name for p in _partials(out)), "the quantize stage started")
+    _wait_for(proc, lambda: any(partial in p.name for p in _partials(out)), f"the {stage} stage started")
     code, err = _interrupt(proc, group=True)
     assert code == 130, err
-    assert not (out / "slow.Q4_K_M.gguf").exists()
+    assert "interrupted" in err and "Exception ignored" not in err, err
+    assert not (out / f"slow.{partial}.gguf").exists() and not (out / "slow.Q4_K_M.gguf").exists()
     assert not (out / "manifest.json").exists() and not (out / "README.md").exists()
     assert not _partials(out)
     assert not _leftover_processes(str(out))
