@@ -31,9 +31,17 @@ from typing import Any
 
 from .errors import EdgemergeError
 
-RENDER_SECONDS = float(
-    os.environ.get("EDGEMERGE_TEMPLATE_SECONDS", "10")
-)  # one render (+ the worker's start)
+
+def _seconds(value: str | None, default: float = 10.0) -> float:
+    """The time bound of one render (and of the worker's start): EDGEMERGE_TEMPLATE_SECONDS, for slow machines."""
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        return default
+    return seconds if 0 < seconds < 3600 else default
+
+
+RENDER_SECONDS = _seconds(os.environ.get("EDGEMERGE_TEMPLATE_SECONDS"))
 RENDER_CHARS = 1_000_000  # a chat prompt is far shorter: more is a runaway template
 WORKER_MEMORY = 1 << 30  # address space of the rendering process
 WORKER_CPU_SECONDS = 600  # backstop should the parent vanish while a render spins
