@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import yaml
 
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
+from edgemerge.gguf.vocab import SafeLlamaHfVocab
 from edgemerge.trust import custom_code_field, load_config_dict, load_tokenizer, no_stdin
 
 PAYLOAD = "import pathlib\npathlib.Path({marker!r}).write_text('payload ran')\n"
@@ -221,3 +223,14 @@ def test_yes_pipe_on_real_stdin_runs_nothing(tmp_path, llama_family):
     assert "auto_map" in r.stderr and "[y/N]" not in r.stdout + r.stderr
     assert not marker.exists()
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_safe_llama_hf_vocab_is_gguf_pys(spm512_tokenizer, tmp_path):
+    """Our LlamaHfVocab (tokenizer loaded through the guard) yields gguf-py's tokens, scores and types."""
+    ours = list(SafeLlamaHfVocab(spm512_tokenizer).all_tokens())
+    assert ours == list(gguf.LlamaHfVocab(spm512_tokenizer).all_tokens()) and len(ours) == 512
+    marker = tmp_path / "marker"
+    hostile = hostile_copy(spm512_tokenizer, tmp_path / "t", "tokenizer auto_map", marker)
+    with pytest.raises(EdgemergeError, match="tokenizer_config.json auto_map"):
+        SafeLlamaHfVocab(hostile)
+    assert not marker.exists()
