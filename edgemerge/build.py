@@ -456,6 +456,35 @@ def _remove_build(out: Path, state: BuildState) -> None:
         remove_file(work / STATE_FILE)
 
 
+def input_provenance(sources: Any) -> dict[str, dict]:
+    """Every input's provenance (ref, revision, file fingerprints) by role, for the merge key and the manifest;
+    two inputs under one role would make two models one entry of the key, so that is refused."""
+    named = sources.named()
+    inputs = {role: src.provenance() for role, src in named}
+    if len(inputs) != len(named):
+        roles = [role for role, _ in named]
+        dup = next(r for r in roles if roles.count(r) > 1)
+        raise EdgemergeError(f"two inputs of the recipe share the role {dup!r}; give each language code once")
+    return inputs
+
+
+def input_stamps(sources: Any) -> dict[str, dict[str, list[int]]]:
+    """Size and mtime of every local input's weight files, by role, for the cache keys only (not shipped).
+
+    A local safetensors file is fingerprinted by a sample (sources.py: its header and first and last MiB), which
+    an in-place edit in the middle of a tensor would not change; such an edit does change the file's mtime, so
+    the merge is redone. Hub files are named by their sha256 already."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for role, src in sources.named():
+        stamps: dict[str, list[int]] = {}
+        if src.revision is None:
+            for f in src.safetensors:
+                st = f.stat()
+                stamps[f.name] = [st.st_size, st.st_mtime_ns]
+        out[role] = stamps
+    return out
+
+
 def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
     """Bytes each not-yet-built file will take: n_params * bits_per_weight / 8."""
     items = {
@@ -530,16 +559,19 @@ def _build(
     sources = resolve_recipe(recipe, progress)
     check_out_path(out, [src.path for _, src in sources.named()])  # hub models too, before any write
     report = check_compat(sources)
-    inputs = {role: src.provenance() for role, src in sources.named()}
+    inputs = input_provenance(sources)
 
     ftype = options.outtype.upper()
     merged = out / f"{recipe.name}.{ftype}.gguf"
     merge_fields = {k: v for k, v in recipe.to_yaml_dict().items() if k not in ("quants", "eval")}
-    merge_key = stage_key("merge", __version__, merge_fields, inputs, options.outtype.lower())
+    stamps = input_stamps(sources)
+    merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
     quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
     quant_keys = {q: stage_key("quantize", merge_key, q, _llama_cpp_version()) for q in quants}
     parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
-    parent_key = stage_key("export", __version__, inputs["instruct"], options.outtype.lower())
+    parent_key = stage_key(
+        "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
+    )
 
     # Disk plan for everything not yet built, before writing anything large.
     todo = {}

@@ -9,13 +9,43 @@ the wrappers reproduce the template on several conversations before trusting the
                        + generation_prompt (when the last message is from the user)
 
 BOS is left out: llama.cpp and Ollama add it from the GGUF's add_bos_token flag.
+
+A chat template is untrusted input. Every render (here, in evaluation, chat and the check) goes through
+`TemplateRenderer`: the sandboxed Jinja environment transformers and llama-cpp-python use
+(`ImmutableSandboxedEnvironment`, same options and helpers, so the text is theirs), run in a child process with
+a time bound, an output-size bound and a memory cap, so a template that loops, grows without end or trips the
+sandbox is one error line instead of a hang.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .errors import EdgemergeError
+
+
+def _seconds(value: str | None, default: float = 10.0) -> float:
+    """The time bound of one render (and of the worker's start): EDGEMERGE_TEMPLATE_SECONDS, for slow machines."""
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        return default
+    return seconds if 0 < seconds < 3600 else default
+
+
+RENDER_SECONDS = _seconds(os.environ.get("EDGEMERGE_TEMPLATE_SECONDS"))
+RENDER_CHARS = 1_000_000  # a chat prompt is far shorter: more is a runaway template
+WORKER_MEMORY = 1 << 30  # address space of the rendering process
+WORKER_CPU_SECONDS = 600  # backstop should the parent vanish while a render spins
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 _S, _U1, _A1, _U2, _A2, _U3 = (f"EDGEMERGESENTINEL{i}" for i in range(6))
 
@@ -105,20 +135,229 @@ class ChatFormat:
         ]
 
 
-def render_template(
-    template: str, messages: list[dict], *, add_generation_prompt: bool, bos: str = "", eos: str = ""
-) -> str:
-    """Render a Jinja chat template the way transformers' apply_chat_template does."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+class ChatTemplateError(EdgemergeError):
+    """The template cannot be used at all: a syntax error, a sandbox violation, or a render that runs too long,
+    grows too large or exhausts its memory."""
 
-    rendered, _ = render_jinja_template(
-        conversations=[messages],
-        chat_template=template,
-        add_generation_prompt=add_generation_prompt,
-        bos_token=bos,
-        eos_token=eos,
-    )
-    return rendered[0]
+
+class ChatTemplateRaised(ChatTemplateError):
+    """The template rendered but raised for this conversation (e.g. `raise_exception("no system role")`)."""
+
+
+class TemplateRenderer:
+    """One chat template compiled in a worker process; `render` returns the text or raises a ChatTemplateError
+    naming `label`. Use as a context manager (or call `close`): the worker lives until then."""
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        label: str = "the chat template",
+        seconds: float | None = None,
+        max_chars: int = RENDER_CHARS,
+    ):
+        self.label = label
+        self.seconds = RENDER_SECONDS if seconds is None else seconds
+        self.max_chars = max_chars
+        self._replies: queue.Queue[str | None] = queue.Queue()
+        self._broken: ChatTemplateError | None = None
+        if not isinstance(template, str):
+            raise ChatTemplateError(f"{label}: the chat template is not a string")
+        code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from edgemerge.chat_format import _worker; _worker()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            encoding="utf-8",
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        self._ask({"template": template, "max_chars": max_chars})
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            self._replies.put(line)
+        self._replies.put(None)
+
+    def _fail(self, error: ChatTemplateError) -> ChatTemplateError:
+        self._broken = error
+        self.close()
+        return error
+
+    def _ask(self, request: dict[str, Any]) -> str:
+        if self._broken is not None:
+            raise self._broken
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            line = self._replies.get(timeout=self.seconds)
+        except (BrokenPipeError, OSError):
+            line = None
+        except queue.Empty:
+            raise self._fail(
+                ChatTemplateError(
+                    f"{self.label}: rendering took longer than {self.seconds:g} s (a runaway loop?)"
+                )
+            ) from None
+        if line is None:
+            raise self._fail(
+                ChatTemplateError(
+                    f"{self.label}: rendering ran out of memory or crashed (a runaway template?)"
+                )
+            )
+        reply = json.loads(line)
+        if "text" in reply:
+            return reply["text"]
+        message = f"{self.label}: {reply['error']}"
+        if reply["kind"] == "raised":
+            raise ChatTemplateRaised(message)
+        raise self._fail(ChatTemplateError(message))
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool, **context: Any) -> str:
+        """The template's text for `messages`; `context`: the other variables (bos_token, eos_token, ...)."""
+        return self._ask(
+            {"messages": messages, "add_generation_prompt": add_generation_prompt, "context": context}
+        )
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> TemplateRenderer:  # noqa: PYI034 (no typing_extensions dependency for Self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _environment():
+    """The Jinja environment of transformers' and llama-cpp-python's chat templates (same options, filters and
+    globals; `{% generation %}` blocks render their body, as both do outside assistant-mask tracking)."""
+    import datetime as dt
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}  # noqa: RUF012 (jinja2's Extension API)
+
+        def parse(self, parser):
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj, attribute):
+            # jinja2 hands out an Undefined that fails only when used; reaching for an unsafe attribute at all
+            # (`''.__class__`, `list.append`) is what no chat template does: refuse it where it happens
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: dt.datetime.now().strftime(fmt)
+    return env
+
+
+def _limit_worker() -> None:
+    """Caps of the rendering process: memory, CPU time (a backstop), no Ctrl-C (the parent handles it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import resource
+    except ImportError:  # Windows: the parent's time bound still applies
+        return
+    for which, value in ((resource.RLIMIT_AS, WORKER_MEMORY), (resource.RLIMIT_CPU, WORKER_CPU_SECONDS)):
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
+
+
+def _render_one(template, request: dict, max_chars: int) -> dict:
+    import jinja2
+    from jinja2.sandbox import SecurityError
+
+    parts, size = [], 0
+    try:
+        for chunk in template.generate(
+            messages=request["messages"],
+            add_generation_prompt=request["add_generation_prompt"],
+            **request["context"],
+        ):
+            size += len(chunk)
+            if size > max_chars:
+                return {"kind": "broken", "error": f"the rendered prompt exceeds {max_chars} characters"}
+            parts.append(chunk)
+    except SecurityError as e:
+        return {"kind": "broken", "error": f"the template breaks the sandbox ({_short(e)})"}
+    except MemoryError:
+        return {"kind": "broken", "error": "rendering ran out of memory (a runaway template?)"}
+    except RecursionError:
+        return {"kind": "broken", "error": "rendering recursed too deep"}
+    except (jinja2.TemplateError, ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as e:
+        return {"kind": "raised", "error": f"the template failed ({_short(e)})"}
+    return {"text": "".join(parts)}
+
+
+def _worker() -> None:
+    """The rendering process: the first line gives the template, every next line a conversation to render."""
+    import jinja2
+
+    _limit_worker()
+    first = json.loads(sys.stdin.readline())
+    max_chars = first["max_chars"]
+    try:
+        template = _environment().from_string(first["template"])
+        reply: dict = {"text": ""}
+    except jinja2.TemplateSyntaxError as e:
+        template, reply = (
+            None,
+            {"kind": "broken", "error": f"template syntax error on line {e.lineno} ({_short(e)})"},
+        )
+    except (jinja2.TemplateError, MemoryError, RecursionError, ValueError) as e:
+        template, reply = None, {"kind": "broken", "error": f"the template does not compile ({_short(e)})"}
+    print(json.dumps(reply), flush=True)
+    if template is None:
+        return
+    for line in sys.stdin:
+        print(json.dumps(_render_one(template, json.loads(line), max_chars)), flush=True)
+
+
+def render_template(
+    template: str | TemplateRenderer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    bos: str = "",
+    eos: str = "",
+) -> str:
+    """Render a Jinja chat template the way transformers' apply_chat_template does (its variables), bounded."""
+    context = {"bos_token": bos, "eos_token": eos, "tools": None, "documents": None}
+    if isinstance(template, TemplateRenderer):
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **context)
+    with TemplateRenderer(template) as renderer:
+        return renderer.render(messages, add_generation_prompt=add_generation_prompt, **context)
 
 
 def _split(text: str, *marks: str) -> list[str]:
@@ -141,9 +380,16 @@ def _common_suffix(a: str, b: str) -> str:
 
 def derive_chat_format(template: str, *, bos: str = "", eos: str = "") -> ChatFormat:
     """Per-role wrappers of a Jinja chat template, verified by re-rendering; EdgemergeError if it has none."""
+    with TemplateRenderer(template) as renderer:
+        return _derive(renderer, bos, eos)
 
+
+def _derive(renderer: TemplateRenderer, bos: str, eos: str) -> ChatFormat:
     def r(msgs: list[dict], gen: bool) -> str:
-        text = render_template(template, msgs, add_generation_prompt=gen, bos=bos, eos=eos)
+        try:
+            text = render_template(renderer, msgs, add_generation_prompt=gen, bos=bos, eos=eos)
+        except ChatTemplateRaised as e:
+            raise ValueError(e.message.split(": ", 1)[-1]) from None
         return text[len(bos) :] if bos and text.startswith(bos) else text
 
     def msg(role: str, content: str) -> dict:
@@ -170,14 +416,16 @@ def derive_chat_format(template: str, *, bos: str = "", eos: str = "") -> ChatFo
         head = pre_u[: len(pre_u) - len(user_prefix)]
         system_prefix = join = None
         try:
-            s = r([msg("system", _S), msg("user", _U1)], False)
+            s = render_template(
+                renderer, [msg("system", _S), msg("user", _U1)], add_generation_prompt=False, bos=bos, eos=eos
+            )
+        except ChatTemplateRaised:  # the template rejects system messages: no system role
+            s = None
+        if s is not None:
+            s = s[len(bos) :] if bos and s.startswith(bos) else s
             system_prefix, join, tail = _split(s, _S, _U1)
             if tail != user_suffix:
                 raise ValueError("a system message changes the first user block's end")
-        except ValueError:
-            raise
-        except Exception:  # noqa: BLE001 (the template rejects system messages: no system role)
-            system_prefix = join = None
         fmt = ChatFormat(
             head=head,
             user_prefix=user_prefix,

@@ -4,22 +4,32 @@ Instruct, base and language models must share the architecture, every tensor nam
 size and the tokenizer (token -> id map, merges, added tokens). A mismatch stops the merge with a message that
 names the tensor or field and both values: nothing is truncated or skipped (silently cutting embeddings to the
 smaller vocabulary is how merges turn into gibberish).
+
+Each model's config.json must describe the tensors it has (layer count, hidden size, heads, feed-forward and
+vocabulary sizes), no folder may carry code of its own (`trust.refuse_custom_code`), and the files the output
+inherits from the instruct model (generation_config.json, tokenizer_config.json, the chat template) are parsed
+and their template rendered once (bounded) here, so none of them fails after the heavy work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" so safetensors can hand out bf16 arrays)
 from safetensors import SafetensorError, safe_open
 
+from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
 from .errors import EdgemergeError
 from .limits import shown
 from .model_json import check_model_json, read_tokenizer_json
 from .sinks import TensorSpec
 from .sources import ModelSource, RecipeSources, weight_files
+from .trust import refuse_custom_code
 
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
 
@@ -160,6 +170,9 @@ def check_compat(sources: RecipeSources) -> CompatReport:
     """Check that all inputs can be merged; raise EdgemergeError naming the first mismatch and both values."""
     named = [(f"{role} ({src.ref})", src) for role, src in sources.named()]
     configs = [check_model_json(src.path) for _, src in named]
+    for label, src in named:
+        refuse_custom_code(src.path, label)
+    check_inherited_files(sources.instruct.path, named[0][0])
     ref_label, ref_cfg = named[0][0], configs[0]
     arch = (ref_cfg.get("architectures") or [ref_cfg.get("model_type", "?")])[0]
     for (label, _), cfg in zip(named[1:], configs[1:]):
@@ -177,6 +190,8 @@ def check_compat(sources: RecipeSources) -> CompatReport:
             )
 
     models = [read_tensors(src, label) for label, src in named]
+    for m, cfg in zip(models, configs):
+        check_config_tensors(cfg, m.shapes, m.label)
     ref = models[0]
     for m in models[1:]:
         missing = sorted(set(ref.files) - set(m.files))
@@ -203,6 +218,7 @@ def check_compat(sources: RecipeSources) -> CompatReport:
             )
     for (label, _), tok in zip(named[1:], toks[1:]):
         _compare_tokenizers(toks[0], tok, ref_label, label)
+    _check_token_ids(toks[0], _text_config(ref_cfg).get("vocab_size"), ref_label)
 
     specs = [TensorSpec(name, ref.shapes[name], FLOAT_DTYPES[ref.dtypes[name]]) for name in ref.files]
     tied = "lm_head.weight" not in ref.files and bool(_text_config(ref_cfg).get("tie_word_embeddings", False))
@@ -214,3 +230,275 @@ def check_compat(sources: RecipeSources) -> CompatReport:
         models=models,
         tied_embeddings=tied,
     )
+
+
+def _check_token_ids(tok: dict[str, dict], vocab_size: object, label: str) -> None:
+    """Every token id of tokenizer.json must have an embedding row: the GGUF's vocabulary is cut at vocab_size,
+    so a larger tokenizer would silently lose tokens."""
+    if "tokenizer.json" not in tok or not isinstance(vocab_size, int):
+        return
+    ids = [
+        i
+        for i in (*tok["tokenizer.json"]["vocab"].values(), *tok["tokenizer.json"]["added"])
+        if isinstance(i, int)
+    ]
+    if ids and max(ids) >= vocab_size:
+        raise EdgemergeError(
+            f"{label}: the tokenizer has token ids up to {max(ids)} but config.json vocab_size is {vocab_size} "
+            "(no embedding row for them); use the tokenizer files released with these weights"
+        )
+
+
+# ---- config.json against the tensors -------------------------------------------------------------------------
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _positive(cfg: dict, key: str, label: str) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+        raise EdgemergeError(
+            f"{label}: config.json {key} must be a positive integer, got {str(value)[:40]!r}"
+        )
+    return value
+
+
+def _expect(
+    shapes: dict[str, tuple[int, ...]], suffix: str, want: tuple[int | None, ...], what: str, label: str
+):
+    """Every tensor named `*{suffix}` must have shape `want` (None: any size on that axis)."""
+    for name, shape in shapes.items():
+        if not name.endswith(suffix):
+            continue
+        if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
+            shown = [("?" if w is None else w) for w in want]
+            raise EdgemergeError(
+                f"{label}: tensor {name} has shape {list(shape)} but config.json {what} means {shown}; "
+                "the config does not describe these weights (restore the model's own config.json)"
+            )
+
+
+def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: str) -> None:
+    """config.json's num_hidden_layers, hidden_size, attention heads, intermediate_size and vocab_size must
+    match the tensors present: a GGUF written from a config that lies is one llama.cpp cannot load."""
+    if not isinstance(cfg, dict):
+        raise EdgemergeError(f"{label}: config.json is not a JSON object; restore it from the model's source")
+    tc = _text_config(cfg) if isinstance(_text_config(cfg), dict) else cfg
+    n_layers = _positive(tc, "num_hidden_layers", label)
+    hidden = _positive(tc, "hidden_size", label)
+    heads = _positive(tc, "num_attention_heads", label)
+    kv_heads = _positive(tc, "num_key_value_heads", label) or heads
+    inter = _positive(tc, "intermediate_size", label)
+    vocab = _positive(tc, "vocab_size", label)
+    head_dim = _positive(tc, "head_dim", label)
+    _positive(
+        tc, "max_position_embeddings", label
+    )  # the GGUF's context length: 0 is a file llama.cpp refuses
+    layers = sorted({int(m.group(1)) for name in shapes if (m := _LAYER.search(name))})
+    if n_layers is not None and layers != list(range(n_layers)):
+        have = (
+            f"layers 0-{layers[-1]}"
+            if layers == list(range(len(layers))) and layers
+            else f"{len(layers)} layers"
+        )
+        raise EdgemergeError(
+            f"{label}: config.json num_hidden_layers is {n_layers} but the weights hold {have}; the config "
+            "does not describe these weights (restore the model's own config.json, or download the missing shards)"
+        )
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise EdgemergeError(
+            f"{label}: config.json num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    if head_dim is None and hidden is not None and heads is not None:
+        if hidden % heads:
+            raise EdgemergeError(
+                f"{label}: config.json hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            )
+        head_dim = hidden // heads
+    q = heads * head_dim if heads and head_dim else None
+    kv = kv_heads * head_dim if kv_heads and head_dim else None
+    _expect(shapes, "embed_tokens.weight", (vocab, hidden), "vocab_size x hidden_size", label)
+    _expect(shapes, "lm_head.weight", (vocab, hidden), "vocab_size x hidden_size", label)
+    _expect(
+        shapes, "self_attn.q_proj.weight", (q, hidden), "num_attention_heads x head_dim, hidden_size", label
+    )
+    _expect(
+        shapes, "self_attn.k_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
+    )
+    _expect(
+        shapes, "self_attn.v_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
+    )
+    _expect(
+        shapes, "self_attn.o_proj.weight", (hidden, q), "hidden_size, num_attention_heads x head_dim", label
+    )
+    _expect(shapes, "mlp.gate_proj.weight", (inter, hidden), "intermediate_size x hidden_size", label)
+    _expect(shapes, "mlp.up_proj.weight", (inter, hidden), "intermediate_size x hidden_size", label)
+    _expect(shapes, "mlp.down_proj.weight", (hidden, inter), "hidden_size x intermediate_size", label)
+    _expect(shapes, "input_layernorm.weight", (hidden,), "hidden_size", label)
+    _expect(shapes, "model.norm.weight", (hidden,), "hidden_size", label)
+
+
+# ---- files the output inherits from the instruct model --------------------------------------------------------
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _json_object(path: Path, label: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgemergeError(
+            f"{label}: {path.name} is not valid JSON ({' '.join(str(e).split())[:100]}); restore it from the "
+            "model's source"
+        ) from None
+    if not isinstance(data, dict):
+        raise EdgemergeError(f"{label}: {path.name} is not a JSON object; restore it from the model's source")
+    return data
+
+
+def _bad(label: str, fname: str, key: str, expected: str, value: Any) -> EdgemergeError:
+    return EdgemergeError(
+        f"{label}: {fname} {key} must be {expected}, got {json.dumps(value)[:60]}; fix or restore {fname}"
+    )
+
+
+def _token_id(value: Any) -> bool:
+    # some configs use -1 for "none" (package.chat_info skips ids outside the vocabulary)
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+
+
+def check_generation_config(folder: Path, label: str) -> None:
+    """generation_config.json, when present: a JSON object whose token ids are ids (an int or a list of ints)."""
+    gen = _json_object(folder / "generation_config.json", label)
+    for key in _TOKEN_ID_KEYS if gen else ():
+        value = gen.get(key)
+        ok = value is None or _token_id(value) or (isinstance(value, list) and all(map(_token_id, value)))
+        if not ok:
+            raise _bad(label, "generation_config.json", key, "a token id or a list of token ids", value)
+
+
+def _special_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def chat_templates(folder: Path, label: str) -> dict[str, str]:
+    """The chat templates a model folder ships, by where they come from ("tokenizer_config.json chat_template",
+    "chat_template.jinja", ...); malformed fields are an EdgemergeError naming them."""
+    out: dict[str, str] = {}
+    sources: list[tuple[str, Any]] = []
+    cfg = _json_object(folder / "tokenizer_config.json", label)
+    if cfg and cfg.get("chat_template") is not None:
+        sources.append(("tokenizer_config.json chat_template", cfg["chat_template"]))
+    ctj = _json_object(folder / "chat_template.json", label)
+    if ctj is not None:
+        sources.append(("chat_template.json chat_template", ctj.get("chat_template")))
+    for path in [
+        folder / "chat_template.jinja",
+        *sorted((folder / "additional_chat_templates").glob("*.jinja")),
+    ]:
+        if path.is_file():
+            try:
+                out[str(path.relative_to(folder))] = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise EdgemergeError(f"{label}: cannot read {path.name} as UTF-8 text ({e})") from None
+    for where, value in sources:
+        if isinstance(value, str):
+            out[where] = value
+        elif (
+            isinstance(value, list)
+            and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                for t in value
+            )
+            and any(t["name"] == "default" for t in value)  # the one chat uses (transformers also wants it)
+        ):
+            out.update({f"{where} {t['name']!r}": t["template"] for t in value})
+        else:
+            raise _bad(
+                label,
+                where.split()[0],
+                "chat_template",
+                "a string or a list of {name, template} with a 'default'",
+                value,
+            )
+    return out
+
+
+def check_tokenizer_config(folder: Path, label: str) -> dict[str, Any]:
+    """tokenizer_config.json, when present: special tokens are strings (or {content: string}), add_*_token
+    flags are booleans, added_tokens_decoder maps ids to {content: string}. Returns it ({} when absent)."""
+    fname = "tokenizer_config.json"
+    cfg = _json_object(folder / fname, label) or {}
+    for key in _SPECIAL_TOKENS:
+        if key in cfg and cfg[key] is not None and not isinstance(_special_text(cfg[key]), str):
+            raise _bad(label, fname, key, "a string or {content: string}", cfg[key])
+    for key in ("add_bos_token", "add_eos_token"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise _bad(label, fname, key, "true or false", cfg[key])
+    decoder = cfg.get("added_tokens_decoder")
+    if decoder is not None:
+        if not isinstance(decoder, dict):
+            raise _bad(label, fname, "added_tokens_decoder", "an object of id -> token", decoder)
+        for key, tok in decoder.items():
+            if not key.isdecimal() or not isinstance(tok, dict) or not isinstance(tok.get("content"), str):
+                raise _bad(label, fname, f"added_tokens_decoder[{key[:20]!r}]", "{content: string, ...}", tok)
+    return cfg
+
+
+_CHECK_CONVERSATIONS = (
+    [{"role": "user", "content": "Kaixo!"}],
+    [
+        {"role": "user", "content": "Kaixo!"},
+        {"role": "assistant", "content": "Kaixo, zer moduz?"},
+        {"role": "user", "content": "Ondo."},
+    ],
+)
+_SYSTEM_CONVERSATION = [{"role": "system", "content": "Lagun zara."}, {"role": "user", "content": "Kaixo!"}]
+
+
+def check_chat_template(
+    template: str, where: str, bos: str = "", eos: str = "", *, default: bool = True
+) -> None:
+    """Render the template once per kind of conversation, bounded in time, size and memory (chat_format): a
+    syntax error, a sandbox violation or a runaway render is an EdgemergeError naming `where`, and so is an
+    error on a plain user/assistant conversation for the `default` template (chat and evaluation use it).
+    Any template may reject system messages (many do, by raising), and a named one (e.g. "tool_use", which
+    wants tools) may reject plain conversations too."""
+    with TemplateRenderer(template, label=f"chat template ({where})") as renderer:
+        for gen in (True, False):
+            for conv in _CHECK_CONVERSATIONS:
+                try:
+                    text = render_template(renderer, conv, add_generation_prompt=gen, bos=bos, eos=eos)
+                except ChatTemplateRaised:
+                    if default:
+                        raise
+                    continue
+                if default and conv[-1]["content"] not in text:
+                    raise EdgemergeError(
+                        f"chat template ({where}): the prompt it renders leaves out the user's message; "
+                        "restore the model's own chat template"
+                    )
+        try:
+            render_template(renderer, _SYSTEM_CONVERSATION, add_generation_prompt=True, bos=bos, eos=eos)
+        except ChatTemplateRaised:
+            pass
+
+
+def _is_default(where: str) -> bool:
+    """Whether the template found at `where` (see chat_templates) is the one chat and evaluation use."""
+    return not where.startswith("additional_chat_templates") and (
+        not where.endswith("'") or where.endswith("'default'")
+    )
+
+
+def check_inherited_files(folder: Path, label: str) -> None:
+    """What a merge or an export copies from `folder` must be usable: generation_config.json,
+    tokenizer_config.json and every chat template (rendered once)."""
+    check_generation_config(folder, label)
+    cfg = check_tokenizer_config(folder, label)
+    bos, eos = (_special_text(cfg.get(k)) or "" for k in ("bos_token", "eos_token"))
+    for where, template in chat_templates(folder, label).items():
+        check_chat_template(template, f"{label}: {where}", bos=bos, eos=eos, default=_is_default(where))

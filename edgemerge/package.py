@@ -23,6 +23,7 @@ from . import __version__
 from .chat_format import ChatFormat, derive_chat_format
 from .errors import EdgemergeError
 from .progress import Progress
+from .public import public_inputs, public_recipe, public_ref
 from .recipe import Recipe
 
 MANIFEST = "manifest.json"
@@ -132,12 +133,14 @@ def modelfile(gguf_name: str, info: ChatInfo, system: str | None) -> tuple[str, 
     if info.template:
         try:
             fmt = derive_chat_format(info.template, bos=info.bos, eos=info.stops[0] if info.stops else "")
+            go_template = fmt.to_go_template()
         except EdgemergeError as e:
+            fmt = None
             warning = f"{e.message}; Ollama will fall back to its own template detection"
     else:
         warning = "the GGUF has no chat template; Ollama will use a plain prompt"
     if fmt is not None:
-        lines += [f'TEMPLATE """{fmt.to_go_template()}"""', ""]
+        lines += [f'TEMPLATE """{go_template}"""', ""]
         if fmt.system_prefix is None and system:
             system = None
             warning = "the chat template has no system role, so the Modelfile has no SYSTEM line"
@@ -199,7 +202,7 @@ def _size(n: int) -> str:
 
 
 def _recipe_yaml(r: Recipe) -> dict[str, Any]:
-    data = r.to_yaml_dict()
+    data = public_recipe(r)
     data["eval"] = {k: v for k, v in data["eval"].items() if v is not None}
     return data
 
@@ -208,6 +211,8 @@ def model_card(p: PackageInfo) -> str:
     """README.md: front matter, what it is, recipe, formula, evaluation per file, how to run it."""
     r = p.recipe
     fm = yaml.safe_dump(front_matter(p), sort_keys=False, allow_unicode=True).strip()
+    instruct, base = public_ref(r.instruct, r.root), public_ref(r.base, r.root)
+    models = {lang.code: public_ref(lang.model, r.root) for lang in r.languages}
     out = [f"---\n{fm}\n---", "", f"# {r.name}", ""]
     if p.demo:
         out += [DEMO_NOTE, ""]
@@ -216,8 +221,8 @@ def model_card(p: PackageInfo) -> str:
     langs = ", ".join(r.lang_codes)
     out += [
         (
-            f"An offline assistant for **{langs}**: `{r.instruct}` with the language vector of "
-            + ", ".join(f"`{lang.model}`" for lang in r.languages)
+            f"An offline assistant for **{langs}**: `{instruct}` with the language vector of "
+            + ", ".join(f"`{models[lang.code]}`" for lang in r.languages)
             + f", merged by edgemerge {__version__} and shipped as GGUF for llama.cpp, Ollama and LM Studio."
         ),
         "",
@@ -234,10 +239,10 @@ def model_card(p: PackageInfo) -> str:
         "",
         "| role | model | weight |",
         "| --- | --- | --- |",
-        f"| instruct | `{r.instruct}` | 1 |",
-        f"| base | `{r.base}` | −Σ w |",
+        f"| instruct | `{instruct}` | 1 |",
+        f"| base | `{base}` | −Σ w |",
     ]
-    out += [f"| language {lang.code} | `{lang.model}` | {lang.weight:g} |" for lang in r.languages]
+    out += [f"| language {lang.code} | `{models[lang.code]}` | {lang.weight:g} |" for lang in r.languages]
     out += [
         "",
         "Recipe:",
@@ -356,9 +361,9 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
         "demo": p.demo,
         "lang": p.lang,
         "files": entries,
-        "recipe": p.recipe.to_yaml_dict(),
+        "recipe": public_recipe(p.recipe),
         "formula": _formula(p.recipe) if p.recipe.method == "task_arithmetic" else None,
-        "inputs": p.inputs,
+        "inputs": public_inputs(p.inputs, p.recipe.root),
         "backend": p.backend,
         "tools": tool_versions(),
         "stages": p.stages,

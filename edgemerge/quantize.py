@@ -7,9 +7,13 @@ llama.cpp would write. File type names are llama.cpp's (`LLAMA_FTYPE_MOSTLY_Q4_K
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from rich.progress import Progress
@@ -22,6 +26,7 @@ from .progress import task
 
 # llama.cpp's llama-quantize refuses these without an importance matrix (edgemerge does not compute one)
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 # float file types a GGUF can be quantized from (llama.cpp would need allow_requantize otherwise)
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
@@ -93,19 +98,44 @@ def quantize(
     # quantized output is smaller than its float input, except F32 from a 16-bit input (twice the size)
     ensure_free_space(dst.parent, size * (2 if name == "F32" else 1), f"the {name} file {dst.name}")
 
+    with atomic_output(dst, force=force, inputs=[src]) as tmp, task(progress, f"{name} {dst.name}", None):
+        rc = run_quantizer(src, tmp, QUANT_TYPES[name], threads or os.cpu_count() or 1)
+        if rc != 0 or not tmp.is_file():
+            raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
+    return dst
+
+
+def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int) -> int:
+    """`llama_model_quantize` with llama.cpp's default parameters, in a child process; its return code.
+
+    llama.cpp's quantizer has no abort callback and a Ctrl-C raised in its log callback is lost (see
+    interrupts.py), so it runs where it can be stopped: on Ctrl-C (or any exception) the child is killed at
+    once and the KeyboardInterrupt goes on to the caller, whose atomic_output removes the partial file."""
+    code = (
+        f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+        "from edgemerge.quantize import _quantizer_main; sys.exit(_quantizer_main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(src), str(dst), str(ftype), str(nthread)])
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _quantizer_main(argv: list[str]) -> int:
+    """The child process of `run_quantizer`: SIGINT is the parent's business, and the child dies with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     import llama_cpp
     from llama_cpp import _logger
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[name]
-    params.nthread = threads or os.cpu_count() or 1
-    previous = _logger.logger.level
     _logger.set_verbose(False)  # llama.cpp logs every tensor; keep errors only
-    try:
-        with atomic_output(dst, force=force, inputs=[src]) as tmp, task(progress, f"{name} {dst.name}", None):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0 or not tmp.is_file():
-                raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
-    finally:
-        _logger.logger.setLevel(previous)
-    return dst
+    src, dst, ftype, nthread = argv
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = int(nthread)
+    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0)

@@ -121,6 +121,20 @@ class Recipe(BaseModel):
     # Folder the recipe was read from: relative local paths resolve against it (not part of the YAML).
     root: Path | None = Field(default=None, exclude=True)
 
+    @field_validator("languages")
+    @classmethod
+    def _unique_codes(cls, v: list[Language]) -> list[Language]:
+        # a code names its input in the build's cache key and manifest: two with one code would collide
+        seen: dict[str, int] = {}
+        for i, lang in enumerate(v):
+            if lang.code in seen:
+                raise ValueError(
+                    f"language code {lang.code!r} appears twice (languages.{seen[lang.code]} and languages.{i}); "
+                    "give each language once (merge two models of one language before, or weight one of them)"
+                )
+            seen[lang.code] = i
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:

@@ -14,6 +14,7 @@ from edgemerge.build import BuildOptions, build, work_dir
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.package import parse_modelfile_stops
+from edgemerge.public import public_recipe
 from edgemerge.recipe import load_recipe
 
 GGUFS = ["tiny-eu.F16.gguf", "tiny-eu.Q4_K_M.gguf", "tiny-eu.Q8_0.gguf"]
@@ -63,7 +64,7 @@ def test_manifest_hashes_sizes_and_provenance(built, build_family):
         p = result.out / f["name"]
         assert f["size"] == p.stat().st_size
         assert f["sha256"] == _sha256(p)
-    assert m["recipe"] == load_recipe(build_family["recipe"]).to_yaml_dict()
+    assert m["recipe"] == public_recipe(load_recipe(build_family["recipe"]))  # local paths: folder names
     assert set(m["inputs"]) == {"instruct", "base", "eu"}
     assert m["inputs"]["instruct"]["files"]["config.json"].startswith("sha256:")
     assert m["tools"]["llama-cpp-python"] and m["tools"]["edgemerge"]

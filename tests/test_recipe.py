@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from edgemerge.errors import EdgemergeError
 from edgemerge.merge.methods import get_method
@@ -70,3 +71,31 @@ def test_errors_name_the_field(change, needle):
     with pytest.raises(EdgemergeError) as e:
         parse_recipe(data)
     assert needle in e.value.message
+
+
+def _lang(code: str, model: str, weight: float = 1.0) -> dict:
+    return {"code": code, "model": model, "weight": weight}
+
+
+@pytest.mark.parametrize(
+    ("languages", "first", "second"),
+    [
+        ([_lang("eu", "a/x"), _lang("eu", "a/y")], 0, 1),  # two models, one code
+        ([_lang("eu", "a/x"), _lang("eu", "a/x")], 0, 1),  # the same entry twice
+        ([_lang("eu", "a/x"), _lang("ca", "a/y"), _lang("eu", "a/z", 0.5)], 0, 2),
+        ([_lang("ca", "a/y"), _lang("gl", "a/x"), _lang("gl", "a/z"), _lang("ca", "a/w")], 1, 2),
+    ],
+)
+def test_duplicate_language_codes_are_refused(tmp_path, languages, first, second):
+    """Issue 19 class 4: a code names its input in the cache key and the manifest, so two inputs with one code
+    would collapse into one entry; refused in one line naming the field and both positions."""
+    data = {"name": "r", "instruct": "a/b", "base": "a/c", "languages": languages}
+    with pytest.raises(EdgemergeError) as e:
+        parse_recipe(data)
+    msg = e.value.message
+    assert msg.count("\n") == 0 and "languages:" in msg and "appears twice" in msg
+    assert f"languages.{first} and languages.{second}" in msg
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EdgemergeError, match="appears twice"):
+        load_recipe(path)

@@ -53,6 +53,7 @@ def chat(
             raise EdgemergeError(
                 f"{model.name} has no chat template (a base model?); chat needs an instruct model's GGUF"
             )
+        m.check_chat_template()  # a template that cannot render fails before the prompt, in one line
         name = m.metadata.get("general.name") or model.name
         err_console.print(f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {HELP_LINE}", highlight=False)
         _loop(m, system, max_tokens)

@@ -62,6 +62,7 @@ def evaluate(
     with task(progress, f"loading {Path(model).name}", None):
         m = Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)
     with contextlib.closing(m):
+        m.check_chat_template()  # a broken template fails now, not after the perplexity run
         chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=QUICK_CHUNKS if quick else None)
         report.ppl_ctx, report.ppl_chunks = chunks.ctx, chunks.n_chunks
         if ref is not None:

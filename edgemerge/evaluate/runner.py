@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ..chat_format import ChatTemplateRaised, TemplateRenderer
 from ..errors import EdgemergeError
 from ..gguf.inspect import read_gguf
+from ..interrupts import llama_call, raise_if_interrupted
 from ..limits import MAX_THREADS, check_count
 
 MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
@@ -37,6 +39,30 @@ def _train_context(path: Path) -> int | None:
     kv = read_gguf(path).kv
     value = kv.get(f"{kv.get('general.architecture')}.context_length")
     return int(value) if value is not None else None
+
+
+def _compile_templates(path: Path) -> TemplateRenderer | None:
+    """A renderer of the GGUF's `tokenizer.chat_template` (None without one), after every template of the file
+    (also the named `tokenizer.chat_template.<name>` ones) compiled in the bounded renderer."""
+    kv = read_gguf(path).kv
+    templates = {
+        k: v
+        for k, v in kv.items()
+        if k == "tokenizer.chat_template" or k.startswith("tokenizer.chat_template.")
+    }
+    default = None
+    try:
+        for key, template in templates.items():
+            renderer = TemplateRenderer(template, label=f"{key} of {Path(path).name}")
+            if key == "tokenizer.chat_template":
+                default = renderer
+            else:
+                renderer.close()
+    except BaseException:
+        if default is not None:
+            default.close()
+        raise
+    return default
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -67,15 +93,19 @@ class Model:
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
         threads = n_threads or _cpus()
+        # llama-cpp-python compiles every chat template of the file while loading it: each one is compiled in
+        # the bounded renderer first, so a broken or hostile one is one error line, never our process's problem
+        self._renderer = _compile_templates(self.path)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=n_ctx,
-                n_batch=min(n_ctx, 512),
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
+            with llama_call():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 512),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as e:
             raise EdgemergeError(f"llama.cpp cannot load {self.path}: {e}") from None
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -88,7 +118,10 @@ class Model:
         self.metadata: dict[str, Any] = dict(self.llm.metadata)
 
     def close(self) -> None:
-        self.llm.close()
+        if self._renderer is not None:
+            self._renderer.close()
+        with llama_call():
+            self.llm.close()
 
     # -- tokens and logits ---------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -137,7 +170,8 @@ class Model:
                     batch.logits[k] = pos >= first
                     if pos >= first:
                         wanted.append(k)
-                rc = lib.llama_decode(ctx, batch)
+                with llama_call():
+                    rc = lib.llama_decode(ctx, batch)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed with code {rc}")
                 for k in wanted:
@@ -158,12 +192,9 @@ class Model:
         return self.metadata.get("tokenizer.chat_template") or None
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render `messages` with the GGUF's chat template (llama-cpp-python's Jinja2ChatFormatter, with the
-        model's BOS/EOS strings) and tokenize, parsing special tokens. A BOS the template already wrote is
-        not doubled (llama.cpp's server does the same)."""
-        import jinja2
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+        """Render `messages` with the GGUF's chat template (as llama-cpp-python's Jinja2ChatFormatter does, with
+        the model's BOS/EOS strings, through the bounded `TemplateRenderer`) and tokenize, parsing special
+        tokens. A BOS the template already wrote is not doubled (llama.cpp's server does the same)."""
         template = self.chat_template
         if template is None:
             raise EdgemergeError(
@@ -171,19 +202,30 @@ class Model:
             )
         bos_text = self.token_text(self.bos) if self.bos >= 0 else ""
         eos_text = self.token_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+        if self._renderer is None:  # a template in metadata that read_gguf did not see: render it bounded too
+            self._renderer = TemplateRenderer(template, label=f"tokenizer.chat_template of {self.path.name}")
+        # the variables llama-cpp-python's Jinja2ChatFormatter passes
+        context = {"eos_token": eos_text, "bos_token": bos_text, "functions": None, "function_call": None}
         try:
-            prompt = fmt(messages=messages).prompt
-        except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. a role the template rejects
+            prompt = self._renderer.render(
+                messages, add_generation_prompt=True, tools=None, tool_choice=None, **context
+            )
+        except ChatTemplateRaised:  # e.g. a role the template rejects
             if messages and messages[0]["role"] == "system" and len(messages) > 1:
                 merged = [
                     {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
                 ]
                 return self.chat_tokens(merged + messages[2:])
-            raise EdgemergeError(f"the chat template of {self.path.name} failed: {e}") from None
+            raise
         if self.add_bos and bos_text and prompt.startswith(bos_text):
             prompt = prompt[len(bos_text) :]
         return self.tokenize(prompt, add_special=True, parse_special=True)
+
+    def check_chat_template(self) -> None:
+        """Render the GGUF's chat template once for a plain user message (no-op without a template): a template
+        that cannot render fails here, before any long evaluation."""
+        if self.chat_template is not None:
+            self.chat_tokens([{"role": "user", "content": "Kaixo!"}])
 
     def _limit(self, prompt_tokens: list[int], max_tokens: int) -> int:
         room = self.n_ctx - len(prompt_tokens)
@@ -194,17 +236,21 @@ class Model:
     def _complete(self, prompt_tokens: list[int], max_tokens: int, stream: bool):
         # Greedy: temperature 0 makes llama-cpp-python use llama.cpp's greedy sampler; no repetition penalty.
         # With no stop strings, finish_reason is "stop" only when an end-of-generation token (EOS/EOT) came.
+        # The stopping criterion is Python code llama-cpp-python runs after every token: Ctrl-C ends the
+        # generation there instead of being lost in a log callback (interrupts.py).
         return self.llm.create_completion(
             prompt_tokens,
             max_tokens=self._limit(prompt_tokens, max_tokens),
             temperature=0.0,
             repeat_penalty=1.0,
             stream=stream,
+            stopping_criteria=self._lib.StoppingCriteriaList([raise_if_interrupted]),
         )
 
     def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
         """The greedy answer to `prompt_tokens` (already templated), at most `max_tokens` tokens."""
-        out = self._complete(prompt_tokens, max_tokens, stream=False)
+        with llama_call():
+            out = self._complete(prompt_tokens, max_tokens, stream=False)
         choice = out["choices"][0]
         return Generation(
             choice["text"], choice["finish_reason"] == "stop", out["usage"]["completion_tokens"]
@@ -214,7 +260,13 @@ class Model:
         """Like `generate`, yielding text pieces as they come, then one `Generation` (tokens: pieces seen)."""
         parts: list[str] = []
         finish = None
-        for chunk in self._complete(prompt_tokens, max_tokens, stream=True):
+        with llama_call():
+            chunks = iter(self._complete(prompt_tokens, max_tokens, stream=True))
+        while True:
+            with llama_call():  # not around the yield: the caller's own code keeps its usual Ctrl-C
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
             choice = chunk["choices"][0]
             if choice["text"]:
                 parts.append(choice["text"])

@@ -89,12 +89,16 @@ def export_hf(
         )
     if not (hf_dir / "config.json").is_file():
         raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
-    check_model_json(hf_dir)
+    config = check_model_json(hf_dir)
     read_tokenizer_json(hf_dir)
-    from ..check import ModelTensors
+    from ..check import ModelTensors, check_config_tensors, check_inherited_files
     from ..merge.engine import copy_into
+    from ..trust import refuse_custom_code
 
+    refuse_custom_code(hf_dir)  # before any transformers call: nothing in the folder may run
+    check_inherited_files(hf_dir, hf_dir.name)
     specs, where = read_specs(safetensors_files(hf_dir))
+    check_config_tensors(config, {s.name: s.shape for s in specs}, hf_dir.name)
     model = ModelTensors(label=str(hf_dir), files=where)
     with atomic_output(out_file, force=force, inputs=[hf_dir]) as tmp:
         sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata, sha256=hashes is not None)

@@ -27,15 +27,16 @@ class Lineage:
 
     ref: str
     role: str  # "instruct" | "base" | "language <code>"
+    local: bool = False  # `ref` is a local folder (written by its name only, see public.py)
 
     def to_gguf(self) -> dict[str, str]:
-        ref, _, revision = self.ref.partition("@")
         entry: dict[str, str] = {"description": self.role}
-        if _HF_ID.match(ref) and not Path(ref).exists():
-            org, name = ref.split("/", 1)
-            entry.update(name=name, organization=org, repo_url=f"https://huggingface.co/{ref}")
-        else:
-            entry["name"] = Path(ref).name or ref
+        if self.local or not _HF_ID.match(self.ref.partition("@")[0]):
+            entry["name"] = Path(self.ref).name or self.ref
+            return entry
+        ref, _, revision = self.ref.partition("@")
+        org, name = ref.split("/", 1)
+        entry.update(name=name, organization=org, repo_url=f"https://huggingface.co/{ref}")
         if revision:
             entry["version"] = revision
         return entry
@@ -58,15 +59,23 @@ class GGUFMetadata:
         """Metadata of a merge: lineage instruct, base, then each language model; the recipe as YAML."""
         import yaml
 
-        lineage = [Lineage(recipe.instruct, "instruct"), Lineage(recipe.base, "base")]
-        lineage += [Lineage(lang.model, f"language {lang.code}") for lang in recipe.languages if lang.model]
+        from ..public import is_local, public_recipe, public_ref
+
+        def lineage_of(ref: str, role: str) -> Lineage:
+            return Lineage(public_ref(ref, recipe.root), role, local=is_local(ref, recipe.root))
+
+        lineage = [lineage_of(recipe.instruct, "instruct"), lineage_of(recipe.base, "base")]
+        lineage += [
+            lineage_of(lang.model, f"language {lang.code}") for lang in recipe.languages if lang.model
+        ]
         return cls(
             name=recipe.name,
             languages=recipe.lang_codes,
             license=recipe.license,
             description=recipe.description,
             lineage=lineage,
-            recipe_yaml=yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False, allow_unicode=True),
+            # local paths reduced to folder names: the file is made to be shared (public.py)
+            recipe_yaml=yaml.safe_dump(public_recipe(recipe), sort_keys=False, allow_unicode=True),
             tags=["edgemerge", "merge", "language-vector"],
         )
 

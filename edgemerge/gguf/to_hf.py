@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
+from ..trust import no_stdin
 from .inspect import read_gguf
 
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
@@ -147,7 +148,10 @@ def write_tokenizer(out: Path, tokenizer_model: Path, chat_template: str | None)
     from transformers import LlamaTokenizer
 
     shutil.copy(tokenizer_model, out / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False, legacy=True)
+    with no_stdin():  # `out` is our own folder, but no library call may ever wait on stdin
+        tok = LlamaTokenizer.from_pretrained(
+            out, add_bos_token=True, add_eos_token=False, legacy=True, local_files_only=True
+        )
     if chat_template is not None:
         tok.chat_template = chat_template
     tok.save_pretrained(out)

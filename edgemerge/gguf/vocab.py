@@ -17,6 +17,7 @@ from typing import Any
 import gguf
 
 from ..errors import EdgemergeError
+from ..trust import load_tokenizer
 from .pre_hashes import PRE_HASHES
 
 # llama.cpp's check string (convert_hf_to_gguf.py, get_vocab_base_pre): its token ids identify the pre-tokenizer
@@ -66,7 +67,7 @@ def write_vocab(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], ki
             return _sentencepiece(w, model_dir, hparams)
         if kind == "llama_hf" and (model_dir / "tokenizer.json").is_file():
             try:
-                vocab = gguf.LlamaHfVocab(model_dir)
+                vocab = SafeLlamaHfVocab(model_dir)
             except (FileNotFoundError, TypeError):  # a byte-level BPE tokenizer.json: next builder
                 continue
             return _llama_hf(w, model_dir, vocab)
@@ -77,9 +78,7 @@ def write_vocab(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], ki
 
 def _gpt2(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> None:
     """Byte-level BPE (the converter's get_vocab_base + _set_vocab_gpt2)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     vocab = tokenizer.get_vocab()
     vocab_size = hparams.get("vocab_size", len(vocab))
     if max(vocab.values()) >= vocab_size:
@@ -163,6 +162,46 @@ def _sentencepiece(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any])
             scores[i], tokens[i] = -1000.0, text.encode("utf-8")
 
     _write_llama_vocab(w, model_dir, tokens, scores, types)
+
+
+class SafeLlamaHfVocab(gguf.LlamaHfVocab):
+    """gguf-py's LlamaHfVocab with its tokenizer loaded by `trust.load_tokenizer`: gguf-py's own __init__ calls
+    AutoTokenizer without `trust_remote_code=False` (a prompt, then the folder's code on "y"). The body is
+    gguf-py 0.19.0's __init__ with that one call replaced; the token methods are inherited unchanged."""
+
+    def __init__(self, base_path: Path):
+        fname_tokenizer = Path(base_path) / "tokenizer.json"
+        with open(fname_tokenizer, encoding="utf-8") as f:  # FileNotFoundError: the caller's next builder
+            tokenizer_json = json.load(f)
+        tokenizer_model: dict[str, Any] = tokenizer_json["model"]
+        is_llama3 = (
+            tokenizer_model["type"] == "BPE"
+            and tokenizer_model.get("ignore_merges", False)
+            and not tokenizer_model.get("byte_fallback", True)
+        )
+        if is_llama3:
+            raise TypeError("Llama 3 must be converted with BpeVocab")
+        if (
+            tokenizer_model["type"] != "BPE"
+            or not tokenizer_model.get("byte_fallback", False)
+            or tokenizer_json["decoder"]["type"] != "Sequence"
+        ):
+            raise FileNotFoundError("Cannot find Llama BPE tokenizer")
+        self.tokenizer = load_tokenizer(Path(base_path))
+        assert self.tokenizer.is_fast  # gguf-py's assumption: tokenizer.json is used
+        self.added_tokens_list = []
+        self.added_tokens_dict = {}
+        self.added_tokens_ids = set()
+        for tok, tokidx in sorted(self.tokenizer.get_added_vocab().items(), key=lambda x: x[1]):
+            if tokidx >= self.tokenizer.vocab_size:
+                self.added_tokens_list.append(tok)
+                self.added_tokens_dict[tok] = tokidx
+                self.added_tokens_ids.add(tokidx)
+        self.specials = {tok: self.tokenizer.get_vocab()[tok] for tok in self.tokenizer.all_special_tokens}
+        self.special_ids = set(self.tokenizer.all_special_ids)
+        self.vocab_size_base = self.tokenizer.vocab_size
+        self.vocab_size = self.vocab_size_base + len(self.added_tokens_list)
+        self.fname_tokenizer = fname_tokenizer
 
 
 def _llama_hf(w: gguf.GGUFWriter, model_dir: Path, vocab: gguf.LlamaHfVocab) -> None:

@@ -16,6 +16,7 @@ from ..check import CompatReport, check_compat
 from ..errors import EdgemergeError
 from ..files import atomic_output, ensure_free_space
 from ..progress import Progress
+from ..public import is_local, public_inputs, public_recipe
 from ..recipe import Recipe
 from ..sinks import SafetensorsSink
 from ..sources import RecipeSources, resolve_recipe
@@ -68,15 +69,26 @@ def provenance(recipe: Recipe, sources: RecipeSources, stats: MergeStats) -> dic
             "title": get_method(recipe.method).title,
             "paper": get_method(recipe.method).paper,
         },
-        "recipe": recipe.to_yaml_dict(),
+        "recipe": public_recipe(recipe),
         "merge": stats.to_dict(),
-        "inputs": {role: src.provenance() for role, src in sources.named()},
+        "inputs": public_inputs({role: src.provenance() for role, src in sources.named()}, recipe.root),
     }
+
+
+def without_local_name(data: dict) -> dict:
+    """`data` without the `_name_or_path` / `name_or_path` transformers records when saving from a local folder
+    (a path of the user's machine; a hub id is kept)."""
+    out = dict(data)
+    for key in ("_name_or_path", "name_or_path"):
+        value = out.get(key)
+        if isinstance(value, str) and value and is_local(value):
+            del out[key]
+    return out
 
 
 def write_model_files(out_dir: Path, instruct_dir: Path, config: dict, dtype: str) -> None:
     """config.json (dtype set to the output dtype) and the instruct model's tokenizer/template/licence files."""
-    config = dict(config)
+    config = without_local_name(dict(config))
     key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
     config[key] = dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -85,6 +97,11 @@ def write_model_files(out_dir: Path, instruct_dir: Path, config: dict, dtype: st
         names |= {p.name for p in instruct_dir.glob(pattern) if p.is_file()}
     for name in sorted(names):
         shutil.copyfile(instruct_dir / name, out_dir / name)
+    tok_cfg = out_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():  # validated by the check: a JSON object
+        data = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and without_local_name(data) != data:
+            tok_cfg.write_text(json.dumps(without_local_name(data), indent=2, ensure_ascii=False) + "\n")
     extra = instruct_dir / "additional_chat_templates"
     if extra.is_dir():
         shutil.copytree(extra, out_dir / extra.name)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...errors import EdgemergeError
 from ...model_json import read_config
+from ...trust import load_config_dict
 
 # outtype name -> (file type written to general.file_type, tensor type for tensors that are not forced to F32)
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -54,10 +55,8 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
     raw = read_config(model_dir)  # shapes and bounds checked before transformers or the converter reads it
-    try:
-        from transformers import AutoConfig
-
-        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    try:  # a folder that carries code is refused inside, before transformers reads it
+        hparams = load_config_dict(model_dir)
     except (
         ValueError,
         KeyError,
