@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
 from .errors import EdgemergeError
-from .limits import shown
+from .limits import read_json_object, shown
 from .model_json import check_model_json, read_tokenizer_json
 from .sinks import TensorSpec
 from .sources import ModelSource, RecipeSources, weight_files
@@ -345,18 +345,8 @@ _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 
 
 def _json_object(path: Path, label: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgemergeError(
-            f"{label}: {path.name} is not valid JSON ({' '.join(str(e).split())[:100]}); restore it from the "
-            "model's source"
-        ) from None
-    if not isinstance(data, dict):
-        raise EdgemergeError(f"{label}: {path.name} is not a JSON object; restore it from the model's source")
-    return data
+    """The JSON object in `path` (bounded, shape-checked read), None when the file is absent."""
+    return read_json_object(path) if path.is_file() else None
 
 
 def _bad(label: str, fname: str, key: str, expected: str, value: Any) -> EdgemergeError:

@@ -7,6 +7,7 @@ hostile file fails at once, in little memory, with one short line.
 
 from __future__ import annotations
 
+import json
 import os
 import reprlib
 from pathlib import Path
@@ -81,3 +82,28 @@ def check_count(flag: str, value: int | None, low: int, high: int | None = None,
     if value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"between {low} and {high}"
         raise EdgemergeError(f"{flag} {shown(value)}: must be {bound}{why}")
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file of at most `limit` bytes; a broken, huge or too deeply nested file is an EdgemergeError
+    naming it."""
+    raw = read_limited(path, limit, "JSON file")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise EdgemergeError(f"cannot read {path}: not UTF-8 (byte {e.start})") from None
+    except ValueError as e:
+        raise EdgemergeError(f"cannot read {path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise EdgemergeError(f"cannot read {path}: JSON nested too deeply") from None
+
+
+def read_json_object(path: Path, what: str = "") -> dict:
+    """A JSON file that must hold an object ({...}), as config and tokenizer files do."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise EdgemergeError(
+            f"{path} is not a JSON object ({type(data).__name__} at the top level){what}; restore it from the "
+            "model's source"
+        )
+    return data

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgemergeError
-from .limits import shown
-from .sources import read_json_object
+from .limits import read_json_object, shown
 
 # config.json counts (top level or text_config) and their upper bounds when present and not null: far above any
 # released model, low enough that the converter's loops over them (one per layer, per vocabulary entry) and

@@ -23,11 +23,10 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import EdgemergeError
 from .files import free_bytes, human_bytes
-from .limits import MAX_JSON_BYTES, MAX_SAFETENSORS_HEADER, read_limited, shown
+from .limits import MAX_SAFETENSORS_HEADER, read_json_object, shown
 from .progress import Progress, task
 from .recipe import Recipe
 
@@ -349,31 +348,6 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
         languages=[resolve(lang.model, recipe.root, progress) for lang in recipe.languages],
         codes=recipe.lang_codes,
     )
-
-
-def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """A JSON file of at most `limit` bytes; a broken, huge or too deeply nested file is an EdgemergeError
-    naming it."""
-    raw = read_limited(path, limit, "JSON file")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise EdgemergeError(f"cannot read {path}: not UTF-8 (byte {e.start})") from None
-    except ValueError as e:
-        raise EdgemergeError(f"cannot read {path}: not valid JSON ({str(e)[:200]})") from None
-    except RecursionError:
-        raise EdgemergeError(f"cannot read {path}: JSON nested too deeply") from None
-
-
-def read_json_object(path: Path, what: str = "") -> dict:
-    """A JSON file that must hold an object ({...}), as config and tokenizer files do."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise EdgemergeError(
-            f"{path} is not a JSON object ({type(data).__name__} at the top level){what}; restore it from the "
-            "model's source"
-        )
-    return data
 
 
 def index_weight_files(index: Path) -> list[str]:

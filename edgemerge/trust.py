@@ -11,31 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import EdgemergeError
+from .limits import read_json_object
 
 # files transformers reads when it loads a config or a tokenizer from a folder
 _CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def _read_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, None when the file is absent; anything else is an EdgemergeError naming it."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EdgemergeError(
-            f"{path} is not valid JSON ({str(e)[:120]}); restore it from the model's source"
-        ) from None
-    if not isinstance(data, dict):
-        raise EdgemergeError(f"{path} is not a JSON object; restore it from the model's source")
-    return data
+    """A JSON object file (bounded, shape-checked read), None when the file is absent."""
+    return read_json_object(path) if path.is_file() else None
 
 
 def _builtin_tokenizer_class(name: str) -> bool:

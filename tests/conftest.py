@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from edgemerge.cli import main
+
 from .models import Spec, make_family, tokenizer_dir
 
 
@@ -146,3 +148,19 @@ def qwen3_q8_0(tmp_path_factory, arch_models) -> Path:
     from edgemerge.gguf.export import export_hf
 
     return export_hf(arch_models["qwen3"], tmp_path_factory.mktemp("q8") / "qwen3-q8_0.gguf", outtype="q8_0")
+
+
+@pytest.fixture
+def cli(capsys):
+    """`edgemerge ARGS...` in-process: (exit code, stdout, stderr)."""
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -165,7 +165,7 @@ def _json_edit(name, change):
 
 NESTED = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
 BROKEN_INHERITED = [
-    (_write("generation_config.json", "{not json"), "generation_config.json is not valid JSON"),
+    (_write("generation_config.json", "{not json"), "generation_config.json: not valid JSON"),
     (_write("generation_config.json", "[1, 2]"), "generation_config.json is not a JSON object"),
     (_json_edit("generation_config.json", _set(eos_token_id="</s>")), "generation_config.json eos_token_id"),
     (
@@ -173,17 +173,17 @@ BROKEN_INHERITED = [
         "generation_config.json eos_token_id",
     ),
     (_json_edit("generation_config.json", _set(bos_token_id=1.5)), "generation_config.json bos_token_id"),
-    (_write("tokenizer_config.json", '{"chat_template": '), "tokenizer_config.json is not valid JSON"),
-    (_json_edit("tokenizer_config.json", _set(chat_template=42)), "tokenizer_config.json chat_template"),
+    (_write("tokenizer_config.json", '{"chat_template": '), "tokenizer_config.json: not valid JSON"),
+    (_json_edit("tokenizer_config.json", _set(chat_template=42)), "tokenizer_config.json: chat_template"),
     (
         _json_edit("tokenizer_config.json", _set(chat_template=[{"name": 1}])),
-        "tokenizer_config.json chat_template",
+        "tokenizer_config.json: chat_template",
     ),
-    (_json_edit("tokenizer_config.json", _set(eos_token=5)), "tokenizer_config.json eos_token"),
-    (_json_edit("tokenizer_config.json", _set(add_bos_token="yes")), "tokenizer_config.json add_bos_token"),
+    (_json_edit("tokenizer_config.json", _set(eos_token=5)), "tokenizer_config.json: eos_token"),
+    (_json_edit("tokenizer_config.json", _set(add_bos_token="yes")), "tokenizer_config.json: add_bos_token"),
     (
         _json_edit("tokenizer_config.json", _set(added_tokens_decoder={"7": {"id": 7}})),
-        "added_tokens_decoder['7']",
+        "added_tokens_decoder[7]",
     ),
     (_write("chat_template.jinja", "{% for m in messages %}{{ m.content }"), "chat_template.jinja"),
     (_write("chat_template.jinja", "{{ raise_exception('nope') }}"), "chat_template.jinja"),

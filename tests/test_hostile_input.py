@@ -93,6 +93,7 @@ def load_and_parse(path: Path) -> None:
 
 BASE = "name: r\ninstruct: a/b\nbase: a/c\n"
 LANG = "languages: [{code: eu, model: x/y}]\n"
+_CODES = [a + b for a in "abc" for b in "abcdefghijklmnopqrstuvwxyz"]  # distinct language codes
 HUGE = "9" * 400  # an integer beyond the float range
 VERY_HUGE = "9" * 5000  # beyond Python's 4300-digit int conversion limit
 
@@ -138,7 +139,11 @@ RECIPES = [
         ["model", "4096"],
     ),
     ("base with a newline", 'name: r\ninstruct: a/b\nbase: "a\\nb"\n' + LANG, ["base"]),
-    ("70 languages", BASE + "languages: [" + ",".join(["{code: eu, model: x/y}"] * 70) + "]\n", ["64"]),
+    (
+        "70 languages",
+        BASE + "languages: [" + ",".join(f"{{code: {c}, model: x/y}}" for c in _CODES[:70]) + "]\n",
+        ["64"],
+    ),
     ("license with a newline", BASE + LANG + 'license: "mit\\n---"\n', ["license"]),
     ("not a mapping", "- a\n- b\n", ["mapping"]),
     ("two documents", BASE + LANG + "---\n" + BASE, ["YAML"]),

@@ -13,23 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from edgemerge.cli import main
-
 from .models import write_recipe
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args: str) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def assert_user_error(cli, recipe, out, *needles, extra=()):

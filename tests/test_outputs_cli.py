@@ -12,25 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edgemerge.cli import main
 from edgemerge.files import MARKER, output_lock, write_marker
 
 from .shared import need_shared
 from .test_files import dead_pid, foreign_folder, snapshot
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args) -> tuple[int, str, str]:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:
