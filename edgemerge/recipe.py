@@ -120,6 +120,8 @@ class Recipe(BaseModel):
     eval: Gates = Field(default_factory=Gates)
     # Folder the recipe was read from: relative local paths resolve against it (not part of the YAML).
     root: Path | None = Field(default=None, exclude=True)
+    # The file it was read from (also a bundled one): an input of the command, never one of its outputs.
+    file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("languages")
     @classmethod
@@ -329,7 +331,9 @@ def load_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError as e:
         raise EdgemergeError(f"recipe {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     data = load_yaml(text, str(p))
-    return parse_recipe(data, source=str(p), root=p.resolve().parent)
+    recipe = parse_recipe(data, source=str(p), root=p.resolve().parent)
+    recipe.file = p
+    return recipe
 
 
 def bundled_recipes() -> list[str]:

@@ -140,6 +140,29 @@ def _eval_markdown_onto_ref(f, t):
     return args, "is the input"
 
 
+def _merge_onto_recipe(f, t):  # the recipe is an input of merge too
+    return ["merge", f["recipe"], "--out", f["recipe"], "--force"], "is the input"
+
+
+def _merge_gguf_onto_recipe(f, t):
+    return ["merge", f["recipe"], "--gguf", f["recipe"], "--force"], "is the input"
+
+
+def _merge_around_recipe(f, t):  # a folder edgemerge wrote, holding the recipe the merge reads
+    d = t / "merged"
+    d.mkdir()
+    write_marker(d, "merge")
+    recipe = shutil.copy(f["recipe"], d / "recipe.yaml")
+    text = Path(recipe).read_text().replace("./", str(f["root"]) + "/")
+    Path(recipe).write_text(text)
+    return ["merge", recipe, "--out", d, "--force"], "contains the input"
+
+
+def _eval_markdown_onto_gates_recipe(f, t):
+    args = ["eval", t / "m.gguf", "--lang", "eu", "--recipe", f["recipe"], "--markdown", f["recipe"]]
+    return args, "is the input"
+
+
 def _quantize_onto_foreign(f, t):
     pytest.importorskip("llama_cpp")
     (t / "q").mkdir()
@@ -164,6 +187,10 @@ NEVER_REPLACED = [
     _eval_json_onto_model,
     _eval_markdown_onto_ref,
     _quantize_onto_foreign,
+    _merge_onto_recipe,
+    _merge_gguf_onto_recipe,
+    _merge_around_recipe,
+    _eval_markdown_onto_gates_recipe,
 ]
 
 

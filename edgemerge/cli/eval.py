@@ -162,7 +162,8 @@ def eval_(
     from ..evaluate.gates import gate_results
 
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
-    gates = load_recipe(recipe).eval if recipe else Gates()
+    gates_recipe = load_recipe(recipe) if recipe else None
+    gates = gates_recipe.eval if gates_recipe else Gates()
     overrides = {
         "min_language_fidelity": min_fidelity,
         "min_stop_rate": min_stop_rate,
@@ -174,7 +175,7 @@ def eval_(
     }
     gates = gates_with(gates, overrides)
     sys_prompt = language_info(lang)["system"] if system else None
-    inputs = [model, ref, text, mc]
+    inputs = [model, ref, text, mc, gates_recipe.file if gates_recipe else None]
     reports = _report_paths(json_out, markdown, inputs)
 
     # a display only on a terminal: in a pipe or a log, rich would leave a blank line before any error

@@ -57,7 +57,8 @@ def merge(
             "give --out DIR (Hugging Face folder) or --gguf FILE (fused merge to GGUF), one of them"
         )
     r = load_recipe(recipe)
-    prepare_output(out or gguf, force=force, inputs=local_inputs(r))  # before resolving (downloading) models
+    # before resolving (downloading) models; the recipe file is an input too (--force must not replace it)
+    prepare_output(out or gguf, force=force, inputs=[*local_inputs(r), r.file])
     backend = resolve_backend_name(backend)
     start = time.perf_counter()
     with live_progress() as progress:
