@@ -360,14 +360,46 @@ def _token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
 
 
+# sampling settings gguf-py copies from generation_config.json into general.sampling.* (an int32 or a float32
+# each, `sequence` a string): a value it cannot pack would fail the export after the merge
+_SAMPLING_INTS = ("top_k", "penalty_last_n", "mirostat")
+_SAMPLING_FLOATS = (
+    "top_p", "min_p", "xtc_probability", "xtc_threshold", "temperature", "penalty_repeat", "mirostat_tau",
+    "mirostat_eta",
+)  # fmt: skip
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _int32(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
+
+
+def _float32(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and -_FLOAT32_MAX <= value <= _FLOAT32_MAX
+    )
+
+
 def check_generation_config(folder: Path, label: str) -> None:
-    """generation_config.json, when present: a JSON object whose token ids are ids (an int or a list of ints)."""
-    gen = _json_object(folder / "generation_config.json", label)
-    for key in _TOKEN_ID_KEYS if gen else ():
+    """generation_config.json, when present: a JSON object whose token ids are ids (an int or a list of ints)
+    and whose sampling settings (copied into the GGUF) are numbers of the type the GGUF key holds."""
+    fname = "generation_config.json"
+    gen = _json_object(folder / fname, label) or {}
+    for key in _TOKEN_ID_KEYS:
         value = gen.get(key)
         ok = value is None or _token_id(value) or (isinstance(value, list) and all(map(_token_id, value)))
         if not ok:
-            raise _bad(label, "generation_config.json", key, "a token id or a list of token ids", value)
+            raise _bad(label, fname, key, "a token id or a list of token ids", value)
+    for keys, ok, expected in (
+        (_SAMPLING_INTS, _int32, "a whole number (32-bit)"),
+        (_SAMPLING_FLOATS, _float32, "a finite number"),
+        (("sequence",), lambda v: isinstance(v, str), "a string"),
+    ):
+        for key in keys:
+            if gen.get(key) is not None and not ok(gen[key]):
+                raise _bad(label, fname, key, expected, gen[key])
 
 
 def _special_text(value: Any) -> str | None:

@@ -173,6 +173,16 @@ BROKEN_INHERITED = [
         "generation_config.json eos_token_id",
     ),
     (_json_edit("generation_config.json", _set(bos_token_id=1.5)), "generation_config.json bos_token_id"),
+    # sampling settings gguf-py writes into the GGUF (general.sampling.*): packed only at export time
+    (_json_edit("generation_config.json", _set(temperature="hot")), "generation_config.json temperature"),
+    (_json_edit("generation_config.json", _set(top_p=1e39)), "generation_config.json top_p"),
+    (_json_edit("generation_config.json", _set(top_k=2**40)), "generation_config.json top_k"),
+    (_json_edit("generation_config.json", _set(top_k=0.5)), "generation_config.json top_k"),
+    (
+        _json_edit("generation_config.json", _set(penalty_last_n="64")),
+        "generation_config.json penalty_last_n",
+    ),
+    (_json_edit("generation_config.json", _set(sequence=["top_k"])), "generation_config.json sequence"),
     (_write("tokenizer_config.json", '{"chat_template": '), "tokenizer_config.json: not valid JSON"),
     (_json_edit("tokenizer_config.json", _set(chat_template=42)), "tokenizer_config.json: chat_template"),
     (
