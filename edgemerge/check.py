@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" so safetensors can hand out bf16 arrays)
 from safetensors import SafetensorError, safe_open
+from sentencepiece import SentencePieceProcessor
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
 from .errors import EdgemergeError
@@ -516,10 +517,34 @@ def _is_default(where: str) -> bool:
     )
 
 
+MAX_SENTENCEPIECE_BYTES = 64 * 1024**2  # real ones are 0.5-5 MB; the parser reads the whole file into memory
+
+
+def check_sentencepiece(folder: Path, label: str) -> None:
+    """tokenizer.model, when present, must be a SentencePiece model: the GGUF vocabulary is built from it, after
+    the merge."""
+    path = folder / "tokenizer.model"
+    if not path.exists():
+        return
+    problem = None
+    if not path.is_file():
+        problem = "is not a regular file"
+    elif path.stat().st_size > MAX_SENTENCEPIECE_BYTES:
+        problem = f"is larger than {MAX_SENTENCEPIECE_BYTES // 1024**2} MB"
+    else:
+        try:
+            SentencePieceProcessor().LoadFromFile(str(path))
+        except (OSError, RuntimeError):
+            problem = "is not a SentencePiece model"
+    if problem:
+        raise EdgemergeError(f"{label}: tokenizer.model {problem}; restore it from the model's source")
+
+
 def check_inherited_files(folder: Path, label: str) -> None:
     """What a merge or an export copies from `folder` must be usable: generation_config.json,
-    tokenizer_config.json and every chat template (rendered once)."""
+    tokenizer_config.json, tokenizer.model and every chat template (rendered once)."""
     check_generation_config(folder, label)
+    check_sentencepiece(folder, label)
     cfg = check_tokenizer_config(folder, label)
     bos, eos = (_special_text(cfg.get(k)) or "" for k in ("bos_token", "eos_token"))
     for where, template in chat_templates(folder, label).items():

@@ -183,6 +183,10 @@ BROKEN_INHERITED = [
         "generation_config.json penalty_last_n",
     ),
     (_json_edit("generation_config.json", _set(sequence=["top_k"])), "generation_config.json sequence"),
+    # the SentencePiece model the GGUF vocabulary is built from (after the merge)
+    (_write("tokenizer.model", "garbage" * 100), "tokenizer.model is not a SentencePiece model"),
+    (_write("tokenizer.model", ""), "tokenizer.model is not a SentencePiece model"),
+    (lambda d: ((d / "tokenizer.model").unlink(), (d / "tokenizer.model").mkdir()), "is not a regular file"),
     (_write("tokenizer_config.json", '{"chat_template": '), "tokenizer_config.json: not valid JSON"),
     (_json_edit("tokenizer_config.json", _set(chat_template=42)), "tokenizer_config.json: chat_template"),
     (
