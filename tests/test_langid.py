@@ -69,3 +69,41 @@ def test_langid_command_rejects_non_utf8(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["langid", str(f)])
     assert e.value.code == 2 and "is not UTF-8" in capsys.readouterr().err
+
+
+EU = b"Gaur goizean mendira joan gara eta eguraldi ona egin du."
+# (file bytes with MAX_LINE_BYTES = 4096, expected output lines or the error's text): a line longer than the
+# bound is judged on its head and read past, never held whole
+LONG_LINES = [
+    (EU * 200_000 + b"\nHola, buenos d\xc3\xadas a todos.\n", ["eu", "es"]),
+    (b"1" * 4095 + "é".encode() + b"\n" + EU, ["und", "eu"]),  # the cut falls inside a character
+    (EU * 200_000, ["eu"]),  # no newline at the end
+    (b"\xff" + EU * 200_000 + b"\n", "byte 0"),
+    (EU * 200_000 + b"\n" + b"ab\xc3", f"byte {len(EU) * 200_000 + 3}"),  # a truncated last character
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), LONG_LINES)
+def test_langid_bounds_each_line(tmp_path, capsys, monkeypatch, data, expected):
+    import tracemalloc
+
+    from edgemerge.cli import langid as langid_cli
+
+    monkeypatch.setattr(langid_cli, "MAX_LINE_BYTES", 4096)
+    f = tmp_path / "long.txt"
+    f.write_bytes(data)
+    detect("Kaixo")  # the identifier's model is loaded once, before memory is measured
+    tracemalloc.start()
+    try:
+        main(["langid", str(f)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    out, err = capsys.readouterr()
+    if isinstance(expected, list):
+        assert code == 0 and out.splitlines() == expected, err
+    else:
+        assert code == 2 and "is not UTF-8" in err and expected in err, err
+    assert peak < 4 * 1024**2 or peak < len(data) / 4, peak  # the file (11 MB) is never held whole

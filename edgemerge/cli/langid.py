@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 
 from ..errors import EdgemergeError
 from .common import app
+
+# a text's language shows in its first megabyte: the rest of a longer line is read past, never held
+MAX_LINE_BYTES = 1 << 20
+
+
+def _lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """The lines of `stream` without their newline, each cut to MAX_LINE_BYTES (memory stays bounded whatever
+    the file holds); bytes that are not UTF-8 are an EdgemergeError giving their offset."""
+    offset = 0
+    while line := stream.readline(MAX_LINE_BYTES):
+        start, head = offset, line
+        offset += len(line)
+        while not line.endswith(b"\n"):  # an over-long line: skip the rest of it
+            line = stream.readline(MAX_LINE_BYTES)
+            if not line:
+                break
+            offset += len(line)
+        cut = len(head) == MAX_LINE_BYTES and not head.endswith(b"\n")
+        try:  # a cut head may end inside a character: not final then
+            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=not cut)
+        except UnicodeDecodeError as e:
+            raise EdgemergeError(
+                f"{name} is not UTF-8 (byte {start + e.start}); convert it, e.g. iconv -t UTF-8"
+            ) from None
+        yield text.removesuffix("\n")
 
 
 @app.command()
@@ -34,27 +62,17 @@ def langid(
     """
     from ..evaluate.langid import COMMON_LANGUAGES, detect
 
-    if str(file) == "-":
-        data = sys.stdin.buffer.read()
-        name = "standard input"
-    else:
-        if not file.is_file():
-            raise EdgemergeError(f"{file} not found; give a UTF-8 text file, one text per line")
-        data = file.read_bytes()
-        name = str(file)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EdgemergeError(
-            f"{name} is not UTF-8 (byte {e.start}); convert it, e.g. iconv -t UTF-8"
-        ) from None
+    if str(file) != "-" and not file.is_file():
+        raise EdgemergeError(f"{file} not found; give a UTF-8 text file, one text per line")
     candidates = (
         None
         if all_languages
         else (tuple(c.strip() for c in only.split(",") if c.strip()) if only else COMMON_LANGUAGES)
     )
     out = sys.stdout
-    for line in text.split("\n")[: -1 if text.endswith("\n") else None]:
-        d = detect(line, candidates)
-        out.write(f"{d.lang}\t{d.confidence:.4f}\n" if scores else f"{d.lang}\n")
+    with open(file, "rb") if str(file) != "-" else contextlib.nullcontext(sys.stdin.buffer) as stream:
+        name = "standard input" if str(file) == "-" else str(file)
+        for line in _lines(stream, name):
+            d = detect(line, candidates)
+            out.write(f"{d.lang}\t{d.confidence:.4f}\n" if scores else f"{d.lang}\n")
     out.flush()
