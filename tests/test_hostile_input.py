@@ -531,6 +531,18 @@ def test_bad_thread_counts_exit_2_in_quantize_and_build(capsys, tmp_path, thread
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--quant", ""), ("--quant", ",,"), ("--weight", ""), ("--weight", " , "), ("--lang", ",")],
+)
+def test_build_list_flags_given_empty_exit_2(capsys, tmp_path, build_family, flag, value):
+    """An empty list flag is a mistake, not "use the recipe's" (it built the recipe's quants silently)."""
+    args = ["--recipe", build_family["recipe"]] if flag != "--lang" else []
+    code, err = run(capsys, "build", *args, flag, value, "--out", tmp_path / "b", "--skip-eval")
+    assert_one_line(code, err, flag, "no value")
+    assert not (tmp_path / "b").exists()
+
+
 # --------------------------------------------------------------------------------------------- closed pipes
 
 

@@ -23,15 +23,19 @@ DEMO_WARNING = (
 )
 
 
-def _csv(value: str | None) -> list[str] | None:
+def _csv(value: str | None, flag: str) -> list[str] | None:
+    """The items of a comma-separated flag, None when it is not given; given with no item (`--quant ""`) it is
+    refused rather than read as "not given" (the recipe's value would be used silently)."""
     if value is None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
-    return items or None
+    if not items:
+        raise EdgemergeError(f"{flag}: got {shown(value)}, no value; give at least one or leave the flag out")
+    return items
 
 
 def _weights(value: str | None) -> list[float] | None:
-    items = _csv(value)
+    items = _csv(value, "--weight")
     if items is None:
         return None
     try:
@@ -100,7 +104,7 @@ def build(
     from ..recipe import load_recipe, recipe_for_languages
 
     check_count("--threads", threads, 1, MAX_THREADS)
-    codes = _csv(lang)
+    codes = _csv(lang, "--lang")
     progress = make_progress(err_console)
     if demo:
         if recipe is not None:
@@ -132,7 +136,7 @@ def build(
 
     options = BuildOptions(
         out=out,
-        quants=_csv(quant),
+        quants=_csv(quant, "--quant"),
         weights=_weights(weight),
         method=method,
         backend=backend,
