@@ -43,6 +43,8 @@ def _seconds(value: str | None, default: float = 10.0) -> float:
 
 RENDER_SECONDS = _seconds(os.environ.get("EDGEMERGE_TEMPLATE_SECONDS"))
 RENDER_CHARS = 1_000_000  # a chat prompt is far shorter: more is a runaway template
+# real chat templates are under 100 KB; compiling costs time and memory in proportion (50 MB: 17 s, 360 MB)
+MAX_TEMPLATE_CHARS = 1_000_000
 WORKER_MEMORY = 1 << 30  # address space of the rendering process
 WORKER_CPU_SECONDS = 600  # backstop should the parent vanish while a render spins
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
@@ -163,6 +165,11 @@ class TemplateRenderer:
         self._broken: ChatTemplateError | None = None
         if not isinstance(template, str):
             raise ChatTemplateError(f"{label}: the chat template is not a string")
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateError(
+                f"{label}: the chat template is {len(template):,} characters long, more than "
+                f"{MAX_TEMPLATE_CHARS:,}; restore the model's own chat template"
+            )
         code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from edgemerge.chat_format import _worker; _worker()"
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-c", code],

@@ -115,6 +115,9 @@ HOSTILE = {
     ),
     "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", ChatTemplateError, ""),
     "huge filter width": ("{{ 'x' | center(3000000000) }}", ChatTemplateError, ""),
+    # refused before it is compiled (a 50 MB template took 17 s and 360 MB to compile)
+    "huge template": ("{# " + "x" * 1_000_000 + " #}ok", ChatTemplateError, "characters long"),
+    "huge template of text": ("{{ messages }}" + " " * 1_000_000, ChatTemplateError, "characters long"),
 }
 
 
