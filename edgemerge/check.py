@@ -26,7 +26,7 @@ from sentencepiece import SentencePieceProcessor
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
 from .errors import EdgemergeError
-from .limits import read_json_object, shown
+from .limits import MAX_JSON_BYTES, present, read_json_object, read_limited, shown
 from .model_json import check_model_json, read_tokenizer_json
 from .sinks import TensorSpec
 from .sources import ModelSource, RecipeSources, weight_files
@@ -347,7 +347,7 @@ _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 
 def _json_object(path: Path, label: str) -> dict[str, Any] | None:
     """The JSON object in `path` (bounded, shape-checked read), None when the file is absent."""
-    return read_json_object(path) if path.is_file() else None
+    return read_json_object(path) if present(path) else None
 
 
 def _bad(label: str, fname: str, key: str, expected: str, value: Any) -> EdgemergeError:
@@ -422,10 +422,11 @@ def chat_templates(folder: Path, label: str) -> dict[str, str]:
         folder / "chat_template.jinja",
         *sorted((folder / "additional_chat_templates").glob("*.jinja")),
     ]:
-        if path.is_file():
+        if present(path):
             try:
-                out[str(path.relative_to(folder))] = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+                raw = read_limited(path, MAX_JSON_BYTES, "chat template")
+                out[str(path.relative_to(folder))] = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
                 raise EdgemergeError(f"{label}: cannot read {path.name} as UTF-8 text ({e})") from None
     for where, value in sources:
         if isinstance(value, str):

@@ -75,6 +75,21 @@ def read_limited(path: Path, limit: int, what: str) -> bytes:
     return data
 
 
+def present(path: Path) -> bool:
+    """Whether an optional file of a model folder is there: False when absent, True for a regular file; an
+    EdgemergeError for anything else at that name (a folder, a pipe that would block a reader, a device, a
+    broken link), which readers downstream would trip on or hang at."""
+    path = Path(path)
+    if path.is_file():
+        return True
+    if not path.exists() and not path.is_symlink():
+        return False
+    kind = "a folder" if path.is_dir() else "a broken link" if not path.exists() else "not a regular file"
+    raise EdgemergeError(
+        f"{shown(path.name)} in {path.parent} is {kind}; restore the file from the model's source or remove it"
+    )
+
+
 def check_count(flag: str, value: int | None, low: int, high: int | None = None, why: str = "") -> None:
     """A numeric option within [low, high] (None: not given); otherwise one line naming the flag."""
     if value is None:

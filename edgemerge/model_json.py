@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgemergeError
-from .limits import read_json_object, shown
+from .limits import present, read_json_object, shown
 
 # config.json counts (top level or text_config) and their upper bounds when present and not null: far above any
 # released model, low enough that the converter's loops over them (one per layer, per vocabulary entry) and
@@ -206,7 +206,7 @@ _TOKENIZER_FILES = {"tokenizer_config.json": check_tokenizer_config, "added_toke
 def read_tokenizer_json(folder: Path) -> dict | None:
     """tokenizer.json, checked (None when the folder has none)."""
     path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
+    if not present(path):
         return None
     data = read_json_object(path)
     check_tokenizer_json(data, path)
@@ -219,6 +219,6 @@ def check_model_json(folder: Path) -> dict:
     cfg = read_config(folder)
     for name, check in _TOKENIZER_FILES.items():
         path = Path(folder) / name
-        if path.is_file():
+        if present(path):
             check(read_json_object(path), path)
     return cfg

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgemergeError
-from .limits import read_json_object
+from .limits import present, read_json_object
 
 # files transformers reads when it loads a config or a tokenizer from a folder
 _CODE_FILES = ("config.json", "tokenizer_config.json")
@@ -25,7 +25,7 @@ _CODE_FILES = ("config.json", "tokenizer_config.json")
 
 def _read_object(path: Path) -> dict[str, Any] | None:
     """A JSON object file (bounded, shape-checked read), None when the file is absent."""
-    return read_json_object(path) if path.is_file() else None
+    return read_json_object(path) if present(path) else None
 
 
 def _builtin_tokenizer_class(name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -275,3 +276,37 @@ def test_named_templates_are_checked_for_what_they_are(tmp_path, merge_family, m
     with pytest.raises(EdgemergeError) as e:
         check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
     assert "'tool_use'" in e.value.message and refused in e.value.message
+
+
+def _replace_with(kind):
+    """Put something that is not a regular file where a model file goes: a folder, a pipe, a broken link."""
+
+    def put(path):
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        if kind == "folder":
+            path.mkdir()
+        elif kind == "pipe":
+            os.mkfifo(path)  # a reader would block on it for ever
+        else:
+            path.symlink_to(path.with_name("missing-target"))
+
+    return put
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "broken link"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "generation_config.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.json",
+    ],
+)
+def test_a_model_file_that_is_not_a_regular_file_fails_the_check(tmp_path, merge_family, name, kind):
+    fam = family_copy(tmp_path, merge_family, edit_instruct=lambda folder: _replace_with(kind)(folder / name))
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
+    assert name in e.value.message and e.value.message.count("\n") == 0, e.value.message
