@@ -34,17 +34,15 @@ def _cpus() -> int:
     return os.cpu_count() or 1
 
 
-def _train_context(path: Path) -> int | None:
-    """The GGUF's `<arch>.context_length` (read from the header only), or None."""
-    kv = read_gguf(path).kv
+def _train_context(kv: dict[str, Any]) -> int | None:
+    """The GGUF's `<arch>.context_length` (from its header's key/values), or None."""
     value = kv.get(f"{kv.get('general.architecture')}.context_length")
     return int(value) if value is not None else None
 
 
-def _compile_templates(path: Path) -> TemplateRenderer | None:
+def _compile_templates(kv: dict[str, Any], name: str) -> TemplateRenderer | None:
     """A renderer of the GGUF's `tokenizer.chat_template` (None without one), after every template of the file
-    (also the named `tokenizer.chat_template.<name>` ones) compiled in the bounded renderer."""
-    kv = read_gguf(path).kv
+    `name` (also the named `tokenizer.chat_template.<name>` ones) compiled in the bounded renderer."""
     templates = {
         k: v
         for k, v in kv.items()
@@ -53,7 +51,7 @@ def _compile_templates(path: Path) -> TemplateRenderer | None:
     default = None
     try:
         for key, template in templates.items():
-            renderer = TemplateRenderer(template, label=f"{key} of {Path(path).name}")
+            renderer = TemplateRenderer(template, label=f"{key} of {name}")
             if key == "tokenizer.chat_template":
                 default = renderer
             else:
@@ -87,15 +85,16 @@ class Model:
 
         check_count("--ctx", n_ctx, MIN_CTX, 1 << 24, " tokens")
         check_count("--threads", n_threads, 1, MAX_THREADS)
-        self.path = check_gguf(path)
+        kv = read_gguf(path).kv  # the checks of `check_gguf`; the header is read once
+        self.path = Path(path)
         self._lib = llama_cpp
-        train_ctx = _train_context(self.path)
+        train_ctx = _train_context(kv)
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
         threads = n_threads or _cpus()
         # llama-cpp-python compiles every chat template of the file while loading it: each one is compiled in
         # the bounded renderer first, so a broken or hostile one is one error line, never our process's problem
-        self._renderer = _compile_templates(self.path)
+        self._renderer = _compile_templates(kv, self.path.name)
         try:
             with llama_call():
                 self.llm = llama_cpp.Llama(
