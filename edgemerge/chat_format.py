@@ -26,9 +26,9 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from .child import child_command
 from .errors import EdgemergeError
 
 
@@ -47,7 +47,6 @@ RENDER_CHARS = 1_000_000  # a chat prompt is far shorter: more is a runaway temp
 MAX_TEMPLATE_CHARS = 1_000_000
 WORKER_MEMORY = 1 << 30  # address space of the rendering process
 WORKER_CPU_SECONDS = 600  # backstop should the parent vanish while a render spins
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 _S, _U1, _A1, _U2, _A2, _U3 = (f"EDGEMERGESENTINEL{i}" for i in range(6))
 
@@ -170,9 +169,8 @@ class TemplateRenderer:
                 f"{label}: the chat template is {len(template):,} characters long, more than "
                 f"{MAX_TEMPLATE_CHARS:,}; restore the model's own chat template"
             )
-        code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from edgemerge.chat_format import _worker; _worker()"
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", code],
+            child_command("edgemerge.chat_format", "_worker"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -250,7 +248,11 @@ def _short(e: BaseException) -> str:
 
 def _environment():
     """The Jinja environment of transformers' and llama-cpp-python's chat templates (same options, filters and
-    globals; `{% generation %}` blocks render their body, as both do outside assistant-mask tracking)."""
+    globals; `{% generation %}` blocks render their body, as both do outside assistant-mask tracking).
+
+    Written out rather than taken from transformers' `_compile_jinja_template`: importing transformers would
+    cost every renderer's worker seconds of start-up (jinja2 alone: ~0.25 s), and its environment lets an
+    unsafe attribute through as an Undefined (`unsafe_undefined` below refuses it)."""
     import datetime as dt
 
     import jinja2
@@ -392,12 +394,15 @@ def derive_chat_format(template: str, *, bos: str = "", eos: str = "") -> ChatFo
 
 
 def _derive(renderer: TemplateRenderer, bos: str, eos: str) -> ChatFormat:
+    def raw(msgs: list[dict], gen: bool) -> str:  # ChatTemplateRaised when the template rejects `msgs`
+        text = render_template(renderer, msgs, add_generation_prompt=gen, bos=bos, eos=eos)
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+
     def r(msgs: list[dict], gen: bool) -> str:
         try:
-            text = render_template(renderer, msgs, add_generation_prompt=gen, bos=bos, eos=eos)
+            return raw(msgs, gen)
         except ChatTemplateRaised as e:
             raise ValueError(e.message.split(": ", 1)[-1]) from None
-        return text[len(bos) :] if bos and text.startswith(bos) else text
 
     def msg(role: str, content: str) -> dict:
         return {"role": role, "content": content}
@@ -423,13 +428,10 @@ def _derive(renderer: TemplateRenderer, bos: str, eos: str) -> ChatFormat:
         head = pre_u[: len(pre_u) - len(user_prefix)]
         system_prefix = join = None
         try:
-            s = render_template(
-                renderer, [msg("system", _S), msg("user", _U1)], add_generation_prompt=False, bos=bos, eos=eos
-            )
+            s = raw([msg("system", _S), msg("user", _U1)], False)
         except ChatTemplateRaised:  # the template rejects system messages: no system role
             s = None
         if s is not None:
-            s = s[len(bos) :] if bos and s.startswith(bos) else s
             system_prefix, join, tail = _split(s, _S, _U1)
             if tail != user_suffix:
                 raise ValueError("a system message changes the first user block's end")

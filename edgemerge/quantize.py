@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from .child import child_command
 from .errors import EdgemergeError
 from .files import atomic_output, ensure_free_space
 from .gguf.inspect import read_gguf
@@ -26,7 +27,6 @@ from .progress import task
 
 # llama.cpp's llama-quantize refuses these without an importance matrix (edgemerge does not compute one)
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 # float file types a GGUF can be quantized from (llama.cpp would need allow_requantize otherwise)
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
@@ -111,11 +111,10 @@ def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int) -> int:
     llama.cpp's quantizer has no abort callback and a Ctrl-C raised in its log callback is lost (see
     interrupts.py), so it runs where it can be stopped: on Ctrl-C (or any exception) the child is killed at
     once and the KeyboardInterrupt goes on to the caller, whose atomic_output removes the partial file."""
-    code = (
-        f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-        "from edgemerge.quantize import _quantizer_main; sys.exit(_quantizer_main(sys.argv[1:]))"
+    argv = child_command(
+        "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread)
     )
-    proc = subprocess.Popen([sys.executable, "-I", "-c", code, str(src), str(dst), str(ftype), str(nthread)])
+    proc = subprocess.Popen(argv)
     try:
         return proc.wait()
     except BaseException:
@@ -124,7 +123,7 @@ def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int) -> int:
         raise
 
 
-def _quantizer_main(argv: list[str]) -> int:
+def _quantizer_main(src: str, dst: str, ftype: str, nthread: str) -> int:
     """The child process of `run_quantizer`: SIGINT is the parent's business, and the child dies with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -134,7 +133,6 @@ def _quantizer_main(argv: list[str]) -> int:
     from llama_cpp import _logger
 
     _logger.set_verbose(False)  # llama.cpp logs every tensor; keep errors only
-    src, dst, ftype, nthread = argv
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(nthread)
