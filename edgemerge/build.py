@@ -42,12 +42,13 @@ from .files import (
     read_marker,
     remove,
     remove_file,
-    shown,
     write_marker,
 )
+from .limits import shown_path
 from .package import CARD, EVAL_JSON, MANIFEST, MODELFILE, sha256_file
 from .progress import Progress
 from .recipe import Recipe
+from .sources import local_inputs
 
 WORK_SUFFIX = ".edgemerge"
 WORK_PREFIX = "@work/"
@@ -363,37 +364,37 @@ def check_out_path(out: Path, inputs: list[Path]) -> None:
         if hit is not None:
             inp, how = hit
             raise EdgemergeError(
-                f"--out {shown(p)} {how} the input model {shown(inp)}; choose an output folder outside the inputs"
+                f"--out {shown_path(p)} {how} the input model {shown_path(inp)}; choose an output folder outside the inputs"
             )
 
 
-def prepare_out(out: Path, name: str, *, force: bool, inputs: list[Path] | None = None) -> BuildState:
+def prepare_out(out: Path, name: str, *, force: bool) -> BuildState:
     """Check the output folder (new, empty, or an earlier edgemerge build: the same to resume, another only
     with --force) and its work area, and clean partial files of dead processes (`mark_unfinished` marks the
     folder once the build is about to write into it)."""
     out = Path(out)
     work = work_dir(out)
-    check_out_path(out, inputs or [])
+    check_path(out, "--out")
     if out.exists() and not out.is_dir():
-        raise EdgemergeError(f"{shown(out)} is a file; give a folder for --out")
+        raise EdgemergeError(f"{shown_path(out)} is a file; give a folder for --out")
     for p in (work, work / "eval", work / "parents"):  # a link there would lead the build's writes elsewhere
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             raise EdgemergeError(
-                f"{shown(p)} (in the build's work area) is a symlink or a file edgemerge did not make; move it "
+                f"{shown_path(p)} (in the build's work area) is a symlink or a file edgemerge did not make; move it "
                 "away or choose another --out"
             )
     state = BuildState(out)
     if out.is_dir() and any(out.iterdir()):
-        marker = read_marker(out) if is_ours(out) else None
+        marker = read_marker(out)
         if marker is None or marker["kind"] != "build":
             raise EdgemergeError(
-                f"{shown(out)} holds files that are not an edgemerge build; choose another --out (--force "
+                f"{shown_path(out)} holds files that are not an edgemerge build; choose another --out (--force "
                 "replaces only an earlier edgemerge build, never other files)"
             )
         found = marker.get("name") or state.name
         if found != name and not force:
             raise EdgemergeError(
-                f"{shown(out)} holds another build ({shown(str(found), 60)}); choose another --out or pass "
+                f"{shown_path(out)} holds another build ({shown_path(str(found), 60)}); choose another --out or pass "
                 "--force to replace it"
             )
         if force:
@@ -509,7 +510,6 @@ def build(
     quants = check_quants(recipe.quants)
     lang = options.lang or recipe.lang_codes[0]
     from .merge.backends import resolve_backend_name
-    from .merge.run import local_inputs
 
     backend = resolve_backend_name(options.backend)  # bad names fail before any work
     if options.outtype.lower() not in ("f16", "bf16"):
@@ -529,9 +529,7 @@ def build_lock(out: Path) -> Iterator[None]:
     """One build per output folder at a time: an advisory lock on `.<name>.edgemerge.lock` beside it,
     removed afterwards (see `files.lock_file`)."""
     lock = out.parent / f".{out.name}{WORK_SUFFIX}.lock"
-    busy = (
-        f"another edgemerge build is writing {shown(out)} now; wait for it to finish or choose another --out"
-    )
+    busy = f"another edgemerge build is writing {shown_path(out)} now; wait for it to finish or choose another --out"
     with lock_file(lock, busy):
         yield
 
@@ -549,15 +547,14 @@ def _build(
     on_plan: Callable[[Plan], None] | None,
 ) -> BuildResult:
     from .check import check_compat
-    from .merge.run import local_inputs
     from .sources import resolve_recipe
 
-    state = prepare_out(out, recipe.name, force=options.force, inputs=local_inputs(recipe))
+    state = prepare_out(out, recipe.name, force=options.force)  # local inputs: checked by build()
     stages = Stages(state, on_stage, progress)
 
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
-    check_out_path(out, [src.path for _, src in sources.named()])  # hub models too, before any write
+    check_out_path(out, sources.paths())  # hub models too, before any write
     report = check_compat(sources)
     inputs = input_provenance(sources)
 

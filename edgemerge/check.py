@@ -26,8 +26,9 @@ from sentencepiece import SentencePieceProcessor
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
 from .errors import EdgemergeError
-from .limits import MAX_JSON_BYTES, present, read_json_object, read_limited, shown
+from .limits import MAX_JSON_BYTES, present, read_limited, read_optional_object, shown
 from .model_json import check_model_json, read_tokenizer_json
+from .model_json import check_tokenizer_config as check_tokenizer_fields
 from .sinks import TensorSpec
 from .sources import ModelSource, RecipeSources, weight_files
 from .trust import refuse_custom_code
@@ -342,23 +343,12 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
 
 # ---- files the output inherits from the instruct model --------------------------------------------------------
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-
-
-def _json_object(path: Path, label: str) -> dict[str, Any] | None:
-    """The JSON object in `path` (bounded, shape-checked read), None when the file is absent."""
-    return read_json_object(path) if present(path) else None
 
 
 def _bad(label: str, fname: str, key: str, expected: str, value: Any) -> EdgemergeError:
     return EdgemergeError(
         f"{label}: {fname} {key} must be {expected}, got {json.dumps(value)[:60]}; fix or restore {fname}"
     )
-
-
-def _token_id(value: Any) -> bool:
-    # some configs use -1 for "none" (package.chat_info skips ids outside the vocabulary)
-    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
 
 
 # sampling settings gguf-py copies from generation_config.json into general.sampling.* (an int32 or a float32
@@ -387,10 +377,11 @@ def check_generation_config(folder: Path, label: str) -> None:
     """generation_config.json, when present: a JSON object whose token ids are ids (an int or a list of ints)
     and whose sampling settings (copied into the GGUF) are numbers of the type the GGUF key holds."""
     fname = "generation_config.json"
-    gen = _json_object(folder / fname, label) or {}
+    gen = read_optional_object(folder / fname) or {}
     for key in _TOKEN_ID_KEYS:
         value = gen.get(key)
-        ok = value is None or _token_id(value) or (isinstance(value, list) and all(map(_token_id, value)))
+        # any int32: some configs use -1 for "none" (package.chat_info skips ids outside the vocabulary)
+        ok = value is None or _int32(value) or (isinstance(value, list) and all(map(_int32, value)))
         if not ok:
             raise _bad(label, fname, key, "a token id or a list of token ids", value)
     for keys, ok, expected in (
@@ -412,10 +403,10 @@ def chat_templates(folder: Path, label: str) -> dict[str, str]:
     "chat_template.jinja", ...); malformed fields are an EdgemergeError naming them."""
     out: dict[str, str] = {}
     sources: list[tuple[str, Any]] = []
-    cfg = _json_object(folder / "tokenizer_config.json", label)
+    cfg = read_optional_object(folder / "tokenizer_config.json")
     if cfg and cfg.get("chat_template") is not None:
         sources.append(("tokenizer_config.json chat_template", cfg["chat_template"]))
-    ctj = _json_object(folder / "chat_template.json", label)
+    ctj = read_optional_object(folder / "chat_template.json")
     if ctj is not None:
         sources.append(("chat_template.json chat_template", ctj.get("chat_template")))
     for path in [
@@ -451,24 +442,12 @@ def chat_templates(folder: Path, label: str) -> dict[str, str]:
     return out
 
 
-def check_tokenizer_config(folder: Path, label: str) -> dict[str, Any]:
-    """tokenizer_config.json, when present: special tokens are strings (or {content: string}), add_*_token
-    flags are booleans, added_tokens_decoder maps ids to {content: string}. Returns it ({} when absent)."""
-    fname = "tokenizer_config.json"
-    cfg = _json_object(folder / fname, label) or {}
-    for key in _SPECIAL_TOKENS:
-        if key in cfg and cfg[key] is not None and not isinstance(_special_text(cfg[key]), str):
-            raise _bad(label, fname, key, "a string or {content: string}", cfg[key])
-    for key in ("add_bos_token", "add_eos_token"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
-            raise _bad(label, fname, key, "true or false", cfg[key])
-    decoder = cfg.get("added_tokens_decoder")
-    if decoder is not None:
-        if not isinstance(decoder, dict):
-            raise _bad(label, fname, "added_tokens_decoder", "an object of id -> token", decoder)
-        for key, tok in decoder.items():
-            if not key.isdecimal() or not isinstance(tok, dict) or not isinstance(tok.get("content"), str):
-                raise _bad(label, fname, f"added_tokens_decoder[{key[:20]!r}]", "{content: string, ...}", tok)
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json, when present, with its fields checked (model_json.check_tokenizer_config: special
+    tokens, add_*_token flags, added_tokens_decoder, the template's shape); {} when absent."""
+    path = folder / "tokenizer_config.json"
+    cfg = read_optional_object(path) or {}
+    check_tokenizer_fields(cfg, path)
     return cfg
 
 
@@ -546,7 +525,7 @@ def check_inherited_files(folder: Path, label: str) -> None:
     tokenizer_config.json, tokenizer.model and every chat template (rendered once)."""
     check_generation_config(folder, label)
     check_sentencepiece(folder, label)
-    cfg = check_tokenizer_config(folder, label)
+    cfg = _tokenizer_config(folder)
     bos, eos = (_special_text(cfg.get(k)) or "" for k in ("bos_token", "eos_token"))
     for where, template in chat_templates(folder, label).items():
         check_chat_template(template, f"{label}: {where}", bos=bos, eos=eos, default=_is_default(where))

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import EdgemergeError
+from .limits import shown_path
 
 MARKER = ".edgemerge-output"  # written into every folder edgemerge creates: "edgemerge wrote this folder"
 LOCK_SUFFIX = ".edgemerge-lock"
@@ -33,17 +34,6 @@ _MARKER_MAX = 64 * 1024
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d{1,10})(?:-old)?$")
 _INPUT_ENTRIES = 10_000  # a model folder has tens of files: a bound, not a limit met in practice
 _NAME_MAX = 255 - len(".partial-4294967295-old") - 1  # room for the temporary name beside the final one
-
-
-def shown(path: Path | str, limit: int = 120) -> str:
-    """A path as it may appear in a message: printable (bytes that are not UTF-8 escaped), at most `limit`
-    characters (the middle cut out)."""
-    s = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-    if len(s) > limit:
-        half = limit // 2
-        s = f"{s[:half]}...{s[-half:]}"
-    return s
 
 
 def temp_sibling(final: Path) -> Path:
@@ -60,18 +50,20 @@ def check_path(path: Path, what: str = "output") -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise EdgemergeError(
-            f"{what} path {shown(path)} is not valid UTF-8; choose a name in UTF-8"
+            f"{what} path {shown_path(path)} is not valid UTF-8; choose a name in UTF-8"
         ) from None
     if "\x00" in text or path.name in ("", ".", ".."):
-        raise EdgemergeError(f"{what} path {shown(path)} is not a usable file name; choose another {what}")
+        raise EdgemergeError(
+            f"{what} path {shown_path(path)} is not a usable file name; choose another {what}"
+        )
     if len(path.name.encode("utf-8")) > _NAME_MAX:
         raise EdgemergeError(
-            f"{what} name {shown(path.name, 60)} is too long ({len(path.name)} characters); choose a shorter one"
+            f"{what} name {shown_path(path.name, 60)} is too long ({len(path.name)} characters); choose a shorter one"
         )
     full = Path(os.path.abspath(path))
     if full.is_symlink() and not full.exists():
         raise EdgemergeError(
-            f"{what} {shown(path)} is a symlink to a missing path ({shown(os.readlink(full), 60)}); remove the "
+            f"{what} {shown_path(path)} is a symlink to a missing path ({shown_path(os.readlink(full), 60)}); remove the "
             f"link or choose another {what}"
         )
     for parent in full.parents:
@@ -79,12 +71,12 @@ def check_path(path: Path, what: str = "output") -> None:
             break
         if parent.is_symlink() and not parent.exists():
             raise EdgemergeError(
-                f"{what} {shown(path)}: {shown(parent)} is a symlink to a missing path; remove the link or choose "
+                f"{what} {shown_path(path)}: {shown_path(parent)} is a symlink to a missing path; remove the link or choose "
                 f"another {what}"
             )
         if parent.exists() or parent.is_symlink():
             raise EdgemergeError(
-                f"{what} {shown(path)}: {shown(parent)} is a file, not a folder; choose another {what}"
+                f"{what} {shown_path(path)}: {shown_path(parent)} is a file, not a folder; choose another {what}"
             )
 
 
@@ -191,31 +183,31 @@ def check_output(
     if hit is not None:
         inp, how = hit
         raise EdgemergeError(
-            f"output {shown(final)} {how} the input {shown(inp)}; choose an output outside the inputs"
+            f"output {shown_path(final)} {how} the input {shown_path(inp)}; choose an output outside the inputs"
         )
     if final.is_symlink():  # a live link (dangling ones are refused): replacing it leaves its target alone
         if not force:
             raise EdgemergeError(
-                f"{shown(final)} already exists; choose another output or pass --force to replace it"
+                f"{shown_path(final)} already exists; choose another output or pass --force to replace it"
             )
         return
     if not final.exists():
         return
     if final.is_dir():
         if not replace_dir:
-            raise EdgemergeError(f"{shown(final)} is a folder; give the path of a file to write")
+            raise EdgemergeError(f"{shown_path(final)} is a folder; give the path of a file to write")
         if not any(final.iterdir()):
             return
         if not is_ours(final):
             raise EdgemergeError(
-                f"{shown(final)} is a folder edgemerge did not write; choose another output (--force replaces "
+                f"{shown_path(final)} is a folder edgemerge did not write; choose another output (--force replaces "
                 "only files and folders edgemerge wrote)"
             )
     elif not final.is_file():
-        raise EdgemergeError(f"{shown(final)} is not a regular file or folder; choose another output")
+        raise EdgemergeError(f"{shown_path(final)} is not a regular file or folder; choose another output")
     if not force:
         raise EdgemergeError(
-            f"{shown(final)} already exists; choose another output or pass --force to replace it"
+            f"{shown_path(final)} already exists; choose another output or pass --force to replace it"
         )
 
 
@@ -293,7 +285,7 @@ def output_lock(final: Path, message: str | None = None) -> Iterator[None]:
     (`message`) when another process is writing it."""
     final = Path(final)
     busy = message or (
-        f"another edgemerge process is writing {shown(final)} now; wait for it to finish or choose another output"
+        f"another edgemerge process is writing {shown_path(final)} now; wait for it to finish or choose another output"
     )
     with lock_file(final.with_name(f".{final.name}{LOCK_SUFFIX}"), busy):
         yield

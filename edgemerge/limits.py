@@ -8,6 +8,7 @@ hostile file fails at once, in little memory, with one short line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import reprlib
 from pathlib import Path
@@ -48,6 +49,31 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
+
+
+def finite_number(name: str, v: Any, *, want: str = "a number") -> float:
+    """A finite float from a parsed YAML/JSON number; ValueError naming `name` for a bool, a non-number (`want`:
+    what the message asks for) or a value that is not finite (an integer beyond the float range is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be {want}, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {shown(v)}")
+    return x
+
+
+def shown_path(path: Path | str, limit: int = 120) -> str:
+    """A path as it may appear in a message: printable (bytes that are not UTF-8 escaped), at most `limit`
+    characters (the middle cut out)."""
+    s = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    if len(s) > limit:
+        half = limit // 2
+        s = f"{s[:half]}...{s[-half:]}"
+    return s
 
 
 def read_limited(path: Path, limit: int, what: str) -> bytes:
@@ -122,3 +148,8 @@ def read_json_object(path: Path, what: str = "") -> dict:
             "model's source"
         )
     return data
+
+
+def read_optional_object(path: Path) -> dict | None:
+    """An optional JSON object file of a model folder (`present`, then `read_json_object`); None when absent."""
+    return read_json_object(path) if present(path) else None

@@ -7,33 +7,21 @@ The GGUF metadata (`edgemerge.recipe`, lineage), the model card, the manifest an
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .sources import is_local, local_path, path_exists
+
 if TYPE_CHECKING:
     from .recipe import Recipe
-
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+)?$")
-
-
-def _local_path(ref: str, root: Path | None) -> Path:
-    p = Path(ref).expanduser()
-    return p if p.is_absolute() else (root or Path.cwd()) / p
-
-
-def is_local(ref: str, root: Path | None = None) -> bool:
-    """Whether `ref` names a local folder (the rule `sources.resolve` applies: an existing path, or anything
-    that is not an `owner/name[@revision]` hub id)."""
-    return ref.startswith((".", "/", "~")) or not _HF_ID.match(ref) or _local_path(ref, root).exists()
 
 
 def public_ref(ref: str | None, root: Path | None = None) -> str | None:
     """A hub id as given; a local folder by its name only ("/home/me/models/llama-eu" -> "llama-eu")."""
     if not ref or not is_local(ref, root):
         return ref
-    path = _local_path(ref, root)
-    name = path.resolve().name if path.exists() else Path(ref).name
+    path = local_path(ref, root)
+    name = path.resolve().name if path_exists(path) else Path(ref).name
     return name or "local-model"
 
 

@@ -6,7 +6,6 @@ against the recipe file's folder. Bundled recipes live in `recipes/` (installed 
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import EdgemergeError
-from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_limited, shown
+from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, finite_number, read_limited, shown
 
 MethodName = Literal["task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
 DType = Literal["bfloat16", "float16", "float32"]
@@ -62,20 +61,7 @@ class Language(BaseModel):
     @field_validator("weight", mode="before")
     @classmethod
     def _weight(cls, v: Any) -> float:
-        return _finite("weight", v)
-
-
-def _finite(what: str, v: Any) -> float:
-    """A finite float from a YAML number (an integer too large for a float is not one)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{what} must be a number, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
-    try:
-        x = float(v)
-    except OverflowError:
-        x = math.inf
-    if not math.isfinite(x):
-        raise ValueError(f"{what} must be a finite number, got {shown(v)}")
-    return x
+        return finite_number("weight", v)
 
 
 class Gates(BaseModel):
@@ -95,7 +81,7 @@ class Gates(BaseModel):
     def _threshold(cls, v: Any, info) -> float | None:
         if v is None:
             return None
-        x = _finite(info.field_name, v)
+        x = finite_number(info.field_name, v)
         if info.field_name.startswith("min_") and not 0 <= x <= 1:
             raise ValueError(f"{info.field_name} is a fraction: it must be between 0 and 1, got {shown(v)}")
         if x < 0:

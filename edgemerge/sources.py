@@ -76,6 +76,10 @@ class RecipeSources:
     languages: list[ModelSource]
     codes: list[str] = field(default_factory=list)
 
+    def paths(self) -> list[Path]:
+        """The folders the inputs are in (what an output may not be, contain or lie inside)."""
+        return [src.path for _, src in self.named()]
+
     def named(self) -> list[tuple[str, ModelSource]]:
         """(role, source) pairs: instruct, base, then each language by code."""
         return [("instruct", self.instruct), ("base", self.base)] + list(zip(self.codes, self.languages))
@@ -268,13 +272,13 @@ def _download(
     return path, commit
 
 
-def _local_path(ref: str, root: Path | None) -> Path:
+def local_path(ref: str, root: Path | None) -> Path:
     """Where `ref` would be as a local folder: absolute, or relative to `root` (the recipe's folder)."""
     p = Path(ref).expanduser()
     return p if p.is_absolute() else (root or Path.cwd()) / p
 
 
-def _exists(path: Path) -> bool:
+def path_exists(path: Path) -> bool:
     """Path.exists() for any string: a name too long for the file system or with a NUL is not there."""
     try:
         return path.exists()
@@ -282,11 +286,25 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def is_local(ref: str, root: Path | None = None) -> bool:
+    """Whether `ref` names a local folder rather than a hub model, by the rule `resolve` applies: an existing
+    path, or anything that is not an `owner/name[@revision]` id (or starts like a path)."""
+    return path_exists(local_path(ref, root)) or HF_ID.match(ref) is None or ref.startswith((".", "/", "~"))
+
+
+def local_inputs(recipe: Recipe) -> list[Path]:
+    """The recipe's models that are local folders, known without resolving or downloading anything (an output
+    is checked against them before any work)."""
+    refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages if lang.model)]
+    paths = [local_path(ref, recipe.root) for ref in refs]
+    return [p for p in paths if path_exists(p)]
+
+
 def pending_download(ref: str, root: Path | None = None) -> int:
     """Bytes of weights that resolving `ref` would download (0 for a local folder or a fully cached model).
     Fetches the model's small files to learn which weights it needs, and asks the hub for their sizes."""
     m = HF_ID.match(ref)
-    if m is None or _exists(_local_path(ref, root)):
+    if m is None or path_exists(local_path(ref, root)):
         return 0
     _, commit, weights = _small_files(m["repo"], m["rev"], ref)
     try:
@@ -315,8 +333,8 @@ def check_download_space(refs: list[str], root: Path | None = None) -> int:
 
 def resolve(ref: str, root: Path | None = None, progress: Progress | None = None) -> ModelSource:
     """A local folder or `owner/name[@revision]` hub id -> ModelSource (downloading if needed)."""
-    local = _local_path(ref, root)
-    if _exists(local):
+    local = local_path(ref, root)
+    if path_exists(local):
         if not local.is_dir():
             raise EdgemergeError(f"model {ref}: {local} is a file; give the model's folder")
         local = local.resolve()

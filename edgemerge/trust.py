@@ -17,15 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgemergeError
-from .limits import present, read_json_object
+from .limits import read_optional_object
 
 # files transformers reads when it loads a config or a tokenizer from a folder
 _CODE_FILES = ("config.json", "tokenizer_config.json")
-
-
-def _read_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object file (bounded, shape-checked read), None when the file is absent."""
-    return read_json_object(path) if present(path) else None
 
 
 def _builtin_tokenizer_class(name: str) -> bool:
@@ -50,7 +45,7 @@ def custom_code_field(folder: Path) -> str | None:
     "tokenizer_config.json tokenizer_class 'X'"), or None."""
     folder = Path(folder)
     for fname in _CODE_FILES:
-        data = _read_object(folder / fname)
+        data = read_optional_object(folder / fname)
         if data is None:
             continue
         nested = [(f"{k}.", v) for k, v in data.items() if isinstance(v, dict)]

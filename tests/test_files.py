@@ -25,10 +25,10 @@ from edgemerge.files import (
     output_lock,
     pid_alive,
     remove_file,
-    shown,
     temp_sibling,
     write_marker,
 )
+from edgemerge.limits import shown_path
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -252,9 +252,9 @@ def test_bad_output_paths_are_one_line_errors(tmp_path, case, make, message):
 
 
 def test_messages_show_a_short_printable_path():
-    assert shown("a" * 1000).count("a") <= 120
-    assert shown(os.fsdecode(b"x\xff")) == "x\\udcff"
-    assert "\n" not in shown("a\nb")
+    assert shown_path("a" * 1000).count("a") <= 120
+    assert shown_path(os.fsdecode(b"x\xff")) == "x\\udcff"
+    assert "\n" not in shown_path("a\nb")
 
 
 ESCAPES = [

@@ -4,6 +4,7 @@ would create a marker file if imported; every entry point must refuse them in on
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -14,7 +15,6 @@ import gguf
 import pytest
 import yaml
 
-from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.gguf.vocab import SafeLlamaHfVocab
 from edgemerge.trust import custom_code_field, load_config_dict, load_tokenizer, no_stdin
@@ -97,19 +97,13 @@ def hostile_copy(src: Path, dst: Path, kind: str, marker: Path) -> Path:
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """`edgemerge ...` in-process with stdin saying yes to everything."""
+def cli(cli, monkeypatch):
+    """conftest's `edgemerge ...` in-process, with stdin saying yes to everything: (exit code, stderr)."""
 
     def run(*args) -> tuple[int, str]:
-        import io
-
         monkeypatch.setattr(sys, "stdin", io.StringIO(YES))
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err
+        code, _, err = cli(*args)
+        return code, err
 
     return run
 

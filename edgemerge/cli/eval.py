@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
-from ..files import atomic_output, output_lock, prepare_output, shown
-from ..limits import MAX_THREADS, check_count
+from ..files import atomic_output, output_lock, prepare_output
+from ..limits import MAX_THREADS, check_count, shown_path
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
 from .common import app, console, err_console, print_json
@@ -64,7 +64,7 @@ def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Pat
     for p in reports:
         prepare_output(p, force=True, inputs=inputs, replace_dir=False)
     if len(reports) == 2 and Path(reports[0]).absolute() == Path(reports[1]).absolute():
-        raise EdgemergeError(f"--json and --markdown both name {shown(reports[0])}; give two files")
+        raise EdgemergeError(f"--json and --markdown both name {shown_path(reports[0])}; give two files")
     return reports
 
 
@@ -233,7 +233,7 @@ def eval_(
             out.print(gt)
         if json_out is not None:
             _write_report(json_out, json.dumps(data, indent=2, ensure_ascii=False) + "\n", inputs)
-            err_console.print(f"report written to {shown(json_out)}", highlight=False)
+            err_console.print(f"report written to {shown_path(json_out)}", highlight=False)
     if markdown is not None:
         _write_report(markdown, report.to_markdown(), inputs)
 

@@ -50,7 +50,8 @@ def merge(
     The inputs are checked first; nothing appears at the output path unless the merge succeeds.
     """
     from ..merge.backends import resolve_backend_name
-    from ..merge.run import local_inputs, merge_to_gguf, merge_to_hf
+    from ..merge.run import merge_to_gguf, merge_to_hf
+    from ..sources import local_inputs
 
     if (out is None) == (gguf is None):
         raise EdgemergeError(

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 import gguf
 
+from ..public import public_recipe, public_ref
+from ..sources import is_local
+
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
@@ -58,8 +61,6 @@ class GGUFMetadata:
     def from_recipe(cls, recipe: Recipe) -> GGUFMetadata:
         """Metadata of a merge: lineage instruct, base, then each language model; the recipe as YAML."""
         import yaml
-
-        from ..public import is_local, public_recipe, public_ref
 
         def lineage_of(ref: str, role: str) -> Lineage:
             return Lineage(public_ref(ref, recipe.root), role, local=is_local(ref, recipe.root))

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import EdgemergeError
-from ..limits import shown
+from ..limits import finite_number, shown
 from .backends import Array, Backend
 
 
@@ -76,15 +76,7 @@ def _bool(name: str, v: Any) -> bool:
 
 
 def _number(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a finite number, got {shown(v)}")  # noqa: TRY004 (as the others)
-    try:
-        x = float(v)
-    except OverflowError:  # an integer beyond the float range
-        x = math.inf
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {shown(v)}")
-    return x
+    return finite_number(name, v, want="a finite number")
 
 
 def _fraction(lo_open: bool, hi_open: bool) -> Callable[[str, Any], float]:

@@ -16,10 +16,10 @@ from ..check import CompatReport, check_compat
 from ..errors import EdgemergeError
 from ..files import atomic_output, ensure_free_space
 from ..progress import Progress
-from ..public import is_local, public_inputs, public_recipe
+from ..public import public_inputs, public_recipe
 from ..recipe import Recipe
 from ..sinks import SafetensorsSink
-from ..sources import RecipeSources, resolve_recipe
+from ..sources import RecipeSources, is_local, resolve_recipe
 from .engine import MergeStats, merge_into
 from .methods import get_method
 
@@ -100,26 +100,12 @@ def write_model_files(out_dir: Path, instruct_dir: Path, config: dict, dtype: st
     tok_cfg = out_dir / "tokenizer_config.json"
     if tok_cfg.is_file():  # validated by the check: a JSON object
         data = json.loads(tok_cfg.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and without_local_name(data) != data:
-            tok_cfg.write_text(json.dumps(without_local_name(data), indent=2, ensure_ascii=False) + "\n")
+        public = without_local_name(data) if isinstance(data, dict) else data
+        if public != data:
+            tok_cfg.write_text(json.dumps(public, indent=2, ensure_ascii=False) + "\n")
     extra = instruct_dir / "additional_chat_templates"
     if extra.is_dir():
         shutil.copytree(extra, out_dir / extra.name)
-
-
-def local_inputs(recipe: Recipe) -> list[Path]:
-    """The recipe's models that are local folders, known without resolving or downloading anything (an output
-    is checked against them before any work)."""
-    from ..sources import _local_path
-
-    refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages if lang.model)]
-    paths = [_local_path(ref, recipe.root) for ref in refs]
-    return [p for p in paths if p.exists()]
-
-
-def _input_paths(sources: RecipeSources) -> list[Path]:
-    """The folders a merge reads: its output may not be, contain or lie inside any of them."""
-    return [src.path for _, src in sources.named()]
 
 
 def merge_to_hf(
@@ -140,7 +126,7 @@ def merge_to_hf(
     sources = sources or resolve_recipe(recipe, progress)
     report = check_compat(sources)
     ensure_free_space(out_dir.parent, output_bytes(report, recipe.dtype) + SPACE_MARGIN, "the merged model")
-    with atomic_output(out_dir, force=force, inputs=_input_paths(sources), kind="merge") as tmp:
+    with atomic_output(out_dir, force=force, inputs=sources.paths(), kind="merge") as tmp:
         sink = SafetensorsSink(
             tmp, max_shard_bytes=max_shard_bytes, metadata={"edgemerge_recipe": recipe.name}
         )
@@ -183,7 +169,7 @@ def merge_to_gguf(
     report = report or check_compat(sources)
     width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
     ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
-    with atomic_output(out_file, force=force, inputs=_input_paths(sources)) as tmp:
+    with atomic_output(out_file, force=force, inputs=sources.paths()) as tmp:
         sink = GGUFSink(
             tmp,
             sources.instruct.path,
