@@ -236,6 +236,7 @@ class ModelShape:
     n_vocab: int
     kv_bytes_per_token: int  # llama.cpp's KV cache (f16 K and V) per token of context, all layers
     largest_tensor_elements: int
+    n_head: int  # attention heads (the most of any layer): the compute buffer's K*Q grows with it
 
 
 _MAX_COUNT = 1 << 32  # llama.cpp reads these keys as uint32
@@ -273,18 +274,16 @@ def kv_bytes_per_token(
     """sum over layers of n_head_kv * (k_dim + v_dim) * 2 bytes (llama.cpp's default f16 cache), k_dim and v_dim
     the key/value head sizes (`attention.key_length` / `value_length`, else n_embd / n_head). Scalars are
     multiplied out, not looped over: a header's block_count is untrusted."""
+
+    def dims(h: int) -> int:  # key + value head size of a layer with h heads
+        k = key_length if key_length is not None else (n_embd // h if h else 0)
+        return k + (value_length if value_length is not None else (n_embd // h if h else 0))
+
     if not isinstance(head_count, list) and not isinstance(head_count_kv, list):
-        k = key_length if key_length is not None else (n_embd // head_count if head_count else 0)
-        v = value_length if value_length is not None else (n_embd // head_count if head_count else 0)
-        return n_layer * head_count_kv * (k + v) * 2
+        return n_layer * head_count_kv * dims(head_count) * 2
     heads = head_count if isinstance(head_count, list) else [head_count] * n_layer
     kv_heads = head_count_kv if isinstance(head_count_kv, list) else [head_count_kv] * n_layer
-    total = 0
-    for h, hkv in zip(heads, kv_heads):
-        k = key_length if key_length is not None else (n_embd // h if h else 0)
-        v = value_length if value_length is not None else (n_embd // h if h else 0)
-        total += hkv * (k + v) * 2
-    return total
+    return sum(hkv * dims(h) * 2 for h, hkv in zip(heads, kv_heads))
 
 
 def model_shape(path: Path) -> ModelShape:
@@ -326,6 +325,7 @@ def model_shape(path: Path) -> ModelShape:
         n_vocab=n_vocab,
         kv_bytes_per_token=kv_bytes_per_token(n_layer, heads, kv_heads, n_embd, k_len, v_len),
         largest_tensor_elements=largest,
+        n_head=max(heads) if isinstance(heads, list) else heads,
     )
 
 

@@ -212,6 +212,8 @@ def test_model_shape_of_synthetic_headers(tmp_path, kv, kv_bytes, n_ff, largest)
     path = _synthetic(tmp_path / "m.gguf", **kv)
     shape = res.model_shape(path)
     assert shape.n_layer == 4 and shape.n_embd == 256 and shape.n_ff == n_ff
+    heads = kv.get("heads", 8)
+    assert shape.n_head == (max(heads) if isinstance(heads, list) else heads)
     assert shape.kv_bytes_per_token == kv_bytes
     assert shape.largest_tensor_elements == largest
     assert shape.n_vocab == kv.get("vocab_size", 100) and shape.file_bytes == path.stat().st_size
@@ -269,11 +271,11 @@ def test_model_shape_of_a_real_model():
     path = need_shared("models", "stories260K", "stories260K.gguf")
     shape = res.model_shape(path)
     # 5 layers, dim 64, 8 heads (head size 8), 4 KV heads: 5 x 4 x (8 + 8) x 2 bytes
-    assert shape == res.ModelShape(path.stat().st_size, 5, 64, 172, 512, 640, 512 * 64)
+    assert shape == res.ModelShape(path.stat().st_size, 5, 64, 172, 512, 640, 512 * 64, 8)
 
 
 def test_eval_memory_arithmetic():
-    shape = res.ModelShape(2_000_000_000, 22, 2048, 5632, 32000, 22528, 65_536_000)
+    shape = res.ModelShape(2_000_000_000, 22, 2048, 5632, 32000, 22528, 65_536_000, 32)
     parts = res.eval_memory(shape, n_seq=4, n_ctx_seq=512, n_batch=256)
     assert parts["weights"] == 2_000_000_000
     assert parts["kv_cache"] == 4 * 512 * 22528
@@ -286,7 +288,7 @@ def test_eval_memory_arithmetic():
 
 
 def test_quantize_and_merge_estimates():
-    shape = res.ModelShape(2_200_000_000, 22, 2048, 5632, 32000, 22528, 32000 * 2048)
+    shape = res.ModelShape(2_200_000_000, 22, 2048, 5632, 32000, 22528, 32000 * 2048, 32)
     assert res.quantize_memory(shape) == 32000 * 2048 * 7 + res.QUANTIZE_BASELINE
     # README: 0.51 GB measured quantizing the 1b family, 0.54 GB merging it
     assert 0.49e9 < res.quantize_memory(shape) < 0.54e9
