@@ -1,49 +1,59 @@
-"""Drift against a reference GGUF: zero for a model against itself, positive for F32 against Q4_K_M."""
+"""Drift against a stored reference on the real stories260K model (F32) and its Q4_K_M: the stored comparison
+against the live two-model computation, one model in memory at a time, and the refusals."""
 
 from __future__ import annotations
 
-import ctypes
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgemerge.evaluate.drift import drift, kl_divergence
-from edgemerge.evaluate.perplexity import make_chunks
+from edgemerge.errors import EdgemergeError
+from edgemerge.evaluate import evaluate, runner
+from edgemerge.evaluate.drift import DriftMeter, kl_divergence, reference_chunks
+from edgemerge.evaluate.perplexity import chunk_logits, make_chunks, perplexity
+from edgemerge.evaluate.reference import StoredReference, reference_writer
 from edgemerge.evaluate.runner import Model
+from edgemerge.quantize import quantize
 
 from .shared import need_shared
 
 
-def _q4_k_m(src: Path, dst: Path) -> Path:
-    """Q4_K_M by llama.cpp's quantizer (edgemerge.quantize when present, else the llama.cpp call itself)."""
-    try:
-        from edgemerge.quantize import quantize
-    except ImportError:
-        import llama_cpp
-
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-        params.nthread = 1
-        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-        return dst
-    return quantize(src, "Q4_K_M", dst, threads=1)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def files(tmp_path_factory):
     f32 = need_shared("models", "stories260K", "stories260K.gguf")
-    q4 = _q4_k_m(f32, tmp_path_factory.mktemp("q") / "stories260K-Q4_K_M.gguf")
-    ms = [Model(p, n_ctx=512, n_threads=1) for p in (f32, f32, q4)]
-    yield ms
-    for m in ms:
-        m.close()
+    q4 = quantize(f32, "Q4_K_M", tmp_path_factory.mktemp("q") / "stories260K-Q4_K_M.gguf", threads=1)
+    return f32, q4
 
 
 @pytest.fixture(scope="module")
-def chunks(models):
-    lines = need_shared("text", "by_lang", "en.txt").read_text(encoding="utf-8").splitlines()[:60]
-    return make_chunks(models[0], lines, 128, fit=False)
+def lines() -> list[str]:
+    return need_shared("text", "by_lang", "en.txt").read_text(encoding="utf-8").splitlines()[:60]
+
+
+def _store(model: Model, chunks, path: Path) -> Path:
+    with reference_writer(path, chunks.ctx, model.n_vocab, chunks.tokens, chunks.n_chunks) as write:
+        perplexity(model, chunks, on_chunk=lambda i, lg, t: write(lg, t))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stored_f32(files, lines, tmp_path_factory) -> Path:
+    with Model(files[0], n_ctx=512, n_threads=1) as m:
+        return _store(m, make_chunks(m, lines, 128, fit=False), tmp_path_factory.mktemp("r") / "f32.logits")
+
+
+def _drift(path: Path, stored: Path, lines: list[str]):
+    s = StoredReference(stored)
+    try:
+        with Model(path, n_ctx=512, n_threads=1) as m:
+            chunks = reference_chunks(m, s, m.tokenize("\n".join(lines)), max_chunks=None)
+            meter = DriftMeter(s)
+            perplexity(m, chunks, on_chunk=meter)
+            return meter.result()
+    finally:
+        s.close()
 
 
 def test_kl_divergence_formula():
@@ -55,43 +65,109 @@ def test_kl_divergence_formula():
     assert np.allclose(kl_divergence(a, a + 3.0), 0.0)  # shift invariance: same distribution
 
 
-def test_model_against_itself(models, chunks):
-    f32, f32_again, _ = models
-    d = drift(f32, f32_again, chunks)
-    assert d.kld_mean == pytest.approx(0.0, abs=1e-9) and d.top1_agreement == 1.0 and d.ppl_ratio == 1.0
-    assert d.tokens == chunks.scored
+def test_model_against_its_own_stored_logits(files, stored_f32, lines):
+    d = _drift(files[0], stored_f32, lines)
+    assert abs(d.kld_mean) < 1.3e-4 and d.top1_agreement == 1.0
+    assert d.ppl_ratio == pytest.approx(1.0, rel=1e-6)  # the trailer keeps the reference's exact -log p
 
 
-def test_f32_against_q4_k_m(models, chunks):
-    f32, _, q4 = models
-    d = drift(q4, f32, chunks)
-    assert 0.0 < d.kld_mean < 0.5 and d.kld_max > d.kld_mean
-    assert 0.8 < d.top1_agreement < 1.0
-    assert d.ppl_ratio != 1.0 and d.ref_perplexity == pytest.approx(drift(f32, f32, chunks).perplexity)
+def test_stored_comparison_equals_the_live_two_model_one(files, stored_f32, lines):
+    """Both models' logits side by side (the old path, two models loaded) against the stored reference."""
+    f32, q4 = (Model(p, n_ctx=512, n_threads=1) for p in files)
+    with f32, q4:
+        chunks = make_chunks(f32, lines, 128, fit=False)
+        kl, same, nll_q, nll_f = [], 0, [], []
+        for (lq, t), (lf, _) in zip(chunk_logits(q4, chunks), chunk_logits(f32, chunks)):
+            kl.append(kl_divergence(lf, lq))
+            same += int((lq.argmax(-1) == lf.argmax(-1)).sum())
+            rows = np.arange(len(t))
+            nll_q.append(-runner.log_softmax(lq)[rows, t])
+            nll_f.append(-runner.log_softmax(lf)[rows, t])
+    live_kld = float(np.concatenate(kl).mean())
+    live_ratio = float(np.exp(np.concatenate(nll_q).mean() - np.concatenate(nll_f).mean()))
+    d = _drift(q4.path, stored_f32, lines)
+    assert 0.0 < live_kld < 0.5
+    assert d.kld_mean == pytest.approx(live_kld, abs=1.3e-4, rel=1e-3)
+    assert abs(d.top1_agreement * d.tokens - same) <= 1  # a near tie may flip within the stored precision
+    assert d.ppl_ratio == pytest.approx(live_ratio, rel=1e-6) and d.tokens == chunks.scored
 
 
-def test_reference_with_another_vocabulary_is_refused(models, chunks, tmp_path):
+def test_other_text_or_vocabulary_is_refused(files, stored_f32, lines, tmp_path):
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-    from edgemerge.errors import EdgemergeError
-
-    src = need_shared("models", "stories260K", "stories260K.gguf")
-    reader = gguf.GGUFReader(src, "r")
+    with pytest.raises(EdgemergeError, match="other tokens") as e:
+        _drift(files[1], stored_f32, lines[1:])
+    assert "\n" not in str(e.value)
+    reader = gguf.GGUFReader(files[0], "r")
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
     i, j = tokens.index(","), tokens.index("!")
     tokens[i], tokens[j] = tokens[j], tokens[i]  # same size, different vocabulary
     dst = tmp_path / "other-vocab.gguf"
-    writer = gguf.GGUFWriter(dst, arch="llama")
     new = {
-        "tokenizer.ggml.tokens": MetadataDetails(
-            gguf.GGUFValueType.ARRAY, tokens, sub_type=gguf.GGUFValueType.STRING
-        )
+        "tokenizer.ggml.tokens": MetadataDetails(gguf.GGUFValueType.ARRAY, tokens, gguf.GGUFValueType.STRING)
     }
-    copy_with_new_metadata(reader, writer, new, [])
-    other = Model(dst, n_ctx=512, n_threads=1)
-    try:
-        with pytest.raises(EdgemergeError, match="different vocabulary"):
-            drift(models[0], other, chunks)
-    finally:
-        other.close()
+    copy_with_new_metadata(reader, gguf.GGUFWriter(dst, arch="llama"), new, [])
+    with pytest.raises(EdgemergeError, match="different vocabulary"):
+        _drift(dst, stored_f32, lines)
+
+
+def test_eval_with_ref_holds_one_model_at_a_time_and_equals_the_stored_path(files, tmp_path, monkeypatch):
+    open_now, most = [0], [0]
+    init, close = Model.__init__, Model.close
+
+    def counting_init(self, *a, **k):
+        init(self, *a, **k)
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+
+    def counting_close(self):
+        open_now[0] -= 1
+        close(self)
+
+    monkeypatch.setattr(Model, "__init__", counting_init)
+    monkeypatch.setattr(Model, "close", counting_close)
+    f32, q4 = files
+    live = evaluate(q4, "en", ref=f32, quick=True, n_threads=1)
+    assert most[0] == 1 and open_now[0] == 0
+    saved = tmp_path / "f32.logits"
+    evaluate(f32, "en", save_logits=saved, quick=True, n_threads=1)
+    stored = evaluate(q4, "en", ref_logits=saved, quick=True, n_threads=1)
+    for k in ("perplexity", "ref_perplexity", "kld_mean", "kld_max", "top1_agreement", "ppl_ratio", "tokens"):
+        assert getattr(live, k) == getattr(stored, k), k
+    assert live.ref == "stories260K.gguf" and stored.ref == "f32.logits" and 0 < live.kld_mean < 1
+
+
+def test_eval_command_stores_and_compares(files, tmp_path, cli):
+    f32, q4 = files
+    saved, report = tmp_path / "f32.logits", tmp_path / "q4.json"
+    code, _, err = cli("eval", f32, "--lang", "en", "--quick", "--threads", "1", "--save-logits", saved)
+    assert code == 0, err
+    code, _, err = cli(
+        "eval", q4, "--lang", "en", "--quick", "--threads", "1", "--ref-logits", saved, "--json", report
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["ref"] == "f32.logits" and 0 < data["kld_mean"] < 1 and data["threads"] == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "message"),
+    [
+        ("truncate", [], "truncated or damaged"),
+        (None, ["--ctx", "64"], "--ctx 64 differs from the chunks of 128"),
+        (None, ["--lang", "eu"], "other tokens"),
+        (None, ["--ref", "MODEL"], "either --ref"),
+        (None, ["--save-logits", "MODEL"], "choose an output outside the inputs"),
+    ],
+)
+def test_eval_command_refuses_a_bad_reference(files, stored_f32, tmp_path, cli, damage, extra, message):
+    ref = tmp_path / "ref.logits"
+    ref.write_bytes(stored_f32.read_bytes()[: -100 if damage else None])
+    q4 = files[1]
+    extra = [str(q4) if x == "MODEL" else x for x in extra]
+    lang = [] if "--lang" in extra else ["--lang", "en"]
+    report = tmp_path / "out.json"
+    code, _, err = cli("eval", q4, *lang, "--threads", "1", "--ref-logits", ref, "--json", report, *extra)
+    assert code == 2 and message in err, err
+    assert err.count("\n") <= 2 and not report.exists()

@@ -29,6 +29,7 @@ GATE_FLAGS = {
     "max_ppl_ratio": "--max-ppl-ratio",
 }
 MAX_TOKENS = 1 << 16
+MAX_BATCH = 256  # llama.cpp's limit on parallel sequences (LLAMA_MAX_SEQ)
 
 
 def check_eval_numbers(
@@ -96,7 +97,25 @@ def eval_(
     ],
     ref: Annotated[
         Path | None,
-        typer.Option("--ref", help="Reference GGUF (e.g. the F16 MODEL was quantized from): drift."),
+        typer.Option(
+            "--ref", help="Reference GGUF (e.g. the F16 MODEL was quantized from): drift. Run first, alone."
+        ),
+    ] = None,
+    ref_logits: Annotated[
+        Path | None,
+        typer.Option(
+            "--ref-logits",
+            help="Drift against log-probabilities stored before (--save-logits, or llama-perplexity "
+            "--kl-divergence-base): the reference is not loaded at all.",
+        ),
+    ] = None,
+    save_logits: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-logits",
+            help="Store MODEL's log-probabilities over the perplexity text (llama.cpp's kl-divergence-base "
+            "format, ~2 bytes per vocabulary entry per scored token), for later --ref-logits runs.",
+        ),
     ] = None,
     text: Annotated[
         Path | None,
@@ -132,7 +151,12 @@ def eval_(
     system: Annotated[
         bool, typer.Option("--system", help="Send the language's default system prompt with each prompt.")
     ] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: the idle cores).")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="Answers decoded in parallel (default 16).")
+    ] = None,
     answers: Annotated[bool, typer.Option("--answers", help="Also print every prompt's answer.")] = False,
     recipe: Annotated[
         str | None,
@@ -156,12 +180,21 @@ def eval_(
     template to built-in prompts in the language: language fidelity, instruction following (verifiable
     constraints) and the share of answers that stop cleanly on EOS/EOT. Optionally multiple choice (--mc) and
     quantization drift against a reference (--ref: KL divergence, top-1 agreement, perplexity ratio).
-    A GGUF without a chat template (a base model) gets n/a for the chat metrics.
+    A GGUF without a chat template (a base model) gets n/a for the chat metrics. One model is in memory at a time:
+    with --ref, the reference runs first and its log-probabilities are kept in a temporary file.
+
+    Examples:
+
+      edgemerge eval dist/m/m.Q4_K_M.gguf --lang eu --ref dist/m/m.F16.gguf
+
+      edgemerge eval m.F16.gguf --lang eu --save-logits m.F16.logits   # once
+      edgemerge eval m.Q4_K_M.gguf --lang eu --ref-logits m.F16.logits  # per quant
     """
     from ..evaluate import evaluate, language_info
     from ..evaluate.gates import gate_results
 
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
+    check_count("--batch", batch, 1, MAX_BATCH, " (answers decoded in parallel)")
     gates_recipe = load_recipe(recipe) if recipe else None
     gates = gates_recipe.eval if gates_recipe else Gates()
     overrides = {
@@ -175,8 +208,10 @@ def eval_(
     }
     gates = gates_with(gates, overrides)
     sys_prompt = language_info(lang)["system"] if system else None
-    inputs = [model, ref, text, mc, gates_recipe.file if gates_recipe else None]
+    inputs = [model, ref, ref_logits, text, mc, gates_recipe.file if gates_recipe else None]
     reports = _report_paths(json_out, markdown, inputs)
+    if save_logits is not None:
+        prepare_output(save_logits, force=True, inputs=inputs + reports, replace_dir=False)
 
     # a display only on a terminal: in a pipe or a log, rich would leave a blank line before any error
     display = (
@@ -187,6 +222,10 @@ def eval_(
             model,
             lang,
             ref=ref,
+            ref_logits=ref_logits,
+            save_logits=save_logits,
+            inputs=inputs + reports,
+            batch=batch,
             text=text,
             mc=mc,
             quick=quick,
@@ -197,6 +236,8 @@ def eval_(
             mc_limit=mc_limit,
             system=sys_prompt,
         )
+    if report.memory_note:
+        err_console.print(f"warning: {report.memory_note}", highlight=False)
     results = gate_results(report, gates)
     data = report.to_dict()
     data["gates"] = [

@@ -8,10 +8,14 @@ stops: answers.py), and optionally multiple-choice accuracy (mc.py) and drift ag
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from pathlib import Path
 
+from ..errors import EdgemergeError
+from ..memory_plan import plan_file
 from ..progress import task
+from ..resources import memory_limit
 from .prompts import available_languages, language_info, load_prompts, read_passages, sample_text
 from .report import EvalReport
 
@@ -20,6 +24,7 @@ QUICK_MAX_TOKENS = 64
 QUICK_CHUNKS = 1
 QUICK_MC = 50
 CHAT_CTX = 2048
+ANSWER_BATCH = 16  # parallel answers: past ~16, a 2-core CPU gains little more (tools/bench_eval.py)
 
 
 def evaluate(
@@ -27,6 +32,8 @@ def evaluate(
     lang: str,
     *,
     ref: Path | None = None,
+    ref_logits: Path | None = None,
+    save_logits: Path | None = None,
     text: Path | None = None,
     mc: Path | None = None,
     quick: bool = False,
@@ -36,19 +43,31 @@ def evaluate(
     ctx: int | None = None,
     mc_limit: int | None = None,
     system: str | None = None,
+    batch: int | None = None,
+    skip_chat: str | None = None,
+    inputs: list[Path | None] | None = None,
 ) -> EvalReport:
     """Evaluate `model` in `lang` (see the module docstring); inputs are checked before any model is loaded.
 
+    Drift: against `ref` (a GGUF: its pass runs first, alone, and its log-probabilities are stored in a
+    temporary file) or `ref_logits` (a file stored before, by `save_logits` or llama-perplexity
+    --kl-divergence-base). One model is in memory at a time. `save_logits`: store this model's log-probabilities
+    over the perplexity chunks (a file that is not one of `inputs`).
     `quick`: the prompts marked quick (6 per language), `max_tokens` 64, one perplexity chunk, 50 MC questions.
     `system`: a system prompt for the chat turns (default none: the prompt's own language is the only cue).
+    `batch`: answers decoded in parallel (default 16). `skip_chat`: a reason not to answer the prompts (a file
+    too large for this machine's memory): the chat metrics are then n/a and the report says why.
     """
     from .answers import answer_prompts, scores
-    from .drift import drift
+    from .drift import DriftMeter, reference_chunks
     from .mc import evaluate_mc, load_mc
     from .perplexity import DEFAULT_CTX, make_chunks, perplexity
+    from .reference import StoredReference, reference_writer
     from .runner import Model, check_gguf
 
     t0 = time.perf_counter()
+    if ref is not None and ref_logits is not None:
+        raise EdgemergeError("give either --ref (a GGUF) or --ref-logits (a stored file), not both")
     check_gguf(model)
     if ref is not None:
         check_gguf(ref)
@@ -56,33 +75,86 @@ def evaluate(
     passages = read_passages(text) if text is not None else sample_text(lang)
     if mc is not None:
         load_mc(mc)
+    stored = StoredReference(ref_logits) if ref_logits is not None else None
+    if stored is not None and ctx is not None and ctx != stored.header.n_ctx:
+        stored.close()
+        raise EdgemergeError(
+            f"--ctx {ctx} differs from the chunks of {stored.header.n_ctx} tokens the reference logits were "
+            "computed with; leave --ctx out"
+        )
     max_tokens = max_tokens or (QUICK_MAX_TOKENS if quick else DEFAULT_MAX_TOKENS)
     report = EvalReport(model=Path(model).name, lang=lang, quick=quick, max_tokens=max_tokens)
-
-    with task(progress, f"loading {Path(model).name}", None):
-        m = Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)
-    with contextlib.closing(m):
-        m.check_chat_template()  # a broken template fails now, not after the perplexity run
-        chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=QUICK_CHUNKS if quick else None)
-        report.ppl_ctx, report.ppl_chunks = chunks.ctx, chunks.n_chunks
-        if ref is not None:
+    if batch is None and skip_chat is None:  # the largest batch (at most 16) whose KV cache fits the memory
+        planned = plan_file(Path(model), memory_limit())
+        batch = planned.batch
+        report.memory_note = None if planned.fits else planned.note
+    max_chunks = QUICK_CHUNKS if quick else None
+    with contextlib.ExitStack() as stack:
+        if stored is not None:
+            stack.callback(stored.close)
+        if ref is not None:  # the reference's pass first, alone; what the comparison needs goes to a file
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgemerge-ref-")))
             with task(progress, f"loading {Path(ref).name}", None):
                 r = Model(ref, n_ctx=CHAT_CTX, n_threads=n_threads)
             with contextlib.closing(r):
-                d = drift(m, r, chunks, progress)
-            report.ref = Path(ref).name
-            report.perplexity, report.tokens = d.perplexity, d.tokens
+                chunks = make_chunks(r, passages, ctx or DEFAULT_CTX, max_chunks=max_chunks)
+                _save(r, chunks, tmp / "ref.logits", progress, f"reference {Path(ref).name}", [])
+            stored = StoredReference(tmp / "ref.logits")
+            stack.callback(stored.close)
+
+        with task(progress, f"loading {Path(model).name}", None):
+            m = Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)
+        stack.callback(m.close)
+        m.check_chat_template()  # a broken template fails now, not after the perplexity run
+        report.threads = m.threads
+        t1 = time.perf_counter()
+        if stored is not None:
+            tokens = m.tokenize("\n".join(passages), add_special=True)
+            chunks = reference_chunks(m, stored, tokens, max_chunks=max_chunks)
+            meter = DriftMeter(stored)
+            writer = None
+            if save_logits is not None:
+                writer = stack.enter_context(
+                    reference_writer(
+                        save_logits,
+                        chunks.ctx,
+                        m.n_vocab,
+                        chunks.tokens,
+                        chunks.n_chunks,
+                        inputs=inputs or [],
+                    )
+                )
+            p = perplexity(m, chunks, progress, on_chunk=_both(meter, writer), label="perplexity and drift")
+            d = meter.result()
+            report.ref = Path(ref).name if ref is not None else Path(ref_logits).name
             report.ref_perplexity, report.ppl_ratio = d.ref_perplexity, d.ppl_ratio
             report.kld_mean, report.kld_max, report.top1_agreement = d.kld_mean, d.kld_max, d.top1_agreement
         else:
-            p = perplexity(m, chunks, progress)
-            report.perplexity, report.tokens = p.perplexity, p.tokens
+            chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=max_chunks)
+            if save_logits is not None:
+                p = _save(m, chunks, save_logits, progress, "perplexity", inputs or [])
+            else:
+                p = perplexity(m, chunks, progress)
+        report.perplexity, report.tokens = p.perplexity, p.tokens
+        report.ppl_ctx, report.ppl_chunks = chunks.ctx, chunks.n_chunks
+        report.ppl_seconds = round(time.perf_counter() - t1, 2)
 
-        if m.chat_template is not None:
+        if m.chat_template is not None and skip_chat is not None:
+            report.chat_skipped = skip_chat
+        elif m.chat_template is not None:
             report.chat_template = True
+            report.answer_batch = min(batch or ANSWER_BATCH, len(prompts))
+            t2 = time.perf_counter()
             report.responses = answer_prompts(
-                m, prompts, lang, max_tokens=max_tokens, system=system, progress=progress
+                m,
+                prompts,
+                lang,
+                max_tokens=max_tokens,
+                system=system,
+                progress=progress,
+                n_seq=report.answer_batch,
             )
+            report.answer_seconds = round(time.perf_counter() - t2, 2)
             s = scores(report.responses, lang)
             report.language_fidelity, report.stop_rate = s.language_fidelity, s.stop_rate
             report.instruction_following, report.instruction_checks = (
@@ -95,6 +167,28 @@ def evaluate(
             report.mc_file, report.mc_accuracy, report.mc_questions = res.file, res.accuracy, res.questions
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _both(meter, writer):
+    def on_chunk(i, logits, targets):
+        meter(i, logits, targets)
+        if writer is not None:
+            writer(logits, targets)
+
+    return on_chunk
+
+
+def _save(model, chunks, path: Path, progress, label: str, inputs: list[Path | None]):
+    """The perplexity pass of `model`, its log-probabilities stored in `path` (reference.py)."""
+    from .perplexity import perplexity
+    from .reference import reference_writer
+
+    with reference_writer(
+        path, chunks.ctx, model.n_vocab, chunks.tokens, chunks.n_chunks, inputs=inputs
+    ) as write:
+        return perplexity(
+            model, chunks, progress, on_chunk=lambda i, logits, targets: write(logits, targets), label=label
+        )
 
 
 __all__ = ["EvalReport", "available_languages", "evaluate", "language_info", "load_prompts", "sample_text"]

@@ -90,15 +90,22 @@ def answer_prompts(
     max_tokens: int,
     system: str | None = None,
     progress=None,
+    n_seq: int = 1,
 ) -> list[Response]:
-    """Greedy answers through the GGUF's chat template, one user turn each (plus `system` when given)."""
-    out = []
-    with task(progress, "answering prompts", len(prompts), unit="prompts") as advance:
-        for p in prompts:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": p.prompt}
-            ]
-            gen = model.generate(model.chat_tokens(messages), max_tokens)
-            out.append(score_answer(p, gen.text.strip(), lang, stopped=gen.stopped, tokens=gen.tokens))
-            advance(1)
-    return out
+    """Greedy answers through the GGUF's chat template, one user turn each (plus `system` when given),
+    decoded as up to `n_seq` parallel sequences (`Model.generate_many`)."""
+    turns = [
+        model.chat_tokens(
+            ([{"role": "system", "content": system}] if system else [])
+            + [{"role": "user", "content": p.prompt}]
+        )
+        for p in prompts
+    ]
+    with task(
+        progress, f"answering prompts ({min(n_seq, len(prompts))} at a time)", len(prompts), unit="prompts"
+    ) as advance:
+        gens = model.generate_many(turns, max_tokens, n_seq=n_seq, on_done=lambda i, g: advance(1))
+    return [
+        score_answer(p, g.text.strip(), lang, stopped=g.stopped, tokens=g.tokens)
+        for p, g in zip(prompts, gens)
+    ]

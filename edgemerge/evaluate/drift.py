@@ -1,7 +1,7 @@
-"""Quantization drift: how far MODEL's next-token distributions move from a reference GGUF (usually its F16).
-
-Over the scored positions of the perplexity chunks (perplexity.py; the same positions llama.cpp's
-`llama-perplexity --kl-divergence` uses), with p = softmax(ref logits) and q = softmax(model logits):
+"""Quantization drift: how far MODEL's next-token distributions move from a reference (usually its F16), over the
+scored positions of the perplexity chunks (perplexity.py; the positions llama.cpp's `llama-perplexity
+--kl-divergence` uses). The reference is not loaded beside the model: its log-probabilities were stored first
+(reference.py, llama.cpp's file format). With p the reference's distribution and q the model's:
 
     KL(p || q) = sum_v p_v (log p_v - log q_v)        kld_mean = mean of KL over positions
     top1_agreement = share of positions where argmax p == argmax q
@@ -10,16 +10,15 @@ Over the scored positions of the perplexity chunks (perplexity.py; the same posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import EdgemergeError
-from ..progress import task
-from .perplexity import Chunks, chunk_logits, nll
+from ..limits import shown_path
+from .perplexity import Chunks
+from .reference import StoredReference, compare
 from .runner import Model, log_softmax
-
-_PROBE = "Kaixo mundua, bon dia!\nHello world"  # any text: same vocabulary, same tokens
 
 
 @dataclass
@@ -37,36 +36,58 @@ class DriftResult:
 
 
 def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(model)) per row, in nats."""
+    """KL(softmax(ref) || softmax(model)) per row, in nats (from two sets of live logits)."""
     lp, lq = log_softmax(ref_logits), log_softmax(logits)
     return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
 
 
-def drift(model: Model, ref: Model, chunks: Chunks, progress=None) -> DriftResult:
-    """Compare `model` against `ref` on `chunks` (tokenized with `model`); both must share a vocabulary."""
-    if model.n_vocab != ref.n_vocab or ref.tokenize(_PROBE) != model.tokenize(_PROBE):
+def reference_chunks(
+    model: Model, stored: StoredReference, tokens: list[int], *, max_chunks: int | None
+) -> Chunks:
+    """The stored reference's chunking for `model`, after checking that both saw the same tokens: the same
+    vocabulary size, and the model's tokens of the text equal the ones the reference was computed on."""
+    h, name = stored.header, shown_path(stored.path)
+    if h.n_vocab != model.n_vocab:
         raise EdgemergeError(
-            f"the reference {ref.path.name} has a different vocabulary from {model.path.name}; "
-            "give as --ref the GGUF this model was quantized from"
+            f"the reference logits {name} come from a model with a vocabulary of {h.n_vocab} tokens and "
+            f"{model.path.name} has {model.n_vocab} (a different vocabulary); compare against the file this "
+            "model was quantized from"
         )
-    kls: list[np.ndarray] = []
-    agree = 0
-    nll_m = nll_r = 0.0
-    count = 0
-    with task(progress, "drift vs reference", chunks.n_chunks, unit="chunks") as advance:
-        for (lm, targets), (lr, _) in zip(chunk_logits(model, chunks), chunk_logits(ref, chunks)):
-            kls.append(kl_divergence(lr, lm))
-            agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
-            nll_m += float(nll(lm, targets).sum())
-            nll_r += float(nll(lr, targets).sum())
-            count += len(targets)
-            advance(1)
-    kl = np.concatenate(kls)
-    return DriftResult(
-        kld_mean=float(kl.mean()),
-        kld_max=float(kl.max()),
-        top1_agreement=agree / count,
-        perplexity=float(np.exp(nll_m / count)),
-        ref_perplexity=float(np.exp(nll_r / count)),
-        tokens=count,
-    )
+    n = h.n_ctx * h.n_chunk
+    if len(tokens) < n or not np.array_equal(np.asarray(tokens[:n]), stored.tokens):
+        raise EdgemergeError(
+            f"the reference logits {name} were computed on other tokens than {model.path.name} gives for this "
+            "text (another text, or a different vocabulary); give the --text and --lang they were saved with"
+        )
+    return Chunks(list(tokens), h.n_ctx, min(h.n_chunk, max_chunks or h.n_chunk))
+
+
+@dataclass
+class DriftMeter:
+    """Accumulates the comparison chunk by chunk (`perplexity(on_chunk=meter)`) against a stored reference."""
+
+    stored: StoredReference
+    kld: list[np.ndarray] = field(default_factory=list)
+    same: int = 0
+    nll: float = 0.0
+    nll_ref: float = 0.0
+    count: int = 0
+
+    def __call__(self, i: int, logits: np.ndarray, targets: np.ndarray) -> None:
+        c = compare(logits, targets, self.stored.chunk(i), self.stored.chunk_nll(i))
+        self.kld.append(c.kld)
+        self.same += int(c.same_top.sum())
+        self.nll += float(c.nll.sum())
+        self.nll_ref += float(c.nll_ref.sum())
+        self.count += len(targets)
+
+    def result(self) -> DriftResult:
+        kl = np.concatenate(self.kld)
+        return DriftResult(
+            kld_mean=float(kl.mean()),
+            kld_max=float(kl.max()),
+            top1_agreement=self.same / self.count,
+            perplexity=float(np.exp(self.nll / self.count)),
+            ref_perplexity=float(np.exp(self.nll_ref / self.count)),
+            tokens=self.count,
+        )

@@ -131,7 +131,8 @@ def load_mc(path: Path) -> list[MCItem]:
 
 
 def choice_logliks(model: Model, item: MCItem) -> list[float]:
-    """sum log p(candidate tokens | prompt) for each candidate; the prompt is decoded once and shared."""
+    """sum log p(candidate tokens | prompt) for each candidate; the prompt is decoded once and shared, the
+    candidates decoded side by side (`Model.continuations`)."""
     prompt = PROMPT.format(question=item.question)
     ctx = model.tokenize(prompt)
     conts = [model.tokenize(prompt + " " + choice)[len(ctx) :] for choice in item.choices]
@@ -139,18 +140,14 @@ def choice_logliks(model: Model, item: MCItem) -> list[float]:
     if room < 1:
         raise EdgemergeError(f"a candidate of question {shown(item.question, 60)} does not fit the context")
     ctx = ctx[-room:]  # left truncation, as lm-evaluation-harness does, for questions longer than the context
-    last = model.logits(ctx, len(ctx) - 1)[-1]
+    last, rows = model.continuations(ctx, conts)
     out = []
-    for cont in conts:
+    for cont, r in zip(conts, rows):
         if not cont:
             out.append(float("-inf"))
             continue
-        rows = (
-            np.vstack([last[None, :], model.extend_logits(cont[:-1], len(ctx))])
-            if len(cont) > 1
-            else last[None]
-        )
-        out.append(float(log_softmax(rows)[np.arange(len(cont)), cont].sum()))
+        scored = np.vstack([last[None, :], r])
+        out.append(float(log_softmax(scored)[np.arange(len(cont)), cont].sum()))
     return out
 
 

@@ -71,18 +71,25 @@ def make_chunks(
 
 
 def chunk_logits(model: Model, chunks: Chunks) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """For each chunk: (logits at positions first..ctx-2, the target tokens at first+1..ctx-1)."""
+    """For each chunk: (logits at positions first..ctx-2, the target tokens at first+1..ctx-1); several chunks
+    per llama_decode when they fit its batch (`Model.logits_many`), as llama.cpp's perplexity tool does."""
+    seqs = []
     for i in range(chunks.n_chunks):
         part = list(chunks.tokens[i * chunks.ctx : (i + 1) * chunks.ctx])
         if model.add_bos:
             part[0] = model.bos
-        logits = model.logits(part, chunks.first)[:-1]
-        yield logits, np.asarray(part[chunks.first + 1 :])
+        seqs.append(part)
+    for part, logits in zip(seqs, model.logits_many(seqs, chunks.first)):
+        yield logits[:-1], np.asarray(part[chunks.first + 1 :])
 
 
 def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row."""
-    return -log_softmax(logits)[np.arange(len(targets)), targets]
+    """-log softmax(logits)[target] per row, 32 rows at a time (float64 temporaries of a few MB)."""
+    out = [
+        -log_softmax(logits[i : i + 32])[np.arange(len(targets[i : i + 32])), targets[i : i + 32]]
+        for i in range(0, len(targets), 32)
+    ]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 @dataclass
@@ -97,16 +104,17 @@ def perplexity(
     model: Model,
     chunks: Chunks,
     progress=None,
-    on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    on_chunk: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    label: str = "perplexity",
 ) -> PerplexityResult:
-    """Perplexity over `chunks` (module docstring); `on_chunk(logits, targets)` sees each chunk's logits."""
+    """Perplexity over `chunks` (module docstring); `on_chunk(i, logits, targets)` sees each chunk's logits."""
     total, count = 0.0, 0
-    with task(progress, "perplexity", chunks.n_chunks, unit="chunks") as advance:
-        for logits, targets in chunk_logits(model, chunks):
+    with task(progress, label, chunks.n_chunks, unit="chunks") as advance:
+        for i, (logits, targets) in enumerate(chunk_logits(model, chunks)):
             total += float(nll(logits, targets).sum())
             count += len(targets)
             if on_chunk is not None:
-                on_chunk(logits, targets)
+                on_chunk(i, logits, targets)
             advance(1)
     return PerplexityResult(float(np.exp(total / count)), count, chunks.ctx, chunks.n_chunks)
 

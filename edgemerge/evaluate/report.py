@@ -34,6 +34,12 @@ class EvalReport:
     top1_agreement: float | None = None
     ppl_ratio: float | None = None
     seconds: float | None = None
+    ppl_seconds: float | None = None
+    answer_seconds: float | None = None
+    answer_batch: int | None = None  # answers decoded in parallel
+    threads: int | None = None
+    chat_skipped: str | None = None  # why the prompts were not answered (a file too large for the memory)
+    memory_note: str | None = None  # answered although the file does not fit the memory: why it was slow
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "responses"}
@@ -63,7 +69,8 @@ class EvalReport:
             return "n/a" if x is None else f"{100 * x:.1f}%"
 
         n = sum(r.langid_counted for r in self.responses)
-        na = "" if self.chat_template else " (no chat template)"
+        na = f" (skipped: {self.chat_skipped})" if self.chat_skipped else ""
+        na = na or ("" if self.chat_template else " (no chat template)")
         rows = [
             (
                 "perplexity",

@@ -1,12 +1,19 @@
 """A GGUF loaded in llama.cpp (llama-cpp-python), and the primitives every metric builds on: tokenizing, the
-logits of a token sequence, and greedy generation through the model's own chat template."""
+logits of token sequences (several per llama_decode), and greedy generation of many answers at once through the
+model's own chat template.
+
+llama-cpp-python's `Llama` holds the weights and the vocabulary; the passes run on llama.cpp contexts made here
+for their shape (`Context`: n_seq sequences, each in its own KV stream), because `Llama` has one context of one
+sequence and its generation decodes one prompt at a time. On a laptop CPU an 8B model's decoding is bound by
+reading the weights, so 16 sequences per llama_decode cost little more than one.
+"""
 
 from __future__ import annotations
 
 import ctypes
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +22,20 @@ import numpy as np
 from ..chat_format import ChatTemplateRaised, TemplateRenderer
 from ..errors import EdgemergeError
 from ..gguf.inspect import read_gguf
-from ..interrupts import llama_call, raise_if_interrupted
+from ..interrupts import llama_call
 from ..limits import MAX_THREADS, check_count
+from ..resources import default_threads
 
 MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
+VOCAB_CTX = 32  # the context of the `Llama` object itself: it is only asked for its vocabulary
+N_BATCH = 512  # tokens per llama_decode (llama.cpp's default)
+MAX_PARALLEL = 16  # sequences of one context for multiple-choice candidates
 
 
 def check_gguf(path: Path) -> Path:
     """Fail with a clear message unless `path` is a complete GGUF file (header parsed, tensor data present)."""
     read_gguf(path)
     return Path(path)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (macOS has no sched_getaffinity)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _train_context(kv: dict[str, Any]) -> int | None:
@@ -75,10 +79,97 @@ class Generation:
     text: str
     stopped: bool  # ended on an end-of-generation token (EOS/EOT) before the token limit
     tokens: int
+    ids: list[int] = field(default_factory=list, compare=False)  # the generated token ids
+
+
+class Context:
+    """A llama.cpp context for `n_seq` sequences of up to `n_ctx_seq` tokens each, every sequence in its own KV
+    stream (kv_unified off, like llama-server's parallel slots: one sequence's attention never spans another's)."""
+
+    def __init__(self, lib: Any, llm: Any, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int):
+        # llama-cpp-python's own settings (attention kernels, RoPE) with this context's shape
+        p = type(llm.context_params).from_buffer_copy(llm.context_params)
+        model = llm.model
+        n_ctx_seq = (
+            -(-n_ctx_seq // 256) * 256
+        )  # llama.cpp pads the context to 256 cells, then splits it evenly
+        p.n_ctx, p.n_seq_max, p.kv_unified = n_seq * n_ctx_seq, n_seq, False
+        p.n_batch = p.n_ubatch = n_batch
+        p.n_threads = p.n_threads_batch = threads
+        p.no_perf = True
+        with llama_call():
+            self.ptr = lib.llama_init_from_model(model, p)
+        if not self.ptr:
+            raise EdgemergeError(
+                f"llama.cpp could not make a context of {n_seq} x {n_ctx_seq} tokens (out of memory?); "
+                "give a smaller --batch or --ctx"
+            )
+        self._lib, self.n_seq, self.n_batch = lib, n_seq, n_batch
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self.ptr))
+        if self.n_ctx_seq < n_ctx_seq:  # a llama.cpp that shapes contexts differently: fail, never overflow
+            self.close()
+            raise RuntimeError(f"llama.cpp made sequences of {self.n_ctx_seq} tokens, {n_ctx_seq} were asked")
+        self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+        self.mem = lib.llama_get_memory(self.ptr)
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+
+    def clear(self, seq: int | None = None) -> None:
+        """Forget every sequence's tokens (or one sequence's)."""
+        if seq is None:
+            self._lib.llama_memory_clear(self.mem, True)
+        else:
+            self._lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Sequence `dst` becomes a copy of `src` (its whole KV stream, as llama.cpp copies across streams)."""
+        self._lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def drop_after(self, seq: int, n_past: int) -> None:
+        self._lib.llama_memory_seq_rm(self.mem, seq, n_past, -1)
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+        """Decode (token, position, sequence, wants logits) entries, n_batch per llama_decode; the logits of the
+        entries that want them (float32, [n, n_vocab]), in order."""
+        lib, b, out = self._lib, self._batch, []
+        for start in range(0, len(entries), self.n_batch):
+            part = entries[start : start + self.n_batch]
+            n_out = 0
+            for k, (tok, pos, seq, want) in enumerate(part):
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, 1, want
+                b.seq_id[k][0] = seq
+                n_out += want
+            b.n_tokens = len(part)
+            with llama_call():
+                rc = lib.llama_decode(self.ptr, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+            if n_out:
+                ptr = ctypes.cast(lib.llama_get_logits(self.ptr), ctypes.POINTER(ctypes.c_float))
+                out.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy())
+        return np.concatenate(out) if out else np.zeros((0, self.n_vocab), np.float32)
+
+    def close(self) -> None:
+        if self.ptr:
+            if getattr(self, "_batch", None) is not None:
+                self._lib.llama_batch_free(self._batch)
+                self._batch = None
+            with llama_call():
+                self._lib.llama_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass
+class _Slot:
+    """A sequence being generated: which prompt, its tokens so far and its token limit."""
+
+    index: int
+    n_prompt: int
+    limit: int
+    ids: list[int] = field(default_factory=list)
 
 
 class Model:
-    """One GGUF in llama.cpp with a context of `n_ctx` tokens (capped at the model's training context)."""
+    """One GGUF in llama.cpp; `n_ctx` is the context of one sequence (capped at the model's training context)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
         import llama_cpp
@@ -91,36 +182,60 @@ class Model:
         train_ctx = _train_context(kv)
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)  # beyond it llama.cpp warns and quality collapses
-        threads = n_threads or _cpus()
+        self.threads = n_threads or default_threads().n  # the cores other programs leave idle now
         # llama-cpp-python compiles every chat template of the file while loading it: each one is compiled in
         # the bounded renderer first, so a broken or hostile one is one error line, never our process's problem
         self._renderer = _compile_templates(kv, self.path.name)
+        self._ctx: Context | None = None
+        self._cached: list[int] = []  # the tokens of sequence 0 in the single-sequence context (chat turns)
         try:
             with llama_call():
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
-                    n_ctx=n_ctx,
-                    n_batch=min(n_ctx, 512),
-                    n_threads=threads,
-                    n_threads_batch=threads,
+                    n_ctx=VOCAB_CTX,
+                    n_batch=VOCAB_CTX,
+                    n_threads=1,
                     verbose=False,
                 )
         except (ValueError, RuntimeError) as e:
             raise EdgemergeError(f"llama.cpp cannot load {self.path}: {e}") from None
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = self.llm.n_ctx()
-        self.n_batch = self.llm.n_batch
+        self.n_ctx = n_ctx
+        self.n_batch = min(n_ctx, N_BATCH)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.llm.model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = self.llm.token_bos()
         self.metadata: dict[str, Any] = dict(self.llm.metadata)
 
+    def __enter__(self) -> Model:  # noqa: PYI034 - Python 3.11's typing has Self, ruff's target may not
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._renderer is not None:
             self._renderer.close()
+        self._release()
         with llama_call():
             self.llm.close()
+
+    def _release(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx, self._cached = None, []
+
+    def context(self, n_seq: int = 1, n_ctx_seq: int | None = None) -> Context:
+        """A context of at least `n_seq` sequences of `n_ctx_seq` tokens (default the model's n_ctx): the current
+        one when it is large enough, else a new one after the old one is freed (one KV cache at a time)."""
+        n_ctx_seq = n_ctx_seq or self.n_ctx
+        c = self._ctx
+        if c is not None and c.n_seq >= n_seq and c.n_ctx_seq >= n_ctx_seq:
+            return c
+        self._release()
+        self._ctx = Context(self._lib, self.llm, n_seq, n_ctx_seq, self.n_batch, self.threads)
+        return self._ctx
 
     # -- tokens and logits ---------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -133,56 +248,76 @@ class Model:
     def token_text(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
+    def detokenize(self, ids: list[int]) -> str:
+        """Answer text as llama-cpp-python's completion returns it (special tokens not rendered)."""
+        return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
+
     def logits(self, tokens: list[int], first: int = 0) -> np.ndarray:
         """Logits (float32, shape [len(tokens) - first, n_vocab]) at positions first..len-1 of one sequence
         evaluated from an empty context; only those positions' logits are computed (llama_batch flags)."""
         if len(tokens) > self.n_ctx:
             raise ValueError(f"{len(tokens)} tokens do not fit a context of {self.n_ctx}")
-        lib, ctx = self._lib, self.llm.ctx
-        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-        self.llm.reset()
-        return self._decode(tokens, 0, first)
+        ctx = self.context()
+        ctx.clear()
+        self._cached = list(tokens)
+        return ctx.decode([(t, p, 0, p >= first) for p, t in enumerate(tokens)])
 
     def extend_logits(self, tokens: list[int], n_past: int) -> np.ndarray:
         """Logits at every position of `tokens` decoded after the first `n_past` tokens already in the cache
         (positions from n_past on are dropped first): scoring several continuations of one shared prefix."""
-        lib, ctx = self._lib, self.llm.ctx
-        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, n_past, -1)
-        self.llm.reset()
-        return self._decode(tokens, n_past, n_past)
+        ctx = self.context()
+        ctx.drop_after(0, n_past)
+        self._cached = self._cached[:n_past] + list(tokens)
+        return ctx.decode([(t, n_past + k, 0, True) for k, t in enumerate(tokens)])
 
-    def _decode(self, tokens: list[int], pos0: int, first: int) -> np.ndarray:
-        lib, ctx = self._lib, self.llm.ctx
-        rows = []
-        batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        try:
-            for start in range(0, len(tokens), self.n_batch):
-                part = tokens[start : start + self.n_batch]
-                batch.n_tokens = len(part)
-                wanted = []
-                for k, tok in enumerate(part):
-                    pos = pos0 + start + k
-                    batch.token[k] = tok
-                    batch.pos[k] = pos
-                    batch.n_seq_id[k] = 1
-                    batch.seq_id[k][0] = 0
-                    batch.logits[k] = pos >= first
-                    if pos >= first:
-                        wanted.append(k)
-                with llama_call():
-                    rc = lib.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with code {rc}")
-                for k in wanted:
-                    ptr = lib.llama_get_logits_ith(ctx, k)
-                    rows.append(
-                        np.ctypeslib.as_array(
-                            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)
-                        ).copy()
-                    )
-        finally:
-            lib.llama_batch_free(batch)
-        return np.stack(rows) if rows else np.zeros((0, self.n_vocab), np.float32)
+    def continuations(self, prefix: list[int], conts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The logits after `prefix` (its last position), and for each continuation the logits at each of its
+        positions but the last, decoded after the prefix: the prefix is decoded once, copied into up to
+        MAX_PARALLEL sequences (llama_memory_seq_cp), and the continuations are decoded side by side."""
+        per = max(1, min(len(conts), MAX_PARALLEL))
+        longest = max((len(c) for c in conts), default=0)
+        if len(prefix) + longest > self.n_ctx:
+            raise ValueError(f"{len(prefix) + longest} tokens do not fit a context of {self.n_ctx}")
+        ctx = self.context(per, len(prefix) + longest)
+        self._cached = []
+        last = np.zeros((0, self.n_vocab), np.float32)
+        out: list[np.ndarray] = []
+        for g in range(0, len(conts), per):
+            group = conts[g : g + per]
+            ctx.clear()
+            last = ctx.decode([(t, p, 0, p == len(prefix) - 1) for p, t in enumerate(prefix)])
+            for j in range(1, len(group)):
+                ctx.copy_sequence(0, j)
+            entries = [
+                (t, len(prefix) + k, j, True) for j, c in enumerate(group) for k, t in enumerate(c[:-1])
+            ]
+            rows = ctx.decode(entries)
+            at = 0
+            for c in group:
+                n = max(0, len(c) - 1)
+                out.append(rows[at : at + n])
+                at += n
+        return last[-1] if len(last) else last, out
+
+    def logits_many(self, seqs: list[list[int]], first: int) -> Iterator[np.ndarray]:
+        """For each sequence (all of one length L <= n_ctx), the logits at positions first..L-1, evaluated from an
+        empty context, as llama.cpp's perplexity tool does: max(1, n_batch // L) sequences per llama_decode."""
+        if not seqs:
+            return
+        n = len(seqs[0])
+        if any(len(s) != n for s in seqs) or n > self.n_ctx:
+            raise ValueError("sequences of one length, at most the context, are expected")
+        per = max(1, self.n_batch // n)
+        ctx = self.context(per, n)
+        self._cached = []
+        scored = n - first
+        for g in range(0, len(seqs), per):
+            group = seqs[g : g + per]
+            ctx.clear()
+            entries = [(t, p, j, p >= first) for j, s in enumerate(group) for p, t in enumerate(s)]
+            rows = ctx.decode(entries)
+            for j in range(len(group)):
+                yield rows[j * scored : (j + 1) * scored]
 
     # -- chat ------------------------------------------------------------------------------------------------
     @property
@@ -232,43 +367,97 @@ class Model:
             raise EdgemergeError(f"the prompt ({len(prompt_tokens)} tokens) fills the context ({self.n_ctx})")
         return min(max_tokens, room)
 
-    def _complete(self, prompt_tokens: list[int], max_tokens: int, stream: bool):
-        # Greedy: temperature 0 makes llama-cpp-python use llama.cpp's greedy sampler; no repetition penalty.
-        # With no stop strings, finish_reason is "stop" only when an end-of-generation token (EOS/EOT) came.
-        # The stopping criterion is Python code llama-cpp-python runs after every token: Ctrl-C ends the
-        # generation there instead of being lost in a log callback (interrupts.py).
-        return self.llm.create_completion(
-            prompt_tokens,
-            max_tokens=self._limit(prompt_tokens, max_tokens),
-            temperature=0.0,
-            repeat_penalty=1.0,
-            stream=stream,
-            stopping_criteria=self._lib.StoppingCriteriaList([raise_if_interrupted]),
-        )
+    def generate_many(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        *,
+        n_seq: int = 1,
+        on_done: Callable[[int, Generation], None] | None = None,
+    ) -> list[Generation]:
+        """Greedy answers to `prompts` (already templated), decoded as up to `n_seq` parallel sequences.
+
+        Greedy: the next token is argmax of the logits (llama.cpp's greedy sampler, which llama-cpp-python uses
+        at temperature 0), no repetition penalty. A sequence ends on an end-of-generation token (EOS/EOT,
+        `stopped`) or at `max_tokens` (less when the prompt leaves less room in the context), and a waiting
+        prompt takes its place in the next llama_decode (continuous batching). `on_done(i, generation)` is
+        called as each answer ends. One loop for one prompt and for many, so both decode the same way.
+        """
+        if not prompts:
+            return []
+        limits = [self._limit(p, max_tokens) for p in prompts]
+        n_seq = max(1, min(n_seq, len(prompts)))
+        ctx = self.context(n_seq, max(len(p) + lim for p, lim in zip(prompts, limits)))
+        ctx.clear()
+        self._cached = []
+        results: list[Generation | None] = [None] * len(prompts)
+        waiting = deque(range(len(prompts)))
+        free = list(range(n_seq))[::-1]
+        running: dict[int, _Slot] = {}
+        while waiting or running:
+            entries: list[tuple[int, int, int, bool]] = []
+            order: list[int] = []  # the sequence of each logits row
+            for seq, slot in running.items():  # one token per running sequence
+                entries.append((slot.ids[-1], slot.n_prompt + len(slot.ids) - 1, seq, True))
+                order.append(seq)
+            while waiting and free:  # prompts enter free sequences, their logits only at the last token
+                i, seq = waiting.popleft(), free.pop()
+                p = prompts[i]
+                entries += [(t, k, seq, k == len(p) - 1) for k, t in enumerate(p)]
+                running[seq] = _Slot(i, len(p), limits[i])
+                order.append(seq)
+            rows = ctx.decode(entries)
+            for seq, row in zip(order, rows):
+                slot = running[seq]
+                nxt = int(row.argmax())
+                eog = self.is_eog(nxt)
+                if not eog:
+                    slot.ids.append(nxt)
+                if eog or len(slot.ids) >= slot.limit:
+                    gen = Generation(self.detokenize(slot.ids), eog, len(slot.ids), slot.ids)
+                    results[slot.index] = gen
+                    del running[seq]
+                    ctx.clear(seq)
+                    free.append(seq)
+                    if on_done is not None:
+                        on_done(slot.index, gen)
+        return [g for g in results if g is not None]
 
     def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
         """The greedy answer to `prompt_tokens` (already templated), at most `max_tokens` tokens."""
-        with llama_call():
-            out = self._complete(prompt_tokens, max_tokens, stream=False)
-        choice = out["choices"][0]
-        return Generation(
-            choice["text"], choice["finish_reason"] == "stop", out["usage"]["completion_tokens"]
-        )
+        return self.generate_many([prompt_tokens], max_tokens)[0]
 
     def stream(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[str | Generation]:
-        """Like `generate`, yielding text pieces as they come, then one `Generation` (tokens: pieces seen)."""
-        parts: list[str] = []
-        finish = None
-        with llama_call():
-            chunks = iter(self._complete(prompt_tokens, max_tokens, stream=True))
-        while True:
-            with llama_call():  # not around the yield: the caller's own code keeps its usual Ctrl-C
-                chunk = next(chunks, None)
-            if chunk is None:
+        """Like `generate`, yielding text pieces as they come, then one `Generation`. The tokens a previous
+        call left in the cache that start this prompt are kept (a chat's earlier turns are not decoded again)."""
+        limit = self._limit(prompt_tokens, max_tokens)
+        ctx = self.context()
+        keep = 0
+        for a, b in zip(self._cached, prompt_tokens[:-1]):  # the last prompt token is decoded for its logits
+            if a != b:
                 break
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                parts.append(choice["text"])
-                yield choice["text"]
-            finish = choice.get("finish_reason") or finish
-        yield Generation(text="".join(parts), stopped=finish == "stop", tokens=len(parts))
+            keep += 1
+        ctx.drop_after(0, keep)
+        self._cached = list(prompt_tokens)
+        row = ctx.decode([(t, k, 0, k == len(prompt_tokens) - 1) for k, t in enumerate(prompt_tokens)][keep:])
+        ids: list[int] = []
+        text = ""
+        stopped = False
+        while True:
+            nxt = int(row[-1].argmax())
+            if self.is_eog(nxt):
+                stopped = True
+                break
+            ids.append(nxt)
+            full = self.detokenize(ids)
+            if full.startswith(text) and len(full) > len(text):  # a piece ending inside a character waits
+                piece, text = full[len(text) :], full
+                yield piece
+            if len(ids) >= limit:
+                break
+            self._cached.append(nxt)
+            row = ctx.decode([(nxt, len(self._cached) - 1, 0, True)])
+        full = self.detokenize(ids)
+        if full.startswith(text) and len(full) > len(text):
+            yield full[len(text) :]
+        yield Generation(text=full, stopped=stopped, tokens=len(ids), ids=ids)
