@@ -107,7 +107,7 @@ class MemoryLimit:
     source: str  # "RAM" or "cgroup limit (<the file it came from>)"
 
     def __str__(self) -> str:
-        return f"{human_bytes(self.bytes)} ({self.source})"
+        return f"{human_bytes(self.bytes)}, {self.source}"
 
 
 def memory_limit(
