@@ -107,7 +107,7 @@ class MemoryLimit:
     source: str  # "RAM" or "cgroup limit (<the file it came from>)"
 
     def __str__(self) -> str:
-        return f"{human_bytes(self.bytes)} ({self.source})"
+        return f"{human_bytes(self.bytes)}, {self.source}"
 
 
 def memory_limit(
@@ -334,19 +334,51 @@ def model_shape(path: Path) -> ModelShape:
 PROCESS_BASELINE = 250 * MiB
 
 
-def compute_buffer(shape: ModelShape, *, n_ctx: int, n_ubatch: int = 512) -> int:
-    """llama.cpp's CPU compute buffer (the graph's activations for one micro-batch), fitted to its log lines
-    ("compute buffer size"): see COMPUTE_FIT."""
-    return 4 * n_ubatch * (shape.n_vocab + 4 * shape.n_embd + shape.n_ff)  # provisional, to be calibrated
+KV_PAD = 256  # llama.cpp rounds the context up to a multiple of 256 cells
 
 
-def eval_memory(shape: ModelShape, *, n_seq: int, n_ctx_seq: int, n_batch: int = 512) -> dict[str, int]:
+def compute_buffer(shape: ModelShape, *, n_kv: int, n_ubatch: int = 512, flash_attn: bool = False) -> int:
+    """llama.cpp's CPU compute buffer (the graph's scratch for one micro-batch, reserved at context creation):
+
+        4 bytes * n_ubatch * max(n_vocab + 2 * n_embd,                      the output layer
+                                 n_head * n_kv + n_kv + 7 * n_embd)         one layer's attention
+
+    n_kv is the KV cells one attention spans (the whole context with a unified cache or one sequence, n_ctx /
+    n_seq per sequence otherwise). The attention holds the K*Q scores of every head (softmax runs in place),
+    the mask and about 5 * n_embd + 2 * n_embd_kv per token (7 * n_embd covers a cache without GQA); flash
+    attention (`flash_attn`) never materialises K*Q, so its term drops. The feed-forward phase is smaller
+    than the output layer on these shapes.
+
+    Fitted to llama.cpp's "compute buffer size" log lines (llama-cpp-python 0.3.36, CPU, 2 Dec 2026); MiB
+    measured -> this formula:
+    bench-1b-eu (Llama 1.1B: n_vocab 32000, n_embd 2048, n_head 32; F16 and Q4_K_M alike), n_ubatch 512:
+    n_kv 512: 70.50 -> 70.50, 1024: 87.01 -> 94.0, 2048: 153.01 -> 160.0, 2048 with n_ubatch 256: 76.50 ->
+    80.0, 2048 with flash attention: 70.50 -> 70.50, 4 sequences of 512 (not unified): 70.50 -> 70.50;
+    stories260K (n_vocab 512, n_embd 64, n_head 8): n_kv 512: 9.76 -> 9.88, 2048: 36.76 -> 36.88, 2048 with
+    n_ubatch 256: 18.38 -> 18.44, 2048 with flash attention: 3.52 -> 4.88.
+    """
+    attention = (0 if flash_attn else shape.n_head * n_kv) + n_kv + 7 * shape.n_embd
+    return 4 * n_ubatch * max(shape.n_vocab + 2 * shape.n_embd, attention)
+
+
+def eval_memory(
+    shape: ModelShape,
+    *,
+    n_seq: int,
+    n_ctx_seq: int,
+    n_batch: int = 512,
+    flash_attn: bool = False,
+    kv_unified: bool = False,
+) -> dict[str, int]:
     """The parts of one llama.cpp evaluation's peak memory, in bytes:
 
     - weights: the whole file (memory-mapped: page cache, but a cgroup counts it and a laptop must hold it, or
       every batch reads it from disk again);
-    - kv_cache: n_seq * n_ctx_seq * kv_bytes_per_token (f16 K and V, every layer);
-    - compute: llama.cpp's compute buffer for micro-batches of min(n_batch, 512) tokens (`compute_buffer`);
+    - kv_cache: n_seq * n_ctx_seq * kv_bytes_per_token (f16 K and V, every layer; the context rounded up to
+      KV_PAD cells as llama.cpp does);
+    - compute: llama.cpp's compute buffer (`compute_buffer`) for micro-batches of min(n_batch, 512, context)
+      tokens; attention spans n_ctx_seq cells, or the whole context with `kv_unified` (llama.cpp's default is
+      not unified; flash attention off is llama-cpp-python's default);
     - logits: n_batch * n_vocab * 4 bytes of llama.cpp's output buffer, and as much again for our numpy copy;
     - process: PROCESS_BASELINE.
     """
@@ -354,11 +386,13 @@ def eval_memory(shape: ModelShape, *, n_seq: int, n_ctx_seq: int, n_batch: int =
         raise ValueError(
             f"n_seq, n_ctx_seq and n_batch must be positive, got {n_seq}, {n_ctx_seq}, {n_batch}"
         )
-    n_ctx = n_seq * n_ctx_seq
+    n_ctx = -(-n_seq * n_ctx_seq // KV_PAD) * KV_PAD
+    n_kv = n_ctx if kv_unified or n_seq == 1 else n_ctx // n_seq
+    n_ubatch = min(n_batch, 512, n_seq * n_ctx_seq)  # llama.cpp caps the batch at the requested context
     return {
         "weights": shape.file_bytes,
         "kv_cache": n_ctx * shape.kv_bytes_per_token,
-        "compute": compute_buffer(shape, n_ctx=n_ctx, n_ubatch=min(n_batch, 512)),
+        "compute": compute_buffer(shape, n_kv=n_kv, n_ubatch=n_ubatch, flash_attn=flash_attn),
         "logits": 2 * n_batch * shape.n_vocab * 4,
         "process": PROCESS_BASELINE,
     }

@@ -164,6 +164,15 @@ def test_default_threads_reads_this_machine_and_a_quota(tmp_path):
     assert "cgroup CPU quota 1" in quota.reason or physical == 1
 
 
+def test_busy_cpus_counts_cpus_not_percent():
+    import psutil
+
+    allowed = res._allowed_cpus()
+    busy = res.busy_cpus(allowed, interval=0.05)
+    assert 0.0 <= busy <= (len(allowed) if allowed else psutil.cpu_count())
+    assert 0.0 <= res.busy_cpus({0}, interval=0.05) <= 1.0  # one CPU's share
+
+
 def _synthetic(path: Path, **kv) -> Path:
     """A tensor-less GGUF header with Llama keys (gguf-py's writer), for per-layer head counts."""
     w = gguf.GGUFWriter(path, "llama")
@@ -281,10 +290,42 @@ def test_eval_memory_arithmetic():
     assert parts["kv_cache"] == 4 * 512 * 22528
     assert parts["logits"] == 2 * 256 * 32000 * 4
     assert parts["process"] == res.PROCESS_BASELINE
-    assert parts["compute"] == res.compute_buffer(shape, n_ctx=2048, n_ubatch=256) > 0
+    assert parts["compute"] == res.compute_buffer(shape, n_kv=512, n_ubatch=256)  # one sequence's cells
     assert set(parts) == {"weights", "kv_cache", "compute", "logits", "process"}
+    unified = res.eval_memory(shape, n_seq=4, n_ctx_seq=512, n_batch=256, kv_unified=True)
+    assert unified["compute"] == res.compute_buffer(shape, n_kv=2048, n_ubatch=256) > parts["compute"]
+    # llama.cpp rounds a context of 100 up to 256 cells, and caps the micro-batch at the 100 tokens asked for
+    small = res.eval_memory(shape, n_seq=1, n_ctx_seq=100)
+    assert small["kv_cache"] == 256 * 22528
+    assert small["compute"] == res.compute_buffer(shape, n_kv=256, n_ubatch=100)
     with pytest.raises(ValueError, match="positive"):
         res.eval_memory(shape, n_seq=0, n_ctx_seq=512)
+
+
+BENCH_1B = res.ModelShape(0, 22, 2048, 5632, 32000, 22528, 65_536_000, 32)
+STORIES = res.ModelShape(0, 5, 64, 172, 512, 640, 32768, 8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "n_kv", "n_ubatch", "flash", "measured_mib"),
+    [
+        # llama.cpp's "compute buffer size" log lines (llama-cpp-python 0.3.36, CPU), see compute_buffer
+        (BENCH_1B, 512, 512, False, 70.50),
+        (BENCH_1B, 1024, 512, False, 87.01),
+        (BENCH_1B, 2048, 512, False, 153.01),
+        (BENCH_1B, 2048, 256, False, 76.50),
+        (BENCH_1B, 2048, 512, True, 70.50),
+        (STORIES, 256, 128, False, 1.31),
+        (STORIES, 512, 512, False, 9.76),
+        (STORIES, 2048, 512, False, 36.76),
+        (STORIES, 2048, 256, False, 18.38),
+        (STORIES, 2048, 512, True, 3.52),
+    ],
+)
+def test_compute_buffer_covers_llama_cpp_measurements(shape, n_kv, n_ubatch, flash, measured_mib):
+    estimate = res.compute_buffer(shape, n_kv=n_kv, n_ubatch=n_ubatch, flash_attn=flash) / res.MiB
+    # never below what llama.cpp reserved, and at most 10% (or 1.5 MiB on the tiny model) above
+    assert measured_mib - 0.01 <= estimate <= max(measured_mib * 1.10, measured_mib + 1.5)
 
 
 def test_quantize_and_merge_estimates():
