@@ -7,6 +7,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from edgemerge.evaluate import runner
 from edgemerge.evaluate.runner import Model
 
 from .test_eval_run import make_chat_gguf
@@ -54,16 +55,22 @@ def test_greedy_answers_equal_llama_cpp_pythons_completion(chat_gguf, model, pro
 
 
 @pytest.mark.parametrize("n_seq", [2, 3, 7])
-def test_batched_answers_equal_sequential_ones(model, prompts, n_seq):
+def test_batched_answers_equal_sequential_ones(model, prompts, n_seq, monkeypatch):
     """Continuous batching (more prompts than sequences for 2 and 3): every answer, in order, token for token.
     llama.cpp's batched kernels need not be bit-identical; on this F32 model they are (share: 7 of 7)."""
     alone = [model.generate(p, 10) for p in prompts]
     done: list[int] = []
+    moves = []
+    copy = runner.Context.copy_sequence
+    monkeypatch.setattr(
+        runner.Context, "copy_sequence", lambda self, a, b: moves.append((a, b)) or copy(self, a, b)
+    )
     batched = model.generate_many(prompts, 10, n_seq=n_seq, on_done=lambda i, g: done.append(i))
     agree = sum(a.ids == b.ids for a, b in zip(alone, batched))
     assert agree == len(prompts), f"{agree} of {len(prompts)} answers agree"
     assert [(a.text, a.stopped, a.tokens) for a in alone] == [(b.text, b.stopped, b.tokens) for b in batched]
     assert sorted(done) == list(range(len(prompts)))
+    assert all(a > b for a, b in moves) and (n_seq == 7 or moves)  # the running ids are kept 0..k-1
     assert any(g.stopped for g in alone) and any(not g.stopped for g in alone)  # both endings are exercised
 
 

@@ -392,21 +392,20 @@ class Model:
         self._cached = []
         results: list[Generation | None] = [None] * len(prompts)
         waiting = deque(range(len(prompts)))
-        free = list(range(n_seq))[::-1]
-        running: dict[int, _Slot] = {}
+        running: dict[int, _Slot] = {}  # sequence id -> slot; the ids are always 0 .. len(running) - 1
         while waiting or running:
-            entries: list[tuple[int, int, int, bool]] = []
-            order: list[int] = []  # the sequence of each logits row
-            for seq, slot in running.items():  # one token per running sequence
-                entries.append((slot.ids[-1], slot.n_prompt + len(slot.ids) - 1, seq, True))
-                order.append(seq)
-            while waiting and free:  # prompts enter free sequences, their logits only at the last token
-                i, seq = waiting.popleft(), free.pop()
+            # llama.cpp puts one micro-batch's sequences of a multi-stream context in consecutive ids only
+            # (split_equal): running ids are kept 0..k-1 (`_compact`), so one step is one micro-batch
+            entries = [(s.ids[-1], s.n_prompt + len(s.ids) - 1, q, True) for q, s in sorted(running.items())]
+            order = sorted(running)  # the sequence of each logits row
+            while waiting and len(running) < n_seq:  # prompts enter free sequences, logits at the last token
+                i, seq = waiting.popleft(), len(running)
                 p = prompts[i]
                 entries += [(t, k, seq, k == len(p) - 1) for k, t in enumerate(p)]
                 running[seq] = _Slot(i, len(p), limits[i])
                 order.append(seq)
             rows = ctx.decode(entries)
+            finished = []
             for seq, row in zip(order, rows):
                 slot = running[seq]
                 nxt = int(row.argmax())
@@ -416,11 +415,13 @@ class Model:
                 if eog or len(slot.ids) >= slot.limit:
                     gen = Generation(self.detokenize(slot.ids), eog, len(slot.ids), slot.ids)
                     results[slot.index] = gen
-                    del running[seq]
-                    ctx.clear(seq)
-                    free.append(seq)
+                    finished.append(seq)
                     if on_done is not None:
                         on_done(slot.index, gen)
+            for seq in finished:
+                del running[seq]
+                ctx.clear(seq)
+            _compact(ctx, running)
         return [g for g in results if g is not None]
 
     def generate(self, prompt_tokens: list[int], max_tokens: int) -> Generation:
@@ -461,3 +462,15 @@ class Model:
         if full.startswith(text) and len(full) > len(text):
             yield full[len(text) :]
         yield Generation(text=full, stopped=stopped, tokens=len(ids), ids=ids)
+
+
+def _compact(ctx: Context, running: dict[int, _Slot]) -> None:
+    """Move the sequences with the highest ids into the ids that ended, so the running ones are 0..k-1 again
+    (a KV stream copy each: n_ctx_seq x the KV bytes of a token, tens of MB for an 8B model)."""
+    k = len(running)
+    holes = [i for i in range(k) if i not in running]
+    movers = sorted(q for q in running if q >= k)
+    for hole, mover in zip(holes, movers):
+        ctx.copy_sequence(mover, hole)
+        ctx.clear(mover)
+        running[hole] = running.pop(mover)
