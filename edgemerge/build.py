@@ -45,9 +45,11 @@ from .files import (
     write_marker,
 )
 from .limits import shown_path
+from .memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
 from .package import CARD, EVAL_JSON, MANIFEST, MODELFILE, sha256_file
 from .progress import Progress
 from .recipe import Recipe
+from .resources import Threads, default_threads, memory_limit
 from .sources import local_inputs
 
 WORK_SUFFIX = ".edgemerge"
@@ -81,6 +83,8 @@ class BuildOptions:
     force: bool = False
     demo: bool = False
     threads: int | None = None
+    eval_all: bool = False  # answer the prompts with every file, even one too large for the memory
+    skip_chat_eval: bool = False  # perplexity and drift only
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Plan:
 
     items: dict[str, int]
     free: int
+    memory: MemoryPlan | None = None
 
     @property
     def needed(self) -> int:
@@ -152,6 +157,9 @@ class BuildResult:
             "parents": {n: _summary(r.to_dict()) for n, r in self.parent_evals.items()},
             "gate_failures": self.gate_failures,
             "plan": None if self.plan is None else {"needed": self.plan.needed, "free": self.plan.free},
+            "memory_plan": None
+            if self.plan is None or self.plan.memory is None
+            else self.plan.memory.to_dict(),
             "warnings": self.warnings,
         }
 
@@ -486,12 +494,23 @@ def input_stamps(sources: Any) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def plan_space_item(n_params: int, ftype: str) -> int:
+    """Bytes a file of `ftype` will take: n_params * bits_per_weight / 8."""
+    return int(n_params * BITS_PER_WEIGHT.get(ftype.upper(), 8.5) / 8)
+
+
 def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
-    """Bytes each not-yet-built file will take: n_params * bits_per_weight / 8."""
-    items = {
-        label: int(n_params * BITS_PER_WEIGHT.get(ftype.upper(), 8.5) / 8) for label, ftype in todo.items()
-    }
-    return Plan(items=items, free=free_bytes(out))
+    """Bytes each not-yet-built file will take (`plan_space_item`)."""
+    return Plan(
+        items={label: plan_space_item(n_params, t) for label, t in todo.items()}, free=free_bytes(out)
+    )
+
+
+def _threads(given: int | None) -> Threads:
+    """--threads, or the cores other programs leave idle now (`resources.default_threads`)."""
+    if given is not None:
+        return Threads(given, given, 0.0, "--threads")
+    return default_threads()
 
 
 def build(
@@ -584,6 +603,24 @@ def _build(
         raise EdgemergeError(
             f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
         )
+    sizes = {
+        f.name: f.stat().st_size if f.name not in todo and f.exists() else plan_space_item(report.n_params, t)
+        for f, t in [(merged, ftype), *((quant_files[q], q) for q in quants)]
+    }
+    plan.memory = plan_memory(
+        shape_from_config(report.config, 0),
+        sizes,
+        quants,
+        memory_limit(),
+        _threads(options.threads),
+        n_inputs=len(report.models),
+        eval_files=not options.skip_eval,
+        eval_all=options.eval_all,
+        skip_chat=options.skip_chat_eval,
+    )
+    if not options.skip_eval and not options.eval_all:
+        check_chat_possible(plan.memory.evals, plan.memory.limit)
+    threads = plan.memory.threads.n
     state.save()
     mark_unfinished(out, recipe.name)
     if on_plan:
@@ -617,7 +654,7 @@ def _build(
             f"quantize {q}",
             quant_keys[q],
             [quant_files[q]],
-            lambda q=q: _quantize(merged, q, quant_files[q], options.threads, progress),
+            lambda q=q: _quantize(merged, q, quant_files[q], threads, progress),
         )
 
     ggufs = [merged] + [quant_files[q] for q in quants]
@@ -626,10 +663,12 @@ def _build(
     )
     if not options.skip_eval:
         file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
-        _evaluate_files(result, stages, ggufs, file_keys, options, progress)
+        _evaluate_files(result, stages, ggufs, file_keys, options, plan.memory, progress)
         if options.compare_parents:
             parent = (parent_file, parent_key)
-            _evaluate_parent(result, stages, sources.instruct.path, parent, options, progress)
+            _evaluate_parent(
+                result, stages, sources.instruct.path, parent, options, plan.memory, progress, merged.name
+            )
     _package(result, stages, ggufs, inputs, sources.instruct.path, backend, on_stage)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -641,15 +680,19 @@ def _evaluate_files(
     ggufs: list[Path],
     file_keys: dict[str, str],
     options: BuildOptions,
+    memory: MemoryPlan,
     progress: Progress | None,
 ) -> None:
-    """Evaluate every shipped file (quants against the unquantized one) and check the recipe's gates."""
+    """Evaluate every shipped file and check the recipe's gates: the unquantized file first, its
+    log-probabilities stored in the work area; each quant then against the stored file (one model in memory).
+    A file the memory plan finds too large answers no prompts (its report says which file stands for it)."""
     from .evaluate.gates import check_gates
 
     merged = ggufs[0]
+    ref_logits = stages.state.work / "eval" / f"{merged.name}.logits"
     for f in ggufs:
-        ref = merged if f != merged else None
-        rep = _eval_stage(stages, f.name, file_keys[f.name], f, result.lang, ref, options, progress)
+        ref = (None, ref_logits) if f == merged else (ref_logits, None)
+        rep = _eval_stage(stages, f.name, file_keys[f.name], f, result.lang, ref, options, memory, progress)
         result.evals[f.name] = rep
         failed = check_gates(rep, result.recipe.eval)
         if failed:
@@ -662,9 +705,12 @@ def _evaluate_parent(
     instruct_dir: Path,
     parent: tuple[Path, str],
     options: BuildOptions,
+    memory: MemoryPlan,
     progress: Progress | None,
+    plan_as: str,
 ) -> None:
-    """--compare-parents: the instruct model alone, exported to GGUF in the work area and evaluated."""
+    """--compare-parents: the instruct model alone, exported to GGUF in the work area and evaluated (with the
+    memory decision of the unquantized file `plan_as`, its size)."""
     from .gguf.export import export_hf
 
     parent_file, parent_key = parent
@@ -685,7 +731,16 @@ def _evaluate_parent(
         hashes,
     )
     result.parent_evals["instruct"] = _eval_stage(
-        stages, "instruct", parent_key, parent_file, result.lang, None, options, progress
+        stages,
+        "instruct",
+        parent_key,
+        parent_file,
+        result.lang,
+        (None, None),
+        options,
+        memory,
+        progress,
+        plan_as,
     )
 
 
@@ -745,44 +800,50 @@ def _eval_stage(
     file_key: str,
     model: Path,
     lang: str,
-    ref: Path | None,
+    ref: tuple[Path | None, Path | None],
     options: BuildOptions,
+    memory: MemoryPlan,
     progress: Progress | None,
+    plan_as: str | None = None,
 ):
-    """Evaluate `model` (drift against `ref` when given) as a cached stage; the report is kept as JSON."""
+    """Evaluate `model` as a cached stage; the report is kept as JSON. `ref` is (a stored reference to compare
+    against, a file to store this model's log-probabilities in); `plan_as`: the planned file whose memory
+    decision applies (the parent instruct GGUF has the unquantized file's size)."""
     from .evaluate import evaluate
 
+    compare_to, save_to = ref
+    planned = memory.evals.get(plan_as or model.name)
+    skip_chat = planned.skip_reason if planned is not None else None
+    batch = planned.batch if planned is not None and planned.chat else None
     out_json = stages.state.work / "eval" / f"{label}.json"
-    key = stage_key("eval", __version__, file_key, lang, options.quick_eval, ref is not None)
+    key = stage_key(
+        "eval", __version__, file_key, lang, options.quick_eval, compare_to is not None, skip_chat, batch
+    )
     holder: dict[str, Any] = {}
 
     def run() -> None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
         rep = evaluate(
-            model, lang, ref=ref, quick=options.quick_eval, progress=progress, n_threads=options.threads
+            model,
+            lang,
+            ref_logits=compare_to,
+            save_logits=save_to,
+            quick=options.quick_eval,
+            progress=progress,
+            n_threads=memory.threads.n,
+            batch=batch,
+            skip_chat=skip_chat,
         )
         holder["report"] = rep
-        out_json.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(out_json, force=True) as tmp:
             tmp.write_text(json.dumps(rep.to_dict(), ensure_ascii=False, default=str), encoding="utf-8")
 
-    stages.run(f"eval {label}", key, [out_json], run)
+    stages.run(f"eval {label}", key, [out_json] + ([save_to] if save_to else []), run)
     if "report" in holder:
         return holder["report"]
-    return _report_from_dict(json.loads(out_json.read_text(encoding="utf-8")))
-
-
-def _report_from_dict(d: dict):
-    """An EvalReport back from its JSON (cached eval stages)."""
-    from .evaluate.answers import Response
     from .evaluate.report import EvalReport
 
-    d = dict(d)
-    fields = set(Response.__dataclass_fields__)
-    responses = [Response(**{k: v for k, v in r.items() if k in fields}) for r in d.pop("responses", [])]
-    known = set(EvalReport.__dataclass_fields__)
-    rep = EvalReport(**{k: v for k, v in d.items() if k in known and k != "responses"})
-    rep.responses = responses
-    return rep
+    return EvalReport.from_dict(json.loads(out_json.read_text(encoding="utf-8")))
 
 
 def _drop_stale(state: BuildState, planned: set[str]) -> None:

@@ -91,7 +91,18 @@ def build(
     demo: Annotated[
         bool, _o("--demo", help="Offline demo on a tiny generated model family (no network).")
     ] = False,
-    threads: Annotated[int | None, _o("--threads", help="CPU threads for llama.cpp (default: all).")] = None,
+    eval_all: Annotated[
+        bool,
+        _o(
+            "--eval-all", help="Answer the prompts with every file, even one too large for the memory (slow)."
+        ),
+    ] = False,
+    skip_chat_eval: Annotated[
+        bool, _o("--skip-chat-eval", help="Evaluate perplexity and drift only, no chat answers.")
+    ] = False,
+    threads: Annotated[
+        int | None, _o("--threads", help="CPU threads for llama.cpp (default: the cores idle now).")
+    ] = None,
     json_out: Annotated[bool, _o("--json", help="Print the build summary as JSON on stdout.")] = False,
 ) -> None:
     """Build a tested, shippable offline assistant: merge, GGUF, quantize, evaluate, package.
@@ -148,6 +159,8 @@ def build(
         force=force,
         demo=demo,
         threads=threads,
+        eval_all=eval_all,
+        skip_chat_eval=skip_chat_eval,
     )
 
     def on_stage(e: StageEvent) -> None:
@@ -160,6 +173,9 @@ def build(
 
     def on_plan(plan) -> None:
         progress.console.print(f"disk plan: the build {plan.describe()}", highlight=False)
+        if plan.memory is not None:
+            lines = plan.memory.lines()
+            progress.console.print("memory plan: " + "\n  ".join(lines), highlight=False)
 
     with progress:
         result = run_build(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
