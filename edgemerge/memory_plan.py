@@ -13,7 +13,7 @@ for it (its answers are the ones a user of the smaller file sees); `eval_all` an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +117,6 @@ def shape_from_config(config: dict, file_bytes: int) -> ModelShape:
     )
 
 
-def _with_size(shape: ModelShape, size: int) -> ModelShape:
-    return ModelShape(**{**shape.__dict__, "file_bytes": size})
-
-
 def chat_need(shape: ModelShape, batch: int) -> int:
     return sum(eval_memory(shape, n_seq=batch, n_ctx_seq=CHAT_SEQ_CTX).values())
 
@@ -142,7 +138,7 @@ def plan_evals(
     """How each file (name -> bytes) is evaluated within `limit` (module docstring)."""
     planned: dict[str, FileEval] = {}
     for name, size in sizes.items():
-        s = _with_size(shape, size)
+        s = replace(shape, file_bytes=size)
         one = chat_need(s, 1)
         batches = [b for b in BATCHES if batch is None or b <= batch] or [1]
         if batch is not None and batch not in batches:

@@ -61,8 +61,8 @@ def evaluate(
     from .answers import answer_prompts, scores
     from .drift import DriftMeter, reference_chunks
     from .mc import evaluate_mc, load_mc
-    from .perplexity import DEFAULT_CTX, make_chunks, perplexity
-    from .reference import StoredReference, reference_writer
+    from .perplexity import DEFAULT_CTX, make_chunks
+    from .reference import StoredReference
     from .runner import Model, check_gguf
 
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def evaluate(
                 r = Model(ref, n_ctx=CHAT_CTX, n_threads=n_threads)
             with contextlib.closing(r):
                 chunks = make_chunks(r, passages, ctx or DEFAULT_CTX, max_chunks=max_chunks)
-                _save(r, chunks, tmp / "ref.logits", progress, f"reference {Path(ref).name}", [])
+                _scored(r, chunks, progress, f"reference {Path(ref).name}", None, tmp / "ref.logits", [])
             stored = StoredReference(tmp / "ref.logits")
             stack.callback(stored.close)
 
@@ -111,30 +111,16 @@ def evaluate(
         if stored is not None:
             tokens = m.tokenize("\n".join(passages), add_special=True)
             chunks = reference_chunks(m, stored, tokens, max_chunks=max_chunks)
-            meter = DriftMeter(stored)
-            writer = None
-            if save_logits is not None:
-                writer = stack.enter_context(
-                    reference_writer(
-                        save_logits,
-                        chunks.ctx,
-                        m.n_vocab,
-                        chunks.tokens,
-                        chunks.n_chunks,
-                        inputs=inputs or [],
-                    )
-                )
-            p = perplexity(m, chunks, progress, on_chunk=_both(meter, writer), label="perplexity and drift")
+        else:
+            chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=max_chunks)
+        meter = DriftMeter(stored) if stored is not None else None
+        label = "perplexity and drift" if meter is not None else "perplexity"
+        p = _scored(m, chunks, progress, label, meter, save_logits, inputs or [])
+        if meter is not None:
             d = meter.result()
             report.ref = Path(ref).name if ref is not None else Path(ref_logits).name
             report.ref_perplexity, report.ppl_ratio = d.ref_perplexity, d.ppl_ratio
             report.kld_mean, report.kld_max, report.top1_agreement = d.kld_mean, d.kld_max, d.top1_agreement
-        else:
-            chunks = make_chunks(m, passages, ctx or DEFAULT_CTX, max_chunks=max_chunks)
-            if save_logits is not None:
-                p = _save(m, chunks, save_logits, progress, "perplexity", inputs or [])
-            else:
-                p = perplexity(m, chunks, progress)
         report.perplexity, report.tokens = p.perplexity, p.tokens
         report.ppl_ctx, report.ppl_chunks = chunks.ctx, chunks.n_chunks
         report.ppl_seconds = round(time.perf_counter() - t1, 2)
@@ -169,26 +155,26 @@ def evaluate(
     return report
 
 
-def _both(meter, writer):
-    def on_chunk(i, logits, targets):
-        meter(i, logits, targets)
-        if writer is not None:
-            writer(logits, targets)
-
-    return on_chunk
-
-
-def _save(model, chunks, path: Path, progress, label: str, inputs: list[Path | None]):
-    """The perplexity pass of `model`, its log-probabilities stored in `path` (reference.py)."""
+def _scored(model, chunks, progress, label: str, meter, save: Path | None, inputs: list[Path | None]):
+    """The perplexity pass of `model` over `chunks`: each chunk compared by `meter` (drift.DriftMeter) when
+    given, and its log-probabilities stored in `save` (reference.py) when given, a file written once the pass
+    is complete and never one of `inputs`."""
     from .perplexity import perplexity
     from .reference import reference_writer
 
-    with reference_writer(
-        path, chunks.ctx, model.n_vocab, chunks.tokens, chunks.n_chunks, inputs=inputs
-    ) as write:
-        return perplexity(
-            model, chunks, progress, on_chunk=lambda i, logits, targets: write(logits, targets), label=label
-        )
+    with contextlib.ExitStack() as stack:
+        write = None
+        if save is not None:
+            args = (save, chunks.ctx, model.n_vocab, chunks.tokens, chunks.n_chunks)
+            write = stack.enter_context(reference_writer(*args, inputs=inputs))
+
+        def on_chunk(i, logits, targets):
+            if meter is not None:
+                meter(i, logits, targets)
+            if write is not None:
+                write(logits, targets)
+
+        return perplexity(model, chunks, progress, on_chunk=on_chunk, label=label)
 
 
 __all__ = ["EvalReport", "available_languages", "evaluate", "language_info", "load_prompts", "sample_text"]

@@ -38,6 +38,8 @@ import numpy as np
 from ..errors import EdgemergeError
 from ..files import atomic_output
 from ..limits import shown_path
+from .perplexity import nll
+from .runner import log_softmax
 
 MAGIC = b"_logits_"
 TRAILER = b"_em_nll_"
@@ -61,18 +63,6 @@ def scored_positions(n_ctx: int) -> int:
 def _row_blocks(n: int) -> Iterator[slice]:
     for i in range(0, n, _ROWS):
         yield slice(i, min(n, i + _ROWS))
-
-
-def log_probs(logits: np.ndarray) -> np.ndarray:
-    """log softmax per row in float64 (llama.cpp sums exp in double too)."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row."""
-    return -log_probs(logits)[np.arange(len(targets)), targets]
 
 
 def encode(logits: np.ndarray) -> np.ndarray:
@@ -123,7 +113,7 @@ def compare(
     n, n_vocab = logits.shape
     parts: list[tuple[np.ndarray, ...]] = []
     for rows in _row_blocks(n):
-        lq = log_probs(logits[rows])
+        lq = log_softmax(logits[rows])
         lp = decode(records[rows], n_vocab)
         keep = lp > -LOG_RANGE
         kld = np.where(keep, np.exp(lp) * (lp - lq), 0.0).sum(axis=-1)
@@ -248,7 +238,7 @@ def reference_writer(
             if logits.shape != (scored_positions(n_ctx), n_vocab) or len(targets) != len(logits):
                 raise ValueError(f"chunk logits of shape {logits.shape}")
             f.write(encode(logits).astype("<u2").tobytes())
-            nlls.append(np.concatenate([target_nll(logits[r], targets[r]) for r in _row_blocks(len(logits))]))
+            nlls.append(nll(logits, targets))
 
         yield write
         if len(nlls) != n_chunk:
