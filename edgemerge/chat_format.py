@@ -19,14 +19,20 @@ sandbox is one error line instead of a hang.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .child import child_command
 from .errors import EdgemergeError
@@ -253,11 +259,6 @@ def _environment():
     Written out rather than taken from transformers' `_compile_jinja_template`: importing transformers would
     cost every renderer's worker seconds of start-up (jinja2 alone: ~0.25 s), and its environment lets an
     unsafe attribute through as an Undefined (`unsafe_undefined` below refuses it)."""
-    import datetime as dt
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}  # noqa: RUF012 (jinja2's Extension API)
@@ -289,7 +290,6 @@ def _environment():
 
 def _limit_worker() -> None:
     """Caps of the rendering process: memory, CPU time (a backstop), no Ctrl-C (the parent handles it)."""
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -304,8 +304,6 @@ def _limit_worker() -> None:
 
 
 def _render_one(template, request: dict, max_chars: int) -> dict:
-    import jinja2
-    from jinja2.sandbox import SecurityError
 
     parts, size = [], 0
     try:
@@ -331,7 +329,6 @@ def _render_one(template, request: dict, max_chars: int) -> dict:
 
 def _worker() -> None:
     """The rendering process: the first line gives the template, every next line a conversation to render."""
-    import jinja2
 
     _limit_worker()
     first = json.loads(sys.stdin.readline())

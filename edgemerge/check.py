@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" so safetensors can hand out bf16 arrays)
-from safetensors import SafetensorError, safe_open
 from sentencepiece import SentencePieceProcessor
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer, render_template
@@ -29,21 +28,12 @@ from .errors import EdgemergeError
 from .limits import MAX_JSON_BYTES, present, read_limited, read_optional_object, shown
 from .model_json import check_model_json, read_tokenizer_json
 from .model_json import check_tokenizer_config as check_tokenizer_fields
-from .sinks import TensorSpec
-from .sources import ModelSource, RecipeSources, weight_files
+from .sources import ModelSource, RecipeSources
+from .tensors.safetensors import read_model
+from .tensors.spec import ModelTensors, TensorSpec
 from .trust import refuse_custom_code
 
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
-
-
-@dataclass
-class ModelTensors:
-    """Where each tensor of one model lives, with its shape and safetensors dtype."""
-
-    label: str  # e.g. "instruct (meta-llama/Llama-3.1-8B-Instruct)"
-    files: dict[str, Path] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,42 +50,13 @@ class CompatReport:
 
     @property
     def n_params(self) -> int:
-        return sum(_numel(s.shape) for s in self.specs)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(s.shape) for s in self.specs)
 
 
 def read_tensors(src: ModelSource, label: str) -> ModelTensors:
-    """Names, shapes and dtypes of a model's tensors from its safetensors headers (memory-mapped, no data read)."""
-    out = ModelTensors(label=label)
-    files = weight_files(src.path)
-    if not files:
-        raise EdgemergeError(f"{label}: no .safetensors weights in {src.path}")
-    for path in files:
-        if not path.exists():
-            raise EdgemergeError(f"{label}: {path.name} is named in the index but missing from {src.path}")
-        try:
-            with safe_open(path, framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    sl = f.get_slice(name)
-                    if name in out.files:
-                        raise EdgemergeError(
-                            f"{label}: tensor {name} is stored twice ({out.files[name].name}, {path.name})"
-                        )
-                    out.files[name] = path
-                    out.shapes[name] = tuple(sl.get_shape())
-                    out.dtypes[name] = sl.get_dtype()
-        except SafetensorError as e:
-            raise EdgemergeError(
-                f"{label}: {path} is unreadable or truncated ({e}); download it again"
-            ) from None
-        except OSError as e:
-            raise EdgemergeError(f"{label}: cannot read {path} ({e})") from None
+    """Names, shapes and dtypes of a model's tensors from its safetensors headers (no data read); only
+    floating-point weights can be merged."""
+    out = read_model(src.path, label)
     for name, dt in out.dtypes.items():
         if dt not in FLOAT_DTYPES:
             raise EdgemergeError(

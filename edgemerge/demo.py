@@ -15,6 +15,7 @@ Generated files go to a cache folder (`~/.cache/edgemerge/demo`), never into the
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
 import yaml
 
 from .errors import EdgemergeError
@@ -108,7 +110,6 @@ def _english() -> tuple[list[str], list[tuple[str, str]]]:
 def train_tokenizer(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
     """Train a SentencePiece BPE model on `lines` (deterministic: fixed seed, one thread) and save it as a
     Hugging Face tokenizer folder with the ChatML template; EOS is <|im_end|>, as in chat models."""
-    import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     spm.set_random_generator_seed(1234)
@@ -219,7 +220,6 @@ def _train_family(
     size: DemoSize,
     progress: Progress | None,
 ) -> None:
-    import copy
 
     total = size.base_steps + size.instruct_steps + size.lang_steps
     with task(progress, "demo: training tiny models", total, unit="steps") as advance:

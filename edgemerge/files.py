@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import __version__
 from .errors import EdgemergeError
 from .limits import shown_path
 
@@ -150,7 +151,6 @@ def is_ours(folder: Path, kind: str | None = None) -> bool:
 
 def write_marker(folder: Path, kind: str, **info: Any) -> None:
     """Mark `folder` as written by edgemerge (`kind`: what it is, e.g. "build", "merge"); durable."""
-    from . import __version__
 
     data = {"written_by": "edgemerge", "version": __version__, "kind": kind, **info}
     write_durably(Path(folder) / MARKER, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -8,7 +8,6 @@ and lists every other file of the folder with its size and sha256.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import platform
 import re
@@ -22,15 +21,17 @@ import yaml
 from . import __version__
 from .chat_format import ChatFormat, derive_chat_format
 from .errors import EdgemergeError
-from .progress import Progress
+from .files import atomic_output, human_bytes
+from .gguf.inspect import kv
+from .hashes import sha256_file
 from .public import public_inputs, public_recipe, public_ref
 from .recipe import Recipe
+from .sources import is_local
 
 MANIFEST = "manifest.json"
 EVAL_JSON = "eval.json"
 MODELFILE = "Modelfile"
 CARD = "README.md"
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_NOTE = (
     "**Demo build.** These models are tiny (a few million parameters, trained for seconds by "
     "`edgemerge build --demo`) and their answers are meaningless: the folder shows what a real build produces."
@@ -71,22 +72,6 @@ class ChatInfo:
     stops: list[str]
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file in 1 MB blocks (with a progress bar for big files: 16 GB take a minute)."""
-    from .progress import task
-
-    h = hashlib.sha256()
-    size = Path(path).stat().st_size
-    with (
-        open(path, "rb") as f,
-        task(progress if size > 256 << 20 else None, f"sha256 {Path(path).name}", size) as advance,
-    ):
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            advance(len(block))
-    return h.hexdigest()
-
-
 def _ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -96,7 +81,6 @@ def _ids(value: Any) -> list[int]:
 def chat_info(gguf_path: Path, instruct_dir: Path | None = None) -> ChatInfo:
     """Template, BOS and stop tokens: the GGUF's EOS/EOT/EOM ids plus the instruct model's
     generation_config.json `eos_token_id` list (chat models often stop on several tokens)."""
-    from .gguf.inspect import kv
 
     meta = kv(gguf_path)
     get = meta.get
@@ -168,7 +152,7 @@ def _hf_ids(refs: list[str | None], inputs: dict[str, dict]) -> list[str]:
         if ref in resolved:
             hub = resolved[ref] is not None
         else:
-            hub = bool(HF_ID.match(ref.split("@")[0])) and not ref.startswith(".") and not Path(ref).exists()
+            hub = not is_local(ref)
         rid = ref.split("@")[0]
         if hub and rid not in out:
             out.append(rid)
@@ -196,7 +180,6 @@ def _formula(r: Recipe) -> str:
 
 
 def _size(n: int) -> str:
-    from .files import human_bytes
 
     return human_bytes(n)
 
@@ -372,7 +355,6 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
 
 def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Path], list[str]]:
     """Write README.md, Modelfile, eval.json, then manifest.json; return (files written, warnings)."""
-    from .files import atomic_output
 
     if system is None:
         try:

@@ -15,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .files import human_bytes
+
 
 def make_progress(console=None, *, transient: bool = False) -> Progress:
     """A rich progress display with sizes, elapsed time and ETA."""
@@ -38,7 +40,6 @@ def task(
     if progress is None:
         yield lambda amount: None
         return
-    from .files import human_bytes
 
     def detail(done: float) -> str:
         if total is None:

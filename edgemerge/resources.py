@@ -24,6 +24,8 @@ from .errors import EdgemergeError
 from .files import human_bytes
 from .gguf.inspect import read_gguf
 from .limits import shown
+from .tensors.sinks import PENDING_BYTES
+from .tensors.stream import BLOCK_ELEMENTS
 
 MiB = 1 << 20
 # cgroup v1 says "no limit" with a huge page-counter maximum (9223372036854771712 on x86-64 with 4K pages)
@@ -413,8 +415,6 @@ def quantize_memory(shape: ModelShape) -> int:
 
 # The merge's streaming state, from the engine's constants (edgemerge/merge/engine.py, sinks.py; mirrored here
 # so this module does not import torch, and tests/test_resources.py checks they agree)
-BLOCK_ELEMENTS = 1 << 19  # engine.BLOCK_ELEMENTS: row blocks of at most this many elements
-WRITER_PENDING = 32 * MiB  # sinks.BackgroundSink's pending_bytes: output waiting for the writer thread
 # fitted so that merge_memory(2048) is README's measured peak of `edgemerge merge --gguf` at 1b (0.54 GB, a
 # 1.1B Llama, hidden 2048, instruct + base + one language); at 50m and 300m it measured 0.42 and 0.43 GB
 MERGE_MEASURED = (2048, 540_000_000)
@@ -426,7 +426,7 @@ def _merge_streaming(n_embd: int, n_inputs: int) -> int:
     whole = (
         3 * n_embd * n_embd * 2
     )  # a q projection the GGUF sink permutes: assembled, permuted, queued (f16)
-    return reads + work + WRITER_PENDING + whole
+    return reads + work + PENDING_BYTES + whole
 
 
 MERGE_BASELINE = MERGE_MEASURED[1] - _merge_streaming(MERGE_MEASURED[0], 3)
@@ -435,7 +435,7 @@ MERGE_BASELINE = MERGE_MEASURED[1] - _merge_streaming(MERGE_MEASURED[0], 3)
 def merge_memory(n_embd: int, n_inputs: int = 3) -> int:
     """Peak memory of the streaming merge into GGUF: MERGE_BASELINE (Python, torch, transformers, the
     vocabulary) + the streaming state, which does not grow with the model's size: 2 * n_inputs blocks of
-    BLOCK_ELEMENTS bf16 values (merged, read ahead), (n_inputs + 1) float32 blocks, WRITER_PENDING bytes
+    BLOCK_ELEMENTS bf16 values (merged, read ahead), (n_inputs + 1) float32 blocks, PENDING_BYTES bytes
     queued for the writer, and the one tensor assembled whole, a Llama q projection of n_embd^2 f16 values,
     three times (assembled, permuted, queued). An 8B Llama (hidden 4096, 3 inputs): 0.62 GB."""
     return MERGE_BASELINE + _merge_streaming(n_embd, n_inputs)

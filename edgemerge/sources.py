@@ -17,18 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+
 from .errors import EdgemergeError
 from .files import free_bytes, human_bytes
-from .limits import MAX_SAFETENSORS_HEADER, read_json_object, shown
+from .hashes import sha256_file
 from .progress import Progress, task
 from .recipe import Recipe
+from .tensors.safetensors import (
+    index_weight_files,
+    parse_safetensors_header,
+    safetensors_header,
+    weight_files,
+)
 
 HF_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
@@ -85,90 +91,6 @@ class RecipeSources:
         return [("instruct", self.instruct), ("base", self.base)] + list(zip(self.codes, self.languages))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (raises EdgemergeError when the file cannot hold one). The claimed
-    length is checked against MAX_SAFETENSORS_HEADER and the file's size before anything is read."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise EdgemergeError(f"{path} is truncated (no safetensors header); download it again")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_SAFETENSORS_HEADER:
-            raise EdgemergeError(
-                f"{path} is not a safetensors file (its header claims {n} bytes, more than the format's "
-                f"{MAX_SAFETENSORS_HEADER}); download it again"
-            )
-        if n > size - 8:
-            raise EdgemergeError(
-                f"{path} is truncated (header of {n} bytes in a {size}-byte file); download it again"
-            )
-        return f.read(n)
-
-
-# bytes per element of the safetensors dtypes (sub-byte and exotic types are left to the library's check)
-_ST_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-
-
-def _is_count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def parse_safetensors_header(raw: bytes, path: Path, data_size: int) -> dict[str, dict]:
-    """The tensor entries of a safetensors header, checked to be what the format says: a JSON object of
-    {name: {"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}} (plus an optional string map
-    `__metadata__`), every tensor's bytes inside the data section and of the size its shape and dtype imply."""
-
-    def bad(why: str) -> EdgemergeError:
-        return EdgemergeError(f"{path} is unreadable or truncated ({why}); download it again")
-
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise bad("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise bad("__metadata__ is not a map of strings")
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"tensor {shown(name)} is not an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_count, shape)):
-            raise bad(f"tensor {shown(name)} has a malformed dtype or shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-            raise bad(f"tensor {shown(name)} has malformed data_offsets")
-        begin, end = offsets
-        if not begin <= end <= data_size:
-            raise bad(f"tensor {shown(name)} lies outside the file's {data_size} data bytes")
-        numel = 1
-        for d in shape:
-            numel *= d
-        need = numel * _ST_ITEMSIZE.get(dtype, 0)
-        if dtype in _ST_ITEMSIZE and need != end - begin:
-            raise bad(f"tensor {shown(name)} has {end - begin} bytes, its shape and dtype need {need}")
-    return header
-
-
-def safetensors_layout(path: Path) -> tuple[int, dict[str, dict]]:
-    """Start of the data section and the validated tensor entries of a safetensors file."""
-    raw = safetensors_header(path)
-    start = 8 + len(raw)
-    return start, parse_safetensors_header(raw, path, path.stat().st_size - start)
-
-
 def _sampled_sha256(path: Path) -> str:
     header = safetensors_header(path)
     size = path.stat().st_size
@@ -196,19 +118,8 @@ def fingerprint(folder: Path) -> dict[str, str]:
             else:
                 out[p.name] = f"sampled-sha256:{_sampled_sha256(p)} size:{p.stat().st_size}"
         elif p.stat().st_size <= SMALL_FILE_LIMIT:
-            out[p.name] = f"sha256:{_sha256_file(p)}"
+            out[p.name] = f"sha256:{sha256_file(p)}"
     return out
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model: those its index names, else model.safetensors, else all of them
-    (repos such as Mistral's also hold a `consolidated.safetensors` copy that must not be read twice)."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / n for n in index_weight_files(index)]
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    return sorted(folder.glob("*.safetensors"))
 
 
 def _check_folder(path: Path, ref: str) -> None:
@@ -240,7 +151,6 @@ def _hub_errors(ref: str) -> Iterator[None]:
 def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str | None, list[str]]:
     """Fetch the JSON, tokenizer and template files (pinned to the commit they came from); return the snapshot
     folder, the commit and the weight files the model needs (those its index names, else model.safetensors)."""
-    from huggingface_hub import snapshot_download
 
     with _hub_errors(ref):
         path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
@@ -253,7 +163,6 @@ def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str |
 def _weights(repo: str, commit: str | None, weights: list[str], ref: str, *, dry_run: bool = False):
     """Download the weight files (or with `dry_run`, say what downloading them would fetch); a repo without
     the expected names gets all its safetensors files."""
-    from huggingface_hub import snapshot_download
 
     with _hub_errors(ref):
         got = snapshot_download(repo, revision=commit, allow_patterns=weights, dry_run=dry_run)
@@ -317,7 +226,6 @@ def pending_download(ref: str, root: Path | None = None) -> int:
 def check_download_space(refs: list[str], root: Path | None = None) -> int:
     """Fail before downloading when the hub cache's disk cannot hold the weights still to fetch for `refs`;
     returns the bytes to download."""
-    from huggingface_hub import constants
 
     need = sum(pending_download(ref, root) for ref in dict.fromkeys(refs))
     if need:
@@ -366,25 +274,3 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
         languages=[resolve(lang.model, recipe.root, progress) for lang in recipe.languages],
         codes=recipe.lang_codes,
     )
-
-
-def index_weight_files(index: Path) -> list[str]:
-    """The shard file names a `model.safetensors.index.json` names, checked: its weight_map is an object of
-    tensor name -> plain file name (no folder part: shards sit beside the index) ending in .safetensors."""
-    weight_map = read_json_object(index).get("weight_map", {})
-    if not isinstance(weight_map, dict):
-        raise EdgemergeError(
-            f"{index}: weight_map must be an object of tensor name -> shard file, got a "
-            f"{type(weight_map).__name__}; restore the file from the model's source"
-        )
-    names = set()
-    for name in weight_map.values():
-        if not (isinstance(name, str) and name.endswith(".safetensors") and name.isprintable()) or (
-            Path(name).name != name
-        ):
-            raise EdgemergeError(
-                f"{index}: weight_map values must be shard file names such as model-00001-of-00002.safetensors, "
-                f"got {shown(name)}"
-            )
-        names.add(name)
-    return sorted(names)

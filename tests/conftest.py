@@ -8,6 +8,7 @@ import pytest
 
 from edgemerge.cli import main
 
+from .arch_fixtures import ARCH_SPECS
 from .models import Spec, make_family, tokenizer_dir
 
 
@@ -92,28 +93,6 @@ class LazyDict(dict):
         return value
 
 
-ARCH_SPECS = {
-    "llama": Spec(),
-    "mistral": Spec(arch="MistralForCausalLM", tokenizer="spm"),
-    "qwen2": Spec(arch="Qwen2ForCausalLM", tokenizer="qwen2", tie=True),
-    "qwen3": Spec(arch="Qwen3ForCausalLM", tokenizer="spm512", tie=True),
-    # Llama 3.1-style RoPE scaling (llama.cpp gets it as a rope_freqs tensor); cheap 512-token vocabulary
-    "llama31": Spec(
-        tokenizer="spm512",
-        extra={
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 256,
-            }
-        },
-    ),
-}
-
-
 @pytest.fixture(scope="session")
 def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
     """One tiny model per GGUF-supported architecture (built on first use), with real tokenizers: llama
@@ -136,7 +115,7 @@ def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def f32_ggufs(tmp_path_factory, arch_models) -> dict[str, Path]:
     """Our F32 GGUF export of each `arch_models` entry (made on first use)."""
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     root = tmp_path_factory.mktemp("f32-ggufs")
     return LazyDict(lambda name: export_hf(arch_models[name], root / f"{name}-f32.gguf", outtype="f32"))
@@ -145,7 +124,7 @@ def f32_ggufs(tmp_path_factory, arch_models) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def qwen3_q8_0(tmp_path_factory, arch_models) -> Path:
     """Our Q8_0 GGUF export of the Qwen3 fixture."""
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     return export_hf(arch_models["qwen3"], tmp_path_factory.mktemp("q8") / "qwen3-q8_0.gguf", outtype="q8_0")
 

@@ -15,14 +15,6 @@ import torch
 
 from .shared import need_shared
 
-# architecture -> transformers config class name
-_ARCH_CONFIGS = {
-    "LlamaForCausalLM": "LlamaConfig",
-    "MistralForCausalLM": "MistralConfig",
-    "Qwen2ForCausalLM": "Qwen2Config",
-    "Qwen3ForCausalLM": "Qwen3Config",
-}
-
 
 @dataclass
 class Spec:
@@ -36,6 +28,14 @@ class Spec:
     tie: bool = False
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
+    parity_outtype: str = "f32"  # what the byte-parity test converts it to (tests/arch_fixtures.py)
+
+
+def config_class(arch: str) -> type:
+    """transformers' config class of an architecture name (the model class's own `config_class`)."""
+    import transformers
+
+    return getattr(transformers, arch).config_class
 
 
 def tokenizer_dir(kind: str, cache: Path) -> Path:
@@ -118,7 +118,7 @@ def make_model(
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     vocab = len(tok)
-    cfg_cls = getattr(transformers, _ARCH_CONFIGS[spec.arch])
+    cfg_cls = config_class(spec.arch)
     kw = {
         "vocab_size": vocab,
         "hidden_size": spec.hidden,

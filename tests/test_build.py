@@ -181,7 +181,7 @@ def test_output_folder_of_another_build_needs_force(build_family, tmp_path, buil
 
 
 def test_not_enough_disk_fails_before_writing(build_family, tmp_path, monkeypatch):
-    import edgemerge.build as b
+    import edgemerge.build.options as b
 
     monkeypatch.setattr(b, "free_bytes", lambda path: 1000)  # a full disk, without filling one
     out = tmp_path / "full"

@@ -19,8 +19,8 @@ from edgemerge.build import (
     BuildOptions,
     BuildState,
     Stages,
-    _drop_stale,
     build,
+    drop_stale,
     mark_finished,
     mark_unfinished,
     prepare_out,
@@ -186,7 +186,7 @@ def _resume(out: Path) -> None:
 
 OPERATIONS = {
     "rebuild": _rebuild,
-    "drop stale": lambda out: _drop_stale(BuildState(out), {"merge"}),  # a quant dropped from the recipe
+    "drop stale": lambda out: drop_stale(BuildState(out), {"merge"}),  # a quant dropped from the recipe
     "force": lambda out: prepare_out(out, "other-eu", force=True),  # --force, another recipe name
     "resume": _resume,
 }

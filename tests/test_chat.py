@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from edgemerge.evaluate.runner import Generation, Model
+from edgemerge.runtime import Generation, Model
 
 from .test_eval_run import make_chat_gguf
 

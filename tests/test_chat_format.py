@@ -170,7 +170,7 @@ def _padded(template: str, length: int) -> str:
 def gguf_with_template(merge_family, tmp_path_factory):
     """A GGUF exported with a 600-character template, and a function writing a copy whose template is
     replaced in place (same length, so the file layout is unchanged): hostile templates in a real GGUF."""
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     root = tmp_path_factory.mktemp("tpl")
     folder = root / "instruct"

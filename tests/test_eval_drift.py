@@ -14,8 +14,8 @@ from edgemerge.evaluate import evaluate, runner
 from edgemerge.evaluate.drift import DriftMeter, kl_divergence, reference_chunks
 from edgemerge.evaluate.perplexity import chunk_logits, make_chunks, perplexity
 from edgemerge.evaluate.reference import StoredReference, reference_writer
-from edgemerge.evaluate.runner import Model
 from edgemerge.quantize import quantize
+from edgemerge.runtime import Model
 
 from .shared import need_shared
 

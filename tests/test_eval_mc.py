@@ -9,7 +9,7 @@ import pytest
 
 from edgemerge.errors import EdgemergeError
 from edgemerge.evaluate.mc import PROMPT, MCItem, choice_logliks, evaluate_mc, load_mc
-from edgemerge.evaluate.runner import Model, log_softmax
+from edgemerge.runtime import Model, log_softmax
 
 from .shared import need_shared
 

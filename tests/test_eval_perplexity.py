@@ -7,7 +7,7 @@ import pytest
 
 from edgemerge.errors import EdgemergeError
 from edgemerge.evaluate.perplexity import make_chunks, perplexity
-from edgemerge.evaluate.runner import Model
+from edgemerge.runtime import Model
 
 from .shared import need_shared
 

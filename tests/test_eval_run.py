@@ -98,7 +98,7 @@ def test_chat_metrics_on_a_model_with_a_template(chat_report):
 
 def test_greedy_answer_and_clean_stop_match_an_independent_greedy_loop(chat_gguf):
     """Argmax of llama.cpp's logits, token by token (KV cache reused), until an end-of-generation token."""
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     m = Model(chat_gguf, n_ctx=512, n_threads=1)
     try:

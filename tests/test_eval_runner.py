@@ -7,8 +7,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemerge.evaluate import runner
-from edgemerge.evaluate.runner import Model
+from edgemerge import runtime as runner
+from edgemerge.runtime import Model
 
 from .test_eval_run import make_chat_gguf
 

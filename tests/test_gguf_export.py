@@ -9,15 +9,17 @@ import gguf
 import numpy as np
 import pytest
 
-from edgemerge.gguf.export import export_hf
+from edgemerge.gguf.arch import REGISTRY
 from edgemerge.gguf.inspect import kv, tensors
 from edgemerge.gguf.metadata import RECIPE_KEY, GGUFMetadata, Lineage
 from edgemerge.gguf.vocab import CHECK_TEXT
+from edgemerge.pipeline import export_hf
 
+from .arch_fixtures import ARCH_SPECS
 from .shared import need_shared
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "llama31"]
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "llama31": "llama"}
+ARCHS = list(ARCH_SPECS)
+GGUF_ARCH = {name: gguf.MODEL_ARCH_NAMES[REGISTRY[spec.arch].model_arch] for name, spec in ARCH_SPECS.items()}
 PROMPT = "Kaixo! Gaur goizean mendira joan gara, eta eguraldi ederra izan dugu. The weather was fine."
 
 
@@ -45,7 +47,7 @@ def test_logits_match_transformers(arch, arch_models, f32_ggufs):
     assert np.abs(ref).max() > 0.05  # the comparison is not between two near-zero arrays
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", [n for n, s in ARCH_SPECS.items() if s.tokenizer != "spm512"])
 def test_tokenization_matches_reference_on_real_text(arch, arch_models, f32_ggufs):
     """llama.cpp's tokenizer from our GGUF splits real eu/ca/gl/es/en sentences like the model's own tokenizer:
     the HF tokenizer for BPE, the SentencePiece library on the real .model for SentencePiece (transformers 5's

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edgemerge.gguf.export import export_hf
 from edgemerge.gguf.inspect import diff_tensors, read_gguf
+from edgemerge.pipeline import export_hf
+
+from .arch_fixtures import ARCH_SPECS
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,15 +52,16 @@ def _arch_keys(kv: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("arch", "outtype"),
-    [("llama", "f32"), ("qwen2", "f32"), ("mistral", "bf16"), ("qwen3", "q8_0"), ("llama31", "f16")],
+    ("arch", "outtype"), [(name, spec.parity_outtype) for name, spec in ARCH_SPECS.items()]
 )
 def test_same_bytes_as_convert_hf_to_gguf(
     arch, outtype, arch_models, f32_ggufs, qwen3_q8_0, converter, tmp_path
 ):
     """Every tensor byte-identical; vocabulary, special tokens, chat template and hyper-parameters equal."""
     theirs = _convert(converter, arch_models[arch], tmp_path / "theirs.gguf", outtype)
-    ours = {"f32": f32_ggufs[arch], "q8_0": qwen3_q8_0}.get(outtype)
+    ours = (
+        f32_ggufs[arch] if outtype == "f32" else qwen3_q8_0 if (arch, outtype) == ("qwen3", "q8_0") else None
+    )
     if ours is None:
         ours = export_hf(arch_models[arch], tmp_path / "ours.gguf", outtype=outtype)
     assert diff_tensors(ours, theirs) == []

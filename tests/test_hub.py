@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgemerge.files import human_bytes
-from edgemerge.merge.run import merge_to_hf
+from edgemerge.pipeline import merge_to_hf
 from edgemerge.recipe import load_recipe
 
 from .fake_hub import FakeHub

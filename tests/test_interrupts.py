@@ -37,7 +37,7 @@ def slow_family(tmp_path_factory, tok_cache) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def slow_gguf(slow_family, tmp_path_factory) -> Path:
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     return export_hf(
         slow_family["instruct"], tmp_path_factory.mktemp("slow") / "slow-f16.gguf", outtype="f16"
@@ -189,7 +189,7 @@ def test_sigint_inside_a_llama_cpp_callback_is_raised_after_the_call(slow_gguf, 
 
 
 def test_model_load_is_interruptible(slow_gguf, sigint_from_llama_log):
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     with pytest.raises(KeyboardInterrupt):
         Model(slow_gguf, n_ctx=64, n_threads=1)
@@ -198,7 +198,7 @@ def test_model_load_is_interruptible(slow_gguf, sigint_from_llama_log):
 
 def test_generation_stops_at_the_next_token(slow_gguf):
     """The stopping criterion llama-cpp-python runs after each token raises a recorded Ctrl-C."""
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     m = Model(slow_gguf, n_ctx=128, n_threads=1)
     try:

@@ -97,7 +97,7 @@ def test_plan_lines_name_every_stage():
 def test_a_build_whose_f16_does_not_fit(build_family, tmp_path, monkeypatch):
     """The tiny family under a memory that holds its quants for answering but not its F16: the F16 is scored
     (perplexity, and its log-probabilities stored for the quants' drift) without answers; Q8_0 stands for it."""
-    import edgemerge.build as b
+    import edgemerge.build.run as b
 
     recipe = load_recipe(build_family["recipe"])
     seen = {}
@@ -125,7 +125,7 @@ def test_a_build_whose_f16_does_not_fit(build_family, tmp_path, monkeypatch):
 
 
 def test_no_file_can_answer_stops_the_build_before_any_work(build_family, tmp_path, monkeypatch, cli):
-    import edgemerge.build as b
+    import edgemerge.build.run as b
 
     monkeypatch.setattr(b, "memory_limit", lambda: limit(100 << 20))  # less than any eval needs
     out = tmp_path / "out"

@@ -283,7 +283,7 @@ def test_usage_errors_exit_2_without_internal_error(cli, args, needle):
 
 def test_ctrl_c_exits_130_and_says_so(cli, tmp_path, merge_family, monkeypatch):
     """typer turns KeyboardInterrupt into exit code 130, returned (not raised) outside standalone mode."""
-    from edgemerge.merge import run
+    from edgemerge.cli import merge as run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -312,7 +312,7 @@ def test_a_full_or_forbidden_disk_is_one_line_and_exit_2(
     without write permission) are not edgemerge bugs: one line with what to do, exit 2."""
     import errno
 
-    from edgemerge.merge import run
+    from edgemerge.cli import merge as run
 
     def fails(*args, **kwargs):
         code = getattr(errno, errno_)

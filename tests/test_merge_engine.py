@@ -13,10 +13,10 @@ from safetensors import safe_open
 
 from edgemerge.errors import EdgemergeError
 from edgemerge.merge.engine import merge_into
-from edgemerge.merge.run import merge_to_hf
+from edgemerge.pipeline import merge_to_hf
 from edgemerge.recipe import load_recipe
-from edgemerge.sinks import TensorSpec
 from edgemerge.sources import resolve_recipe
+from edgemerge.tensors.spec import TensorSpec
 
 from .merge_reference import assert_rounded_once, reference
 from .models import state_of, write_recipe
@@ -218,15 +218,15 @@ def test_nan_in_an_input_is_an_error_naming_tensor_and_model(tmp_path, merge_fam
 def test_blockwise_merge_equals_whole_tensor_merge(tmp_path, merge_family, monkeypatch, method, opts):
     """Tensors above BLOCK_ELEMENTS are merged in row blocks (sparsifiers plan on the whole tensor first):
     the same bytes as merging whole tensors."""
-    from edgemerge.merge import engine
+    from edgemerge.tensors import stream
 
     recipe = load_recipe(
         write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
     )
     whole = read_out(merge_to_hf(recipe, tmp_path / "whole"))
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 5000)
     spec = TensorSpec("model.embed_tokens.weight", (512, 256), "bfloat16")
-    assert len(engine.pieces(spec, True)) == 512 // (5000 // 256) + 1 and engine.pieces(spec, False) == [None]
+    assert len(stream.pieces(spec, True)) == 512 // (5000 // 256) + 1 and stream.pieces(spec, False) == [None]
     blocks = read_out(merge_to_hf(recipe, tmp_path / "blocks"))
     for name, arr in whole.items():
         assert np.array_equal(arr.view(np.uint16), blocks[name].view(np.uint16)), name
@@ -236,8 +236,7 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     """merge_to_gguf (no Hugging Face folder in between) writes the same bytes as merge_to_hf + export_hf."""
     import hashlib
 
-    from edgemerge.gguf.export import export_hf
-    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+    from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf
 
     recipe = load_recipe(
         write_recipe(
@@ -273,10 +272,9 @@ def test_fused_gguf_by_row_blocks_equals_whole_tensors(
     """With small blocks the GGUF sink gets most tensors as row blocks (all but the permuted q/k projections,
     which it takes whole), read ahead one by one (task arithmetic) or planned first (ties), stored as f16 or
     quantized row by row (q8_0): the same bytes as exporting the merged folder."""
-    from edgemerge.gguf.export import export_hf
     from edgemerge.gguf.sink import GGUFSink
-    from edgemerge.merge import engine
-    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+    from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf
+    from edgemerge.tensors import stream
 
     recipe = load_recipe(
         write_recipe(tmp_path / "r.yaml", merge_family, WEIGHTS, method=method, options=opts)
@@ -290,7 +288,7 @@ def test_fused_gguf_by_row_blocks_equals_whole_tensors(
     rows, whole = [], []
     monkeypatch.setattr(GGUFSink, "write_rows", _spy(GGUFSink.write_rows, rows))
     monkeypatch.setattr(GGUFSink, "write", _spy(GGUFSink.write, whole))
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 5000)
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 5000)
     fused = merge_to_gguf(recipe, tmp_path / "fused.gguf", outtype=outtype)
     assert fused.read_bytes() == two_step.read_bytes()
     assert {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"} <= set(rows)
@@ -311,9 +309,8 @@ def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
     two-step file (whose merged folder has no card)."""
     import shutil
 
-    from edgemerge.gguf.export import export_hf
     from edgemerge.gguf.inspect import kv
-    from edgemerge.merge.run import gguf_metadata, merge_to_gguf
+    from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf
 
     family = {k: shutil.copytree(v, tmp_path / "family" / k) for k, v in merge_family.items()}
     (family["instruct"] / "README.md").write_text(

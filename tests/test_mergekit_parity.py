@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from edgemerge.merge.run import merge_to_hf
+from edgemerge.pipeline import merge_to_hf
 from edgemerge.recipe import load_recipe
 
 from .models import state_of, write_recipe

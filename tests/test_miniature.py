@@ -118,7 +118,7 @@ def test_chat_template_renders_the_training_format(miniature):
     trained on."""
     from contextlib import closing
 
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     tool, out, _ = miniature
     cfg = tool.Config(out=out)

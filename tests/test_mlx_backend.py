@@ -12,7 +12,7 @@ pytest.importorskip("mlx.core", reason='mlx is not installed (pip install -e ".[
 
 from edgemerge.merge.backends import get_backend
 from edgemerge.merge.methods import get_method
-from edgemerge.merge.run import merge_to_gguf, merge_to_hf
+from edgemerge.pipeline import merge_to_gguf, merge_to_hf
 from edgemerge.recipe import load_recipe
 
 from .merge_reference import assert_rounded_once, reference

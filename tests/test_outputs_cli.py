@@ -46,7 +46,7 @@ def family(build_family, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def gguf(family, tmp_path_factory) -> Path:
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     return export_hf(family["instruct"], tmp_path_factory.mktemp("outputs-gguf") / "instruct-f16.gguf")
 

@@ -12,7 +12,7 @@ import yaml
 
 from edgemerge.build import BuildOptions, build
 from edgemerge.gguf.inspect import kv
-from edgemerge.merge.run import merge_to_gguf, merge_to_hf
+from edgemerge.pipeline import merge_to_gguf, merge_to_hf
 from edgemerge.public import public_ref
 from edgemerge.recipe import load_recipe
 

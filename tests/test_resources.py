@@ -338,17 +338,6 @@ def test_quantize_and_merge_estimates():
     assert res.merge_memory(2048, n_inputs=4) > res.merge_memory(2048)
 
 
-def test_merge_constants_mirror_the_engine():
-    import inspect
-
-    from edgemerge import sinks
-    from edgemerge.merge import engine
-
-    assert res.BLOCK_ELEMENTS == engine.BLOCK_ELEMENTS
-    pending = inspect.signature(sinks.BackgroundSink.__init__).parameters["pending_bytes"].default
-    assert res.WRITER_PENDING == pending
-
-
 @pytest.mark.parametrize(("need", "fit"), [(9 * GiB, True), (int(9.01 * GiB), False), (11 * GiB, False)])
 def test_fits_leaves_a_margin(need, fit):
     limit = res.MemoryLimit(10 * GiB, 16 * GiB, 10 * GiB, "cgroup limit (memory.max)")

@@ -77,7 +77,7 @@ def test_round_trip_through_export_keeps_every_tensor(stories_hf, tmp_path):
     """GGUF -> Hugging Face -> GGUF (edgemerge's F32 export): every tensor and the vocabulary are bit-identical."""
     from gguf import GGUFReader
 
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
 
     seed = GGUFReader(need_shared("models", "stories260K", "stories260K.gguf"))
     back = GGUFReader(export_hf(stories_hf, tmp_path / "back.gguf", outtype="f32"))

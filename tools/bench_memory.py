@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgemerge.sinks import SafetensorsSink, TensorSpec
+from edgemerge.tensors.sinks import SafetensorsSink
+from edgemerge.tensors.spec import TensorSpec
 
 VOCAB = 32000
 # hidden, intermediate, layers: about 60M, 220M and 660M parameters with the 32k vocabulary

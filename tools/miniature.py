@@ -266,7 +266,7 @@ def answer_perplexity(model, pairs: list[tuple[str, str]]) -> tuple[float, float
     The end-of-turn token is not in the perplexity (a model that never saw the chat format is judged on the
     answer text alone); its probability after the reference answer says whether the model knows the turn is
     over, independently of where its own greedy answers wander."""
-    from edgemerge.evaluate.runner import log_softmax
+    from edgemerge.runtime import log_softmax
 
     total, count, p_end = 0.0, 0, []
     eot = model.llm.token_eos()
@@ -317,7 +317,7 @@ def top1_agreement(ref, other, lines: list[str], ctx: int = 256) -> float:
 
 
 def evaluate_gguf(f16: Path, q8: Path | None, sets: EvalSets, cfg: Config) -> dict:
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     out: dict = {}
     with closing(Model(f16, n_ctx=512, n_threads=cfg.threads)) as m:
@@ -337,7 +337,7 @@ def evaluate_gguf(f16: Path, q8: Path | None, sets: EvalSets, cfg: Config) -> di
 
 def greedy_story(gguf_file: Path, tokens: int = 40) -> str:
     """llama.cpp's greedy continuation of "Once upon a time" (the round-trip check)."""
-    from edgemerge.evaluate.runner import Model
+    from edgemerge.runtime import Model
 
     with closing(Model(gguf_file, n_ctx=128, n_threads=1)) as m:
         return m.generate(m.tokenize("Once upon a time"), tokens).text
@@ -414,7 +414,7 @@ def build_ggufs(cfg: Config) -> dict[str, tuple[Path, Path]]:
     import yaml
 
     from edgemerge.build import BuildOptions, build
-    from edgemerge.gguf.export import export_hf
+    from edgemerge.pipeline import export_hf
     from edgemerge.recipe import load_recipe
 
     models, ggufs, recipes = cfg.out / "models", cfg.out / "gguf", cfg.out / "recipes"

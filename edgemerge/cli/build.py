@@ -10,9 +10,14 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
+from ..build import BuildOptions, StageEvent
+from ..build import build as run_build
+from ..demo import demo_family, language_text
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
 from ..limits import MAX_THREADS, check_count, shown
+from ..progress import make_progress
+from ..recipe import load_recipe, recipe_for_languages
 from .common import app, console, err_console, print_json
 
 DEMO_WARNING = (
@@ -109,10 +114,6 @@ def build(
 
     Stages are cached: rerun the same command after an interruption and it resumes where it stopped.
     """
-    from ..build import BuildOptions, StageEvent
-    from ..build import build as run_build
-    from ..progress import make_progress
-    from ..recipe import load_recipe, recipe_for_languages
 
     check_count("--threads", threads, 1, MAX_THREADS)
     codes = _csv(lang, "--lang")
@@ -124,7 +125,6 @@ def build(
             raise EdgemergeError(
                 "--demo builds one language at a time; give --lang with one code, e.g. --lang eu"
             )
-        from ..demo import demo_family, language_text
 
         code = codes[0] if codes else "eu"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network: fail fast if touched

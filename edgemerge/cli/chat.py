@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from ..errors import EdgemergeError
+from ..evaluate.prompts import language_info
 from ..limits import MAX_THREADS, check_count
+from ..runtime import Generation, Model, check_gguf
 from .common import app, err_console
 
 MIN_CHAT_CTX = 64
@@ -36,8 +38,6 @@ def chat(
 
     Type a message and press Enter. /reset starts a new conversation, /exit or Ctrl-D quits.
     """
-    from ..evaluate.prompts import language_info
-    from ..evaluate.runner import Model, check_gguf
 
     check_count(
         "--ctx", ctx, MIN_CHAT_CTX, 1 << 24, ": a chat turn needs room for the template and an answer"
@@ -62,7 +62,6 @@ def chat(
 
 
 def _loop(m, system: str | None, max_tokens: int) -> None:
-    from ..evaluate.runner import Generation
 
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from .. import __version__
 from ..progress import Progress, make_progress
 
 app = typer.Typer(
@@ -33,8 +34,6 @@ err_console = Console(stderr=True)
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
-
         console.print(f"edgemerge {__version__}", highlight=False)
         raise typer.Exit()
 

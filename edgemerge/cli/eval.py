@@ -12,6 +12,9 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
+from ..evaluate import evaluate, language_info
+from ..evaluate.gates import gate_results
+from ..evaluate.perplexity import MIN_CTX
 from ..files import atomic_output, output_lock, prepare_output
 from ..limits import MAX_THREADS, check_count, shown_path
 from ..progress import make_progress
@@ -36,7 +39,6 @@ def check_eval_numbers(
     ctx: int | None, mc_limit: int | None, max_tokens: int | None, threads: int | None
 ) -> None:
     """The numeric flags of `eval`, before any model is loaded (0 or a negative count is never meant)."""
-    from ..evaluate.perplexity import MIN_CTX
 
     check_count("--ctx", ctx, MIN_CTX, 1 << 20, " (tokens per perplexity chunk, half of them scored)")
     check_count("--mc-limit", mc_limit, 1, why=" (the number of questions to score)")
@@ -190,8 +192,6 @@ def eval_(
       edgemerge eval m.F16.gguf --lang eu --save-logits m.F16.logits   # once
       edgemerge eval m.Q4_K_M.gguf --lang eu --ref-logits m.F16.logits  # per quant
     """
-    from ..evaluate import evaluate, language_info
-    from ..evaluate.gates import gate_results
 
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
     check_count("--batch", batch, 1, MAX_BATCH, " (answers decoded in parallel)")

@@ -10,10 +10,13 @@ import typer
 from rich.table import Table
 
 from ..files import human_bytes
+from ..gguf.arch import supported_names
+from ..gguf.inspect import read_gguf
+from ..pipeline import export_hf
 from .common import app, console, live_progress, print_json
 
 
-@app.command()
+@app.command(epilog=f"Architectures: {supported_names()}.")
 def export(
     hf_dir: Annotated[
         Path, typer.Argument(help="Hugging Face model folder (config.json, safetensors, tokenizer).")
@@ -30,11 +33,9 @@ def export(
 ) -> None:
     """Convert a Hugging Face model to GGUF, as llama.cpp's convert_hf_to_gguf.py does (same bytes).
 
-    Supports Llama (Llama 2/3.x), Mistral, Qwen2/2.5 and Qwen3. Keeps the vocabulary, special tokens, EOS
-    settings and chat template. Tensors are streamed one at a time; nothing appears at --out unless it completes.
+    Keeps the vocabulary, special tokens, EOS settings and chat template. Tensors are streamed one at a time;
+    nothing appears at --out unless it completes. Architectures: see below.
     """
-    from ..gguf.export import export_hf
-    from ..gguf.inspect import read_gguf
 
     start = time.perf_counter()
     with live_progress() as progress:

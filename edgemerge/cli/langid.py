@@ -12,6 +12,7 @@ from typing import Annotated, BinaryIO
 import typer
 
 from ..errors import EdgemergeError
+from ..evaluate.langid import COMMON_LANGUAGES, detect
 from .common import app
 
 # a text's language shows in its first megabyte: the rest of a longer line is read past, never held
@@ -60,7 +61,6 @@ def langid(
 
     Useful to check a corpus before using it. Offline: the model ships with py3langid.
     """
-    from ..evaluate.langid import COMMON_LANGUAGES, detect
 
     if str(file) != "-" and not file.is_file():
         raise EdgemergeError(f"{file} not found; give a UTF-8 text file, one text per line")

@@ -9,9 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..check import check_compat
 from ..errors import EdgemergeError
 from ..files import human_bytes, prepare_output
+from ..merge.backends import resolve_backend_name
+from ..merge.methods import get_method
+from ..pipeline import merge_to_gguf, merge_to_hf
 from ..recipe import load_recipe
+from ..sources import local_inputs, resolve_recipe
 from .common import app, console, live_progress, print_json
 
 RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. qwen3-8b-eu)."
@@ -49,9 +54,6 @@ def merge(
 
     The inputs are checked first; nothing appears at the output path unless the merge succeeds.
     """
-    from ..merge.backends import resolve_backend_name
-    from ..merge.run import merge_to_gguf, merge_to_hf
-    from ..sources import local_inputs
 
     if (out is None) == (gguf is None):
         raise EdgemergeError(
@@ -102,9 +104,6 @@ def check(
 
     Writes nothing; downloads hub models that are not cached yet.
     """
-    from ..check import check_compat
-    from ..merge.methods import get_method
-    from ..sources import resolve_recipe
 
     r = load_recipe(recipe)
     opts = get_method(r.method).parse_options(r.options)

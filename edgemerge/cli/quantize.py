@@ -11,6 +11,8 @@ from rich.table import Table
 
 from ..errors import EdgemergeError
 from ..files import human_bytes, prepare_output
+from ..quantize import check_quant, output_name
+from ..quantize import quantize as run_quantize
 from .common import app, console, live_progress, print_json
 
 
@@ -35,8 +37,6 @@ def quantize(
     Writes NAME-<TYPE>.gguf per --quant (model-f16.gguf -> model-Q4_K_M.gguf). Types are checked before any
     work starts; an unknown one lists the valid names.
     """
-    from ..quantize import check_quant, output_name
-    from ..quantize import quantize as run_quantize
 
     names = [check_quant(q) for q in quant]
     if len(set(names)) != len(names):

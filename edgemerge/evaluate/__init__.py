@@ -16,7 +16,13 @@ from ..errors import EdgemergeError
 from ..memory_plan import plan_file
 from ..progress import task
 from ..resources import memory_limit
+from ..runtime import Model, check_gguf
+from .answers import answer_prompts, scores
+from .drift import DriftMeter, reference_chunks
+from .mc import evaluate_mc, load_mc
+from .perplexity import DEFAULT_CTX, make_chunks, perplexity
 from .prompts import available_languages, language_info, load_prompts, read_passages, sample_text
+from .reference import StoredReference, reference_writer
 from .report import EvalReport
 
 DEFAULT_MAX_TOKENS = 256
@@ -58,12 +64,6 @@ def evaluate(
     `batch`: answers decoded in parallel (default 16). `skip_chat`: a reason not to answer the prompts (a file
     too large for this machine's memory): the chat metrics are then n/a and the report says why.
     """
-    from .answers import answer_prompts, scores
-    from .drift import DriftMeter, reference_chunks
-    from .mc import evaluate_mc, load_mc
-    from .perplexity import DEFAULT_CTX, make_chunks
-    from .reference import StoredReference
-    from .runner import Model, check_gguf
 
     t0 = time.perf_counter()
     if ref is not None and ref_logits is not None:
@@ -159,8 +159,6 @@ def _scored(model, chunks, progress, label: str, meter, save: Path | None, input
     """The perplexity pass of `model` over `chunks`: each chunk compared by `meter` (drift.DriftMeter) when
     given, and its log-probabilities stored in `save` (reference.py) when given, a file written once the pass
     is complete and never one of `inputs`."""
-    from .perplexity import perplexity
-    from .reference import reference_writer
 
     with contextlib.ExitStack() as stack:
         write = None

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..progress import task
+from ..runtime import Model
 from . import checks as checks_mod
 from .langid import COMMON_LANGUAGES, detect
 from .prompts import Prompt
-from .runner import Model
 
 
 @dataclass

@@ -14,6 +14,7 @@ whitespace. Definitions shared by several checks:
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import unicodedata
@@ -185,7 +186,6 @@ CHECKS: dict[str, Callable[..., bool]] = {
 
 def validate(spec: dict[str, Any], where: str) -> None:
     """Fail with a clear message when a constraint is unknown or has wrong parameters."""
-    import inspect
 
     kind = spec.get("type")
     if kind not in CHECKS:

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..limits import shown_path
+from ..runtime import Model, log_softmax
 from .perplexity import Chunks
 from .reference import StoredReference, compare
-from .runner import Model, log_softmax
 
 
 @dataclass

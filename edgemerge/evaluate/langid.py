@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
 from ..errors import EdgemergeError
 
 COMMON_LANGUAGES: tuple[str, ...] = (
@@ -31,7 +33,6 @@ class Detection:
 
 @functools.lru_cache(maxsize=8)
 def _identifier(candidates: tuple[str, ...] | None):
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     if candidates:

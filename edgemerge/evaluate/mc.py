@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import EdgemergeError
 from ..limits import MAX_MC_BYTES, read_limited, shown
 from ..progress import task
-from .runner import Model, log_softmax
+from ..runtime import Model, log_softmax
 
 PROMPT = "Q: {question}\nA:"
 

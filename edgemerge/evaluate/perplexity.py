@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..progress import Progress, task
-from .runner import Model, log_softmax
+from ..runtime import Model, log_softmax
 
 DEFAULT_CTX = 256
 MIN_CTX = 16

@@ -38,8 +38,8 @@ import numpy as np
 from ..errors import EdgemergeError
 from ..files import atomic_output
 from ..limits import shown_path
+from ..runtime import log_softmax
 from .perplexity import nll
-from .runner import log_softmax
 
 MAGIC = b"_logits_"
 TRAILER = b"_em_nll_"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.table import Table
+
 from .answers import Response
 
 
@@ -110,7 +112,6 @@ class EvalReport:
 
     def to_table(self, title: str | None = None):
         """A rich table of the metrics."""
-        from rich.table import Table
 
         table = Table(title=title or f"{self.model} · {self.lang}" + (" · quick" if self.quick else ""))
         table.add_column("metric")

@@ -1,27 +1,30 @@
 """What a GGUF says about itself: name, languages, license, lineage (`general.base_model.N.*`) and the recipe.
 
 Written through gguf-py's `Metadata.set_gguf_meta_model`, so the keys are the standard ones llama.cpp, Ollama
-and the Hugging Face hub read. Without a `GGUFMetadata` (a plain `export`), the fields come from the model
-folder's README model card, as llama.cpp's converter does it.
+and the Hugging Face hub read. A merge's `GGUFMetadata` is made from its recipe by `pipeline.gguf_metadata`;
+without one (a plain `export`), the fields come from the model folder's README model card, as llama.cpp's
+converter does it.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gguf
-
-from ..public import public_recipe, public_ref
-from ..sources import is_local
-
-if TYPE_CHECKING:
-    from ..recipe import Recipe
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 RECIPE_KEY = "edgemerge.recipe"
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(ref: str) -> bool:
+    """Whether `ref` is a Hugging Face repo id of the form owner/name (huggingface_hub's own rule)."""
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return ref.count("/") == 1
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Lineage:
 
     def to_gguf(self) -> dict[str, str]:
         entry: dict[str, str] = {"description": self.role}
-        if self.local or not _HF_ID.match(self.ref.partition("@")[0]):
+        if self.local or not is_repo_id(self.ref.partition("@")[0]):
             entry["name"] = Path(self.ref).name or self.ref
             return entry
         ref, _, revision = self.ref.partition("@")
@@ -56,29 +59,6 @@ class GGUFMetadata:
     lineage: list[Lineage] = field(default_factory=list)
     recipe_yaml: str | None = None
     tags: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> GGUFMetadata:
-        """Metadata of a merge: lineage instruct, base, then each language model; the recipe as YAML."""
-        import yaml
-
-        def lineage_of(ref: str, role: str) -> Lineage:
-            return Lineage(public_ref(ref, recipe.root), role, local=is_local(ref, recipe.root))
-
-        lineage = [lineage_of(recipe.instruct, "instruct"), lineage_of(recipe.base, "base")]
-        lineage += [
-            lineage_of(lang.model, f"language {lang.code}") for lang in recipe.languages if lang.model
-        ]
-        return cls(
-            name=recipe.name,
-            languages=recipe.lang_codes,
-            license=recipe.license,
-            description=recipe.description,
-            lineage=lineage,
-            # local paths reduced to folder names: the file is made to be shared (public.py)
-            recipe_yaml=yaml.safe_dump(public_recipe(recipe), sort_keys=False, allow_unicode=True),
-            tags=["edgemerge", "merge", "language-vector"],
-        )
 
     def to_gguf_metadata(self, model_dir: Path, total_params: int) -> gguf.Metadata:
         """A gguf-py Metadata: our fields over what the model card in `model_dir` says.

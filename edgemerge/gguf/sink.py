@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import EdgemergeError
 from ..files import ensure_free_space
-from ..sinks import TensorSpec
+from ..tensors.spec import TensorSpec
 from .arch import OUTTYPES, Arch, arch_for, check_outtype, load_hparams
 from .metadata import GGUFMetadata, write_metadata
 from .vocab import write_vocab
@@ -50,7 +50,9 @@ class GGUFSink:
         self.metadata = metadata
         self.arch: Arch | None = None
         self.writer: gguf.GGUFWriter | None = None
+        # HF name -> (GGUF name, shape as it comes, storage type); shape as stored (the family may change it)
         self._plan: dict[str, tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = {}
+        self._stored: dict[str, tuple[int, ...]] = {}
         self._order: list[str] = []
         self._next = 0
         self._rows: tuple[str, int, int] | None = None  # tensor written in row blocks: name, size, written
@@ -73,11 +75,9 @@ class GGUFSink:
             if new in seen:
                 raise EdgemergeError(f"tensors {seen[new]!r} and {spec.name!r} both map to {new!r}")
             seen[new] = spec.name
-            self._plan[spec.name] = (
-                new,
-                tuple(spec.shape),
-                arch.tensor_type(new, tuple(spec.shape), self.outtype),
-            )
+            stored = arch.gguf_shape(spec.name, tuple(spec.shape))
+            self._plan[spec.name] = (new, tuple(spec.shape), arch.tensor_type(new, stored, self.outtype))
+            self._stored[spec.name] = stored
         self._order = sorted(self._plan, key=lambda n: _sort_key(self._plan[n][0]))
         extras = list(arch.extra_tensors())
 
@@ -88,7 +88,8 @@ class GGUFSink:
                 name, data.shape, np.dtype(np.float32), _nbytes(data.shape, qtype), raw_dtype=qtype
             )
         for hf_name in self._order:
-            new, shape, qtype = self._plan[hf_name]
+            new, _, qtype = self._plan[hf_name]
+            shape = self._stored[hf_name]
             w.add_tensor_info(new, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         self.nbytes = sum(ti.nbytes for ti in w.tensors[0].values())
         ensure_free_space(
@@ -134,8 +135,8 @@ class GGUFSink:
             raise RuntimeError(f"GGUFSink got tensor {name!r}, expected {expected!r}")
 
     def takes_rows(self, name: str) -> bool:
-        """Tensors the family does not permute can come in row blocks: every GGUF type is stored row by row."""
-        return self.arch is not None and not self.arch.transforms(name)
+        """Tensors the family does not transform can come in row blocks: every GGUF type is stored row by row."""
+        return self.arch is not None and not self.arch.transforms(name) and name in self._plan
 
     def write_rows(self, name: str, rows: slice, block: np.ndarray) -> None:
         """Rows [rows.start, rows.stop) of a tensor `takes_rows` accepts, in order."""

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from gguf import MODEL_ARCH, GGUFReader, TensorNameMap
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
 
 from ..errors import EdgemergeError
 from ..files import atomic_output
@@ -103,7 +107,6 @@ def read_shape(reader) -> LlamaShape:
 
 def hf_names(n_blocks: int) -> dict[str, str]:
     """GGUF tensor name (without `.weight`) -> the Hugging Face `LlamaForCausalLM` name, from TensorNameMap."""
-    from gguf import MODEL_ARCH, TensorNameMap
 
     tmap = TensorNameMap(MODEL_ARCH.LLAMA, n_blocks)
     out: dict[str, str] = {}
@@ -120,14 +123,12 @@ def _to_array(tensor) -> np.ndarray:
     kind = tensor.tensor_type.name
     if kind in _FLOAT_TYPES:
         return np.asarray(tensor.data).reshape(shape)
-    from gguf.quants import dequantize
 
     return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
 
 
 def check_sentencepiece(reader, tokenizer_model: Path) -> None:
     """The SentencePiece model must have exactly the GGUF's vocabulary (pieces in the same order)."""
-    import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     field = reader.fields["tokenizer.ggml.tokens"]
@@ -172,8 +173,6 @@ def gguf_to_hf(
     float32). q/k projections are un-permuted (see `unpermute_rotary`). Shards of at most `shard_bytes` are
     written one at a time, so only one shard is held in memory.
     """
-    from gguf import GGUFReader
-    from safetensors.numpy import save_file
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():

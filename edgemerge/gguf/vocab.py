@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+from sentencepiece import SentencePieceProcessor
 
 from ..errors import EdgemergeError
 from ..trust import load_tokenizer
@@ -118,7 +119,6 @@ def _gpt2(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> None:
 
 def _sentencepiece(w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> None:
     """SentencePiece `tokenizer.model` plus added tokens (the converter's _create_vocab_sentencepiece)."""
-    from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
     try:

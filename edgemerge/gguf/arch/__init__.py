@@ -1,29 +1,51 @@
-"""Model families we can write as GGUF. Adding a family = adding a module here and one line in `FAMILIES`."""
+"""Model families we can write as GGUF. Each module of this package registers its family with `@register`;
+importing the package imports every module, so adding a family is adding a file (llama.cpp's converter does the
+same with `@ModelBase.register`, mlx-lm by finding `models/<model_type>.py`)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from ...errors import EdgemergeError
 from ...limits import shown
-from .base import OUTTYPES, Arch, check_outtype, load_hparams
-from .llama import LlamaArch
-from .qwen2 import Qwen2Arch
-from .qwen3 import Qwen3Arch
+from .base import OUTTYPES, REGISTRY, Arch, check_outtype, load_hparams, register
 
-FAMILIES: tuple[type[Arch], ...] = (LlamaArch, Qwen2Arch, Qwen3Arch)
-SUPPORTED: dict[str, type[Arch]] = {name: fam for fam in FAMILIES for name in fam.hf_names}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def families() -> list[type[Arch]]:
+    """Every registered family, in the order of their names (the one list behind help texts and errors)."""
+    return sorted(set(REGISTRY.values()), key=lambda fam: fam.title)
+
+
+def supported_names() -> str:
+    """The Hugging Face architectures we convert, for help texts and messages: "A, B and C"."""
+    names = sorted(REGISTRY)
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def arch_for(hparams: dict[str, Any]) -> Arch:
     """The family entry for a config.json (its `architectures[0]`); unsupported ones are a user error."""
     archs = hparams.get("architectures") or []
     name = archs[0] if archs else hparams.get("model_type", "<none>")
-    if name not in SUPPORTED:
+    if name not in REGISTRY:
         raise EdgemergeError(
-            f"architecture {shown(name)} is not supported for GGUF export; supported: {', '.join(sorted(SUPPORTED))}"
+            f"architecture {shown(name)} is not supported for GGUF export; supported: {', '.join(sorted(REGISTRY))}"
         )
-    return SUPPORTED[name](hparams)
+    return REGISTRY[name](hparams)
 
 
-__all__ = ["OUTTYPES", "SUPPORTED", "Arch", "arch_for", "check_outtype", "load_hparams"]
+__all__ = [
+    "OUTTYPES",
+    "REGISTRY",
+    "Arch",
+    "arch_for",
+    "check_outtype",
+    "families",
+    "load_hparams",
+    "register",
+    "supported_names",
+]

@@ -1,9 +1,15 @@
 """What every model family shares: hyper-parameters from config.json, tensor names via gguf-py's TensorNameMap,
 and the per-tensor output type rule of llama.cpp's `convert_hf_to_gguf.py`.
 
-A family module subclasses `Arch`, sets `hf_names` and `model_arch`, and overrides the hooks it needs
-(`write_params`, `transform`, `extra_tensors`, `vocab_kinds`). Behaviour mirrors llama.cpp's converter
-(`conversion/base.py` in the llama.cpp vendored by llama-cpp-python) so files are byte-identical to its output.
+A family module subclasses `Arch`, sets `title`, `hf_names` and `model_arch`, decorates the class with
+`@register`, and overrides the hooks it needs, the counterparts of the converter's:
+    keep(hf_name)                 filter_tensors: whether a checkpoint tensor goes into the GGUF at all
+    gguf_name(hf_name)            the name mapping (gguf-py's TensorNameMap by default)
+    gguf_shape(hf_name, shape)    and transform(hf_name, data), transforms(hf_name): modify_tensors
+    extra_tensors()               generate_extra_tensors (e.g. Llama 3 rope_freqs)
+    write_params(w, file_type)    set_gguf_parameters; write_vocab_extras(w, dir) and `vocab_kinds`: set_vocab
+Behaviour mirrors llama.cpp's converter (`conversion/` in the llama.cpp vendored by llama-cpp-python) so files
+are byte-identical to its output.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ _ALWAYS_F32 = (
     gguf.MODEL_TENSOR.POS_EMBD,
     gguf.MODEL_TENSOR.TOKEN_TYPES,
 )
+
+# Hugging Face architecture name -> family; filled by `register` as the family modules are imported
+REGISTRY: dict[str, type[Arch]] = {}
 
 # HF tensors llama.cpp does not use
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
@@ -68,9 +77,19 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     return hparams
 
 
+def register(cls: type[Arch]) -> type[Arch]:
+    """Class decorator: make a family the converter for each of its `hf_names`."""
+    for name in cls.hf_names:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise AssertionError(f"{name} is registered by both {REGISTRY[name].__name__} and {cls.__name__}")
+        REGISTRY[name] = cls
+    return cls
+
+
 class Arch:
     """One model family: config keys -> GGUF keys, HF tensor names -> GGUF names, tensor transforms."""
 
+    title: ClassVar[str] = ""  # the family as people name it, for tables and help ("Qwen2 / Qwen2.5")
     hf_names: ClassVar[tuple[str, ...]] = ()
     model_arch: ClassVar[gguf.MODEL_ARCH]
     # vocabulary builders to try in order (see vocab.py): the first whose files exist wins
@@ -98,9 +117,13 @@ class Arch:
         )
 
     # ---- tensors -------------------------------------------------------------------------------------
+    def keep(self, hf_name: str) -> bool:
+        """Whether a checkpoint tensor goes into the GGUF (False: llama.cpp does not use it)."""
+        return not hf_name.endswith(_SKIP_SUFFIXES)
+
     def gguf_name(self, hf_name: str) -> str | None:
-        """GGUF name of an HF tensor via gguf-py's TensorNameMap; None for tensors llama.cpp does not use."""
-        if hf_name.endswith(_SKIP_SUFFIXES):
+        """GGUF name of an HF tensor via gguf-py's TensorNameMap; None for tensors `keep` leaves out."""
+        if not self.keep(hf_name):
             return None
         name = hf_name.replace("language_model.", "")
         new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
@@ -110,6 +133,10 @@ class Arch:
                 "the checkpoint is not a plain causal LM of this family"
             )
         return new
+
+    def gguf_shape(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the tensor as `transform` returns it (the checkpoint's shape by default)."""
+        return shape
 
     def transform(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         """Reshape/permute a tensor the way llama.cpp expects it (identity by default)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .base import Arch
+from .base import Arch, register
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -27,7 +27,9 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 _PERMUTED = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
 
 
+@register
 class LlamaArch(Arch):
+    title = "Llama 2/3.x, Mistral"
     hf_names = ("LlamaForCausalLM", "MistralForCausalLM")
     model_arch = gguf.MODEL_ARCH.LLAMA
     # SentencePiece tokenizer.model first (Llama 2, Mistral), then an SPM-style tokenizer.json, then BPE (Llama 3)

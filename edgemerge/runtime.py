@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..chat_format import ChatTemplateRaised, TemplateRenderer
-from ..errors import EdgemergeError
-from ..gguf.inspect import read_gguf
-from ..interrupts import llama_call
-from ..limits import MAX_THREADS, check_count
-from ..resources import default_threads
+from .chat_format import ChatTemplateRaised, TemplateRenderer
+from .errors import EdgemergeError
+from .gguf.inspect import read_gguf
+from .interrupts import llama_call
+from .limits import MAX_THREADS, check_count
+from .resources import default_threads
 
 MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
 VOCAB_CTX = 32  # the context of the `Llama` object itself: it is only asked for its vocabulary

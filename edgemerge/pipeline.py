@@ -1,7 +1,8 @@
-"""Whole merges: recipe -> Hugging Face folder (`merge_to_hf`) or straight to one GGUF file (`merge_to_gguf`).
+"""The junction of merge and GGUF: recipe -> Hugging Face folder (`merge_to_hf`), recipe -> one GGUF file
+(`merge_to_gguf`, fused: no folder in between) and Hugging Face folder -> GGUF (`export_hf`).
 
-Both resolve the sources, run the compatibility check before writing anything, stream the merge into a sink
-inside a temporary sibling of the output and rename it only on success.
+Merge and GGUF never import each other; this module puts them together. Every path runs its checks before
+writing anything, streams into a sink inside a temporary sibling of the output and renames it only on success.
 """
 
 from __future__ import annotations
@@ -11,17 +12,27 @@ import json
 import shutil
 from pathlib import Path
 
-from .. import __version__
-from ..check import CompatReport, check_compat
-from ..errors import EdgemergeError
-from ..files import atomic_output, ensure_free_space
-from ..progress import Progress
-from ..public import public_inputs, public_recipe
-from ..recipe import Recipe
-from ..sinks import SafetensorsSink
-from ..sources import RecipeSources, is_local, resolve_recipe
-from .engine import MergeStats, merge_into
-from .methods import get_method
+import yaml
+
+from . import __version__
+from .check import CompatReport, check_compat, check_config_tensors, check_inherited_files
+from .errors import EdgemergeError
+from .files import atomic_output, ensure_free_space
+from .gguf.metadata import GGUFMetadata, Lineage
+from .gguf.sink import GGUFSink
+from .limits import shown
+from .merge.engine import MergeStats, merge_into
+from .merge.methods import get_method
+from .model_json import check_model_json, read_tokenizer_json
+from .progress import Progress
+from .public import public_inputs, public_recipe, public_ref
+from .recipe import Recipe
+from .sources import RecipeSources, is_local, resolve_recipe
+from .tensors.safetensors import read_model
+from .tensors.sinks import SafetensorsSink
+from .tensors.spec import ModelTensors, TensorSpec
+from .tensors.stream import copy_into
+from .trust import refuse_custom_code
 
 # Files of the instruct model that travel with the merge: tokenizer, chat template, generation settings (EOS
 # ids: a merged chat model that never stops is the classic merge bug) and the licence terms.
@@ -137,11 +148,24 @@ def merge_to_hf(
     return out_dir
 
 
-def gguf_metadata(recipe: Recipe):
-    """The GGUF general.* metadata of a merge: name, languages, licence, lineage and the recipe."""
-    from ..gguf.metadata import GGUFMetadata
+def gguf_metadata(recipe: Recipe) -> GGUFMetadata:
+    """The GGUF general.* metadata of a merge: name, languages, licence, lineage (instruct, base, then each
+    language model) and the recipe as YAML, local paths reduced to folder names (public.py)."""
 
-    return GGUFMetadata.from_recipe(recipe)
+    def lineage_of(ref: str, role: str) -> Lineage:
+        return Lineage(public_ref(ref, recipe.root), role, local=is_local(ref, recipe.root))
+
+    lineage = [lineage_of(recipe.instruct, "instruct"), lineage_of(recipe.base, "base")]
+    lineage += [lineage_of(lang.model, f"language {lang.code}") for lang in recipe.languages if lang.model]
+    return GGUFMetadata(
+        name=recipe.name,
+        languages=recipe.lang_codes,
+        license=recipe.license,
+        description=recipe.description,
+        lineage=lineage,
+        recipe_yaml=yaml.safe_dump(public_recipe(recipe), sort_keys=False, allow_unicode=True),
+        tags=["edgemerge", "merge", "language-vector"],
+    )
 
 
 def merge_to_gguf(
@@ -161,8 +185,6 @@ def merge_to_gguf(
     to the recipe's dtype, then handed to the GGUF sink, so the file equals merge_to_hf + export_hf.
     `report`: the compatibility check already done on `sources`; `hashes`: filled with the file's sha256,
     computed while writing."""
-    from ..gguf.sink import GGUFSink
-
     out_file = Path(out_file)
     recipe = _with_dtype(recipe, dtype)
     sources = sources or resolve_recipe(recipe, progress)
@@ -178,6 +200,57 @@ def merge_to_gguf(
             sha256=hashes is not None,
         )
         merge_into(recipe, sources, sink, backend=backend, progress=progress, report=report)
+    if hashes is not None:
+        hashes[out_file] = sink.sha256
+    return out_file
+
+
+_EXPORT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def export_specs(model: ModelTensors) -> list[TensorSpec]:
+    """The tensors of a checkpoint as stored; only float checkpoints (BF16/F16/F32) can be exported."""
+    specs = []
+    for name, dtype in model.dtypes.items():
+        if dtype not in _EXPORT_DTYPES:
+            raise EdgemergeError(
+                f"tensor {shown(name)} in {model.files[name].name} is {dtype}; only float checkpoints "
+                "(BF16/F16/F32) can be exported (dequantize the model first)"
+            )
+        specs.append(TensorSpec(name, model.shapes[name], _EXPORT_DTYPES[dtype]))
+    return specs
+
+
+def export_hf(
+    hf_dir: Path,
+    out_file: Path,
+    *,
+    outtype: str = "f16",
+    metadata: GGUFMetadata | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    hashes: dict[Path, str] | None = None,
+) -> Path:
+    """Convert a Hugging Face model folder to one GGUF file (f32, f16, bf16 or q8_0), like llama.cpp's
+    convert_hf_to_gguf.py; nothing appears at `out_file` unless the whole file was written. `hashes`: filled
+    with the file's sha256, computed while writing (as `merge_to_gguf` does)."""
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if not hf_dir.is_dir():
+        raise EdgemergeError(
+            f"{hf_dir} is not a folder; give a Hugging Face model folder (config.json + weights)"
+        )
+    if not (hf_dir / "config.json").is_file():
+        raise EdgemergeError(f"{hf_dir} has no config.json; give a Hugging Face model folder")
+    config = check_model_json(hf_dir)
+    read_tokenizer_json(hf_dir)
+    refuse_custom_code(hf_dir)  # before any transformers call: nothing in the folder may run
+    check_inherited_files(hf_dir, hf_dir.name)
+    model = read_model(hf_dir, str(hf_dir))
+    specs = export_specs(model)
+    check_config_tensors(config, {s.name: s.shape for s in specs}, hf_dir.name)
+    with atomic_output(out_file, force=force, inputs=[hf_dir]) as tmp:
+        sink = GGUFSink(tmp, hf_dir, outtype=outtype, metadata=metadata, sha256=hashes is not None)
+        copy_into(model, specs, sink, progress=progress, label=f"GGUF {out_file.name}")
     if hashes is not None:
         hashes[out_file] = sink.sha256
     return out_file

@@ -1,11 +1,12 @@
-"""Where merged tensors go. The merge engine streams into a `Sink` without knowing which one it feeds.
+"""Where streamed tensors go. The streaming loop (`stream.py`) writes into a `Sink` without knowing which one it feeds.
 
-Contract: `open(specs)` receives every tensor's name, shape and dtype before any data and returns the order
-in which the sink wants them (it writes headers first, then data in that order); `write(name, array)` is
+Contract: `open(specs)` receives every tensor's name, shape and dtype before any data and returns the names it wants,
+in the order it wants them (it writes headers first, then data in that order; a tensor it leaves out, such as a
+vision tower in a text-only GGUF, is neither read nor merged); `write(name, array)` is
 called once per tensor in that order with a numpy array of dtype float32, float16 or ml_dtypes.bfloat16;
 `close()` finishes the files. Sinks write into a temporary path the caller renames on success. A sink that can
 take a large tensor as consecutive row blocks says so per tensor (`RowSink`), so the merge never assembles it.
-The engine drives every sink through `BackgroundSink`, which runs its writes in a thread.
+The streaming loop drives every sink through `BackgroundSink`, which runs its writes in a thread.
 """
 
 from __future__ import annotations
@@ -14,23 +15,14 @@ import collections
 import json
 import struct
 import threading
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from .spec import TensorSpec
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor as the merge will produce it: Hugging Face name, shape, output dtype name."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # "bfloat16" | "float16" | "float32"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * (4 if self.dtype == "float32" else 2)
+PENDING_BYTES = 32 * 1024**2  # output that may wait for the writer thread (see BackgroundSink)
 
 
 class Sink(Protocol):
@@ -70,7 +62,7 @@ class BackgroundSink:
     by `close`.
     """
 
-    def __init__(self, sink: Sink, *, pending_bytes: int = 32 * 1024**2):
+    def __init__(self, sink: Sink, *, pending_bytes: int = PENDING_BYTES):
         self.sink = sink
         self.pending_bytes = pending_bytes
         self._items: collections.deque = collections.deque()
@@ -166,8 +158,6 @@ class SafetensorsSink:
     def __init__(
         self, out_dir, *, max_shard_bytes: int = 5 * 1024**3, metadata: dict[str, str] | None = None
     ):
-        from pathlib import Path
-
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
