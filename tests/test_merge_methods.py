@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from edgemerge.errors import EdgemergeError
 from edgemerge.merge.backends import get_backend
 from edgemerge.merge.methods import (
+    DEFAULT_METHOD,
     METHODS,
     dare_mask,
     get_method,
@@ -277,6 +280,29 @@ def test_options_are_declared_once_per_method(name):
     given = {n: int(f.default) if f.annotation is float else f.default for n, f in names.items()}
     resolved = m.parse_options(given)
     assert {n: type(v) for n, v in resolved.items()} == {n: f.annotation for n, f in names.items()}
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_lists_the_declared_methods_and_options():
+    """The README's method table and recipe example are written by hand: they must say what the registry
+    declares (every method, its options in order with their defaults, the bounds)."""
+    text = README.read_text(encoding="utf-8")
+    assert f"method: {DEFAULT_METHOD}  " in text and "# " + " | ".join(METHODS) + "\n" in text
+    table = text[text.index("| method | W = | options") :].split("\n\n")[0].splitlines()[2:]
+    rows = {line.split("`")[1]: line for line in table}
+    assert list(rows) == list(METHODS)
+    for name, m in METHODS.items():
+        cells = rows[name].split(" | ")
+        defaults = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in m.parse_options({}).items())
+        assert cells[-1].rstrip(" |") == defaults, name
+        for n, f in zip(m.option_names, m.options.model_fields.values()):
+            if option_interval(f):
+                assert (
+                    f"`{n}` in {option_interval(f)}" in text
+                    or f"`{n}` an integer in {option_interval(f)}" in text
+                )
 
 
 def test_unknown_method_lists_the_valid_ones():
