@@ -53,15 +53,17 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
 
 def finite_number(name: str, v: Any, *, want: str = "a number") -> float:
     """A finite float from a parsed YAML/JSON number; ValueError naming `name` for a bool, a non-number (`want`:
-    what the message asks for) or a value that is not finite (an integer beyond the float range is not)."""
+    what the message asks for) or a value that is not finite (an integer beyond the float range is not). With
+    `name` empty the message starts at "must be", for a caller whose error location names the value."""
+    subject = f"{name} " if name else ""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be {want}, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
+        raise ValueError(f"{subject}must be {want}, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
     try:
         x = float(v)
     except OverflowError:
         x = math.inf
     if not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {shown(v)}")
+        raise ValueError(f"{subject}must be a finite number, got {shown(v)}")
     return x
 
 

@@ -1,7 +1,9 @@
 """Recipes: a typed description of what to merge, how, which quants to ship and which gates to pass.
 
-A recipe is a YAML file validated by `Recipe`; errors name the bad field. Relative local paths in it resolve
-against the recipe file's folder. Bundled recipes live in `recipes/` (installed with the package).
+A recipe is a YAML file validated by `Recipe`; errors name the bad field. The method is a name of the
+registry in `merge.methods`, and `options` are checked against that method's own options model. Relative local
+paths in it resolve against the recipe file's folder. Bundled recipes live in `recipes/` (installed with the
+package).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import EdgemergeError
 from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, finite_number, read_limited, shown
+from .merge.methods import DEFAULT_METHOD, get_method
 
-MethodName = Literal["task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs"]
 DType = Literal["bfloat16", "float16", "float32"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "recipes"
@@ -25,7 +27,6 @@ MAX_NAME = 128  # the name becomes file names (<name>-Q4_K_M.gguf): well under 2
 MAX_REF = 4096  # a model reference is a hub id or a local path (PATH_MAX)
 MAX_LANGUAGES = 64
 MAX_QUANTS = 32
-MAX_OPTIONS = 32
 MAX_TEXT = 10_000  # description (it goes into the model card)
 
 
@@ -97,7 +98,8 @@ class Recipe(BaseModel):
     instruct: str
     base: str
     languages: list[Language] = Field(min_length=1)
-    method: MethodName = "task_arithmetic"
+    method: str = DEFAULT_METHOD  # a name of merge.methods' registry
+    # as written (so the recipe dumps as it was read); checked against the method's options model
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: DType = "bfloat16"
     quants: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q8_0"])
@@ -156,18 +158,21 @@ class Recipe(BaseModel):
                 raise ValueError(f"a quantization type is a llama.cpp name such as Q4_K_M, got {shown(q)}")
         return v
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        try:
+            get_method(v)
+        except EdgemergeError as e:
+            raise ValueError(e.message) from None
+        return v
+
     @field_validator("options")
     @classmethod
-    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if len(v) > MAX_OPTIONS:
-            raise ValueError(f"at most {MAX_OPTIONS} options, got {len(v)}")
-        for key, value in v.items():
-            if not re.fullmatch(r"[a-z_]{1,32}", key):
-                raise ValueError(f"an option name is a word such as density, got {shown(key)}")
-            if not isinstance(value, (bool, int, float)):
-                raise ValueError(  # noqa: TRY004 (pydantic reports ValueError only)
-                    f"option {key} must be a number or true/false, got {shown(value)}"
-                )
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "method" in info.data:  # else the method is what is wrong, and reported
+            # its ValidationError is reported at options.<name> (pydantic nests a validator's ValidationError)
+            get_method(info.data["method"]).validate_options(v)
         return v
 
     @field_validator("license")

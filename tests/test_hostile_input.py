@@ -124,7 +124,12 @@ RECIPES = [
     ("quant of 100k chars", BASE + LANG + "quants: [" + "Q" * 100_000 + "]\n", ["quantization type"]),
     ("50 quants", BASE + LANG + "quants: [" + ",".join(["Q8_0"] * 50) + "]\n", ["at most 32"]),
     ("option 400 digits", BASE + LANG + f"options: {{lambda: {HUGE}}}\n", ["lambda", "finite"]),
-    ("option nested", BASE + LANG + "options: {lambda: {a: [1, 2]}}\n", ["option lambda"]),
+    ("option nested", BASE + LANG + "options: {lambda: {a: [1, 2]}}\n", ["options.lambda", "finite number"]),
+    (
+        "500 unknown options",
+        BASE + LANG + "options: {" + ",".join(f"o{i}: 1" for i in range(500)) + "}\n",
+        ["options.o0: unknown option", "(and 497 more)"],
+    ),
     ("seed 2**70", BASE + LANG + "method: dare_ties\noptions: {seed: 1180591620717411303424}\n", ["seed"]),
     ("gate not a fraction", BASE + LANG + "eval: {min_stop_rate: 5}\n", ["min_stop_rate", "between 0 and 1"]),
     ("gate negative", BASE + LANG + "eval: {max_perplexity: -1}\n", ["max_perplexity"]),

@@ -193,8 +193,8 @@ def test_unknown_hub_model_offline(cli, tmp_path, merge_family, monkeypatch):
     ("fields", "needles"),
     [
         ({"method": "slerp"}, ["method", "slerp"]),
-        ({"options": {"foo": 1}}, ["unknown option 'foo'", "valid options: normalize, lambda"]),
-        ({"method": "ties", "options": {"density": 2}}, ["density must be in (0, 1]"]),
+        ({"options": {"foo": 1}}, ["options.foo: unknown option", "valid options: normalize, lambda"]),
+        ({"method": "ties", "options": {"density": 2}}, ["options.density: must be in (0, 1], got 2"]),
         ({"dtype": "int8"}, ["dtype", "int8"]),
     ],
 )

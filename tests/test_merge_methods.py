@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -10,7 +12,14 @@ import pytest
 
 from edgemerge.errors import EdgemergeError
 from edgemerge.merge.backends import get_backend
-from edgemerge.merge.methods import METHODS, dare_mask, get_method, rank_at_least
+from edgemerge.merge.methods import (
+    DEFAULT_METHOD,
+    METHODS,
+    dare_mask,
+    get_method,
+    option_interval,
+    rank_at_least,
+)
 
 from .merge_reference import reference
 
@@ -192,25 +201,108 @@ def test_defaults_follow_mergekit():
 @pytest.mark.parametrize(
     ("method", "opts", "needle"),
     [
+        # unknown key
         (
             "ties",
             {"epsilon": 0.1},
-            "unknown option 'epsilon'; valid options: density, normalize, rescale, lambda",
+            "options.epsilon: unknown option of ties; valid options: density, normalize, rescale, lambda",
         ),
-        ("task_arithmetic", {"density": 0.5}, "unknown option 'density'"),
-        ("ties", {"density": 0}, "density must be in (0, 1]"),
-        ("ties", {"density": 1.5}, "density must be in (0, 1]"),
-        ("breadcrumbs", {"gamma": 1.0}, "gamma must be in [0, 1)"),
-        ("dare_linear", {"seed": -1}, "seed must be a non-negative integer"),
-        ("ties", {"normalize": "yes"}, "normalize must be true or false"),
-        ("task_arithmetic", {"lambda": float("nan")}, "lambda must be a finite number"),
+        ("task_arithmetic", {"density": 0.5}, "options.density: unknown option of task_arithmetic"),
+        ("task_arithmetic", {"lambda_": 2}, "options.lambda_: unknown option"),  # the recipe's name is lambda
+        # out of range, shown as given
+        ("ties", {"density": 0}, "options.density: must be in (0, 1], got 0"),
+        ("ties", {"density": 1.5}, "options.density: must be in (0, 1], got 1.5"),
+        ("breadcrumbs", {"gamma": 1.0}, "options.gamma: must be in [0, 1), got 1.0"),
+        ("breadcrumbs", {"gamma": -0.1}, "options.gamma: must be in [0, 1), got -0.1"),
+        ("dare_linear", {"seed": -1}, "options.seed: must be in [0, 2**64), got -1"),
+        ("dare_ties", {"seed": 2**64}, "options.seed: must be in [0, 2**64), got 18446744073709551616"),
+        # wrong type: each type takes only its own
+        ("ties", {"normalize": "yes"}, "options.normalize: must be true or false, got 'yes'"),
+        ("ties", {"rescale": 1}, "options.rescale: must be true or false, got 1"),
+        ("ties", {"density": "0.5"}, "options.density: must be a finite number, got '0.5'"),
+        ("task_arithmetic", {"lambda": True}, "options.lambda: must be a finite number, got True"),
+        ("task_arithmetic", {"lambda": [1]}, "options.lambda: must be a finite number, got [1]"),
+        ("dare_linear", {"seed": 1.0}, "options.seed: must be an integer, got 1.0"),
+        ("dare_linear", {"seed": False}, "options.seed: must be an integer, got False"),
+        # not finite: nan, inf, an integer beyond the float range
+        ("task_arithmetic", {"lambda": float("nan")}, "options.lambda: must be a finite number, got nan"),
+        ("ties", {"lambda": float("-inf")}, "options.lambda: must be a finite number, got -inf"),
+        ("linear", {"normalize": 10**400}, "options.normalize: must be true or false, got <an integer of"),
+        (
+            "ties",
+            {"density": 10**400},
+            "options.density: must be a finite number, got <an integer of about 401",
+        ),
     ],
 )
 def test_bad_options_name_the_option(method, opts, needle):
     with pytest.raises(EdgemergeError) as e:
         get_method(method).parse_options(opts)
+    assert e.value.message.startswith(f"method {method}: options.")
     assert needle in e.value.message
     assert "\n" not in e.value.message
+
+
+def test_every_bad_option_is_named_once():
+    """All the bad options of one call are reported (three, then a count), the valid ones listed once."""
+    opts = {"density": 2, "rescale": "no", "lambda": "x", "foo": 1, "bar": 2}
+    with pytest.raises(EdgemergeError) as e:
+        get_method("ties").parse_options(opts)
+    msg = e.value.message
+    assert msg == (
+        "method ties: options.density: must be in (0, 1], got 2; options.rescale: must be true or false, "
+        "got 'no'; options.lambda: must be a finite number, got 'x' (and 2 more)"
+    )
+    with pytest.raises(EdgemergeError) as e:
+        get_method("linear").parse_options({"foo": 1, "bar": 2})
+    assert (
+        e.value.message.count("valid options: normalize") == 1
+        and "options.bar: unknown option" in e.value.message
+    )
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_options_are_declared_once_per_method(name):
+    """Each method's model: every option typed, with a default (resolved by parse_options in declaration
+    order), a description and no other keys; the bounds are those the maths relies on."""
+    m = METHODS[name]
+    fields = m.options.model_fields
+    assert m.options.model_config["extra"] == "forbid"
+    assert list(m.parse_options({})) == m.option_names == [f.alias or n for n, f in fields.items()]
+    for f in fields.values():
+        assert f.description and f.annotation in (bool, float, int)
+    intervals = {n: option_interval(f) for n, f in zip(m.option_names, fields.values())}
+    assert intervals.get("density", "(0, 1]") == "(0, 1]" and intervals.get("gamma", "[0, 1)") == "[0, 1)"
+    assert intervals.get("seed", "[0, 2**64)") == "[0, 2**64)"
+    assert {n for n, i in intervals.items() if i} <= {"density", "gamma", "seed"}
+    # an int given for a float option resolves to a float (what MergeStats records, as before the models)
+    names = dict(zip(m.option_names, fields.values()))
+    given = {n: int(f.default) if f.annotation is float else f.default for n, f in names.items()}
+    resolved = m.parse_options(given)
+    assert {n: type(v) for n, v in resolved.items()} == {n: f.annotation for n, f in names.items()}
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_lists_the_declared_methods_and_options():
+    """The README's method table and recipe example are written by hand: they must say what the registry
+    declares (every method, its options in order with their defaults, the bounds)."""
+    text = README.read_text(encoding="utf-8")
+    assert f"method: {DEFAULT_METHOD}  " in text and "# " + " | ".join(METHODS) + "\n" in text
+    table = text[text.index("| method | W = | options") :].split("\n\n")[0].splitlines()[2:]
+    rows = {line.split("`")[1]: line for line in table}
+    assert list(rows) == list(METHODS)
+    for name, m in METHODS.items():
+        cells = rows[name].split(" | ")
+        defaults = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in m.parse_options({}).items())
+        assert cells[-1].rstrip(" |") == defaults, name
+        for n, f in zip(m.option_names, m.options.model_fields.values()):
+            if option_interval(f):
+                assert (
+                    f"`{n}` in {option_interval(f)}" in text
+                    or f"`{n}` an integer in {option_interval(f)}" in text
+                )
 
 
 def test_unknown_method_lists_the_valid_ones():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -51,7 +53,7 @@ def test_relative_paths_keep_the_recipe_folder(tmp_path):
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"method": "slerp"}, "method:"),
+        ({"method": "slerp"}, "method: unknown merge method 'slerp'; choose one of: task_arithmetic, linear"),
         ({"dtype": "fp8"}, "dtype:"),
         ({"languages": []}, "languages:"),
         ({"languages": [{"code": "EU", "model": "x"}]}, "languages.0.code"),
@@ -71,6 +73,63 @@ def test_errors_name_the_field(change, needle):
     with pytest.raises(EdgemergeError) as e:
         parse_recipe(data)
     assert needle in e.value.message
+
+
+BASE = {"name": "r", "instruct": "a/b", "base": "a/c", "languages": [{"code": "eu", "model": "a/d"}]}
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "needle"),
+    [
+        ("ties", {"density": 1.5}, "options.density: must be in (0, 1], got 1.5"),  # out of range
+        ("breadcrumbs", {"gamma": 1}, "options.gamma: must be in [0, 1), got 1"),
+        ("dare_ties", {"seed": -3}, "options.seed: must be in [0, 2**64), got -3"),
+        ("ties", {"density": "half"}, "options.density: must be a finite number, got 'half'"),  # wrong type
+        ("linear", {"normalize": "no"}, "options.normalize: must be true or false, got 'no'"),
+        ("dare_linear", {"seed": 0.5}, "options.seed: must be an integer, got 0.5"),
+        ("task_arithmetic", {"lambda": float("inf")}, "options.lambda: must be a finite number, got inf"),
+        ("task_arithmetic", {"lambda": {"a": 1}}, "options.lambda: must be a finite number, got {'a': 1}"),
+        (
+            "linear",
+            {"lambda": 2.0},
+            "options.lambda: unknown option of linear; valid options: normalize",
+        ),  # key
+        ("task_arithmetic", {"Density": 0.5}, "options.Density: unknown option of task_arithmetic"),
+        ("ties", {"density": 0.5, "x" * 500: 1}, "options.xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...: unknown"),
+    ],
+)
+def test_options_are_checked_against_the_method_when_the_recipe_loads(tmp_path, method, options, needle):
+    """A bad option fails at load (before any model is resolved), in one line naming the field."""
+    data = {**BASE, "method": method, "options": options}
+    with pytest.raises(EdgemergeError) as e:
+        parse_recipe(data, source="r.yaml")
+    assert e.value.message.startswith("recipe r.yaml: options.") and needle in e.value.message
+    assert "\n" not in e.value.message and len(e.value.message) < 400
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(EdgemergeError, match=re.escape(needle)):
+        load_recipe(path)
+
+
+def test_options_of_another_method_fail_and_an_unknown_method_hides_them():
+    """Options are the chosen method's: ties' density is not task arithmetic's; with an unknown method only the
+    method is reported (its options cannot be judged)."""
+    with pytest.raises(EdgemergeError, match="options.density: unknown option of task_arithmetic"):
+        parse_recipe({**BASE, "options": {"density": 0.5}})  # the default method
+    with pytest.raises(EdgemergeError) as e:
+        parse_recipe({**BASE, "method": "slerp", "options": {"density": 7}})
+    assert "method: unknown merge method" in e.value.message and "options" not in e.value.message
+
+
+def test_options_stay_as_written():
+    """The recipe keeps its options as written (what the GGUF's embedded recipe and provenance show); the
+    method's model resolves them, defaults included, for the merge."""
+    r = parse_recipe({**BASE, "method": "dare_ties", "options": {"density": 1, "seed": 7}})
+    assert r.to_yaml_dict()["options"] == {"density": 1, "seed": 7}
+    assert type(r.to_yaml_dict()["options"]["density"]) is int
+    resolved = get_method(r.method).parse_options(r.options)
+    assert resolved == {"density": 1.0, "normalize": False, "rescale": True, "lambda": 1.0, "seed": 7}
+    assert type(resolved["density"]) is float
 
 
 def _lang(code: str, model: str, weight: float = 1.0) -> dict:

@@ -23,6 +23,9 @@ arbitrary; that makes results reproducible and equal across backends.
 
 Methods yield the merged tensor block by block (`TensorInputs.pieces`); a sparsifier first walks all blocks to
 fix its global statistics, so the result does not depend on how the tensor is cut.
+
+Each method declares its options as a pydantic model (`MethodOptions`: types, mergekit's defaults, bounds, a
+description each); `METHODS` is the one list of methods, which the recipe validates its method and options by.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ..errors import EdgemergeError
 from ..limits import finite_number, shown
@@ -56,60 +62,6 @@ class TensorInputs(Protocol):
     def base(self, rows: slice | None = None) -> Array: ...
 
     def language(self, i: int, rows: slice | None = None) -> Array: ...
-
-
-# ---------------------------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    default: Any
-    help: str
-    parse: Callable[[str, Any], Any]
-
-
-def _bool(name: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be true or false, got {shown(v)}")
-    return v
-
-
-def _number(name: str, v: Any) -> float:
-    return finite_number(name, v, want="a finite number")
-
-
-def _fraction(lo_open: bool, hi_open: bool) -> Callable[[str, Any], float]:
-    def parse(name: str, v: Any) -> float:
-        x = _number(name, v)
-        if (x <= 0 if lo_open else x < 0) or (x >= 1 if hi_open else x > 1):
-            lo, hi = ("(" if lo_open else "["), (")" if hi_open else "]")
-            raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {shown(v)}")
-        return x
-
-    return parse
-
-
-def _seed(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
-        raise ValueError(f"{name} must be a non-negative integer below 2**64, got {shown(v)}")
-    return v
-
-
-def _opt_normalize(default: bool) -> Option:
-    return Option("normalize", default, "divide the mixed task vector by the sum of the weights", _bool)
-
-
-OPT_LAMBDA = Option("lambda", 1.0, "scale of the mixed task vector", _number)
-OPT_DENSITY = Option(
-    "density", 1.0, "fraction of each task vector kept (1.0 keeps all)", _fraction(True, False)
-)
-OPT_GAMMA = Option("gamma", 0.01, "fraction of the largest-magnitude entries removed", _fraction(False, True))
-OPT_SEED = Option("seed", 0, "seed of the random DARE masks (same seed, same model)", _seed)
-
-
-def _opt_rescale(default: bool) -> Option:
-    return Option("rescale", default, "rescale each sparsified task vector to its original L1 norm", _bool)
 
 
 # ---------------------------------------------------------------------------------------------- sparsification
@@ -377,42 +329,191 @@ def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
         yield rows, acc
 
 
+# ---------------------------------------------------------------------------------------------- options
+# One pydantic model per method declares its options (mergekit's defaults, bounds, a description each). The
+# recipe validates `options` against it when it loads; the engine records `parse_options`'s dict of all of them.
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
+    return v
+
+
+def _number(v: Any) -> float:
+    return finite_number("", v, want="a finite number")
+
+
+def _integer(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be an integer, got {shown(v)}")  # noqa: TRY004 (pydantic reports ValueError only)
+    return v
+
+
+# YAML gives bools, ints and floats: each type takes only its own (a string "0.5" or `yes` is refused, 1 is no bool)
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Number = Annotated[float, BeforeValidator(_number)]
+Integer = Annotated[int, BeforeValidator(_integer)]
+
+
+def _normalize(default: bool) -> Any:
+    return Field(default, description="divide the mixed task vector by the sum of the weights")
+
+
+def _rescale(default: bool) -> Any:
+    return Field(default, description="rescale each sparsified task vector to its original L1 norm")
+
+
+def _lambda() -> Any:
+    return Field(1.0, alias="lambda", description="scale of the mixed task vector")
+
+
+def _density() -> Any:
+    return Field(1.0, gt=0, le=1, description="fraction of each task vector kept (1.0 keeps all)")
+
+
+class MethodOptions(BaseModel):
+    """The options of one method: typed fields with defaults, bounds and a description; no others allowed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskArithmeticOptions(MethodOptions):
+    """task_arithmetic: W = W_base + lambda * sum_i w_i tau_i (divided by sum_i w_i if normalize)."""
+
+    normalize: Flag = _normalize(False)
+    lambda_: Number = _lambda()
+
+
+class LinearOptions(MethodOptions):
+    """linear: W = (W_instruct + sum_i w_i W_lang_i) / (1 + sum_i w_i) (no division unless normalize)."""
+
+    normalize: Flag = _normalize(True)
+
+
+class TiesOptions(MethodOptions):
+    """ties: the top `density` of each |tau_i| kept, sign consensus, scaled by lambda."""
+
+    density: Number = _density()
+    normalize: Flag = _normalize(True)
+    rescale: Flag = _rescale(False)
+    lambda_: Number = _lambda()
+
+
+class DareOptions(MethodOptions):
+    """dare_ties and dare_linear: random keep-masks (p = density, from `seed`), L1-rescaled."""
+
+    density: Number = _density()
+    normalize: Flag = _normalize(False)
+    rescale: Flag = _rescale(True)
+    lambda_: Number = _lambda()
+    seed: Integer = Field(
+        0, ge=0, lt=2**64, description="seed of the random DARE masks (same seed, same model)"
+    )
+
+
+class BreadcrumbsOptions(MethodOptions):
+    """breadcrumbs: the `gamma` largest and the smallest |tau_i| dropped until `density` remain."""
+
+    density: Number = _density()
+    gamma: Number = Field(0.01, ge=0, lt=1, description="fraction of the largest-magnitude entries removed")
+    normalize: Flag = _normalize(False)
+    rescale: Flag = _rescale(False)
+    lambda_: Number = _lambda()
+
+
+def _bound(x: float) -> str:
+    if isinstance(x, int) and x > 2**32 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def option_interval(info: FieldInfo) -> str | None:
+    """A declared option's bounds as an interval, e.g. (0, 1] for Field(gt=0, le=1); None if it has none."""
+    bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    if not bounds:
+        return None
+    lo = next((f"{o}{_bound(bounds[k])}" for k, o in (("gt", "("), ("ge", "[")) if k in bounds), "(-inf")
+    hi = next((f"{_bound(bounds[k])}{c}" for k, c in (("lt", ")"), ("le", "]")) if k in bounds), "inf)")
+    return f"{lo}, {hi}"
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: its options (with mergekit's defaults), its paper and its one definition."""
+    """A registered method: its options model, its paper and its one definition."""
 
     name: str
     title: str
     paper: str
-    options: tuple[Option, ...]
+    options: type[MethodOptions]
     fn: Callable[[Backend, TensorInputs, dict[str, Any]], Blocks]
     uses_base: bool = True
     sparsify: str | None = None
 
-    def parse_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
-        """Options with defaults filled in; an unknown or invalid option is an EdgemergeError naming it."""
-        given = dict(given or {})
-        valid = {o.name: o for o in self.options}
-        unknown = sorted(set(given) - set(valid))
-        if unknown:
-            names = ", ".join(valid) or "none"
-            raise EdgemergeError(
-                f"method {self.name}: unknown option {shown(unknown[0])}; valid options: {names}"
+    @property
+    def option_names(self) -> list[str]:
+        """The options' names as a recipe writes them, in declaration order."""
+        return [f.alias or name for name, f in self.options.model_fields.items()]
+
+    def validate_options(self, given: dict[str, Any] | None) -> MethodOptions:
+        """The typed options; otherwise a pydantic ValidationError at each bad option's name, its message
+        worded as the recipe's other errors (`must be in (0, 1], got 1.5`, `unknown option of ties; valid
+        options: ...`; the valid ones listed at the first unknown one only)."""
+        given = given or {}
+        try:
+            return self.options.model_validate(given)
+        except ValidationError as e:
+            errors = e.errors(include_url=False, include_context=False)
+            first_unknown = next(
+                (i for i, err in enumerate(errors) if err["type"] == "extra_forbidden"), None
             )
-        out = {}
-        for name, opt in valid.items():
-            if name in given:
-                try:
-                    out[name] = opt.parse(name, given[name])
-                except (TypeError, ValueError) as e:
-                    raise EdgemergeError(f"method {self.name}: option {e}") from None
-            else:
-                out[name] = opt.default
-        return out
+            house = [self._house(err, given, i == first_unknown) for i, err in enumerate(errors)]
+            raise ValidationError.from_exception_data(e.title, house) from None
+
+    def _house(self, err: ErrorDetails, given: Any, list_valid: bool) -> InitErrorDetails:
+        """One pydantic error of the options model, reworded (a value out of bounds shown as given: pydantic
+        reports the converted one, 0.0 for a 0)."""
+        kind, value = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            valid = ", ".join(self.option_names) or "none"
+            msg = f"unknown option of {self.name}; valid options: {valid}" if list_valid else "unknown option"
+        elif kind in _BOUND_ERRORS:
+            name = err["loc"][0]
+            info = next(f for n, f in self.options.model_fields.items() if (f.alias or n) == name)
+            value = given.get(name, value)
+            msg = f"must be in {option_interval(info)}, got {shown(value)}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        # the message travels as context: a template would read braces in it (a dict input) as placeholders
+        return {
+            "type": PydanticCustomError("option", "{message}", {"message": msg}),
+            "loc": err["loc"],
+            "input": value,
+        }
+
+    def parse_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """All options by their recipe names, defaults filled in (what the merge records in MergeStats and
+        provenance); an unknown or invalid option is an EdgemergeError naming it."""
+        try:
+            opts = self.validate_options(given)
+        except ValidationError as e:
+            errors = e.errors(include_url=False, include_context=False)
+            parts = [f"options.{'.'.join(_clip(p) for p in err['loc'])}: {err['msg']}" for err in errors[:3]]
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise EdgemergeError(f"method {self.name}: " + "; ".join(parts) + more) from None
+        return opts.model_dump(by_alias=True)
 
     def merge(self, xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
         """The merged float32 tensor, one (rows, array) per piece of `t.pieces` (`opts` from `parse_options`)."""
         return self.fn(xp, t, opts)
+
+
+def _clip(part: Any, n: int = 40) -> str:
+    text = part if isinstance(part, str) else shown(part, n)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _gta(sparsify: str | None, consensus: bool):
@@ -422,6 +523,8 @@ def _gta(sparsify: str | None, consensus: bool):
     return fn
 
 
+DEFAULT_METHOD = "task_arithmetic"  # the paper's
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
@@ -429,14 +532,14 @@ METHODS: dict[str, MergeMethod] = {
             "task_arithmetic",
             "Task Arithmetic (the paper's default)",
             "https://arxiv.org/abs/2212.04089",
-            (_opt_normalize(False), OPT_LAMBDA),
+            TaskArithmeticOptions,
             _gta(None, False),
         ),
         MergeMethod(
             "linear",
             "Linear (weighted average of instruct and language models)",
             "https://arxiv.org/abs/2203.05482",
-            (_opt_normalize(True),),
+            LinearOptions,
             linear,
             uses_base=False,
         ),
@@ -444,7 +547,7 @@ METHODS: dict[str, MergeMethod] = {
             "ties",
             "TIES",
             "https://arxiv.org/abs/2306.01708",
-            (OPT_DENSITY, _opt_normalize(True), _opt_rescale(False), OPT_LAMBDA),
+            TiesOptions,
             _gta("magnitude", True),
             sparsify="magnitude",
         ),
@@ -452,7 +555,7 @@ METHODS: dict[str, MergeMethod] = {
             "dare_ties",
             "DARE TIES",
             "https://arxiv.org/abs/2311.03099",
-            (OPT_DENSITY, _opt_normalize(False), _opt_rescale(True), OPT_LAMBDA, OPT_SEED),
+            DareOptions,
             _gta("random", True),
             sparsify="random",
         ),
@@ -460,7 +563,7 @@ METHODS: dict[str, MergeMethod] = {
             "dare_linear",
             "Linear DARE",
             "https://arxiv.org/abs/2311.03099",
-            (OPT_DENSITY, _opt_normalize(False), _opt_rescale(True), OPT_LAMBDA, OPT_SEED),
+            DareOptions,
             _gta("random", False),
             sparsify="random",
         ),
@@ -468,7 +571,7 @@ METHODS: dict[str, MergeMethod] = {
             "breadcrumbs",
             "Model Breadcrumbs",
             "https://arxiv.org/abs/2312.06795",
-            (OPT_DENSITY, OPT_GAMMA, _opt_normalize(False), _opt_rescale(False), OPT_LAMBDA),
+            BreadcrumbsOptions,
             _gta("magnitude_outliers", False),
             sparsify="magnitude_outliers",
         ),
