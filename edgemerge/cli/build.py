@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,14 +9,12 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from ..build import BuildOptions, StageEvent
+from ..build import BuildOptions, StageEvent, choose_recipe
 from ..build import build as run_build
-from ..demo import demo_family, language_text
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
 from ..limits import MAX_THREADS, check_count, shown
 from ..progress import make_progress
-from ..recipe import load_recipe, recipe_for_languages
 from .common import app, console, err_console, print_json
 
 DEMO_WARNING = (
@@ -118,32 +115,10 @@ def build(
     check_count("--threads", threads, 1, MAX_THREADS)
     codes = _csv(lang, "--lang")
     progress = make_progress(err_console)
-    if demo:
-        if recipe is not None:
-            raise EdgemergeError("--demo builds the generated demo family; drop --recipe (or drop --demo)")
-        if codes is not None and len(codes) != 1:
-            raise EdgemergeError(
-                "--demo builds one language at a time; give --lang with one code, e.g. --lang eu"
-            )
-
-        code = codes[0] if codes else "eu"
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network: fail fast if touched
-        language_text(code)
+    if demo and recipe is None:
         err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
-        with progress:
-            r = demo_family(code, progress=progress).recipe
-        quick_eval = True
-        compare_parents = True  # the instruct model alone beside the merge: the language vector's effect
-    elif recipe is not None:
-        r = load_recipe(recipe)
-        if codes is not None and sorted(set(codes)) != sorted(set(r.lang_codes)):
-            raise EdgemergeError(
-                f"--lang {lang} does not match the recipe's languages ({','.join(r.lang_codes)}); drop one of them"
-            )
-    elif codes is not None:
-        r = load_recipe(recipe_for_languages(codes))
-    else:
-        raise EdgemergeError("say what to build: --lang eu (bundled recipe), --recipe FILE, or --demo")
+    with progress:
+        r = choose_recipe(codes, recipe, demo=demo, progress=progress)
 
     options = BuildOptions(
         out=out,

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
 from ..errors import EdgemergeError, GateFailed
 from ..evaluate import evaluate, language_info
-from ..evaluate.gates import gate_results
+from ..evaluate.gates import gate_results, gates_with
 from ..evaluate.perplexity import MIN_CTX
 from ..files import atomic_output, output_lock, prepare_output
 from ..limits import MAX_THREADS, check_count, shown_path
@@ -44,20 +43,6 @@ def check_eval_numbers(
     check_count("--mc-limit", mc_limit, 1, why=" (the number of questions to score)")
     check_count("--max-tokens", max_tokens, 1, MAX_TOKENS)
     check_count("--threads", threads, 1, MAX_THREADS)
-
-
-def gates_with(gates: Gates, overrides: dict[str, float | None]) -> Gates:
-    """`gates` with the flags given, validated like a recipe's eval: section (finite, fractions in [0, 1])."""
-    try:
-        return Gates.model_validate(
-            {**gates.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-        )
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        raise EdgemergeError(
-            f"{GATE_FLAGS.get(field, field)}: {first['msg'].removeprefix('Value error, ')}"
-        ) from None
 
 
 def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Path | None]) -> list[Path]:
@@ -206,7 +191,7 @@ def eval_(
         "min_top1_agreement": min_top1,
         "max_ppl_ratio": max_ppl_ratio,
     }
-    gates = gates_with(gates, overrides)
+    gates = gates_with(gates, overrides, GATE_FLAGS)
     sys_prompt = language_info(lang)["system"] if system else None
     inputs = [model, ref, ref_logits, text, mc, gates_recipe.file if gates_recipe else None]
     reports = _report_paths(json_out, markdown, inputs)

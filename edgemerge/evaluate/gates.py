@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
+from ..errors import EdgemergeError
 from ..recipe import Gates
 from .report import EvalReport
 
@@ -54,3 +57,20 @@ def gate_results(report: EvalReport, gates: Gates) -> list[GateResult]:
 def check_gates(report: EvalReport, gates: Gates) -> list[str]:
     """Descriptions of the failed gates (empty when all set gates pass or are skipped)."""
     return [r.describe() for r in gate_results(report, gates) if r.passed is False]
+
+
+def gates_with(
+    gates: Gates, overrides: dict[str, float | None], names: dict[str, str] | None = None
+) -> Gates:
+    """`gates` with the given thresholds replaced (None: keep the recipe's), validated like a recipe's eval:
+    section (finite, fractions in [0, 1]); an error names the field as `names` calls it (the CLI's flags)."""
+    try:
+        return Gates.model_validate(
+            {**gates.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        raise EdgemergeError(
+            f"{(names or {}).get(field, field)}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
