@@ -49,7 +49,7 @@ def _seconds(value: str | None, default: float = 10.0) -> float:
 
 RENDER_SECONDS = _seconds(os.environ.get("EDGEMERGE_TEMPLATE_SECONDS"))
 RENDER_CHARS = 1_000_000  # a chat prompt is far shorter: more is a runaway template
-# real chat templates are under 100 KB; compiling costs time and memory in proportion (50 MB: 17 s, 360 MB)
+# real chat templates are under 100 KB; compiling costs time and memory in proportion (README, performance)
 MAX_TEMPLATE_CHARS = 1_000_000
 WORKER_MEMORY = 1 << 30  # address space of the rendering process
 WORKER_CPU_SECONDS = 600  # backstop should the parent vanish while a render spins

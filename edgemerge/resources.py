@@ -413,9 +413,7 @@ def quantize_memory(shape: ModelShape) -> int:
     return shape.largest_tensor_elements * (4 + 2 + 1) + QUANTIZE_BASELINE
 
 
-# The merge's streaming state, from the engine's constants (edgemerge/merge/engine.py, sinks.py; mirrored here
-# so this module does not import torch, and tests/test_resources.py checks they agree)
-# fitted so that merge_memory(2048) is README's measured peak of `edgemerge merge --gguf` at 1b (0.54 GB, a
+# the merge's streaming state uses the tensor layer's own constants (BLOCK_ELEMENTS, PENDING_BYTES); fitted so that merge_memory(2048) is README's measured peak of `edgemerge merge --gguf` at 1b (0.54 GB, a
 # 1.1B Llama, hidden 2048, instruct + base + one language); at 50m and 300m it measured 0.42 and 0.43 GB
 MERGE_MEASURED = (2048, 540_000_000)
 

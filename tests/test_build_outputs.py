@@ -1,4 +1,4 @@
-"""What a build may delete and how it marks itself (edgemerge/build.py's state and output functions), on
+"""What a build may delete and how it marks itself (edgemerge/build/state.py's state and output functions), on
 hostile folders built on the fly: a foreign folder (even one with its own manifest.json) is never an earlier
 build, paths from a planted state.json or manifest never reach outside the folder or its work area, --force
 removes only what the earlier build listed, partials of dead processes are cleaned, an unfinished build carries

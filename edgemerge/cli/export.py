@@ -1,4 +1,4 @@
-"""`edgemerge export`: a Hugging Face folder -> one GGUF file (thin shell over edgemerge.gguf.export)."""
+"""`edgemerge export`: a Hugging Face folder -> one GGUF file (thin shell over edgemerge.pipeline.export_hf)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`edgemerge merge` and `edgemerge check`: thin shells over edgemerge.merge.run and edgemerge.check."""
+"""`edgemerge merge` and `edgemerge check`: thin shells over edgemerge.pipeline and edgemerge.check."""
 
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def read_model(folder: Path, label: str) -> ModelTensors:
 def read_rows(path: Path, layout: tuple[int, dict], name: str, rows: slice) -> np.ndarray:
     """Rows [start, stop) of a tensor, read as the one contiguous byte range they occupy.
 
-    By hand because safetensors' get_slice reads row blocks about 10x slower than one read; `layout` (from
+    By hand because safetensors' get_slice reads row blocks far slower than one read; `layout` (from
     `safetensors_layout`) has been validated: every tensor's bytes lie inside the file."""
     start, header = layout
     entry = header[name]

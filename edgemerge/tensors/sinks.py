@@ -56,9 +56,8 @@ class BackgroundSink:
 
     Writing is the largest single cost of a merge once reads are cached (a quarter of a 1B merge, mostly the
     kernel throttling dirty pages, which no CPU work can speed up, but which other work can hide). The kernel
-    throttles in bursts, so up to `pending_bytes` of output may wait: with two 8 MB blocks allowed a 1B merge
-    spent 1.3 s blocked on the queue, with 32 MB about as little as with 128 MB, which only raised peak RSS
-    (measured). A single larger tensor still passes alone. An error in the thread is raised by the next write or
+    throttles in bursts, so up to `pending_bytes` of output may wait (the README's performance section says how
+    the default was chosen). A single larger tensor still passes alone. An error in the thread is raised by the next write or
     by `close`.
     """
 

@@ -13,10 +13,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self):
-        # The engine's pieces are cache-sized (engine.BLOCK_ELEMENTS), and on them one thread is faster: waking a
-        # thread pool per elementwise op costs more than the op (on a busy machine spinning OpenMP threads made
-        # small ops 100x slower), and the other cores read ahead and write. 1B merge loop on 2 cores: 3.5-3.8 s
-        # against 3.9-4.3 s with two threads per piece (measured).
+        # pieces are cache-sized (tensors.stream.BLOCK_ELEMENTS): waking a thread pool per op costs more than the
+        # op, and the other cores read ahead and write (measured: README, performance)
         torch.set_num_threads(1)
 
     def from_numpy(self, a: np.ndarray) -> torch.Tensor:
