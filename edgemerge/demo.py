@@ -110,6 +110,7 @@ def _english() -> tuple[list[str], list[tuple[str, str]]]:
 def train_tokenizer(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
     """Train a SentencePiece BPE model on `lines` (deterministic: fixed seed, one thread) and save it as a
     Hugging Face tokenizer folder with the ChatML template; EOS is <|im_end|>, as in chat models."""
+    # transformers is heavy to import (seconds): loaded only when a tokenizer or config is read
     from transformers import LlamaTokenizer
 
     spm.set_random_generator_seed(1234)
@@ -153,7 +154,9 @@ def _render(messages: list[dict]) -> str:
 
 
 def _new_model(tok_dir: Path, size: DemoSize, seed: int):
+    # torch is heavy to import (seconds): loaded only where its arithmetic is needed
     import torch
+
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)

@@ -33,6 +33,7 @@ _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
 def _ftypes() -> dict[str, int]:
     """llama.cpp's file types by name, read from llama-cpp-python's LLAMA_FTYPE_* constants."""
+    # llama_cpp loads the llama.cpp library: only when a model is run or quantized
     import llama_cpp
 
     out = {}

@@ -172,6 +172,7 @@ class Model:
     """One GGUF in llama.cpp; `n_ctx` is the context of one sequence (capped at the model's training context)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
+        # llama_cpp loads the llama.cpp library: only when a model is run or quantized
         import llama_cpp
 
         check_count("--ctx", n_ctx, MIN_CTX, 1 << 24, " tokens")

@@ -25,6 +25,7 @@ _CODE_FILES = ("config.json", "tokenizer_config.json")
 
 def _builtin_tokenizer_class(name: str) -> bool:
     """Whether transformers itself defines the tokenizer class `name` (or its Fast variant)."""
+    # transformers is heavy to import (seconds): loaded only when a tokenizer or config is read
     from transformers import PreTrainedTokenizerBase
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 

@@ -146,6 +146,7 @@ def check_sentencepiece(reader, tokenizer_model: Path) -> None:
 
 def write_tokenizer(out: Path, tokenizer_model: Path, chat_template: str | None) -> None:
     """A Llama SentencePiece tokenizer folder: tokenizer.model (kept for GGUF export) + transformers' files."""
+    # transformers is heavy to import (seconds): loaded only when a tokenizer or config is read
     from transformers import LlamaTokenizer
 
     shutil.copy(tokenizer_model, out / "tokenizer.model")

@@ -62,6 +62,7 @@ class Backend(Protocol):
 
 def mlx_available() -> bool:
     try:
+        # mlx is optional (Apple silicon)
         import mlx.core  # noqa: F401
     except ImportError:
         return False
@@ -89,6 +90,7 @@ def get_backend(name: str = "torch") -> Backend:
         from .mlx import MLXBackend
 
         return MLXBackend()
+    # torch is heavy to import (seconds): loaded only where its arithmetic is needed
     from .torch import TorchBackend
 
     return TorchBackend()
