@@ -156,7 +156,6 @@ def _render(messages: list[dict]) -> str:
 def _new_model(tok_dir: Path, size: DemoSize, seed: int):
     # torch is heavy to import (seconds): loaded only where its arithmetic is needed
     import torch
-
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import signal
@@ -31,10 +32,15 @@ NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
 
-def _ftypes() -> dict[str, int]:
-    """llama.cpp's file types by name, read from llama-cpp-python's LLAMA_FTYPE_* constants."""
-    # llama_cpp loads the llama.cpp library: only when a model is run or quantized
-    import llama_cpp
+@functools.cache
+def quant_types() -> dict[str, int]:
+    """llama.cpp's file types by name, read from llama-cpp-python's LLAMA_FTYPE_* constants ({} when
+    llama-cpp-python is missing: `check_quant` says so)."""
+    # llama_cpp loads the llama.cpp library: only when a quant type is checked or a model quantized
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
 
     out = {}
     for attr in dir(llama_cpp):
@@ -44,19 +50,14 @@ def _ftypes() -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
-try:
-    QUANT_TYPES: dict[str, int] = _ftypes()
-except ImportError:  # llama-cpp-python missing: quantize() says so when called
-    QUANT_TYPES = {}
-
-
 def check_quant(quant: str) -> str:
     """Canonical name of a llama.cpp file type; unknown names are a user error listing the valid ones."""
-    if not QUANT_TYPES:
+    types = quant_types()
+    if not types:
         raise EdgemergeError("llama-cpp-python is not installed: pip install 'llama-cpp-python>=0.3.16,<0.4'")
     name = quant.upper().removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
-    if name not in QUANT_TYPES:
-        valid = ", ".join(n for n in QUANT_TYPES if n not in NEEDS_IMATRIX)
+    if name not in types:
+        valid = ", ".join(n for n in types if n not in NEEDS_IMATRIX)
         raise EdgemergeError(f"unknown quantization type {shown(quant)}; valid types: {valid}")
     if name in NEEDS_IMATRIX:
         raise EdgemergeError(
@@ -100,7 +101,7 @@ def quantize(
     ensure_free_space(dst.parent, size * (2 if name == "F32" else 1), f"the {name} file {dst.name}")
 
     with atomic_output(dst, force=force, inputs=[src]) as tmp, task(progress, f"{name} {dst.name}", None):
-        rc = run_quantizer(src, tmp, QUANT_TYPES[name], threads or os.cpu_count() or 1)
+        rc = run_quantizer(src, tmp, quant_types()[name], threads or os.cpu_count() or 1)
         if rc != 0 or not tmp.is_file():
             raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
     return dst

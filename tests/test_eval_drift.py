@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgemerge import runtime
 from edgemerge.errors import EdgemergeError
-from edgemerge.evaluate import evaluate, runner
+from edgemerge.evaluate import evaluate
 from edgemerge.evaluate.drift import DriftMeter, kl_divergence, reference_chunks
 from edgemerge.evaluate.perplexity import chunk_logits, make_chunks, perplexity
 from edgemerge.evaluate.reference import StoredReference, reference_writer
@@ -81,8 +82,8 @@ def test_stored_comparison_equals_the_live_two_model_one(files, stored_f32, line
             kl.append(kl_divergence(lf, lq))
             same += int((lq.argmax(-1) == lf.argmax(-1)).sum())
             rows = np.arange(len(t))
-            nll_q.append(-runner.log_softmax(lq)[rows, t])
-            nll_f.append(-runner.log_softmax(lf)[rows, t])
+            nll_q.append(-runtime.log_softmax(lq)[rows, t])
+            nll_f.append(-runtime.log_softmax(lf)[rows, t])
     live_kld = float(np.concatenate(kl).mean())
     live_ratio = float(np.exp(np.concatenate(nll_q).mean() - np.concatenate(nll_f).mean()))
     d = _drift(q4.path, stored_f32, lines)

@@ -13,7 +13,7 @@ import pytest
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.gguf.inspect import kv, tensors
-from edgemerge.quantize import QUANT_TYPES, output_name, quantize
+from edgemerge.quantize import output_name, quant_types, quantize
 
 pytest.importorskip("llama_cpp")
 
@@ -44,11 +44,11 @@ def _direct_llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
 
 def test_same_bytes_as_llama_cpp_quantizer(quantized, f32_ggufs, tmp_path):
     theirs = tmp_path / "theirs.gguf"
-    _direct_llama_cpp_quantize(f32_ggufs["qwen3"], theirs, QUANT_TYPES["Q4_K_M"])
+    _direct_llama_cpp_quantize(f32_ggufs["qwen3"], theirs, quant_types()["Q4_K_M"])
     assert quantized["Q4_K_M"].read_bytes() == theirs.read_bytes()
     types = {t.name: t.type for t in tensors(quantized["Q4_K_M"])}
     assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
-    assert kv(quantized["Q4_K_M"])["general.file_type"] == QUANT_TYPES["Q4_K_M"]
+    assert kv(quantized["Q4_K_M"])["general.file_type"] == quant_types()["Q4_K_M"]
 
 
 def test_quantized_files_load_and_generate(quantized, f32_ggufs):

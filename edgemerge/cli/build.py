@@ -117,8 +117,10 @@ def build(
     progress = make_progress(err_console)
     if demo and recipe is None:
         err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
-    with progress:
-        r = choose_recipe(codes, recipe, demo=demo, progress=progress)
+        with progress:  # the demo family is trained on first use: show it
+            r = choose_recipe(codes, recipe, demo=demo, progress=progress)
+    else:
+        r = choose_recipe(codes, recipe)
 
     options = BuildOptions(
         out=out,

@@ -17,7 +17,6 @@ import hashlib
 from pathlib import Path
 
 import gguf
-import ml_dtypes
 import numpy as np
 
 from ..errors import EdgemergeError
@@ -222,7 +221,7 @@ def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """Bytes of one tensor as llama.cpp's converter stores it: float32 first, then gguf-py's quantize()."""
     if qtype == gguf.GGMLQuantizationType.F16 and data.dtype == np.float16:
         return np.ascontiguousarray(data)  # f16 -> f32 -> f16 is exact: skip the copy
-    if qtype == gguf.GGMLQuantizationType.F16 and data.dtype == ml_dtypes.bfloat16:
+    if qtype == gguf.GGMLQuantizationType.F16 and data.dtype.name == "bfloat16":  # ml_dtypes' type, by name
         # bf16 -> f32 is exact, so one rounding to f16 gives the same bytes; torch does it multi-threaded
         # without the float32 copy (numpy's path runs on one core)
         import torch

@@ -12,7 +12,6 @@ import math
 import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -20,8 +19,15 @@ from ..errors import EdgemergeError
 from ..limits import MAX_SAFETENSORS_HEADER, read_json_object, shown
 from .spec import ModelTensors
 
-# numpy dtypes of the float safetensors dtypes we read
-NUMPY_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+def numpy_dtype(st_dtype: str) -> np.dtype:
+    """The numpy dtype of a float safetensors dtype (BF16 is ml_dtypes' bfloat16)."""
+    if st_dtype == "BF16":
+        # ml_dtypes takes most of a second to import: loaded only when tensor data is read
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[st_dtype])
 
 
 def safetensors_header(path: Path) -> bytes:
@@ -175,7 +181,7 @@ def read_rows(path: Path, layout: tuple[int, dict], name: str, rows: slice) -> n
     start, header = layout
     entry = header[name]
     shape = entry["shape"]
-    dtype = np.dtype(NUMPY_DTYPES[entry["dtype"]])
+    dtype = numpy_dtype(entry["dtype"])
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
     out = np.empty((rows.stop - rows.start, *shape[1:]), dtype=dtype)
     offset = start + entry["data_offsets"][0] + rows.start * row_bytes
