@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
-
 from .errors import EdgemergeError
 from .files import free_bytes, human_bytes
 from .hashes import sha256_file
@@ -151,6 +149,8 @@ def _hub_errors(ref: str) -> Iterator[None]:
 def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str | None, list[str]]:
     """Fetch the JSON, tokenizer and template files (pinned to the commit they came from); return the snapshot
     folder, the commit and the weight files the model needs (those its index names, else model.safetensors)."""
+    # huggingface_hub takes a third of a second to import: loaded only when the hub is used
+    from huggingface_hub import snapshot_download
 
     with _hub_errors(ref):
         path = Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
@@ -163,6 +163,7 @@ def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str |
 def _weights(repo: str, commit: str | None, weights: list[str], ref: str, *, dry_run: bool = False):
     """Download the weight files (or with `dry_run`, say what downloading them would fetch); a repo without
     the expected names gets all its safetensors files."""
+    from huggingface_hub import snapshot_download  # see _small_files
 
     with _hub_errors(ref):
         got = snapshot_download(repo, revision=commit, allow_patterns=weights, dry_run=dry_run)
@@ -229,6 +230,8 @@ def check_download_space(refs: list[str], root: Path | None = None) -> int:
 
     need = sum(pending_download(ref, root) for ref in dict.fromkeys(refs))
     if need:
+        from huggingface_hub import constants  # see _small_files
+
         cache = Path(constants.HF_HUB_CACHE)
         free = free_bytes(cache)
         if free < need + DOWNLOAD_MARGIN:
