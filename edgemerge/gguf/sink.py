@@ -14,6 +14,7 @@ the Llama q/k permutation), then store it as the converter would (gguf-py's `qua
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import gguf
@@ -235,8 +236,7 @@ def _encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     """Stored size: elements x type size / block size (gguf-py's GGML_QUANT_SIZES)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    return n // block * size
+    return math.prod(shape) // block * size
 
 
 def _sort_key(gguf_name: str) -> tuple[int, int, str]:

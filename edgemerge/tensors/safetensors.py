@@ -90,10 +90,7 @@ def parse_safetensors_header(raw: bytes, path: Path, data_size: int) -> dict[str
         begin, end = offsets
         if not begin <= end <= data_size:
             raise bad(f"tensor {shown(name)} lies outside the file's {data_size} data bytes")
-        numel = 1
-        for d in shape:
-            numel *= d
-        need = numel * _ST_ITEMSIZE.get(dtype, 0)
+        need = math.prod(shape) * _ST_ITEMSIZE.get(dtype, 0)  # Python ints: a hostile shape cannot overflow
         if dtype in _ST_ITEMSIZE and need != end - begin:
             raise bad(f"tensor {shown(name)} has {end - begin} bytes, its shape and dtype need {need}")
     return header
