@@ -19,7 +19,7 @@ from .shared import need_shared
 @dataclass
 class Spec:
     arch: str = "LlamaForCausalLM"
-    tokenizer: str = "llama-bpe"  # llama-bpe | qwen2 | spm (Mistral v1 SentencePiece) | a folder
+    tokenizer: str = "llama-bpe"  # llama-bpe | llama3.1-bpe | qwen2 | spm (Mistral v1 SentencePiece) | spm512
     hidden: int = 256
     layers: int = 2
     heads: int = 4
@@ -29,6 +29,7 @@ class Spec:
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
     parity_outtype: str = "f32"  # what the byte-parity test converts it to (tests/arch_fixtures.py)
+    chat_template: str = ""  # a file of the shared llama.cpp-vocab/templates, saved as chat_template.jinja
 
 
 def config_class(arch: str) -> type:
@@ -47,6 +48,11 @@ def tokenizer_dir(kind: str, cache: Path) -> Path:
 
     tmp = cache / f".tok-{kind}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "llama3.1-bpe":
+        shutil.copytree(tokenizer_dir("llama-bpe", cache), tmp)
+        _as_released_llama31(tmp)
+        tmp.rename(out)
+        return out
     if kind == "spm":
         src = need_shared("tokenizers", "mistral_sentencepiece", "tokenizer.model.v1")
         tmp.mkdir(parents=True)
@@ -99,6 +105,37 @@ def _as_released_llama3(folder: Path) -> None:
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg.get("added_tokens_decoder", {}).pop("128256", None)
     cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+# the special tokens Llama 3.1 (and 3.2) named among Llama 3's reserved ones; the rest are renumbered after them
+_LLAMA31_NAMED = {
+    128004: "<|finetune_right_pad_id|>",
+    128008: "<|eom_id|>",
+    128010: "<|python_tag|>",
+}
+
+
+def _llama31_special(token_id: int, llama3_name: str) -> str:
+    """Llama 3.1's name of a Llama 3 special token: the named ones, else reserved tokens numbered 0, 1, 2 (ids
+    128002, 128003, 128005) and from 3 at id 128011; Llama 3's other names are unchanged."""
+    if token_id in _LLAMA31_NAMED:
+        return _LLAMA31_NAMED[token_id]
+    if not llama3_name.startswith("<|reserved_special_token_"):
+        return llama3_name
+    index = {128002: 0, 128003: 1, 128005: 2}.get(token_id, token_id - 128008)
+    return f"<|reserved_special_token_{index}|>"
+
+
+def _as_released_llama31(folder: Path) -> None:
+    """Llama 3's tokenizer folder made Llama 3.1/3.2's: the same merges and regular tokens, 3.1's special-token
+    names (<|eom_id|> at 128008, which 3.x Instruct's generation_config lists as an EOS id)."""
+    path = folder / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    names = {t["id"]: _llama31_special(t["id"], t["content"]) for t in tj["added_tokens"]}
+    for t in tj["added_tokens"]:
+        t["content"] = names[t["id"]]
+    tj["model"]["vocab"] = {names.get(i, tok): i for tok, i in tj["model"]["vocab"].items()}
+    path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
 
 
 def make_model(
@@ -156,6 +193,9 @@ def make_model(
     if (tok_dir / "tokenizer.model").is_file() and not (out / "tokenizer.model").is_file():
         # transformers 5 no longer saves the SentencePiece model; released SPM checkpoints ship it
         shutil.copy(tok_dir / "tokenizer.model", out / "tokenizer.model")
+    if spec.chat_template:
+        src = need_shared("tokenizers", "llama.cpp-vocab", "templates", spec.chat_template)
+        shutil.copy(src, out / "chat_template.jinja")
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen))
     return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgemerge.gguf.arch import REGISTRY
-from edgemerge.gguf.inspect import kv, tensors
+from edgemerge.gguf.inspect import kv, read_gguf, tensors
 from edgemerge.gguf.metadata import RECIPE_KEY, GGUFMetadata, Lineage
 from edgemerge.gguf.vocab import CHECK_TEXT
 from edgemerge.pipeline import export_hf
@@ -93,6 +93,28 @@ def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
     assert kv(f32_ggufs["mistral"])["tokenizer.ggml.model"] == "llama"
     assert "rope_freqs.weight" in {t.name for t in tensors(f32_ggufs["llama31"])}
     assert "rope_freqs.weight" not in {t.name for t in tensors(f32_ggufs["llama"])}
+
+
+def test_llama32_is_tied_and_its_rope_freqs_are_transformers_llama3_scaling(arch_models, f32_ggufs):
+    """Llama 3.2: no output.weight (llama.cpp reuses token_embd); rope_freqs, the factors llama.cpp divides its
+    frequencies by, equal transformers' default / "llama3" inverse frequencies (factor 32, low 1, high 4)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    info = read_gguf(f32_ggufs["llama32"])
+    data = info.tensor_bytes()
+    assert "output.weight" not in data and "token_embd.weight" in data
+    assert info.kv["llama.attention.key_length"] == info.kv["llama.rope.dimension_count"] == 64
+    template = (arch_models["llama32"] / "chat_template.jinja").read_text(encoding="utf-8")
+    assert info.kv["tokenizer.chat_template"] == template
+
+    config = AutoConfig.from_pretrained(arch_models["llama32"])
+    default = LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0].numpy()
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](config)[0].numpy()
+    freqs = data["rope_freqs.weight"].view(np.float32)
+    np.testing.assert_allclose(freqs, default / scaled, rtol=1e-5)
+    assert freqs.min() == 1.0 and freqs.max() == 32.0 and ((freqs > 1) & (freqs < 32)).sum() >= 2
 
 
 def test_tensor_types_follow_llama_cpp_rules(qwen3_q8_0):

@@ -3,6 +3,7 @@ embeddings, dtypes, the files that travel with the merge, and NaN detection."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -18,8 +19,9 @@ from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
 from edgemerge.tensors.spec import TensorSpec
 
+from .arch_fixtures import ARCH_SPECS
 from .merge_reference import assert_rounded_once, reference
-from .models import state_of, write_recipe
+from .models import chat_instruct, make_family, state_of, tokenizer_dir, write_recipe
 
 WEIGHTS = {"eu": 0.7, "ca": 0.4}
 
@@ -323,6 +325,56 @@ def test_fused_gguf_ignores_the_instruct_model_card(tmp_path, merge_family):
     )
     assert fused.read_bytes() == two_step.read_bytes()
     assert "instruct-card-tag" not in str(kv(fused).get("general.tags"))
+
+
+LLAMA32_EOS = [128001, 128008, 128009]  # Llama 3.2 Instruct's: <|end_of_text|>, <|eom_id|>, <|eot_id|>
+LLAMA32_TEMPLATE = "meta-llama-Llama-3.2-3B-Instruct.jinja"
+
+
+@pytest.fixture(scope="module")
+def llama32_family(tmp_path_factory, tok_cache):
+    """Tiny Llama 3.2 family (tests/arch_fixtures.py "llama32": tied embeddings, llama3 RoPE factor 32, the
+    Llama 3.1 vocabulary): base, instruct (alone with 3.2 Instruct's chat template and EOS list), eu."""
+    spec = dataclasses.replace(ARCH_SPECS["llama32"], chat_template="")
+    root = tmp_path_factory.mktemp("llama32-family")
+    family = make_family(root, spec, tokenizer_dir(spec.tokenizer, tok_cache))
+    return chat_instruct(family, template=LLAMA32_TEMPLATE, eos=LLAMA32_EOS)
+
+
+def test_fused_gguf_of_a_tied_llama32_family(tmp_path, llama32_family):
+    """Llama 3.2 merged straight into a bf16 GGUF: the same bytes as merge_to_hf + export_hf, no output.weight
+    (llama.cpp reuses token_embd), rope_freqs added, and the instruct model's chat template and EOS ids kept:
+    llama.cpp ends generation on each id of its generation_config.json list."""
+    from edgemerge.gguf.inspect import kv, tensors
+    from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf
+    from edgemerge.runtime import Model
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", llama32_family, {"eu": 0.6}))
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf", outtype="bf16")
+    hf = merge_to_hf(recipe, tmp_path / "hf")
+    two_step = export_hf(hf, tmp_path / "two.gguf", outtype="bf16", metadata=gguf_metadata(recipe))
+    assert fused.read_bytes() == two_step.read_bytes()
+
+    merged = read_out(hf)
+    assert "lm_head.weight" not in merged
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    emb = "model.embed_tokens.weight"
+    inputs = {}
+    for k in ("instruct", "base", "eu"):
+        with safe_open(llama32_family[k] / "model.safetensors", framework="numpy") as h:
+            inputs[k] = h.get_tensor(emb)
+    ref = reference("task_arithmetic", emb, inputs["instruct"], inputs["base"], [inputs["eu"]], [0.6])
+    assert_rounded_once(merged[emb], ref)  # the one matrix that is both embedding and output head
+    names = {t.name: t.type for t in tensors(fused)}
+    assert "output.weight" not in names and names["token_embd.weight"] == "BF16"
+    assert len(names) == len(merged) + 1 and "rope_freqs.weight" in names  # every merged tensor, rope_freqs
+
+    template = (llama32_family["instruct"] / "chat_template.jinja").read_text(encoding="utf-8")
+    assert "<|start_header_id|>" in template and kv(fused)["tokenizer.chat_template"] == template
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == LLAMA32_EOS
+    with Model(fused, n_ctx=64, n_threads=1) as model:
+        assert all(model.is_eog(i) for i in LLAMA32_EOS)
+        assert not model.is_eog(model.bos)
 
 
 @pytest.mark.skipif(

@@ -2,7 +2,9 @@
 
 Quirks: llama.cpp's rotary embedding pairs adjacent dimensions while Hugging Face's pairs the two halves of a
 head, so q_proj/k_proj rows are permuted (the converter's `LlamaModel.permute`); Llama 3.1+ "llama3" RoPE
-scaling becomes a `rope_freqs` tensor.
+scaling becomes a `rope_freqs` tensor. Tied embeddings (Llama 3.2 1B/3B) need nothing: the checkpoint has no
+lm_head, so there is no output.weight and llama.cpp reuses token_embd (an lm_head that is there is written, as
+the converter does).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _PERMUTED = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
 
 @register
 class LlamaArch(Arch):
-    title = "Llama 2/3.x, Mistral"
+    title = "Llama 2/3.x (incl. 3.2 1B/3B), Mistral"
     hf_names = ("LlamaForCausalLM", "MistralForCausalLM")
     model_arch = gguf.MODEL_ARCH.LLAMA
     # SentencePiece tokenizer.model first (Llama 2, Mistral), then an SPM-style tokenizer.json, then BPE (Llama 3)
