@@ -92,7 +92,7 @@ def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
     assert kv(f32_ggufs["qwen2"])["tokenizer.ggml.pre"] == "qwen2"
     assert kv(f32_ggufs["mistral"])["tokenizer.ggml.model"] == "llama"
     assert "rope_freqs.weight" in {t.name for t in tensors(f32_ggufs["llama31"])}
-    assert "rope_freqs.weight" not in {t.name for t in tensors(f32_ggufs["llama"])}
+    assert "rope_freqs.weight" not in {t.name for t in tensors(f32_ggufs["mistral"])}
 
 
 def test_llama32_is_tied_and_its_rope_freqs_are_transformers_llama3_scaling(arch_models, f32_ggufs):
@@ -102,14 +102,14 @@ def test_llama32_is_tied_and_its_rope_freqs_are_transformers_llama3_scaling(arch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    info = read_gguf(f32_ggufs["llama32"])
+    info = read_gguf(f32_ggufs["llama"])
     data = info.tensor_bytes()
     assert "output.weight" not in data and "token_embd.weight" in data
     assert info.kv["llama.attention.key_length"] == info.kv["llama.rope.dimension_count"] == 64
-    template = (arch_models["llama32"] / "chat_template.jinja").read_text(encoding="utf-8")
+    template = (arch_models["llama"] / "chat_template.jinja").read_text(encoding="utf-8")
     assert info.kv["tokenizer.chat_template"] == template
 
-    config = AutoConfig.from_pretrained(arch_models["llama32"])
+    config = AutoConfig.from_pretrained(arch_models["llama"])
     default = LlamaRotaryEmbedding.compute_default_rope_parameters(config)[0].numpy()
     scaled = ROPE_INIT_FUNCTIONS["llama3"](config)[0].numpy()
     freqs = data["rope_freqs.weight"].view(np.float32)

@@ -333,9 +333,9 @@ LLAMA32_TEMPLATE = "meta-llama-Llama-3.2-3B-Instruct.jinja"
 
 @pytest.fixture(scope="module")
 def llama32_family(tmp_path_factory, tok_cache):
-    """Tiny Llama 3.2 family (tests/arch_fixtures.py "llama32": tied embeddings, llama3 RoPE factor 32, the
+    """Tiny Llama 3.2 family (tests/arch_fixtures.py "llama": tied embeddings, llama3 RoPE factor 32, the
     Llama 3.1 vocabulary): base, instruct (alone with 3.2 Instruct's chat template and EOS list), eu."""
-    spec = dataclasses.replace(ARCH_SPECS["llama32"], chat_template="")
+    spec = dataclasses.replace(ARCH_SPECS["llama"], chat_template="")
     root = tmp_path_factory.mktemp("llama32-family")
     family = make_family(root, spec, tokenizer_dir(spec.tokenizer, tok_cache))
     return chat_instruct(family, template=LLAMA32_TEMPLATE, eos=LLAMA32_EOS)
