@@ -61,7 +61,8 @@ def check_outtype(outtype: str) -> str:
 
 def load_hparams(model_dir: Path) -> dict[str, Any]:
     """config.json as llama.cpp's converter reads it: through transformers' AutoConfig (which fills in the
-    defaults the file leaves out), falling back to the raw JSON; a nested `text_config` is lifted to the top."""
+    defaults the file leaves out), falling back to the raw JSON; a nested `text_config` (a multimodal model's
+    language model) is lifted to the top."""
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
         raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
@@ -75,7 +76,13 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     ):  # e.g. unknown model_type: the raw file still names the architecture
         hparams = raw
     if "text_config" in hparams:
-        hparams = {**hparams, **hparams["text_config"]}
+        text = hparams["text_config"]
+        # the architecture is the top level's unless text_config names one (the converter's
+        # get_model_architecture); transformers writes `architectures: null` into a nested text_config
+        arch = (
+            text["architectures"] if text.get("architectures") is not None else hparams.get("architectures")
+        )
+        hparams = {**hparams, **text, "architectures": arch}
     return hparams
 
 
