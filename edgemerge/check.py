@@ -242,12 +242,21 @@ def _expect(
             )
 
 
+def _language_model(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The tensors a multimodal model's text_config describes: its `language_model.` ones and lm_head, when the
+    checkpoint names them so (a vision tower has layers and projections of its own sizes)."""
+    text = {n: s for n, s in shapes.items() if "language_model." in n or n == "lm_head.weight"}
+    return text if any("language_model." in n for n in text) else shapes
+
+
 def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: str) -> None:
     """config.json's num_hidden_layers, hidden_size, attention heads, intermediate_size and vocab_size must
     match the tensors present: a GGUF written from a config that lies is one llama.cpp cannot load."""
     if not isinstance(cfg, dict):
         raise EdgemergeError(f"{label}: config.json is not a JSON object; restore it from the model's source")
     tc = _text_config(cfg) if isinstance(_text_config(cfg), dict) else cfg
+    if tc is not cfg:
+        shapes = _language_model(shapes)
     n_layers = _positive(tc, "num_hidden_layers", label)
     hidden = _positive(tc, "hidden_size", label)
     heads = _positive(tc, "num_attention_heads", label)

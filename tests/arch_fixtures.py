@@ -51,4 +51,45 @@ ARCH_SPECS = {
         },
         parity_outtype="f16",
     ),
+    # Gemma 3 (no Gemma tokenizer in ../shared: the 512-token SentencePiece one stands in, through the same
+    # tokenizer.model path). Norm weights near 0 (Gemma scales by 1 + w); queries scaled by head_dim as
+    # llama.cpp assumes; 6 layers so the last one is a global-attention layer (llama.cpp's fixed pattern), a
+    # sliding window shorter than the test prompt and a final logit softcap: the logits test exercises each
+    "gemma3": Spec(
+        arch="Gemma3ForCausalLM",
+        tokenizer="spm512",
+        tie=True,
+        layers=6,
+        norm_weight=0.0,
+        extra={
+            "head_dim": 64,
+            "query_pre_attn_scalar": 64,
+            "sliding_window": 8,
+            "final_logit_softcapping": 2.0,
+        },
+        parity_outtype="f16",
+    ),
+    # the language model of Gemma 3's vision-language checkpoint, in float16 (the norms' +1 is then rounded to
+    # float16, as the converter does it); its small SigLIP vision tower is left out of the GGUF
+    "gemma3_vlm": Spec(
+        arch="Gemma3ForConditionalGeneration",
+        tokenizer="spm512",
+        tie=True,
+        dtype="float16",
+        norm_weight=0.0,
+        extra={"head_dim": 64, "query_pre_attn_scalar": 64},
+        wrapper={
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+                "vision_use_head": False,
+            },
+            "mm_tokens_per_image": 4,
+        },
+    ),
 }

@@ -30,6 +30,9 @@ class Spec:
     extra: dict = field(default_factory=dict)
     parity_outtype: str = "f32"  # what the byte-parity test converts it to (tests/arch_fixtures.py)
     chat_template: str = ""  # a file of the shared llama.cpp-vocab/templates, saved as chat_template.jinja
+    # a multimodal wrapper's own config keys (vision_config, ...): the fields above then make its text_config
+    wrapper: dict | None = None
+    norm_weight: float = 1.0  # a norm's stored weight at scale 1 (Gemma's RMSNorm scales by 1 + w: 0.0)
 
 
 def config_class(arch: str) -> type:
@@ -170,7 +173,10 @@ def make_model(
         "torch_dtype": spec.dtype,
     }
     kw.update(spec.extra)
-    config = cfg_cls(**kw)
+    if spec.wrapper is None:
+        config = cfg_cls(**kw)
+    else:
+        config = cfg_cls(text_config=kw, tie_word_embeddings=spec.tie, **spec.wrapper)
     config.architectures = [spec.arch]
     torch.manual_seed(seed)
     model = getattr(transformers, spec.arch)(config)
@@ -184,7 +190,7 @@ def make_model(
             g = torch.Generator().manual_seed(seed)
             for name, p in model.named_parameters():
                 if p.ndim == 1:
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                    p.copy_(spec.norm_weight + 0.1 * torch.randn(p.shape, generator=g))
     model = model.to(getattr(torch, spec.dtype))
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from edgemerge.check import check_compat, tokenizer_identity
+from edgemerge.check import check_compat, check_config_tensors, tokenizer_identity
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
 from edgemerge.recipe import load_recipe
@@ -132,6 +132,21 @@ def test_config_that_lies_about_its_tensors_fails_the_check(tmp_path, merge_fami
     with pytest.raises(EdgemergeError) as e:
         check_compat(sources_of(tmp_path, fam, {"eu": 1.0}))
     assert needle in e.value.message and e.value.message.count("\n") == 0
+
+
+def test_a_multimodal_config_describes_its_language_model_only():
+    """A vision-language model's text_config sizes its `language_model.` tensors: the vision tower's own layers
+    and projections are not held against it, a text tensor that disagrees still is."""
+    cfg = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "head_dim": 64},
+    }
+    text = {f"language_model.model.layers.{i}.self_attn.q_proj.weight": (256, 256) for i in range(2)}
+    vision = {f"vision_tower.encoder.layers.{i}.self_attn.q_proj.weight": (64, 64) for i in range(3)}
+    check_config_tensors(cfg, {**text, **vision}, "vlm")
+    text["language_model.model.layers.1.self_attn.q_proj.weight"] = (128, 256)
+    with pytest.raises(EdgemergeError, match="layers.1.self_attn.q_proj.weight has shape"):
+        check_config_tensors(cfg, {**text, **vision}, "vlm")
 
 
 @pytest.mark.parametrize(("edit", "needle"), CONFIG_LIES[:3] + CONFIG_LIES[6:8])

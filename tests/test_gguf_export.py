@@ -83,6 +83,7 @@ def test_keys_say_what_the_file_is(arch_models, f32_ggufs):
             keys["general.name"].lower() == arch_models[arch].name
         )  # the folder name, title-cased by gguf-py
         cfg = json.loads((arch_models[arch] / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)  # a multimodal model's language model
         assert keys[f"{GGUF_ARCH[arch]}.block_count"] == cfg["num_hidden_layers"]
         assert len(keys["tokenizer.ggml.tokens"]) == cfg["vocab_size"]
     # the Qwen fixtures carry a chat template file: it lands in the GGUF verbatim

@@ -13,10 +13,12 @@ import pytest
 from safetensors import safe_open
 
 from edgemerge.errors import EdgemergeError
+from edgemerge.gguf.arch import arch_for, load_hparams
 from edgemerge.merge.engine import merge_into
-from edgemerge.pipeline import merge_to_hf
+from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf, merge_to_hf
 from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
+from edgemerge.tensors import stream
 from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
@@ -262,6 +264,34 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
     reader = gguf.GGUFReader(fused)
     assert reader.fields["general.name"].contents() == "tiny"
     assert len(reader.tensors) == len(read_out(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("arch", list(ARCH_SPECS))
+def test_fused_gguf_equals_merge_then_export_for_every_family(arch, tmp_path, spm512_tokenizer, monkeypatch):
+    """Each family of the fixture table (its shapes, with the 512-token vocabulary) in its parity outtype: the
+    fused file has the bytes of merge_to_hf + export_hf, and the fused merge reads only the tensors the family
+    writes."""
+    spec = dataclasses.replace(ARCH_SPECS[arch], tokenizer="spm512")
+    family = make_family(tmp_path / "family", spec, spm512_tokenizer)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, {"eu": 0.7}))
+    hf = merge_to_hf(recipe, tmp_path / "hf")
+    two_step = export_hf(
+        hf, tmp_path / "two.gguf", outtype=spec.parity_outtype, metadata=gguf_metadata(recipe)
+    )
+    read = set()
+    load = stream.Readers.load
+
+    def spy(self, piece, indices):
+        read.add(piece[0])
+        return load(self, piece, indices)
+
+    monkeypatch.setattr(stream.Readers, "load", spy)
+    fused = merge_to_gguf(recipe, tmp_path / "fused.gguf", outtype=spec.parity_outtype)
+    assert fused.read_bytes() == two_step.read_bytes()
+    family_arch = arch_for(load_hparams(hf))
+    merged = set(read_out(hf))
+    # what the family leaves out (a Gemma 3 vision tower) is in the merged folder, not read for the GGUF
+    assert read == {n for n in merged if family_arch.gguf_name(n) is not None}
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ from ..files import ensure_free_space
 from ..tensors.spec import TensorSpec
 from .arch import OUTTYPES, Arch, arch_for, check_outtype, load_hparams
 from .metadata import GGUFMetadata, write_metadata
-from .vocab import write_vocab
 
 _HEADER_ALLOWANCE = 64 * 1024**2  # vocab + tensor infos: generous bound for the free-space check
 
@@ -100,8 +99,7 @@ class GGUFSink:
         write_metadata(w, self.model_dir, self.metadata, *w.get_total_parameter_count())
         arch.write_params(w, file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        arch.write_vocab_extras(w, self.model_dir)
-        write_vocab(w, self.model_dir, hparams, arch.vocab_kinds)
+        arch.write_vocab(w, self.model_dir, hparams)
 
         w.write_header_to_file(path=self.path)
         w.write_kv_data_to_file()

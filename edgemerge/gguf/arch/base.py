@@ -7,7 +7,8 @@ A family module subclasses `Arch`, sets `title`, `hf_names` and `model_arch`, de
     gguf_name(hf_name)            the name mapping (gguf-py's TensorNameMap by default)
     gguf_shape(hf_name, shape)    and transform(hf_name, data), transforms(hf_name): modify_tensors
     extra_tensors()               generate_extra_tensors (e.g. Llama 3 rope_freqs)
-    write_params(w, file_type)    set_gguf_parameters; write_vocab_extras(w, dir) and `vocab_kinds`: set_vocab
+    write_params(w, file_type)    set_gguf_parameters
+    write_vocab(w, dir, hparams)  set_vocab: write_vocab_extras(w, dir), then the vocabulary by `vocab_kinds`
 Behaviour mirrors llama.cpp's converter (`conversion/` in the llama.cpp vendored by llama-cpp-python) so files
 are byte-identical to its output.
 """
@@ -24,6 +25,7 @@ import numpy as np
 from ...errors import EdgemergeError
 from ...model_json import read_config
 from ...trust import load_config_dict
+from ..vocab import write_vocab
 
 # outtype name -> (file type written to general.file_type, tensor type for tensors that are not forced to F32)
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -59,7 +61,8 @@ def check_outtype(outtype: str) -> str:
 
 def load_hparams(model_dir: Path) -> dict[str, Any]:
     """config.json as llama.cpp's converter reads it: through transformers' AutoConfig (which fills in the
-    defaults the file leaves out), falling back to the raw JSON; a nested `text_config` is lifted to the top."""
+    defaults the file leaves out), falling back to the raw JSON; a nested `text_config` (a multimodal model's
+    language model) is lifted to the top."""
     cfg_file = Path(model_dir) / "config.json"
     if not cfg_file.is_file():
         raise EdgemergeError(f"{model_dir} has no config.json; give a Hugging Face model folder")
@@ -73,7 +76,13 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
     ):  # e.g. unknown model_type: the raw file still names the architecture
         hparams = raw
     if "text_config" in hparams:
-        hparams = {**hparams, **hparams["text_config"]}
+        text = hparams["text_config"]
+        # the architecture is the top level's unless text_config names one (the converter's
+        # get_model_architecture); transformers writes `architectures: null` into a nested text_config
+        arch = (
+            text["architectures"] if text.get("architectures") is not None else hparams.get("architectures")
+        )
+        hparams = {**hparams, **text, "architectures": arch}
     return hparams
 
 
@@ -251,6 +260,12 @@ class Arch:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         w.add_file_type(file_type)
+
+    def write_vocab(self, w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> None:
+        """The tokenizer keys (the converter's set_vocab): `write_vocab_extras`, then the vocabulary of the first
+        of `vocab_kinds` whose files exist. A family with keys after the vocabulary extends this."""
+        self.write_vocab_extras(w, model_dir)
+        write_vocab(w, model_dir, hparams, self.vocab_kinds)
 
     def write_vocab_extras(self, w: gguf.GGUFWriter, model_dir: Path) -> None:
         """Family-specific tokenizer keys written before the vocabulary (none by default)."""
