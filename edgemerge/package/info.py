@@ -1,0 +1,33 @@
+"""What the package step knows about a finished build (read by the card, the manifest and write_package)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..recipe import Recipe
+
+
+@dataclass
+class PackageInfo:
+    """What the package step needs to know about a finished build."""
+
+    recipe: Recipe
+    out: Path
+    lang: str
+    ggufs: list[str]  # shipped GGUF file names, the unquantized one first
+    inputs: dict[str, dict]  # role -> {"ref", "revision", "files"}
+    instruct_dir: Path | None = None  # generation_config.json gives the extra EOS ids
+    evals: dict[str, dict] = field(default_factory=dict)  # file name -> EvalReport.to_dict()
+    eval_markdown: dict[str, str] = field(default_factory=dict)  # file name -> EvalReport.to_markdown()
+    gate_failures: dict[str, list[str]] = field(default_factory=dict)
+    parent_evals: dict[str, dict] = field(default_factory=dict)  # e.g. {"instruct": report dict}
+    stages: dict[str, dict] = field(default_factory=dict)  # stage name -> {"seconds", "cached"}
+    hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256 already known (big files)
+    backend: str | None = None
+    demo: bool = False
+
+    @property
+    def modelfile_gguf(self) -> str:
+        """The file Ollama runs: the first requested quantization (recipe order), else the unquantized file."""
+        return self.ggufs[1] if len(self.ggufs) > 1 else self.ggufs[0]
