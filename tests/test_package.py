@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 from edgemerge.chat_format import derive_chat_format, render_template
 from edgemerge.demo import CHAT_TEMPLATE
@@ -137,6 +138,21 @@ def test_front_matter_lists_hub_models_and_parses(tmp_path):
     assert "W = W_instruct + 0.75 · (W_eu − W_base)" in card
     assert "ollama create llama3.1-8b-eu -f Modelfile" in card
     assert "llama-cli -m a.Q4_K_M.gguf" in card
+    hub = ModelCard(card)  # what the hub reads: the front matter as metadata, the rest as the card's text
+    assert hub.data.base_model_relation == "merge" and hub.data.library_name == "gguf"
+    assert hub.text.startswith("\n# llama3.1-8b-eu\n") and str(hub) == card
+
+
+def test_every_data_file_is_package_data():
+    """A non-editable install ships only what pyproject.toml's package-data names (the card template too)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    pkg = root / "edgemerge"
+    globs = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    shipped = {f for g in globs["package-data"]["edgemerge"] for f in pkg.glob(g) if f.is_file()}
+    data = {f for f in pkg.rglob("*") if f.is_file() and f.suffix not in (".py", ".pyc")}
+    assert pkg / "package" / "card_template.md" in data
+    assert sorted(str(f.relative_to(pkg)) for f in data - shipped) == []
 
 
 def test_front_matter_skips_local_folders(tmp_path):
@@ -147,7 +163,8 @@ def test_front_matter_skips_local_folders(tmp_path):
     assert fm["license"] == "other"
     # once resolved, a hub model is known by its revision: a local folder named like owner/name is not one
     info.inputs = {"eu": {"ref": "HiTZ/eu_Llama-3.1-8B@abc123", "revision": None}}
-    assert "base_model" not in front_matter(info)
+    fm = front_matter(info).to_dict()
+    assert "base_model" not in fm and "base_model_relation" not in fm
 
 
 GO_RENDER = """package main

@@ -3,7 +3,8 @@ file and how to run it."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -14,7 +15,11 @@ from ..recipe import Recipe
 from ..sources import is_local
 from .info import PackageInfo
 
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
+
 CARD = "README.md"
+TEMPLATE = Path(__file__).resolve().parent / "card_template.md"  # Jinja, rendered by ModelCard.from_template
 DEMO_NOTE = (
     "**Demo build.** These models are tiny (a few million parameters, trained for seconds by "
     "`edgemerge build --demo`) and their answers are meaningless: the folder shows what a real build produces."
@@ -39,29 +44,27 @@ def _hf_ids(refs: list[str | None], inputs: dict[str, dict]) -> list[str]:
     return out
 
 
-def front_matter(p: PackageInfo) -> dict[str, Any]:
+def front_matter(p: PackageInfo) -> ModelCardData:
     """Hugging Face model card metadata."""
+    # huggingface_hub takes a third of a second to import: loaded when a card is made, not when the CLI starts
+    from huggingface_hub import ModelCardData
+
     r = p.recipe
-    fm: dict[str, Any] = {"language": list(dict.fromkeys(r.lang_codes))}
-    fm["license"] = r.license or "other"
     base_models = _hf_ids([r.instruct] + [lang.model for lang in r.languages] + [r.base], p.inputs)
-    if base_models:
-        fm["base_model"] = base_models
-        fm["base_model_relation"] = "merge"
-    fm["tags"] = ["merge", "gguf", "edgemerge"] + (["demo"] if p.demo else [])
-    fm["pipeline_tag"] = "text-generation"
-    fm["library_name"] = "gguf"
-    return fm
+    return ModelCardData(
+        language=list(dict.fromkeys(r.lang_codes)),
+        license=r.license or "other",
+        base_model=base_models or None,
+        base_model_relation="merge" if base_models else None,
+        tags=["merge", "gguf", "edgemerge"] + (["demo"] if p.demo else []),
+        pipeline_tag="text-generation",
+        library_name="gguf",
+    )
 
 
 def formula(r: Recipe) -> str:
     terms = " + ".join(f"{lang.weight:g} · (W_{lang.code} − W_base)" for lang in r.languages)
     return f"W = W_instruct + {terms}"
-
-
-def _size(n: int) -> str:
-
-    return human_bytes(n)
 
 
 def _recipe_yaml(r: Recipe) -> dict[str, Any]:
@@ -71,110 +74,45 @@ def _recipe_yaml(r: Recipe) -> dict[str, Any]:
 
 
 def model_card(p: PackageInfo) -> str:
-    """README.md: front matter, what it is, recipe, formula, evaluation per file, how to run it."""
+    """README.md: front matter, what it is, recipe, formula, evaluation per file, how to run it
+    (card_template.md is the text; this gathers its values)."""
+    from huggingface_hub import ModelCard  # see front_matter
+
     r = p.recipe
-    fm = yaml.safe_dump(front_matter(p), sort_keys=False, allow_unicode=True).strip()
-    instruct, base = public_ref(r.instruct, r.root), public_ref(r.base, r.root)
-    models = {lang.code: public_ref(lang.model, r.root) for lang in r.languages}
-    out = [f"---\n{fm}\n---", "", f"# {r.name}", ""]
-    if p.demo:
-        out += [DEMO_NOTE, ""]
-    if r.description and not p.demo:
-        out += [r.description, ""]
-    langs = ", ".join(r.lang_codes)
-    out += [
-        (
-            f"An offline assistant for **{langs}**: `{instruct}` with the language vector of "
-            + ", ".join(f"`{models[lang.code]}`" for lang in r.languages)
-            + f", merged by edgemerge {__version__} and shipped as GGUF for llama.cpp, Ollama and LM Studio."
-        ),
-        "",
-        "## Merge",
-        "",
-        (
-            f'Method `{r.method}` ("Merge and Conquer", arXiv 2603.28263), computed per tensor in float32 and '
-            f"stored as {r.dtype}:"
-        ),
-        "",
-        f"    {formula(r)}"
-        if r.method == "task_arithmetic"
-        else f"    method {r.method}, options {r.options}",
-        "",
-        "| role | model | weight |",
-        "| --- | --- | --- |",
-        f"| instruct | `{instruct}` | 1 |",
-        f"| base | `{base}` | −Σ w |",
-    ]
-    out += [f"| language {lang.code} | `{models[lang.code]}` | {lang.weight:g} |" for lang in r.languages]
-    out += [
-        "",
-        "Recipe:",
-        "",
-        "```yaml",
-        yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
-        "```",
-        "",
-    ]
-    out += ["## Files", "", "| file | size |", "| --- | --- |"]
+    files = []
     for name in p.ggufs:
         path = p.out / name
-        out.append(f"| `{name}` | {_size(path.stat().st_size) if path.exists() else '?'} |")
-    out += [""]
-    out += ["## Evaluation", ""]
-    if not p.eval_markdown:
-        out += ["Not evaluated (built with `--skip-eval`).", ""]
-    else:
-        out += [
-            f"Measured by llama.cpp on a CPU with edgemerge's built-in {p.lang} prompts and text"
-            + (" (quick set)" if any(e.get("quick") for e in p.evals.values()) else "")
-            + ". Gates from the recipe:"
-            + (
-                " " + ", ".join(f"{k} {v:g}" for k, v in r.eval.model_dump(exclude_none=True).items())
-                or " none"
-            )
-            + ".",
-            "",
-        ]
-        for name, md in p.eval_markdown.items():
-            out += [md.strip(), ""]
-            failed = p.gate_failures.get(name)
-            out += [f"Gates failed: {'; '.join(failed)}" if failed else "Gates: passed.", ""]
-        for role, rep in p.parent_evals.items():
-            out += [f"For comparison, the {role} model alone:", "", rep["markdown"].strip(), ""]
-    q = p.modelfile_gguf
-    out += [
-        "## Run it",
-        "",
-        "llama.cpp:",
-        "",
-        "```bash",
-        f"llama-cli -m {q} -cnv",
-        f"llama-server -m {q} --port 8080",
-        "```",
-        "",
-        "Ollama (the Modelfile sets the chat template, stop tokens and a system prompt in the target language):",
-        "",
-        "```bash",
-        f"ollama create {r.name.lower()} -f Modelfile",
-        f"ollama run {r.name.lower()}",
-        "```",
-        "",
-        f"LM Studio: `lms import {q}` (or copy the file into LM Studio's models folder) and pick it in the chat tab.",
-        "",
-        "edgemerge itself: `edgemerge chat " + q + f" --lang {p.lang}`.",
-        "",
-        "## Provenance",
-        "",
-        (
-            "`manifest.json` lists every file with its size and sha256, the recipe, the input models with their "
-            "revisions and file hashes, the tool versions and the time each build stage took; `eval.json` holds "
-            "the full evaluation reports, answers included."
-        ),
-        "",
-    ]
-    if r.license:
-        out += [
-            f"Licence: `{r.license}`, inherited from the merged models; read their terms before sharing.",
-            "",
-        ]
-    return "\n".join(out)
+        files.append({"name": name, "size": human_bytes(path.stat().st_size) if path.exists() else "?"})
+    card = ModelCard.from_template(
+        front_matter(p),
+        template_path=str(TEMPLATE),
+        name=r.name,
+        demo_note=DEMO_NOTE if p.demo else None,
+        description=r.description,
+        langs=", ".join(r.lang_codes),
+        instruct=public_ref(r.instruct, r.root),
+        base=public_ref(r.base, r.root),
+        languages=[
+            {"code": lang.code, "model": public_ref(lang.model, r.root), "weight": f"{lang.weight:g}"}
+            for lang in r.languages
+        ],
+        version=__version__,
+        method=r.method,
+        options=r.options,
+        dtype=r.dtype,
+        formula=formula(r) if r.method == "task_arithmetic" else None,
+        recipe_yaml=yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
+        files=files,
+        evaluations=[
+            {"markdown": md.strip(), "failed": p.gate_failures.get(name)}
+            for name, md in p.eval_markdown.items()
+        ],
+        quick=any(e.get("quick") for e in p.evals.values()),
+        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.model_dump(exclude_none=True).items()),
+        parents=[{"role": role, "markdown": rep["markdown"].strip()} for role, rep in p.parent_evals.items()],
+        lang=p.lang,
+        gguf=p.modelfile_gguf,
+        ollama_name=r.name.lower(),
+        licence=r.license,
+    )
+    return str(card)
