@@ -16,6 +16,7 @@ by the next write of the same output. One writer per output at a time (an adviso
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -24,6 +25,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import filelock
 
 from . import __version__
 from .errors import EdgemergeError
@@ -293,40 +296,40 @@ def output_lock(final: Path, message: str | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def lock_file(lock: Path, busy: str) -> Iterator[None]:
-    """An advisory lock on the file `lock` (created, and removed afterwards); EdgemergeError(`busy`) when
-    another holder has it (another process, or another call in this one). No lock where fcntl is missing
-    (Windows). The lock goes with its process: a killed writer holds none."""
-    try:
-        import fcntl
-    except ImportError:
+    """An advisory lock (flock, through filelock's UnixFileLock) on the file `lock`, created and removed
+    afterwards; EdgemergeError(`busy`) when another holder has it: another process, or another call in this one
+    (each call takes a fresh, non-singleton lock object, and filelock re-enters only the same object). No lock
+    where flock is missing (Windows). The lock goes with its process: a killed writer holds none."""
+    if not filelock.has_fcntl:
         yield
         return
     lock = Path(os.path.abspath(lock))
     made_parent = not lock.parent.exists()  # removed again if nothing else was put there
     lock.parent.mkdir(parents=True, exist_ok=True)
-    f = None
-    for _ in range(3):  # the holder may unlink the file between our open and our lock: open it again
-        f = open(lock, "a")  # noqa: SIM115 (held until the end of the block below)
+    held = None
+    for _ in range(3):  # a holder unlinking between filelock's open and its flock makes it give up: try again
+        attempt = filelock.UnixFileLock(lock, timeout=0, is_singleton=False, fallback_to_soft=False)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise EdgemergeError(busy) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()
-        f = None
-    if f is None:
+            attempt.acquire()
+        except filelock.Timeout:
+            continue
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            raise EdgemergeError(
+                f"cannot lock {shown_path(lock)}: its file system has no file locks (flock); write to a local disk"
+            ) from None
+        held = attempt
+        break
+    if held is None:
         raise EdgemergeError(busy)
     try:
         yield
     finally:
+        # unlinked while still held: a contender that opened this inode finds it unlinked once it gets the flock
+        # and gives up (filelock checks st_nlink), so no two holders ever sit on two inodes of one name
         lock.unlink(missing_ok=True)
-        f.close()
+        held.release()
         if made_parent:
             with contextlib.suppress(OSError):
                 lock.parent.rmdir()

@@ -7,12 +7,16 @@ own cases through `edgemerge.cli.main` are in tests/test_outputs_cli.py."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import filelock
 import pytest
 
 from edgemerge.errors import EdgemergeError
@@ -22,6 +26,7 @@ from edgemerge.files import (
     clean_partials,
     contained,
     is_ours,
+    lock_file,
     output_lock,
     pid_alive,
     remove_file,
@@ -341,6 +346,60 @@ def test_a_second_writer_of_one_output_is_refused(tmp_path):
     with output_lock(final):  # released, and no lock file left behind
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+
+
+@pytest.mark.skipif(not filelock.has_fcntl, reason="no flock here: lock_file takes no lock")
+def test_one_holder_per_lock_within_this_process_too(tmp_path):
+    """filelock re-enters a lock object it already holds; lock_file takes a fresh one per call, so a second call
+    is refused like another process: nested, by another spelling of the path, from another thread."""
+    lock = tmp_path / "made" / ".x.edgemerge-lock"
+    (tmp_path / "alias").symlink_to("made", target_is_directory=True)
+    refused = []
+
+    def second(path: Path) -> None:
+        try:
+            with lock_file(path, "busy"):
+                refused.append(False)
+        except EdgemergeError as e:
+            refused.append(e.message == "busy")
+
+    with lock_file(lock, "busy"):
+        assert lock.exists()
+        second(lock)
+        second(tmp_path / "alias" / lock.name)
+        t = threading.Thread(target=second, args=(lock,))
+        t.start()
+        t.join(timeout=60)
+    assert refused == [True, True, True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias"]  # the lock and the folder it made are gone
+
+
+def test_a_holder_finishing_under_a_contender_leaves_one_holder(tmp_path, monkeypatch):
+    """lock_file unlinks its file while still holding it: a contender that opened that inode gets the flock only
+    after the unlink, sees it unlinked (filelock checks st_nlink) and takes a fresh file instead."""
+    fcntl = pytest.importorskip("fcntl")
+    unix = importlib.import_module(filelock.UnixFileLock.__module__)
+    if not hasattr(unix, "lock_fd_nonblocking"):
+        pytest.skip(
+            f"filelock {filelock.__version__} flocks elsewhere; this test patches lock_fd_nonblocking"
+        )
+    lock = tmp_path / ".x.edgemerge-lock"
+    real, flocks = unix.lock_fd_nonblocking, []
+    holder = contextlib.ExitStack()
+    holder.enter_context(lock_file(lock, "busy"))
+
+    def flock(fd: int) -> bool:
+        if not flocks:
+            holder.close()  # the holder finishes between the contender's open and its flock
+        flocks.append(os.fstat(fd).st_nlink)
+        return real(fd)
+
+    monkeypatch.setattr(unix, "lock_fd_nonblocking", flock)
+    with lock_file(lock, "busy"):
+        assert flocks[0] == 0 and flocks[-1] == 1  # the unlinked inode was not taken, the fresh file was
+        with open(lock, "a") as f, pytest.raises(BlockingIOError):  # the file at the path is the one held
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not lock.exists()
 
 
 _SECOND_WRITER = """
