@@ -130,6 +130,76 @@ def _check_folder(path: Path, ref: str) -> None:
         )
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def hub_error_message(ref: str, e: Exception) -> str:
+    """One line for a failed hub request, saying what to do, chosen by huggingface_hub's typed errors
+    (subclasses before their bases: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an
+    EntryNotFoundError, which may be an HfHubHTTPError)."""
+    from huggingface_hub import constants  # see _small_files
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, rev = ref.partition("@")
+    head = f"cannot get {ref} from the Hugging Face hub"
+    local = "or download it elsewhere and put the local folder path in the recipe instead"
+    offline = (
+        f"{head}: HF_HUB_OFFLINE is set and the model is not (fully) in the cache ({constants.HF_HUB_CACHE}); "
+        f"unset HF_HUB_OFFLINE to download it, {local}"
+    )
+    if isinstance(e, GatedRepoError):
+        return (
+            f"{head}: the model is gated; accept its terms at {constants.ENDPOINT}/{repo}, then log in with "
+            f"`hf auth login` (or set HF_TOKEN), {local}"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return f"{head}: no such model, or a private one; check the id, run `hf auth login` if it is private, {local}"
+    if isinstance(e, RevisionNotFoundError):
+        return (
+            f"{head}: the model has no revision {rev!r}; check the branch, tag or commit after the @, {local}"
+        )
+    if isinstance(e, OfflineModeIsEnabled) or isinstance(e.__cause__, OfflineModeIsEnabled):
+        return offline
+    if isinstance(e, LocalEntryNotFoundError):  # nothing cached and the hub could not be asked
+        reason = _first_line(e.__cause__) if e.__cause__ is not None else _first_line(e)
+        return (
+            f"{head}: the hub cannot be reached ({reason}) and the model is not in the cache; check your network "
+            f"connection (or HF_ENDPOINT and proxy settings), {local}"
+        )
+    if isinstance(e, EntryNotFoundError):
+        return (
+            f"{head}: a file of the model is missing on the hub ({_first_line(e)}); try again later, {local}"
+        )
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(e.response, "status_code", None)
+        if status == 401:
+            return f"{head}: the hub refused your token (401); log in again with `hf auth login`, {local}"
+        if status == 403:
+            return f"{head}: your token may not read this model (403); use one that can (`hf auth login`), {local}"
+        if status == 429:
+            return (
+                f"{head}: too many requests (429); wait a few minutes and retry, or log in for a higher limit"
+            )
+        if status is not None and status >= 500:
+            return f"{head}: the hub failed to answer ({status}); try again later, {local}"
+    if isinstance(e, HFValidationError):
+        return f"{head}: {ref!r} is not a valid hub id ({_first_line(e)}); check it, {local}"
+    return (
+        f"{head} ({type(e).__name__}: {_first_line(e)}); check the id, your connection and `hf auth login` for "
+        f"gated models, {local}"
+    )
+
+
 @contextlib.contextmanager
 def _hub_errors(ref: str) -> Iterator[None]:
     """Turn any hub failure (network, auth, missing repo) into one actionable EdgemergeError line."""
@@ -138,12 +208,7 @@ def _hub_errors(ref: str) -> Iterator[None]:
     except EdgemergeError:
         raise
     except Exception as e:  # noqa: BLE001 (network, auth, missing repo: all become one actionable line)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EdgemergeError(
-            f"cannot get {ref} from the Hugging Face hub ({type(e).__name__}: {reason}); check the id, "
-            "your connection and `hf auth login` for gated models, or download it elsewhere and put "
-            "the local folder path in the recipe instead"
-        ) from None
+        raise EdgemergeError(hub_error_message(ref, e)) from None
 
 
 def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str | None, list[str]]:

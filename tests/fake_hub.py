@@ -2,7 +2,9 @@
 
 Just what huggingface_hub's `snapshot_download` asks for (repo info, recursive tree listing, HEAD/GET of
 `resolve/<commit>/<file>`), so the real download code of `edgemerge.sources` runs in tests without a network.
-Weights are served as LFS files (ETag = sha256), as the hub does; every request is logged in `requests`.
+Weights are served as LFS files (ETag = sha256), as the hub does; every request is logged in `requests`. A repo
+named in `gated` answers 401 GatedRepo, as the hub does without an accepted licence; a revision other than main
+or the repo's commit answers 404 RevisionNotFound.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from urllib.parse import unquote, urlparse
 
 
 class FakeHub:
-    def __init__(self, repos: dict[str, Path]):
+    def __init__(self, repos: dict[str, Path], gated: tuple[str, ...] = ()):
         self.repos = {name: Path(folder) for name, folder in repos.items()}
+        self.gated = set(gated)
         self.commits = {name: hashlib.sha1(name.encode()).hexdigest() for name in repos}
         self.requests: list[str] = []
         hub = self
@@ -71,6 +74,12 @@ class FakeHub:
             repo = "/".join(parts[2:4])
             if repo not in self.repos:
                 return self._json(h, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            if repo in self.gated:
+                return self._json(
+                    h, 401, {"error": "Access to model is restricted"}, {"X-Error-Code": "GatedRepo"}
+                )
+            if parts[4] == "revision" and "/".join(parts[5:]) not in ("main", self.commits[repo]):
+                return self._json(h, 404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             if parts[4] == "revision":
                 siblings = [{"rfilename": f} for f in self._files(repo)]
                 return self._json(h, 200, {"id": repo, "sha": self.commits[repo], "siblings": siblings})

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -95,6 +96,61 @@ def test_a_missing_hub_repo_is_one_line_and_exit_2(tmp_path, hub, merge_family):
     assert "local folder" in last and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [last]
     assert not (tmp_path / "merged").exists()
+
+
+_MESSAGES = """
+import json
+from edgemerge.errors import EdgemergeError
+from edgemerge.sources import resolve
+out = {{}}
+for ref in {refs!r}:
+    try:
+        resolve(ref)
+        out[ref] = None
+    except EdgemergeError as e:
+        out[ref] = e.message
+print(json.dumps(out))
+"""
+
+
+def test_hub_failures_say_what_to_do(tmp_path):
+    """huggingface_hub's typed errors (gated, not found, no such revision, invalid id, offline, no network),
+    each one line naming the model, with its own way out."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    gated, public = f"{ORG}/gated", f"{ORG}/public"
+    hub = FakeHub({gated: folder, public: folder}, gated=(gated,))
+    with socket.socket() as s:  # a port nothing listens on: the hub cannot be reached there
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    try:
+        refs = [gated, f"{ORG}/missing", f"{public}@no-such-branch", f"{ORG}/bad-"]
+        online = json.loads(run_py(hub, tmp_path / "cache", _MESSAGES.format(refs=refs)))
+        offline = json.loads(
+            run_py(hub, tmp_path / "cache", _MESSAGES.format(refs=[public]), HF_HUB_OFFLINE="1")
+        )
+        down = json.loads(
+            run_py(hub, tmp_path / "cache", _MESSAGES.format(refs=[public]), HF_ENDPOINT=closed)
+        )
+    finally:
+        hub.close()
+    expected = {
+        gated: ["the model is gated", f"{hub.url}/{gated}", "`hf auth login`"],
+        f"{ORG}/missing": ["no such model, or a private one", "check the id"],
+        f"{public}@no-such-branch": ["no revision 'no-such-branch'", "after the @"],
+        f"{ORG}/bad-": ["is not a valid hub id", "check it"],
+    }
+    for ref, words in expected.items():
+        _one_line_naming(online[ref], ref, words)
+    _one_line_naming(offline[public], public, ["HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"])
+    _one_line_naming(down[public], public, ["the hub cannot be reached", "check your network connection"])
+
+
+def _one_line_naming(message: str | None, ref: str, words: list[str]) -> None:
+    assert message is not None and "\n" not in message, message
+    assert message.startswith(f"cannot get {ref} from the Hugging Face hub: "), message
+    assert all(w in message for w in words), (words, message)
 
 
 def run_py(hub: FakeHub, cache, code: str, **env_overrides: str) -> str:
