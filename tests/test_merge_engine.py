@@ -19,6 +19,7 @@ from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf, merge_to
 from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
 from edgemerge.tensors import stream
+from edgemerge.tensors.sinks import SafetensorsSink
 from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
@@ -75,6 +76,19 @@ def test_every_method_equals_its_formula_rounded_once(tmp_path, merge_family, st
     for name, arr in merged.items():
         assert arr.dtype == ml_dtypes.bfloat16
         assert_rounded_once(arr, expected(method, opts, states, name))
+
+
+def test_shards_follow_the_tensor_order_a_tensor_over_the_limit_alone(tmp_path):
+    """(huggingface_hub's planner would put `big` first and `c` beside `a` and `b`: see SafetensorsSink.)"""
+    specs = [
+        TensorSpec(n, (k,), "float16")
+        for n, k in (("a", 300), ("b", 300), ("big", 5000), ("c", 300), ("d", 300))
+    ]
+    sink = SafetensorsSink(tmp_path, max_shard_bytes=2000)
+    assert sink.open(specs) == ["a", "b", "big", "c", "d"]
+    files = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 1, 2, 3, 3)]
+    assert [files[n] for n in ("a", "b", "big", "c", "d")] == shards
 
 
 def test_hf_folder_is_complete_and_loads(tmp_path, merge_family, states):

@@ -152,6 +152,8 @@ class SafetensorsSink:
     `model.safetensors`), written as a stream: each shard's header is written from the specs up front, then
     tensor data as it arrives. Hand-written because safetensors' `save_file` needs the whole shard in memory;
     the format is simple: 8-byte little-endian header length, JSON header (space-padded to 8 bytes), raw data.
+    Shards keep the tensor order, one over the limit alone: huggingface_hub's split_state_dict_into_shards_factory
+    moves such a tensor ahead of the shard being filled, so the plan stays ours.
     """
 
     def __init__(
