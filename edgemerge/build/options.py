@@ -1,0 +1,153 @@
+"""What a build is asked to do: its options, the recipe with the command line's overrides, and the disk plan."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import EdgemergeError
+from ..files import (
+    atomic_output,
+    check_path,
+    clean_partials,
+    contained,
+    free_bytes,
+    human_bytes,
+    is_ours,
+    lock_file,
+    overlapping_input,
+    read_marker,
+    remove,
+    remove_file,
+    write_marker,
+)
+from ..limits import shown_path
+from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
+from ..hashes import sha256_file
+from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE
+from ..progress import Progress
+from ..recipe import Recipe
+from ..resources import Threads, default_threads, memory_limit
+from ..sources import local_inputs
+from ..recipe import parse_recipe
+from ..quantize import check_quant
+from ..merge.backends import resolve_backend_name
+from ..evaluate.prompts import load_prompts
+from ..check import check_compat
+from ..sources import resolve_recipe
+from ..pipeline import merge_to_gguf
+from ..evaluate.gates import check_gates
+from ..pipeline import export_hf
+from ..package import PackageInfo, write_package
+from ..quantize import quantize
+from ..evaluate import evaluate
+from ..evaluate.report import EvalReport
+
+
+SPACE_MARGIN = 64 * 1024**2
+
+
+# Approximate bits per weight of llama.cpp's file types (from llama-quantize's table), for the disk plan only.
+BITS_PER_WEIGHT = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
+    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0, "Q3_K_L": 4.3,
+    "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0, "IQ4_NL": 4.5, "IQ4_XS": 4.3,
+}  # fmt: skip
+
+
+@dataclass
+class BuildOptions:
+    """How to build (the recipe says what)."""
+
+    out: Path | None = None  # default dist/<recipe name>
+    quants: list[str] | None = None  # default: the recipe's
+    weights: list[float] | None = None  # override the language weights, recipe order
+    method: str | None = None
+    backend: str = "auto"
+    outtype: str = "f16"  # the unquantized file: f16 or bf16
+    lang: str | None = None  # evaluation language; default the recipe's first
+    skip_eval: bool = False
+    quick_eval: bool = False
+    compare_parents: bool = False
+    force: bool = False
+    demo: bool = False
+    threads: int | None = None
+    eval_all: bool = False  # answer the prompts with every file, even one too large for the memory
+    skip_chat_eval: bool = False  # perplexity and drift only
+
+
+@dataclass
+class Plan:
+    """Disk space the build still needs, per output."""
+
+    items: dict[str, int]
+    free: int
+    memory: MemoryPlan | None = None
+
+    @property
+    def needed(self) -> int:
+        return sum(self.items.values()) + (SPACE_MARGIN if self.items else 0)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.items.items()) or "nothing new to write"
+        return f"needs {human_bytes(self.needed)} ({parts}); {human_bytes(self.free)} free"
+
+
+def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
+    """The recipe with --quant, --weight and --method applied (validated like the YAML)."""
+
+    data = recipe.to_yaml_dict()
+    if options.quants is not None:
+        data["quants"] = list(options.quants)
+    if options.method is not None:
+        data["method"] = options.method
+    if options.weights is not None:
+        if len(options.weights) == 1:
+            weights = options.weights * len(data["languages"])
+        elif len(options.weights) == len(data["languages"]):
+            weights = options.weights
+        else:
+            raise EdgemergeError(
+                f"--weight: got {len(options.weights)} weights for {len(data['languages'])} languages; give one "
+                "weight for all or one per language, in recipe order"
+            )
+        for lang, w in zip(data["languages"], weights):
+            lang["weight"] = w
+    return parse_recipe(data, source=recipe.name, root=recipe.root)
+
+
+def check_quants(quants: list[str]) -> list[str]:
+    """Canonical, de-duplicated llama.cpp file type names; EdgemergeError for an unknown one."""
+
+    out = []
+    for q in quants:
+        name = check_quant(q.strip())
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def plan_space_item(n_params: int, ftype: str) -> int:
+    """Bytes a file of `ftype` will take: n_params * bits_per_weight / 8."""
+    return int(n_params * BITS_PER_WEIGHT.get(ftype.upper(), 8.5) / 8)
+
+
+def plan_space(out: Path, n_params: int, todo: dict[str, str]) -> Plan:
+    """Bytes each not-yet-built file will take (`plan_space_item`)."""
+    return Plan(
+        items={label: plan_space_item(n_params, t) for label, t in todo.items()}, free=free_bytes(out)
+    )
+
+
+def threads_for(given: int | None) -> Threads:
+    """--threads, or the cores other programs leave idle now (`resources.default_threads`)."""
+    if given is not None:
+        return Threads(given, given, 0.0, "--threads")
+    return default_threads()

@@ -1,0 +1,456 @@
+"""The build's stage list: merge -> quantize -> evaluate -> package, each a cached stage (state.Stages)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import EdgemergeError
+from ..files import (
+    atomic_output,
+    check_path,
+    clean_partials,
+    contained,
+    free_bytes,
+    human_bytes,
+    is_ours,
+    lock_file,
+    overlapping_input,
+    read_marker,
+    remove,
+    remove_file,
+    write_marker,
+)
+from ..limits import shown_path
+from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
+from ..hashes import sha256_file
+from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE
+from ..progress import Progress
+from ..recipe import Recipe
+from ..resources import Threads, default_threads, memory_limit
+from ..sources import local_inputs
+from ..recipe import parse_recipe
+from ..quantize import check_quant
+from ..merge.backends import resolve_backend_name
+from ..evaluate.prompts import load_prompts
+from ..check import check_compat
+from ..sources import resolve_recipe
+from ..pipeline import merge_to_gguf
+from ..evaluate.gates import check_gates
+from ..pipeline import export_hf
+from ..package import PackageInfo, write_package
+from ..quantize import quantize
+from ..evaluate import evaluate
+from ..evaluate.report import EvalReport
+from .options import BuildOptions, Plan, apply_overrides, check_quants, plan_space, plan_space_item, threads_for
+from .target import demo_options
+from .state import (
+    StageEvent,
+    StageRecord,
+    Stages,
+    build_lock,
+    check_out_path,
+    drop_stale,
+    mark_finished,
+    mark_unfinished,
+    prepare_out,
+    stage_key,
+)
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    recipe: Recipe
+    lang: str
+    files: list[Path]
+    stages: dict[str, StageRecord]
+    evals: dict[str, Any] = field(default_factory=dict)  # file name -> EvalReport
+    parent_evals: dict[str, Any] = field(default_factory=dict)
+    gate_failures: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    demo: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        manifest = json.loads((self.out / "manifest.json").read_text(encoding="utf-8"))
+        return {
+            "out": str(self.out),
+            "name": self.recipe.name,
+            "lang": self.lang,
+            "demo": self.demo,
+            "seconds": round(self.seconds, 2),
+            "files": manifest["files"]
+            + [{"name": "manifest.json", "size": (self.out / "manifest.json").stat().st_size}],
+            "stages": {
+                n: {"seconds": round(r.seconds, 3), "cached": r.cached} for n, r in self.stages.items()
+            },
+            "eval": {n: _summary(r.to_dict()) for n, r in self.evals.items()},
+            "parents": {n: _summary(r.to_dict()) for n, r in self.parent_evals.items()},
+            "gate_failures": self.gate_failures,
+            "plan": None if self.plan is None else {"needed": self.plan.needed, "free": self.plan.free},
+            "memory_plan": None
+            if self.plan is None or self.plan.memory is None
+            else self.plan.memory.to_dict(),
+            "warnings": self.warnings,
+        }
+
+
+def _summary(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "responses"}
+
+
+def input_provenance(sources: Any) -> dict[str, dict]:
+    """Every input's provenance (ref, revision, file fingerprints) by role, for the merge key and the manifest;
+    two inputs under one role would make two models one entry of the key, so that is refused."""
+    named = sources.named()
+    inputs = {role: src.provenance() for role, src in named}
+    if len(inputs) != len(named):
+        roles = [role for role, _ in named]
+        dup = next(r for r in roles if roles.count(r) > 1)
+        raise EdgemergeError(f"two inputs of the recipe share the role {dup!r}; give each language code once")
+    return inputs
+
+
+def input_stamps(sources: Any) -> dict[str, dict[str, list[int]]]:
+    """Size and mtime of every local input's weight files, by role, for the cache keys only (not shipped).
+
+    A local safetensors file is fingerprinted by a sample (sources.py: its header and first and last MiB), which
+    an in-place edit in the middle of a tensor would not change; such an edit does change the file's mtime, so
+    the merge is redone. Hub files are named by their sha256 already."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for role, src in sources.named():
+        stamps: dict[str, list[int]] = {}
+        if src.revision is None:
+            for f in src.safetensors:
+                st = f.stat()
+                stamps[f.name] = [st.st_size, st.st_mtime_ns]
+        out[role] = stamps
+    return out
+
+
+def build(
+    recipe: Recipe,
+    options: BuildOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    on_stage: Callable[[StageEvent], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> BuildResult:
+    """Run every stage (see the module docstring) and return what was built; gates are reported in the result
+    (`gate_failures`), not raised: the caller decides (the CLI exits 3 outside the demo)."""
+    t_start = time.perf_counter()
+    options = demo_options(options or BuildOptions())
+    recipe = apply_overrides(recipe, options)
+    quants = check_quants(recipe.quants)
+    lang = options.lang or recipe.lang_codes[0]
+
+    backend = resolve_backend_name(options.backend)  # bad names fail before any work
+    if options.outtype.lower() not in ("f16", "bf16"):
+        raise EdgemergeError(f"unknown output type {options.outtype!r}; choose f16 or bf16")
+    if not options.skip_eval:
+        load_prompts(lang)  # an unknown evaluation language fails before any work
+    out = Path(options.out or Path("dist") / recipe.name)
+    check_out_path(out, local_inputs(recipe))  # before the lock file is made beside it
+    with build_lock(out):
+        return _build(recipe, options, out, quants, lang, backend, t_start, progress, on_stage, on_plan)
+
+
+def _build(
+    recipe: Recipe,
+    options: BuildOptions,
+    out: Path,
+    quants: list[str],
+    lang: str,
+    backend: str,
+    t_start: float,
+    progress: Progress | None,
+    on_stage: Callable[[StageEvent], None] | None,
+    on_plan: Callable[[Plan], None] | None,
+) -> BuildResult:
+
+    state = prepare_out(out, recipe.name, force=options.force)  # local inputs: checked by build()
+    stages = Stages(state, on_stage, progress)
+
+    # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
+    sources = resolve_recipe(recipe, progress)
+    check_out_path(out, sources.paths())  # hub models too, before any write
+    report = check_compat(sources)
+    inputs = input_provenance(sources)
+
+    ftype = options.outtype.upper()
+    merged = out / f"{recipe.name}.{ftype}.gguf"
+    merge_fields = {k: v for k, v in recipe.to_yaml_dict().items() if k not in ("quants", "eval")}
+    stamps = input_stamps(sources)
+    merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
+    quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
+    quant_keys = {q: stage_key("quantize", merge_key, q, _llama_cpp_version()) for q in quants}
+    parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
+    parent_key = stage_key(
+        "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
+    )
+
+    # Disk plan for everything not yet built, before writing anything large.
+    todo = {}
+    if state.finished("merge", merge_key) is None:
+        todo[merged.name] = ftype
+    for q in quants:
+        if state.finished(f"quantize {q}", quant_keys[q]) is None:
+            todo[quant_files[q].name] = q
+    if options.compare_parents and state.finished("export instruct", parent_key) is None:
+        todo["instruct (for --compare-parents)"] = ftype
+    plan = plan_space(out, report.n_params, todo)
+    if plan.free < plan.needed:
+        raise EdgemergeError(
+            f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
+        )
+    sizes = {
+        f.name: f.stat().st_size if f.name not in todo and f.exists() else plan_space_item(report.n_params, t)
+        for f, t in [(merged, ftype), *((quant_files[q], q) for q in quants)]
+    }
+    plan.memory = plan_memory(
+        shape_from_config(report.config, 0),
+        sizes,
+        quants,
+        memory_limit(),
+        threads_for(options.threads),
+        n_inputs=len(report.models),
+        eval_files=not options.skip_eval,
+        eval_all=options.eval_all,
+        skip_chat=options.skip_chat_eval,
+    )
+    if not options.skip_eval and not options.eval_all:
+        check_chat_possible(plan.memory.evals, plan.memory.limit)
+    threads = plan.memory.threads.n
+    state.save()
+    mark_unfinished(out, recipe.name)
+    if on_plan:
+        on_plan(plan)
+
+    planned = {"merge"} | {f"quantize {q}" for q in quants}
+    drop_stale(state, planned)
+
+
+    hashes: dict[Path, str] = {}
+    stages.run(
+        "merge",
+        merge_key,
+        [merged],
+        lambda: merge_to_gguf(
+            recipe,
+            merged,
+            outtype=options.outtype.lower(),
+            backend=backend,
+            force=True,
+            progress=progress,
+            sources=sources,
+            report=report,
+            hashes=hashes,
+        ),
+        hashes,
+    )
+    for q in quants:
+        stages.run(
+            f"quantize {q}",
+            quant_keys[q],
+            [quant_files[q]],
+            lambda q=q: _quantize(merged, q, quant_files[q], threads, progress),
+        )
+
+    ggufs = [merged] + [quant_files[q] for q in quants]
+    result = BuildResult(
+        out=out, recipe=recipe, lang=lang, files=[], stages=stages.records, plan=plan, demo=options.demo
+    )
+    if not options.skip_eval:
+        file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
+        _evaluate_files(result, stages, ggufs, file_keys, options, plan.memory, progress)
+        if options.compare_parents:
+            parent = (parent_file, parent_key)
+            _evaluate_parent(
+                result, stages, sources.instruct.path, parent, options, plan.memory, progress, merged.name
+            )
+    _package(result, stages, ggufs, inputs, sources.instruct.path, backend, on_stage)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _evaluate_files(
+    result: BuildResult,
+    stages: Stages,
+    ggufs: list[Path],
+    file_keys: dict[str, str],
+    options: BuildOptions,
+    memory: MemoryPlan,
+    progress: Progress | None,
+) -> None:
+    """Evaluate every shipped file and check the recipe's gates: the unquantized file first, its
+    log-probabilities stored in the work area; each quant then against the stored file (one model in memory).
+    A file the memory plan finds too large answers no prompts (its report says which file stands for it)."""
+
+    merged = ggufs[0]
+    ref_logits = stages.state.work / "eval" / f"{merged.name}.logits"
+    for f in ggufs:
+        ref = (None, ref_logits) if f == merged else (ref_logits, None)
+        rep = _eval_stage(stages, f.name, file_keys[f.name], f, result.lang, ref, options, memory, progress)
+        result.evals[f.name] = rep
+        failed = check_gates(rep, result.recipe.eval)
+        if failed:
+            result.gate_failures[f.name] = failed
+
+
+def _evaluate_parent(
+    result: BuildResult,
+    stages: Stages,
+    instruct_dir: Path,
+    parent: tuple[Path, str],
+    options: BuildOptions,
+    memory: MemoryPlan,
+    progress: Progress | None,
+    plan_as: str,
+) -> None:
+    """--compare-parents: the instruct model alone, exported to GGUF in the work area and evaluated (with the
+    memory decision of the unquantized file `plan_as`, its size)."""
+
+    parent_file, parent_key = parent
+    parent_file.parent.mkdir(parents=True, exist_ok=True)
+    hashes: dict[Path, str] = {}
+    stages.run(
+        "export instruct",
+        parent_key,
+        [parent_file],
+        lambda: export_hf(
+            instruct_dir,
+            parent_file,
+            outtype=options.outtype.lower(),
+            force=True,
+            progress=progress,
+            hashes=hashes,
+        ),
+        hashes,
+    )
+    result.parent_evals["instruct"] = _eval_stage(
+        stages,
+        "instruct",
+        parent_key,
+        parent_file,
+        result.lang,
+        (None, None),
+        options,
+        memory,
+        progress,
+        plan_as,
+    )
+
+
+def _package(
+    result: BuildResult,
+    stages: Stages,
+    ggufs: list[Path],
+    inputs: dict,
+    instruct_dir: Path,
+    backend: str,
+    on_stage: Callable[[StageEvent], None] | None,
+) -> None:
+    """Write the model card, Modelfile, eval.json and manifest.json (always redone: it takes milliseconds)."""
+
+    info = PackageInfo(
+        recipe=result.recipe,
+        out=result.out,
+        lang=result.lang,
+        ggufs=[f.name for f in ggufs],
+        inputs=inputs,
+        instruct_dir=instruct_dir,
+        evals={n: r.to_dict() for n, r in result.evals.items()},
+        eval_markdown={n: r.to_markdown() for n, r in result.evals.items()},
+        gate_failures=result.gate_failures,
+        parent_evals={
+            n: {"report": r.to_dict(), "markdown": r.to_markdown()} for n, r in result.parent_evals.items()
+        },
+        stages={n: {"seconds": round(r.seconds, 3), "cached": r.cached} for n, r in stages.records.items()},
+        hashes={
+            Path(rel).name: meta["sha256"] for r in stages.records.values() for rel, meta in r.outputs.items()
+        },
+        backend=backend,
+        demo=result.demo,
+    )
+    t0 = time.perf_counter()
+    if on_stage:
+        on_stage(StageEvent("package", False))
+    result.files, result.warnings = write_package(info)
+    mark_finished(result.out, result.recipe.name)
+    record = StageRecord("package", "", {}, time.perf_counter() - t0)
+    stages.records["package"] = record
+    if on_stage:
+        on_stage(StageEvent("package", True, record))
+
+
+def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None) -> None:
+
+    remove_file(dst)  # a stale file from an earlier key: this stage is redoing it (a folder there is refused)
+    quantize(src, quant, dst, threads=threads, progress=progress)
+
+
+def _eval_stage(
+    stages: Stages,
+    label: str,
+    file_key: str,
+    model: Path,
+    lang: str,
+    ref: tuple[Path | None, Path | None],
+    options: BuildOptions,
+    memory: MemoryPlan,
+    progress: Progress | None,
+    plan_as: str | None = None,
+):
+    """Evaluate `model` as a cached stage; the report is kept as JSON. `ref` is (a stored reference to compare
+    against, a file to store this model's log-probabilities in); `plan_as`: the planned file whose memory
+    decision applies (the parent instruct GGUF has the unquantized file's size)."""
+
+    compare_to, save_to = ref
+    planned = memory.evals.get(plan_as or model.name)
+    skip_chat = planned.skip_reason if planned is not None else None
+    batch = planned.batch if planned is not None and planned.chat else None
+    out_json = stages.state.work / "eval" / f"{label}.json"
+    key = stage_key(
+        "eval", __version__, file_key, lang, options.quick_eval, compare_to is not None, skip_chat, batch
+    )
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        rep = evaluate(
+            model,
+            lang,
+            ref_logits=compare_to,
+            save_logits=save_to,
+            quick=options.quick_eval,
+            progress=progress,
+            n_threads=memory.threads.n,
+            batch=batch,
+            skip_chat=skip_chat,
+        )
+        holder["report"] = rep
+        with atomic_output(out_json, force=True) as tmp:
+            tmp.write_text(json.dumps(rep.to_dict(), ensure_ascii=False, default=str), encoding="utf-8")
+
+    stages.run(f"eval {label}", key, [out_json] + ([save_to] if save_to else []), run)
+    if "report" in holder:
+        return holder["report"]
+
+    return EvalReport.from_dict(json.loads(out_json.read_text(encoding="utf-8")))
+
+
+def _llama_cpp_version() -> str | None:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except Exception:  # noqa: BLE001 (not installed: quantize will say so)
+        return None
