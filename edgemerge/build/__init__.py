@@ -18,7 +18,6 @@ written again at its end, so they describe only a finished build.
 
 from .options import BuildOptions, Plan, apply_overrides, check_quants
 from .run import BuildResult, build
-from .target import choose_recipe, demo_options
 from .state import (
     PACKAGE_FILES,
     STATE_FILE,
@@ -33,6 +32,7 @@ from .state import (
     prepare_out,
     work_dir,
 )
+from .target import choose_recipe, demo_options
 
 __all__ = [
     "PACKAGE_FILES",

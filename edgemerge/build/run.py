@@ -3,55 +3,42 @@
 from __future__ import annotations
 
 import importlib.metadata
-import contextlib
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..check import check_compat
 from ..errors import EdgemergeError
+from ..evaluate import evaluate
+from ..evaluate.gates import check_gates
+from ..evaluate.prompts import load_prompts
+from ..evaluate.report import EvalReport
 from ..files import (
     atomic_output,
-    check_path,
-    clean_partials,
-    contained,
-    free_bytes,
-    human_bytes,
-    is_ours,
-    lock_file,
-    overlapping_input,
-    read_marker,
-    remove,
     remove_file,
-    write_marker,
 )
-from ..limits import shown_path
 from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
-from ..hashes import sha256_file
-from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE
-from ..progress import Progress
-from ..recipe import Recipe
-from ..resources import Threads, default_threads, memory_limit
-from ..sources import local_inputs
-from ..recipe import parse_recipe
-from ..quantize import check_quant
 from ..merge.backends import resolve_backend_name
-from ..evaluate.prompts import load_prompts
-from ..check import check_compat
-from ..sources import resolve_recipe
-from ..pipeline import merge_to_gguf
-from ..evaluate.gates import check_gates
-from ..pipeline import export_hf
 from ..package import PackageInfo, write_package
+from ..pipeline import export_hf, merge_to_gguf
+from ..progress import Progress
 from ..quantize import quantize
-from ..evaluate import evaluate
-from ..evaluate.report import EvalReport
-from .options import BuildOptions, Plan, apply_overrides, check_quants, plan_space, plan_space_item, threads_for
-from .target import demo_options
+from ..recipe import Recipe
+from ..resources import memory_limit
+from ..sources import local_inputs, resolve_recipe
+from .options import (
+    BuildOptions,
+    Plan,
+    apply_overrides,
+    check_quants,
+    plan_space,
+    plan_space_item,
+    threads_for,
+)
 from .state import (
     StageEvent,
     StageRecord,
@@ -64,6 +51,7 @@ from .state import (
     prepare_out,
     stage_key,
 )
+from .target import demo_options
 
 
 @dataclass
@@ -238,7 +226,6 @@ def _build(
 
     planned = {"merge"} | {f"quantize {q}" for q in quants}
     drop_stale(state, planned)
-
 
     hashes: dict[Path, str] = {}
     stages.run(

@@ -8,19 +8,16 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..errors import EdgemergeError
 from ..files import (
     atomic_output,
     check_path,
     clean_partials,
     contained,
-    free_bytes,
-    human_bytes,
     is_ours,
     lock_file,
     overlapping_input,
@@ -29,28 +26,10 @@ from ..files import (
     remove_file,
     write_marker,
 )
-from ..limits import shown_path
-from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
 from ..hashes import sha256_file
+from ..limits import shown_path
 from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE
 from ..progress import Progress
-from ..recipe import Recipe
-from ..resources import Threads, default_threads, memory_limit
-from ..sources import local_inputs
-from ..recipe import parse_recipe
-from ..quantize import check_quant
-from ..merge.backends import resolve_backend_name
-from ..evaluate.prompts import load_prompts
-from ..check import check_compat
-from ..sources import resolve_recipe
-from ..pipeline import merge_to_gguf
-from ..evaluate.gates import check_gates
-from ..pipeline import export_hf
-from ..package import PackageInfo, write_package
-from ..quantize import quantize
-from ..evaluate import evaluate
-from ..evaluate.report import EvalReport
-
 
 WORK_SUFFIX = ".edgemerge"
 

@@ -21,7 +21,9 @@ def choose_recipe(
         if recipe is not None:
             raise EdgemergeError("--demo builds the generated demo family; drop --recipe (or drop --demo)")
         if codes is not None and len(codes) != 1:
-            raise EdgemergeError("--demo builds one language at a time; give --lang with one code, e.g. --lang eu")
+            raise EdgemergeError(
+                "--demo builds one language at a time; give --lang with one code, e.g. --lang eu"
+            )
         code = codes[0] if codes else "eu"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network: fail fast if touched
         language_text(code)
