@@ -120,7 +120,7 @@ def build(
         with progress:  # the demo family is trained on first use: show it
             r = choose_recipe(codes, recipe, demo=demo, progress=progress)
     else:
-        r = choose_recipe(codes, recipe)
+        r = choose_recipe(codes, recipe, demo=demo)
 
     options = BuildOptions(
         out=out,
