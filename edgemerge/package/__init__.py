@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import EdgemergeError
+from ..evaluate.prompts import language_info
 from ..files import atomic_output
 from .card import CARD, DEMO_NOTE, front_matter, model_card
 from .info import PackageInfo
@@ -43,8 +44,6 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
 
     if system is None:
         try:
-            from ..evaluate.prompts import language_info
-
             system = language_info(p.lang)["system"]
         except EdgemergeError:
             system = None
