@@ -137,7 +137,9 @@ def _from_gguf(info: GGUFInfo) -> Imatrix:
         raise _Bad(f"{KEY_DATASETS} must be an array of strings")
     for key in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
         if types[key] != (gguf.GGUFValueType.UINT32,):  # llama.cpp asserts uint32 (it aborts otherwise)
-            raise _Bad(f"{key} must be a uint32, it is a {types[key][0].name.lower()}")
+            raise _Bad(f"{key} must be a uint32, not {types[key][0].name.lower()}")
+        if kv[key] >= 1 << 31:  # llama.cpp keeps them in an int32
+            raise _Bad(f"{key} is {kv[key]}, above 2**31 - 1")
     pairs: dict[str, list] = {}
     for t in info.tensors:
         for suffix, slot in ((SUM_SUFFIX, 0), (COUNT_SUFFIX, 1)):

@@ -116,12 +116,17 @@ def test_legacy_dat_is_read(tmp_path):
 
 
 def _write_gguf(
-    path: Path, tensors: dict[str, np.ndarray], *, chunk_type: T = T.UINT32, drop: str = ""
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    *,
+    chunk_type: T = T.UINT32,
+    chunk_count: int = 1,
+    drop: str = "",
 ) -> Path:
     """An imatrix-like GGUF written with gguf-py directly (for files our writer would never make)."""
     w = gguf.GGUFWriter(path, arch="")
     w.add_type("imatrix")
-    keys = {"imatrix.datasets": (["t.txt"], T.ARRAY), "imatrix.chunk_count": (1, chunk_type)}
+    keys = {"imatrix.datasets": (["t.txt"], T.ARRAY), "imatrix.chunk_count": (chunk_count, chunk_type)}
     keys["imatrix.chunk_size"] = (64, T.UINT32)
     for key, (value, vtype) in keys.items():
         if key != drop:
@@ -163,12 +168,17 @@ ONE = np.ones(1, dtype=np.float32)
         (
             {"a.in_sum2": ONES, "a.counts": ONE},
             {"chunk_type": T.INT64},
-            "chunk_count must be a uint32, it is a int64",
+            "chunk_count must be a uint32, not int64",
         ),
         (
             {"a.in_sum2": ONES, "a.counts": ONE},
             {"drop": "imatrix.chunk_size"},
             "lacks the key imatrix.chunk_size",
+        ),
+        (
+            {"a.in_sum2": ONES, "a.counts": ONE},
+            {"chunk_count": 1 << 31},
+            "chunk_count is 2147483648, above 2",
         ),
     ],
     ids=[
@@ -181,6 +191,7 @@ ONE = np.ones(1, dtype=np.float32)
         "no-sums",
         "int64",
         "no-key",
+        "int32-overflow",
     ],
 )
 def test_bad_gguf_imatrix_is_one_line(tmp_path, tensors, kw, match):
