@@ -180,7 +180,9 @@ def test_llama_cpp_refuses_these_types_without_an_imatrix(quant, f32_ggufs, tmp_
         _direct_llama_cpp_quantize(f32_ggufs["qwen3"], tmp_path / "x.gguf", quant_types()[quant], ok=False)
         != 0
     )
-    with pytest.raises(EdgemergeError, match=f"{quant} needs an importance matrix: pass --imatrix FILE"):
+    with pytest.raises(
+        EdgemergeError, match=f"{quant} needs an importance matrix: pass --imatrix FILE to edgemerge quantize"
+    ):
         quantize(f32_ggufs["qwen3"], quant, tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()
 
@@ -234,7 +236,7 @@ def test_cli_imatrix_errors_and_success(f32_ggufs, imatrices, random_imatrix, wi
     src = f32_ggufs["qwen3"]
     out = tmp_path / "out"
     code, _, err = cli("quantize", src, "-q", "IQ2_M", "--out-dir", out)
-    assert code == 2 and "IQ2_M needs an importance matrix: pass --imatrix FILE" in err
+    assert code == 2 and "IQ2_M needs an importance matrix: pass --imatrix FILE to edgemerge quantize" in err
     assert len(err.strip().splitlines()) == 1
     other = random_imatrix(src, 3)
     other.entries["blk.2.attn_q.weight"] = other.entries.pop("blk.1.attn_q.weight")  # as from a deeper model
