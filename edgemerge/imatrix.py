@@ -90,7 +90,8 @@ def read_imatrix(path: Path) -> Imatrix:
     "GGUF" is read as legacy); a damaged or foreign file is a one-line EdgemergeError."""
     path = Path(path)
     if not path.is_file():
-        raise EdgemergeError(f"imatrix {shown_path(path)} does not exist; give the file llama-imatrix wrote")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise EdgemergeError(f"imatrix {shown_path(path)} {what}; give the file llama-imatrix wrote")
     size = path.stat().st_size
     if size > MAX_IMATRIX_BYTES:
         raise EdgemergeError(

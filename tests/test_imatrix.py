@@ -234,6 +234,8 @@ def test_bad_legacy_files_are_one_line(tmp_path):
         _refused(dat, match)
     with pytest.raises(EdgemergeError, match="does not exist"):
         read_imatrix(tmp_path / "missing.gguf")
+    with pytest.raises(EdgemergeError, match="is not a file"):
+        read_imatrix(tmp_path)
 
 
 def test_a_model_is_not_an_imatrix(model):

@@ -230,6 +230,10 @@ def test_legacy_dat_imatrix_quantizes_like_the_gguf(with_imatrix, f32_ggufs, ima
     from_dat = quantize(f32_ggufs["qwen3"], "Q2_K_S", tmp_path / "d.gguf", imatrix=dat)
     assert diff_tensors(with_imatrix("Q2_K_S", "a"), from_dat) == []
     assert kv(from_dat)[KEY_IMATRIX_DATASET] == "eu.txt"
+    # and as llama.cpp's own tool reads it (when built)
+    tool = need_tool("llama-quantize")
+    theirs = _llama_quantize(tool, f32_ggufs["qwen3"], tmp_path / "theirs.gguf", "Q2_K_S", dat)
+    assert from_dat.read_bytes() == theirs.read_bytes()
 
 
 def test_cli_imatrix_errors_and_success(f32_ggufs, imatrices, random_imatrix, with_imatrix, tmp_path, cli):
