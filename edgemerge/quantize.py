@@ -3,6 +3,10 @@
 The settings are llama.cpp's defaults (`llama_model_quantize_default_params`, the same as running its
 `llama-quantize` tool without options) with the file type and thread count set, so our files are the bytes
 llama.cpp would write. File type names are llama.cpp's (`LLAMA_FTYPE_MOSTLY_Q4_K_M` -> "Q4_K_M").
+
+With an importance matrix (`imatrix=`), it is handed over as llama-quantize's `--imatrix` does: the weights
+of `imatrix.importance` in `llama_model_quantize_params.imatrix`, and the `quantize.imatrix.*` keys as
+key/value overrides, in its order.
 """
 
 from __future__ import annotations
@@ -17,17 +21,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.progress import Progress
 
 from .child import child_command
 from .errors import EdgemergeError
 from .files import atomic_output, ensure_free_space
 from .gguf.inspect import read_gguf
+from .imatrix import check_fits, importance, read_imatrix
 from .limits import MAX_THREADS, check_count, shown
 from .progress import task
 
-# llama.cpp's llama-quantize refuses these without an importance matrix (edgemerge does not compute one)
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+# llama.cpp refuses these without an importance matrix: in every model some weights get IQ1_S, IQ1_M, IQ2_XXS,
+# IQ2_XS, IQ2_S, IQ3_XXS, or Q2_K of a Q2_K_S file (llama-quant.cpp: llama_tensor_get_type, tensor_requires_imatrix)
+NEEDS_IMATRIX = frozenset(
+    {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
+)
+# what llama-quantize records of the imatrix it used (tools/quantize/quantize.cpp)
+KEY_IMATRIX_FILE = "quantize.imatrix.file"
+KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
+KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+_KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]: llama-quantize strncpy's 127 bytes
 # float file types a GGUF can be quantized from (llama.cpp would need allow_requantize otherwise)
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 
@@ -50,20 +65,32 @@ def quant_types() -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
-def check_quant(quant: str) -> str:
-    """Canonical name of a llama.cpp file type; unknown names are a user error listing the valid ones."""
+def check_quant(quant: str, *, imatrix: bool = False) -> str:
+    """Canonical name of a llama.cpp file type; unknown names are a user error listing the valid ones, and a
+    type that needs an importance matrix is refused unless one is given (`imatrix`)."""
     types = quant_types()
     if not types:
         raise EdgemergeError("llama-cpp-python is not installed: pip install 'llama-cpp-python>=0.3.16,<0.4'")
     name = quant.upper().removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
     if name not in types:
         valid = ", ".join(n for n in types if n not in NEEDS_IMATRIX)
-        raise EdgemergeError(f"unknown quantization type {shown(quant)}; valid types: {valid}")
-    if name in NEEDS_IMATRIX:
+        more = ", ".join(n for n in types if n in NEEDS_IMATRIX)
         raise EdgemergeError(
-            f"{name} needs an importance matrix, which edgemerge does not compute; choose e.g. Q4_K_M, IQ4_XS or Q3_K_M"
+            f"unknown quantization type {shown(quant)}; valid types: {valid}; with --imatrix also: {more}"
+        )
+    if name in NEEDS_IMATRIX and not imatrix:
+        raise EdgemergeError(
+            f"{name} needs an importance matrix: pass --imatrix FILE to edgemerge quantize (the .gguf "
+            "llama-imatrix writes; edgemerge cannot compute one yet), or choose a type without one, e.g. Q4_K_M, "
+            "IQ4_XS or Q3_K_M"
         )
     return name
+
+
+def check_imatrix(imatrix: Path, src: Path) -> None:
+    """The importance matrix file `imatrix` is readable and was computed on the model `src` (a GGUF);
+    otherwise one line naming what does not match."""
+    check_fits(read_imatrix(imatrix), read_gguf(src), imatrix)
 
 
 def output_name(src: Path, quant: str) -> str:
@@ -80,15 +107,20 @@ def quantize(
     threads: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    imatrix: Path | None = None,
 ) -> Path:
     """Quantize the float GGUF `src` to llama.cpp file type `quant` (e.g. "Q4_K_M"), written to `dst`.
 
-    Uses all cores unless `threads` is given. Nothing appears at `dst` unless llama.cpp finished writing it.
+    Uses all cores unless `threads` is given. `imatrix`: an importance matrix file (GGUF or legacy .dat, as
+    llama-imatrix writes them) computed on this model, used as llama-quantize --imatrix uses it; its path is
+    recorded in the output as given. Nothing appears at `dst` unless llama.cpp finished writing it.
     """
-    name = check_quant(quant)
+    name = check_quant(quant, imatrix=imatrix is not None)
     check_count("--threads", threads, 1, MAX_THREADS)
     src, dst = Path(src), Path(dst)
     info = read_gguf(src)  # not a GGUF / truncated -> one-line error before llama.cpp sees it
+    if imatrix is not None:
+        check_fits(read_imatrix(imatrix), info, imatrix)  # another model's imatrix -> one line, no output
     src_type = info.kv.get("general.file_type")
     if src_type is not None and src_type not in _FLOAT_FTYPES:
         raise EdgemergeError(
@@ -100,21 +132,24 @@ def quantize(
     # quantized output is smaller than its float input, except F32 from a 16-bit input (twice the size)
     ensure_free_space(dst.parent, size * (2 if name == "F32" else 1), f"the {name} file {dst.name}")
 
-    with atomic_output(dst, force=force, inputs=[src]) as tmp, task(progress, f"{name} {dst.name}", None):
-        rc = run_quantizer(src, tmp, quant_types()[name], threads or os.cpu_count() or 1)
+    inputs = [src, imatrix]
+    with atomic_output(dst, force=force, inputs=inputs) as tmp, task(progress, f"{name} {dst.name}", None):
+        rc = run_quantizer(src, tmp, quant_types()[name], threads or os.cpu_count() or 1, imatrix)
         if rc != 0 or not tmp.is_file():
             raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
     return dst
 
 
-def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int) -> int:
+def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None) -> int:
     """`llama_model_quantize` with llama.cpp's default parameters, in a child process; its return code.
 
     llama.cpp's quantizer has no abort callback and a Ctrl-C raised in its log callback is lost (see
     interrupts.py), so it runs where it can be stopped: on Ctrl-C (or any exception) the child is killed at
-    once and the KeyboardInterrupt goes on to the caller, whose atomic_output removes the partial file."""
+    once and the KeyboardInterrupt goes on to the caller, whose atomic_output removes the partial file.
+    The child reads the `imatrix` file itself (its arrays must live through the call, in its memory)."""
+    extra = () if imatrix is None else (str(imatrix),)
     argv = child_command(
-        "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread)
+        "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread), *extra
     )
     proc = subprocess.Popen(argv)
     try:
@@ -125,7 +160,7 @@ def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int) -> int:
         raise
 
 
-def _quantizer_main(src: str, dst: str, ftype: str, nthread: str) -> int:
+def _quantizer_main(src: str, dst: str, ftype: str, nthread: str, imatrix: str | None = None) -> int:
     """The child process of `run_quantizer`: SIGINT is the parent's business, and the child dies with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -138,4 +173,48 @@ def _quantizer_main(src: str, dst: str, ftype: str, nthread: str) -> int:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(nthread)
-    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0)
+    keep = None
+    if imatrix is not None:
+        try:
+            keep = _imatrix_params(params, imatrix)
+        except EdgemergeError as e:  # the file changed since the parent checked it
+            print(f"error: {e.message}", file=sys.stderr)
+            return 1
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    del keep  # the arrays llama.cpp read from
+    return int(rc != 0)
+
+
+def _imatrix_params(params, path: str) -> list:
+    """Fill `params.imatrix` and `params.kv_overrides` as llama-quantize's main() does for `--imatrix path`:
+    one {name, data, size} per entry and a {NULL, NULL, 0} terminator; the overrides quantize.imatrix.file,
+    .dataset (the first dataset, if any), .entries_count and .chunks_count (if above 0), ended by an empty key.
+    Returns the objects the pointers point into (they must outlive the call)."""
+    import llama_cpp  # loads the llama.cpp library: only in the quantizer's child process
+
+    imx = read_imatrix(Path(path))
+    names = sorted(imx.entries)
+    weights = [np.ascontiguousarray(importance(imx.entries[n], legacy=imx.legacy)) for n in names]
+    data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()  # zeroed: the last one terminates
+    for i, (name, w) in enumerate(zip(names, weights, strict=True)):
+        data[i].name = name.encode()
+        data[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        data[i].size = w.size
+    params.imatrix = data
+    overrides: list[tuple[str, int | bytes]] = [(KEY_IMATRIX_FILE, os.fsencode(path)[:_KV_STR_MAX])]
+    if imx.datasets:
+        overrides.append((KEY_IMATRIX_DATASET, imx.datasets[0].encode()[:_KV_STR_MAX]))
+    overrides.append((KEY_IMATRIX_ENTRIES, len(names)))
+    if imx.chunk_count > 0:
+        overrides.append((KEY_IMATRIX_CHUNKS, imx.chunk_count))
+    kvo = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()  # the last one's empty key ends them
+    for slot, (key, value) in zip(kvo, overrides, strict=False):  # kvo has one slot more
+        slot.key = key.encode()
+        if isinstance(value, bytes):
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            slot.value.val_str = value
+        else:
+            slot.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            slot.value.val_i64 = value
+    params.kv_overrides = kvo
+    return [data, weights, kvo]

@@ -143,3 +143,25 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def random_imatrix():
+    """`make(model_gguf, seed) -> Imatrix`: random positive statistics for every matrix weight of a block
+    (what llama-imatrix collects), one count per weight, as if computed on 4 chunks of 64 tokens."""
+    import numpy as np
+
+    from edgemerge.gguf.inspect import read_gguf
+    from edgemerge.imatrix import Entry, Imatrix
+
+    def make(model: Path, seed: int) -> Imatrix:
+        rng = np.random.default_rng(seed)
+        entries = {}
+        for t in read_gguf(model).tensors:
+            if t.name.startswith("blk.") and len(t.shape) == 2:
+                count = int(rng.integers(64, 256))
+                sums = (rng.lognormal(0.0, 1.0, t.shape[0]) * count).astype(np.float32)
+                entries[t.name] = Entry(sums, np.array([count], dtype=np.int64))
+        return Imatrix(entries, [f"calibration-{seed}.txt"], chunk_count=4, chunk_size=64)
+
+    return make

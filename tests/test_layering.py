@@ -24,6 +24,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "pipeline": ("pipeline",),
     "resources": ("resources", "memory_plan"),
     "runtime": ("runtime",),
+    "imatrix": ("imatrix",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
     "package": ("package",),
@@ -46,7 +47,8 @@ USES: dict[str, set[str]] = {
     "pipeline": {"tensors", "formats", "methods", "recipe", "sources", "check", "merge", "gguf"},
     "resources": {"tensors", "gguf"},
     "runtime": {"formats", "gguf", "resources"},
-    "quantize": {"gguf", "runtime"},
+    "imatrix": {"gguf", "runtime"},  # importance matrices: their files, and (to come) computing them
+    "quantize": {"gguf", "runtime", "imatrix"},
     "evaluate": {"recipe", "gguf", "resources", "runtime"},
     "package": {"formats", "recipe", "sources", "gguf", "evaluate"},
     "demo": {"recipe"},

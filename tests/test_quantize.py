@@ -3,6 +3,8 @@ bad inputs fail in one line with nothing at the output path."""
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,22 @@ import numpy as np
 import pytest
 
 from edgemerge.cli import main
+from edgemerge.demo import DATA_DIR
 from edgemerge.errors import EdgemergeError
-from edgemerge.gguf.inspect import kv, tensors
-from edgemerge.quantize import output_name, quant_types, quantize
+from edgemerge.gguf.inspect import diff_tensors, kv, tensors
+from edgemerge.imatrix import importance, read_imatrix, write_imatrix
+from edgemerge.quantize import (
+    KEY_IMATRIX_CHUNKS,
+    KEY_IMATRIX_DATASET,
+    KEY_IMATRIX_ENTRIES,
+    KEY_IMATRIX_FILE,
+    NEEDS_IMATRIX,
+    output_name,
+    quant_types,
+    quantize,
+)
+
+from .llama_tools import need_tool
 
 pytest.importorskip("llama_cpp")
 
@@ -27,8 +42,9 @@ def quantized(f32_ggufs, tmp_path_factory) -> dict[str, Path]:
     return {q: quantize(src, q, root / output_name(src, q)) for q in ("Q4_K_M", "Q8_0")}
 
 
-def _direct_llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
-    """llama.cpp's quantizer with its default parameters, in a fresh process (what llama-quantize does)."""
+def _direct_llama_cpp_quantize(src: Path, dst: Path, ftype: int, *, ok: bool = True) -> int:
+    """llama.cpp's quantizer with its default parameters, in a fresh process (what llama-quantize does); its
+    exit code (`ok`: it must succeed)."""
     code = (
         "import ctypes, sys, llama_cpp\n"
         "p = llama_cpp.llama_model_quantize_default_params()\n"
@@ -39,7 +55,8 @@ def _direct_llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
     r = subprocess.run(
         [sys.executable, "-c", code, str(src), str(dst), str(ftype)], capture_output=True, check=False
     )
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0 or not ok, r.stderr[-2000:]
+    return r.returncode
 
 
 def test_same_bytes_as_llama_cpp_quantizer(quantized, f32_ggufs, tmp_path):
@@ -124,3 +141,165 @@ def test_cli_quantize_exit_codes(f32_ggufs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # exists: refuse without --force
         main(["quantize", str(f32_ggufs["qwen3"]), "-q", "Q8_0", "--out-dir", str(tmp_path)])
     assert e.value.code == 2
+
+
+# --- with an importance matrix ---
+
+
+@pytest.fixture(scope="module")
+def imatrices(f32_ggufs, random_imatrix, tmp_path_factory) -> dict[str, Path]:
+    """Two random imatrices of the qwen3 fixture (every block weight), "a" and "b"."""
+    root = tmp_path_factory.mktemp("imatrices")
+    src = f32_ggufs["qwen3"]
+    return {
+        k: write_imatrix(root / f"{k}.imatrix.gguf", random_imatrix(src, seed))
+        for k, seed in (("a", 1), ("b", 2))
+    }
+
+
+@pytest.fixture(scope="module")
+def with_imatrix(f32_ggufs, imatrices, tmp_path_factory):
+    """`made(quant, "a" | "b")`: the qwen3 fixture quantized with that imatrix (made once: IQ2 types take
+    seconds each, most of it llama.cpp building its grids)."""
+    root = tmp_path_factory.mktemp("quant-imatrix")
+    done: dict[tuple[str, str], Path] = {}
+
+    def made(quant: str, which: str) -> Path:
+        if (quant, which) not in done:
+            out = root / f"{quant}-{which}.gguf"
+            done[quant, which] = quantize(f32_ggufs["qwen3"], quant, out, imatrix=imatrices[which])
+        return done[quant, which]
+
+    return made
+
+
+@pytest.mark.parametrize("quant", sorted(NEEDS_IMATRIX))
+def test_llama_cpp_refuses_these_types_without_an_imatrix(quant, f32_ggufs, tmp_path):
+    """NEEDS_IMATRIX is llama.cpp's own list: its quantizer fails on each of them without an imatrix."""
+    assert (
+        _direct_llama_cpp_quantize(f32_ggufs["qwen3"], tmp_path / "x.gguf", quant_types()[quant], ok=False)
+        != 0
+    )
+    with pytest.raises(
+        EdgemergeError, match=f"{quant} needs an importance matrix: pass --imatrix FILE to edgemerge quantize"
+    ):
+        quantize(f32_ggufs["qwen3"], quant, tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.parametrize("quant", ["IQ2_M", "IQ3_XXS", "Q2_K_S"])
+def test_imatrix_quants_are_made_with_the_imatrix(quant, with_imatrix, imatrices):
+    import llama_cpp
+
+    a, b = with_imatrix(quant, "a"), with_imatrix(quant, "b")
+    changed = diff_tensors(a, b)  # the imatrix is used: another one moves the quantized blocks
+    assert changed and all(line.startswith("blk.") and "bytes differ" in line for line in changed)
+    meta = kv(a)
+    assert meta["general.file_type"] == quant_types()[quant]
+    assert meta[KEY_IMATRIX_FILE] == str(imatrices["a"])
+    assert meta[KEY_IMATRIX_DATASET] == "calibration-1.txt"
+    assert meta[KEY_IMATRIX_ENTRIES] == len(read_imatrix(imatrices["a"]).entries)
+    assert meta[KEY_IMATRIX_CHUNKS] == 4
+    llm = llama_cpp.Llama(str(a), n_ctx=128, n_threads=2, verbose=False)
+    assert llm("Kaixo", max_tokens=4, temperature=0.0, top_k=1)["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("quant", ["IQ2_M", "Q2_K_S"])
+def test_same_imatrix_same_bytes(quant, with_imatrix, f32_ggufs, imatrices, tmp_path):
+    again = quantize(f32_ggufs["qwen3"], quant, tmp_path / "again.gguf", imatrix=imatrices["a"], threads=1)
+    assert again.read_bytes() == with_imatrix(quant, "a").read_bytes()  # whatever the thread count
+
+
+def test_imatrix_changes_a_k_quant(quantized, f32_ggufs, imatrices, tmp_path):
+    """An imatrix is used for every type, not only those that need one."""
+    out = quantize(f32_ggufs["qwen3"], "Q4_K_M", tmp_path / "q.gguf", imatrix=imatrices["a"])
+    assert diff_tensors(quantized["Q4_K_M"], out)
+
+
+def test_legacy_dat_imatrix_quantizes_like_the_gguf(with_imatrix, f32_ggufs, imatrices, tmp_path):
+    """A legacy .dat file holding the same weights (values w with ncall 1) gives the same tensors."""
+    imx = read_imatrix(imatrices["a"])
+    dat = tmp_path / "a.dat"
+    with dat.open("wb") as f:
+        f.write(struct.pack("<i", len(imx.entries)))
+        for name in sorted(imx.entries):
+            w = importance(imx.entries[name])
+            f.write(struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 1, w.size))
+            f.write(w.astype("<f4").tobytes())
+        f.write(struct.pack("<ii", 4, 6) + b"eu.txt")
+    from_dat = quantize(f32_ggufs["qwen3"], "Q2_K_S", tmp_path / "d.gguf", imatrix=dat)
+    assert diff_tensors(with_imatrix("Q2_K_S", "a"), from_dat) == []
+    assert kv(from_dat)[KEY_IMATRIX_DATASET] == "eu.txt"
+    # and as llama.cpp's own tool reads it (when built)
+    tool = need_tool("llama-quantize")
+    theirs = _llama_quantize(tool, f32_ggufs["qwen3"], tmp_path / "theirs.gguf", "Q2_K_S", dat)
+    assert from_dat.read_bytes() == theirs.read_bytes()
+
+
+def test_cli_imatrix_errors_and_success(f32_ggufs, imatrices, random_imatrix, with_imatrix, tmp_path, cli):
+    src = f32_ggufs["qwen3"]
+    out = tmp_path / "out"
+    code, _, err = cli("quantize", src, "-q", "IQ2_M", "--out-dir", out)
+    assert code == 2 and "IQ2_M needs an importance matrix: pass --imatrix FILE to edgemerge quantize" in err
+    assert len(err.strip().splitlines()) == 1
+    other = random_imatrix(src, 3)
+    other.entries["blk.2.attn_q.weight"] = other.entries.pop("blk.1.attn_q.weight")  # as from a deeper model
+    other_file = write_imatrix(tmp_path / "other.imatrix.gguf", other)
+    code, _, err = cli(
+        "quantize", src, "-q", "IQ2_M", "-q", "Q4_K_M", "--imatrix", other_file, "--out-dir", out
+    )
+    assert code == 2 and "'blk.2.attn_q.weight', a tensor the model lacks" in err
+    wide = random_imatrix(src, 3)
+    wide.entries["blk.0.ffn_up.weight"] = wide.entries["blk.0.ffn_down.weight"]  # 512 columns, the model 256
+    wide_file = write_imatrix(tmp_path / "wide.imatrix.gguf", wide)
+    code, _, err = cli("quantize", src, "-q", "IQ2_M", "--imatrix", wide_file, "--out-dir", out)
+    assert code == 2 and "blk.0.ffn_up.weight takes 256 columns" in err and "has 512 columns" in err
+    cut = tmp_path / "cut.imatrix.gguf"
+    cut.write_bytes(imatrices["a"].read_bytes()[:-100])
+    code, _, err = cli("quantize", src, "-q", "IQ2_M", "--imatrix", cut, "--out-dir", out)
+    assert code == 2 and "truncated" in err
+    assert not out.exists()  # nothing written by any refusal
+    code, stdout, _ = cli(
+        "quantize", src, "-q", "Q2_K_S", "--imatrix", imatrices["a"], "--out-dir", out, "--json"
+    )
+    assert code == 0 and json.loads(stdout)["imatrix"] == str(imatrices["a"])
+    assert (out / output_name(src, "Q2_K_S")).read_bytes() == with_imatrix("Q2_K_S", "a").read_bytes()
+
+
+def _llama_quantize(tool: Path, src: Path, dst: Path, quant: str, imatrix: Path) -> Path:
+    r = subprocess.run(
+        [str(tool), "--imatrix", str(imatrix), str(src), str(dst), quant, "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dst
+
+
+@pytest.mark.parametrize("quant", ["IQ2_M", "IQ3_XXS", "Q3_K_M"])
+def test_same_bytes_as_llama_quantize_with_imatrix(quant, with_imatrix, f32_ggufs, imatrices, tmp_path):
+    """llama.cpp's own tool with --imatrix (built from the vendored sources) writes the bytes we write."""
+    tool = need_tool("llama-quantize")
+    ours = with_imatrix(quant, "a")
+    theirs = _llama_quantize(tool, f32_ggufs["qwen3"], tmp_path / "theirs.gguf", quant, imatrices["a"])
+    assert diff_tensors(ours, theirs) == []
+    assert kv(ours) == kv(theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_llama_imatrix_file_quantizes_as_llama_quantize(f32_ggufs, tmp_path):
+    """An imatrix computed by llama-imatrix: edgemerge quantize --imatrix gives llama-quantize's bytes."""
+    imatrix_tool, quantize_tool = need_tool("llama-imatrix"), need_tool("llama-quantize")
+    src = f32_ggufs["qwen3"]
+    text = tmp_path / "eu.txt"
+    text.write_text((DATA_DIR / "eu.txt").read_text(encoding="utf-8") * 4, encoding="utf-8")
+    imx = tmp_path / "eu.imatrix.gguf"
+    cmd = [str(imatrix_tool), "-m", str(src), "-f", str(text), "-o", str(imx), "-c", "64", "--chunks", "4"]
+    r = subprocess.run([*cmd, "-t", "2"], capture_output=True, text=True, check=False, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = quantize(src, "Q2_K_S", tmp_path / "ours.gguf", imatrix=imx)
+    theirs = _llama_quantize(quantize_tool, src, tmp_path / "theirs.gguf", "Q2_K_S", imx)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert kv(ours)[KEY_IMATRIX_DATASET] == str(text) and kv(ours)[KEY_IMATRIX_CHUNKS] == 4

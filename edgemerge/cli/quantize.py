@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import EdgemergeError
 from ..files import human_bytes, prepare_output
-from ..quantize import check_quant, output_name
+from ..quantize import check_imatrix, check_quant, output_name
 from ..quantize import quantize as run_quantize
 from .common import app, console, live_progress, print_json
 
@@ -28,29 +28,45 @@ def quantize(
     out_dir: Annotated[
         Path | None, typer.Option("--out-dir", help="Folder for the outputs (default: next to the input).")
     ] = None,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            "--imatrix",
+            help="Importance matrix computed on this model (the .gguf llama-imatrix writes, or its legacy .dat); "
+            "needed for IQ1_*, IQ2_*, IQ3_XXS, IQ3_XS and Q2_K_S.",
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads (default: all cores).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize, default settings).
 
-    Writes NAME-<TYPE>.gguf per --quant (model-f16.gguf -> model-Q4_K_M.gguf). Types are checked before any
-    work starts; an unknown one lists the valid names.
+    Writes NAME-<TYPE>.gguf per --quant (model-f16.gguf -> model-Q4_K_M.gguf). Types (and the --imatrix file,
+    against the model) are checked before any work starts; an unknown type lists the valid names.
     """
 
-    names = [check_quant(q) for q in quant]
+    names = [check_quant(q, imatrix=imatrix is not None) for q in quant]
     if len(set(names)) != len(names):
         raise EdgemergeError(f"--quant lists a type twice: {', '.join(quant)}")
+    if imatrix is not None:
+        check_imatrix(imatrix, src)
     folder = out_dir or src.parent
     for name in names:  # every output checked before the first file is written
-        prepare_output(folder / output_name(src, name), force=force, inputs=[src])
+        prepare_output(folder / output_name(src, name), force=force, inputs=[src, imatrix])
     src_size = src.stat().st_size if src.is_file() else 0
     rows = []
     with live_progress() as progress:
         for name in names:
             start = time.perf_counter()
             path = run_quantize(
-                src, name, folder / output_name(src, name), threads=threads, force=force, progress=progress
+                src,
+                name,
+                folder / output_name(src, name),
+                threads=threads,
+                force=force,
+                progress=progress,
+                imatrix=imatrix,
             )
             size = path.stat().st_size
             rows.append(
@@ -63,7 +79,14 @@ def quantize(
                 }
             )
     if json_out:
-        print_json({"input": str(src), "input_bytes": src_size, "outputs": rows})
+        print_json(
+            {
+                "input": str(src),
+                "input_bytes": src_size,
+                "imatrix": None if imatrix is None else str(imatrix),
+                "outputs": rows,
+            }
+        )
         return
     table = Table(title=f"quantized {src.name} ({human_bytes(src_size)})")
     for col in ("type", "file", "size", "of input", "time"):

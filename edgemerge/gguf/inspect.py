@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class GGUFInfo:
     kv: dict[str, Any]
     tensors: list[TensorInfo]
     data_offset: int
+    # key -> its value type, and an array's element type: (GGUFValueType,) or (ARRAY, element type)
+    types: dict[str, tuple[gguf.GGUFValueType, ...]] = field(default_factory=dict)
 
     def tensor_bytes(self) -> dict[str, np.ndarray]:
         """name -> the tensor's raw bytes (memory-mapped, read-only)."""
@@ -242,7 +244,7 @@ def _parse(path: Path, buf: mmap.mmap) -> GGUFInfo:
                 f"tensor {name} is misaligned (row of {dims[0]} in blocks of {block}, offset {offset})"
             )
         tensors.append(TensorInfo(name, qtype.name, dims, data_offset + offset, n // block * type_size))
-    return GGUFInfo(path, version, kv, tensors, data_offset)
+    return GGUFInfo(path, version, kv, tensors, data_offset, types)
 
 
 def kv(path: Path) -> dict[str, Any]:
