@@ -285,3 +285,22 @@ def test_bf16_to_f16_encoding_equals_the_converters_for_every_bf16_value():
     got = _encode(every.reshape(255, 256), gguf.GGMLQuantizationType.F16)
     assert got.shape == (255, 256)
     assert np.array_equal(ref.view(np.uint16), got.reshape(-1).view(np.uint16))
+
+
+def test_a_fresh_process_exports_bf16_weights(arch_models, tmp_path):
+    """`edgemerge export` as its own process: nothing else has imported ml_dtypes there, and safetensors needs its
+    bfloat16 to hand out bf16 arrays (a lazy import once left the CLI unable to read any bf16 checkpoint)."""
+    import subprocess
+    import sys
+
+    from edgemerge.tensors.safetensors import read_model
+
+    model = arch_models["qwen3"]
+    assert set(read_model(model, "qwen3").dtypes.values()) == {"BF16"}
+    out = tmp_path / "fresh.gguf"
+    cli = [sys.executable, "-c", "from edgemerge.cli import main; main()"]
+    r = subprocess.run(
+        [*cli, "export", str(model), "--out", str(out)], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert kv(out)["general.architecture"] == "qwen3"

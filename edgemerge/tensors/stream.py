@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from ..memory import freed_blocks_kept
 from ..progress import Progress, task
-from .safetensors import read_rows, safetensors_layout
+from .safetensors import numpy_dtype, read_rows, safetensors_layout
 from .sinks import BackgroundSink, Sink
 from .spec import ModelTensors, TensorSpec
 
@@ -43,6 +43,7 @@ class Readers:
     def _handle(self, path: Path):
         with self.lock:
             if path not in self.handles:
+                numpy_dtype("BF16")  # registers ml_dtypes' bfloat16, which safetensors' numpy arrays need
                 # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS)
                 # until the file is closed, so memory would grow with the model; pread buffers die with the tensor
                 handle = safe_open(path, framework="numpy", backend="pread")
