@@ -430,3 +430,20 @@ def test_glibc_accepts_the_malloc_thresholds():
 
     with freed_blocks_kept() as applied:
         assert applied is True
+
+
+def test_an_interrupt_inside_the_writer_threads_start_aborts_cleanly(tmp_path, monkeypatch):
+    """Ctrl-C between creating the writer thread and its start: abort() must not try to join a thread that
+    never ran (it raised "cannot join thread before it is started", an internal error instead of exit 130)."""
+    import threading
+
+    from edgemerge.tensors.sinks import BackgroundSink, SafetensorsSink
+
+    def interrupted_start(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    sink = BackgroundSink(SafetensorsSink(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        sink.open([TensorSpec("w", (4, 4), "float32")])
+    sink.abort()  # no RuntimeError

@@ -125,10 +125,10 @@ class BackgroundSink:
         self._put((name, rows, block), block.nbytes)
 
     def _join(self) -> None:
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.ident is not None:  # a Ctrl-C can land inside Thread.start()
             self._put(None)
-            self._thread.join()
-            self._thread = None
+            thread.join()
 
     def close(self) -> None:
         self._join()
