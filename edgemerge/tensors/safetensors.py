@@ -30,6 +30,14 @@ def numpy_dtype(st_dtype: str) -> np.dtype:
     return np.dtype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[st_dtype])
 
 
+def open_for_reading(path: Path):
+    """A safetensors handle that hands out numpy arrays, bf16 ones included, read with pread."""
+    numpy_dtype("BF16")  # safetensors' numpy arrays of bf16 need ml_dtypes' bfloat16 registered
+    # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS) until the
+    # file is closed, so memory would grow with the model; pread buffers die with the tensor
+    return safe_open(path, framework="numpy", backend="pread")
+
+
 def safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (raises EdgemergeError when the file cannot hold one). The claimed
     length is checked against MAX_SAFETENSORS_HEADER and the file's size before anything is read."""

@@ -17,11 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from ..memory import freed_blocks_kept
 from ..progress import Progress, task
-from .safetensors import numpy_dtype, read_rows, safetensors_layout
+from .safetensors import open_for_reading, read_rows, safetensors_layout
 from .sinks import BackgroundSink, Sink
 from .spec import ModelTensors, TensorSpec
 
@@ -43,11 +42,7 @@ class Readers:
     def _handle(self, path: Path):
         with self.lock:
             if path not in self.handles:
-                numpy_dtype("BF16")  # registers ml_dtypes' bfloat16, which safetensors' numpy arrays need
-                # pread, not mmap: a memory map keeps every page it has served resident (and counted in RSS)
-                # until the file is closed, so memory would grow with the model; pread buffers die with the tensor
-                handle = safe_open(path, framework="numpy", backend="pread")
-                self.handles[path] = self.stack.enter_context(handle)
+                self.handles[path] = self.stack.enter_context(open_for_reading(path))
             return self.handles[path]
 
     def _layout(self, path: Path) -> tuple[int, dict]:
