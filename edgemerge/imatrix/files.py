@@ -26,10 +26,10 @@ from typing import NamedTuple
 import gguf
 import numpy as np
 
-from .errors import EdgemergeError
-from .files import atomic_output
-from .gguf.inspect import MAX_NAME, GGUFInfo, read_gguf
-from .limits import shown, shown_path
+from ..errors import EdgemergeError
+from ..files import atomic_output
+from ..gguf.inspect import MAX_NAME, GGUFInfo, read_gguf
+from ..limits import shown, shown_path
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
