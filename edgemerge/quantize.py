@@ -80,9 +80,8 @@ def check_quant(quant: str, *, imatrix: bool = False) -> str:
         )
     if name in NEEDS_IMATRIX and not imatrix:
         raise EdgemergeError(
-            f"{name} needs an importance matrix: pass --imatrix FILE to edgemerge quantize (the .gguf "
-            "llama-imatrix writes; edgemerge cannot compute one yet), or choose a type without one, e.g. Q4_K_M, "
-            "IQ4_XS or Q3_K_M"
+            f"{name} needs an importance matrix: compute one (edgemerge imatrix MODEL.gguf --lang LANG) and "
+            "pass it with --imatrix FILE, or choose a type without one, e.g. Q4_K_M, IQ4_XS or Q3_K_M"
         )
     return name
 

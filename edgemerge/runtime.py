@@ -24,6 +24,7 @@ from .errors import EdgemergeError
 from .gguf.inspect import read_gguf
 from .interrupts import llama_call
 from .limits import MAX_THREADS, check_count
+from .matmuls import MatmulObserver
 from .resources import default_threads
 
 MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
@@ -86,9 +87,23 @@ class Context:
     """A llama.cpp context for `n_seq` sequences of up to `n_ctx_seq` tokens each, every sequence in its own KV
     stream (kv_unified off, like llama-server's parallel slots: one sequence's attention never spans another's)."""
 
-    def __init__(self, lib: Any, llm: Any, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int):
+    def __init__(
+        self,
+        lib: Any,
+        llm: Any,
+        n_seq: int,
+        n_ctx_seq: int,
+        n_batch: int,
+        threads: int,
+        observer: MatmulObserver | None = None,
+    ):
         # llama-cpp-python's own settings (attention kernels, RoPE) with this context's shape
         p = type(llm.context_params).from_buffer_copy(llm.context_params)
+        if observer is not None:  # llama.cpp calls it for every node of every graph it computes
+            self._callback = lib.ggml_backend_sched_eval_callback(
+                observer
+            )  # kept alive as long as the context
+            p.cb_eval, p.cb_eval_user_data = self._callback, None
         model = llm.model
         n_ctx_seq = (
             -(-n_ctx_seq // 256) * 256
@@ -127,9 +142,9 @@ class Context:
     def drop_after(self, seq: int, n_past: int) -> None:
         self._lib.llama_memory_seq_rm(self.mem, seq, n_past, -1)
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, keep: bool = True) -> np.ndarray:
         """Decode (token, position, sequence, wants logits) entries, n_batch per llama_decode; the logits of the
-        entries that want them (float32, [n, n_vocab]), in order."""
+        entries that want them (float32, [n, n_vocab]), in order (none are copied out unless `keep`)."""
         lib, b, out = self._lib, self._batch, []
         for start in range(0, len(entries), self.n_batch):
             part = entries[start : start + self.n_batch]
@@ -143,7 +158,7 @@ class Context:
                 rc = lib.llama_decode(self.ptr, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
-            if n_out:
+            if n_out and keep:
                 ptr = ctypes.cast(lib.llama_get_logits(self.ptr), ctypes.POINTER(ctypes.c_float))
                 out.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy())
         return np.concatenate(out) if out else np.zeros((0, self.n_vocab), np.float32)
@@ -237,6 +252,12 @@ class Model:
         self._release()
         self._ctx = Context(self._lib, self.llm, n_seq, n_ctx_seq, self.n_batch, self.threads)
         return self._ctx
+
+    def observed_context(self, n_seq: int, n_ctx_seq: int, n_batch: int, observer: MatmulObserver) -> Context:
+        """A new context whose every weight multiplication is shown to `observer` (llama.cpp's cb_eval); the
+        current context is freed first (one KV cache at a time) and the caller closes this one."""
+        self._release()
+        return Context(self._lib, self.llm, n_seq, n_ctx_seq, n_batch, self.threads, observer)
 
     # -- tokens and logits ---------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:

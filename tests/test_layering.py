@@ -23,7 +23,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "gguf": ("gguf",),
     "pipeline": ("pipeline",),
     "resources": ("resources", "memory_plan"),
-    "runtime": ("runtime",),
+    "runtime": ("runtime", "matmuls"),
     "imatrix": ("imatrix",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
@@ -47,7 +47,7 @@ USES: dict[str, set[str]] = {
     "pipeline": {"tensors", "formats", "methods", "recipe", "sources", "check", "merge", "gguf"},
     "resources": {"tensors", "gguf"},
     "runtime": {"formats", "gguf", "resources"},
-    "imatrix": {"gguf", "runtime"},  # importance matrices: their files, and (to come) computing them
+    "imatrix": {"gguf", "runtime", "evaluate"},  # their files, computing them; langid checks the text
     "quantize": {"gguf", "runtime", "imatrix"},
     "evaluate": {"recipe", "gguf", "resources", "runtime"},
     "package": {"formats", "recipe", "sources", "gguf", "evaluate"},

@@ -181,7 +181,7 @@ def test_llama_cpp_refuses_these_types_without_an_imatrix(quant, f32_ggufs, tmp_
         != 0
     )
     with pytest.raises(
-        EdgemergeError, match=f"{quant} needs an importance matrix: pass --imatrix FILE to edgemerge quantize"
+        EdgemergeError, match=rf"{quant} needs an importance matrix: compute one \(edgemerge imatrix"
     ):
         quantize(f32_ggufs["qwen3"], quant, tmp_path / "y.gguf")
     assert not (tmp_path / "y.gguf").exists()
@@ -240,7 +240,10 @@ def test_cli_imatrix_errors_and_success(f32_ggufs, imatrices, random_imatrix, wi
     src = f32_ggufs["qwen3"]
     out = tmp_path / "out"
     code, _, err = cli("quantize", src, "-q", "IQ2_M", "--out-dir", out)
-    assert code == 2 and "IQ2_M needs an importance matrix: pass --imatrix FILE to edgemerge quantize" in err
+    assert (
+        code == 2
+        and "IQ2_M needs an importance matrix: compute one (edgemerge imatrix MODEL.gguf --lang LANG)" in err
+    )
     assert len(err.strip().splitlines()) == 1
     other = random_imatrix(src, 3)
     other.entries["blk.2.attn_q.weight"] = other.entries.pop("blk.1.attn_q.weight")  # as from a deeper model
