@@ -158,7 +158,7 @@ def _new_model(tok_dir: Path, size: DemoSize, seed: int):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=size.hidden,

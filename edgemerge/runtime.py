@@ -100,9 +100,8 @@ class Context:
         # llama-cpp-python's own settings (attention kernels, RoPE) with this context's shape
         p = type(llm.context_params).from_buffer_copy(llm.context_params)
         if observer is not None:  # llama.cpp calls it for every node of every graph it computes
-            self._callback = lib.ggml_backend_sched_eval_callback(
-                observer
-            )  # kept alive as long as the context
+            # the ctypes wrapper must live as long as the context: llama.cpp keeps only its address
+            self._callback = lib.ggml_backend_sched_eval_callback(observer)
             p.cb_eval, p.cb_eval_user_data = self._callback, None
         model = llm.model
         n_ctx_seq = (

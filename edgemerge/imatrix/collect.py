@@ -24,7 +24,7 @@ from ..errors import EdgemergeError
 from ..limits import check_count, shown
 from ..matmuls import MatMul, MatmulObserver
 from ..progress import Progress, task
-from ..runtime import Model
+from ..runtime import MIN_CTX, Model
 from .files import Entry, Imatrix
 
 DEFAULT_CHUNK = 512  # llama-imatrix's default context (-c)
@@ -117,9 +117,9 @@ def compute_imatrix(
 ) -> Imatrix:
     """The importance matrix of `model_path` on `texts` (module docstring), computed by llama.cpp."""
     o = options
-    check_count("--chunk-size", o.chunk_size, 16, 1 << 20, " tokens")
+    check_count("--chunk-size", o.chunk_size, MIN_CTX, 1 << 20, " tokens")
     check_count("--chunks", o.chunks, 1, MAX_CHUNKS)
-    check_count("--batch", o.batch, 16, 1 << 20, " tokens")
+    check_count("--batch", o.batch, MIN_CTX, 1 << 20, " tokens")
     if not texts:
         raise EdgemergeError("no calibration text: give --lang with a bundled text or --text FILE")
     with Model(model_path, n_ctx=o.chunk_size, n_threads=o.threads) as model:
