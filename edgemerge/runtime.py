@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .chat_format import ChatTemplateRaised, TemplateRenderer
+from .cpu_buffers import model_params
 from .errors import EdgemergeError
 from .gguf.inspect import read_gguf
 from .interrupts import llama_call
@@ -204,7 +205,7 @@ class Model:
         self._ctx: Context | None = None
         self._cached: list[int] = []  # the tokens of sequence 0 in the single-sequence context (chat turns)
         try:
-            with llama_call():
+            with llama_call(), model_params():  # AMX kept out where it crashes (cpu_buffers.py)
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=VOCAB_CTX,

@@ -23,7 +23,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "gguf": ("gguf",),
     "pipeline": ("pipeline",),
     "resources": ("resources", "memory_plan"),
-    "runtime": ("runtime", "matmuls"),
+    "runtime": ("runtime", "matmuls", "cpu_buffers"),
     "imatrix": ("imatrix",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
