@@ -80,7 +80,7 @@ def provenance(recipe: Recipe, sources: RecipeSources, stats: MergeStats) -> dic
             "title": get_method(recipe.method).title,
             "paper": get_method(recipe.method).paper,
         },
-        "recipe": public_recipe(recipe),
+        "recipe": public_recipe(recipe, merge_only=True),
         "merge": stats.to_dict(),
         "inputs": public_inputs({role: src.provenance() for role, src in sources.named()}, recipe.root),
     }
@@ -163,7 +163,9 @@ def gguf_metadata(recipe: Recipe) -> GGUFMetadata:
         license=recipe.license,
         description=recipe.description,
         lineage=lineage,
-        recipe_yaml=yaml.safe_dump(public_recipe(recipe), sort_keys=False, allow_unicode=True),
+        recipe_yaml=yaml.safe_dump(
+            public_recipe(recipe, merge_only=True), sort_keys=False, allow_unicode=True
+        ),
         tags=["edgemerge", "merge", "language-vector"],
     )
 

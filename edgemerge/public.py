@@ -25,13 +25,16 @@ def public_ref(ref: str | None, root: Path | None = None) -> str | None:
     return name or "local-model"
 
 
-def public_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as written into shipped files: `to_yaml_dict()` with local model paths reduced to names."""
-    data = recipe.to_yaml_dict()
+def public_recipe(recipe: Recipe, *, merge_only: bool = False) -> dict[str, Any]:
+    """The recipe as written into shipped files: `to_yaml_dict()` (or `merge_dict()`, for what the merge wrote:
+    the merged model's metadata) with local model paths reduced to names."""
+    data = recipe.merge_dict() if merge_only else recipe.to_yaml_dict()
     for key in ("instruct", "base"):
         data[key] = public_ref(data[key], recipe.root)
     for lang in data["languages"]:
         lang["model"] = public_ref(lang.get("model"), recipe.root)
+    if data.get("imatrix") not in (None, "auto", "none"):
+        data["imatrix"] = Path(data["imatrix"]).name  # a file, by its name (as the models)
     return data
 
 

@@ -37,6 +37,9 @@ from .progress import task
 NEEDS_IMATRIX = frozenset(
     {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"}
 )
+# file types whose every tensor is quantized without looking at an importance matrix (ggml-quants.c: their
+# quantize_* functions ignore quant_weights; the float types are copied or converted): an imatrix changes nothing
+IGNORES_IMATRIX = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4_MOE"})
 # what llama-quantize records of the imatrix it used (tools/quantize/quantize.cpp)
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -86,6 +89,11 @@ def check_quant(quant: str, *, imatrix: bool = False) -> str:
     return name
 
 
+def uses_imatrix(quant: str) -> bool:
+    """Whether an importance matrix changes the file of llama.cpp type `quant` (a canonical name)."""
+    return quant not in IGNORES_IMATRIX
+
+
 def check_imatrix(imatrix: Path, src: Path) -> None:
     """The importance matrix file `imatrix` is readable and was computed on the model `src` (a GGUF);
     otherwise one line naming what does not match."""
@@ -107,12 +115,14 @@ def quantize(
     force: bool = False,
     progress: Progress | None = None,
     imatrix: Path | None = None,
+    imatrix_name: str | None = None,
 ) -> Path:
     """Quantize the float GGUF `src` to llama.cpp file type `quant` (e.g. "Q4_K_M"), written to `dst`.
 
     Uses all cores unless `threads` is given. `imatrix`: an importance matrix file (GGUF or legacy .dat, as
     llama-imatrix writes them) computed on this model, used as llama-quantize --imatrix uses it; its path is
-    recorded in the output as given. Nothing appears at `dst` unless llama.cpp finished writing it.
+    recorded in the output as given, or as `imatrix_name` (a build records the file's name, not the user's
+    folders). Nothing appears at `dst` unless llama.cpp finished writing it.
     """
     name = check_quant(quant, imatrix=imatrix is not None)
     check_count("--threads", threads, 1, MAX_THREADS)
@@ -133,20 +143,28 @@ def quantize(
 
     inputs = [src, imatrix]
     with atomic_output(dst, force=force, inputs=inputs) as tmp, task(progress, f"{name} {dst.name}", None):
-        rc = run_quantizer(src, tmp, quant_types()[name], threads or os.cpu_count() or 1, imatrix)
+        nthread = threads or os.cpu_count() or 1
+        rc = run_quantizer(src, tmp, quant_types()[name], nthread, imatrix, imatrix_name)
         if rc != 0 or not tmp.is_file():
             raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
     return dst
 
 
-def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path | None = None) -> int:
+def run_quantizer(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    nthread: int,
+    imatrix: Path | None = None,
+    imatrix_name: str | None = None,
+) -> int:
     """`llama_model_quantize` with llama.cpp's default parameters, in a child process; its return code.
 
     llama.cpp's quantizer has no abort callback and a Ctrl-C raised in its log callback is lost (see
     interrupts.py), so it runs where it can be stopped: on Ctrl-C (or any exception) the child is killed at
     once and the KeyboardInterrupt goes on to the caller, whose atomic_output removes the partial file.
     The child reads the `imatrix` file itself (its arrays must live through the call, in its memory)."""
-    extra = () if imatrix is None else (str(imatrix),)
+    extra = () if imatrix is None else (str(imatrix), imatrix_name or str(imatrix))
     argv = child_command(
         "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread), *extra
     )
@@ -159,7 +177,9 @@ def run_quantizer(src: Path, dst: Path, ftype: int, nthread: int, imatrix: Path 
         raise
 
 
-def _quantizer_main(src: str, dst: str, ftype: str, nthread: str, imatrix: str | None = None) -> int:
+def _quantizer_main(
+    src: str, dst: str, ftype: str, nthread: str, imatrix: str | None = None, imatrix_name: str | None = None
+) -> int:
     """The child process of `run_quantizer`: SIGINT is the parent's business, and the child dies with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -175,7 +195,7 @@ def _quantizer_main(src: str, dst: str, ftype: str, nthread: str, imatrix: str |
     keep = None
     if imatrix is not None:
         try:
-            keep = _imatrix_params(params, imatrix)
+            keep = _imatrix_params(params, imatrix, imatrix_name or imatrix)
         except EdgemergeError as e:  # the file changed since the parent checked it
             print(f"error: {e.message}", file=sys.stderr)
             return 1
@@ -184,9 +204,10 @@ def _quantizer_main(src: str, dst: str, ftype: str, nthread: str, imatrix: str |
     return int(rc != 0)
 
 
-def _imatrix_params(params, path: str) -> list:
+def _imatrix_params(params, path: str, recorded: str) -> list:
     """Fill `params.imatrix` and `params.kv_overrides` as llama-quantize's main() does for `--imatrix path`:
-    one {name, data, size} per entry and a {NULL, NULL, 0} terminator; the overrides quantize.imatrix.file,
+    one {name, data, size} per entry and a {NULL, NULL, 0} terminator; the overrides quantize.imatrix.file
+    (`recorded`),
     .dataset (the first dataset, if any), .entries_count and .chunks_count (if above 0), ended by an empty key.
     Returns the objects the pointers point into (they must outlive the call)."""
     import llama_cpp  # loads the llama.cpp library: only in the quantizer's child process
@@ -200,7 +221,7 @@ def _imatrix_params(params, path: str) -> list:
         data[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         data[i].size = w.size
     params.imatrix = data
-    overrides: list[tuple[str, int | bytes]] = [(KEY_IMATRIX_FILE, os.fsencode(path)[:_KV_STR_MAX])]
+    overrides: list[tuple[str, int | bytes]] = [(KEY_IMATRIX_FILE, os.fsencode(recorded)[:_KV_STR_MAX])]
     if imx.datasets:
         overrides.append((KEY_IMATRIX_DATASET, imx.datasets[0].encode()[:_KV_STR_MAX]))
     overrides.append((KEY_IMATRIX_ENTRIES, len(names)))

@@ -28,6 +28,8 @@ MAX_REF = 4096  # a model reference is a hub id or a local path (PATH_MAX)
 MAX_LANGUAGES = 64
 MAX_QUANTS = 32
 MAX_TEXT = 10_000  # description (it goes into the model card)
+IMATRIX_CHOICES = ("auto", "none")  # else the recipe's imatrix is a file
+AFTER_MERGE = ("quants", "imatrix", "eval")  # recipe fields of the stages after the merge
 
 
 def _model_ref(what: str, v: str) -> str:
@@ -103,6 +105,9 @@ class Recipe(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     dtype: DType = "bfloat16"
     quants: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q8_0"])
+    # importance matrix for the quants that use one: computed in the build on the recipe's languages (auto), none,
+    # or a file (GGUF or legacy .dat; a relative path resolves against the recipe's folder)
+    imatrix: str = "auto"
     license: str | None = None
     description: str | None = None
     eval: Gates = Field(default_factory=Gates)
@@ -158,6 +163,17 @@ class Recipe(BaseModel):
                 raise ValueError(f"a quantization type is a llama.cpp name such as Q4_K_M, got {shown(q)}")
         return v
 
+    @field_validator("imatrix")
+    @classmethod
+    def _imatrix(cls, v: str) -> str:
+        if v in IMATRIX_CHOICES:
+            return v
+        if len(v) > MAX_REF or not v.strip() or not v.isprintable():
+            raise ValueError(
+                f"imatrix is auto, none or the path of an importance matrix file, got {shown(v)}"
+            )
+        return v
+
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
@@ -194,8 +210,12 @@ class Recipe(BaseModel):
         return [lang.code for lang in self.languages]
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """The recipe as written to provenance files and GGUF metadata."""
+        """The recipe as written to provenance files."""
         return self.model_dump(mode="json", exclude={"root"})
+
+    def merge_dict(self) -> dict[str, Any]:
+        """The fields that decide the merged model (its cache key, its GGUF metadata): all but AFTER_MERGE."""
+        return {k: v for k, v in self.to_yaml_dict().items() if k not in AFTER_MERGE}
 
 
 def _clip(text: str, n: int) -> str:

@@ -7,17 +7,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from edgemerge.build import BuildOptions, build, work_dir
 from edgemerge.cli import main
 from edgemerge.errors import EdgemergeError
+from edgemerge.files import human_bytes
 from edgemerge.package import parse_modelfile_stops
 from edgemerge.public import public_recipe
 from edgemerge.recipe import load_recipe
 
 GGUFS = ["tiny-eu.F16.gguf", "tiny-eu.Q4_K_M.gguf", "tiny-eu.Q8_0.gguf"]
+IMATRIX = "tiny-eu.imatrix.gguf"  # recipe default imatrix: auto
 PACKAGE = ["README.md", "Modelfile", "eval.json", "manifest.json"]
 
 
@@ -51,15 +54,17 @@ def test_build_writes_every_file_and_nothing_else(built):
     result, _ = built
     out = result.out
     marker = [".edgemerge-output"]  # edgemerge's marker: this folder is its build
-    assert sorted(p.name for p in out.iterdir()) == sorted(GGUFS + PACKAGE + marker)  # uploads as is
-    assert [p.name for p in result.files] == GGUFS + PACKAGE[:3] + ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        GGUFS + [IMATRIX] + PACKAGE + marker
+    )  # uploads as is
+    assert [p.name for p in result.files] == GGUFS + [IMATRIX] + PACKAGE[:3] + ["manifest.json"]
     assert not list(out.rglob("*partial*"))
 
 
 def test_manifest_hashes_sizes_and_provenance(built, build_family):
     result, _ = built
     m = _manifest(result.out)
-    assert [f["name"] for f in m["files"]] == GGUFS + PACKAGE[:3]
+    assert [f["name"] for f in m["files"]] == GGUFS + [IMATRIX] + PACKAGE[:3]
     for f in m["files"]:
         p = result.out / f["name"]
         assert f["size"] == p.stat().st_size
@@ -68,9 +73,53 @@ def test_manifest_hashes_sizes_and_provenance(built, build_family):
     assert set(m["inputs"]) == {"instruct", "base", "eu"}
     assert m["inputs"]["instruct"]["files"]["config.json"].startswith("sha256:")
     assert m["tools"]["llama-cpp-python"] and m["tools"]["edgemerge"]
-    stages = {"merge", "quantize Q4_K_M", "quantize Q8_0", "export instruct", "eval instruct"}
+    stages = {"merge", "quantize Q4_K_M", "quantize Q8_0", "imatrix", "export instruct", "eval instruct"}
     assert set(m["stages"]) == stages | {f"eval {g}" for g in GGUFS}
     assert not any(s["cached"] for s in m["stages"].values())
+
+
+def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
+    """imatrix: auto (the default) computes one importance matrix on the F16 and the bundled Basque text, ships
+    it, makes Q4_K_M with it (recorded by file name, as llama-quantize records its --imatrix) and Q8_0 without."""
+    from edgemerge.gguf.inspect import kv
+    from edgemerge.imatrix import read_imatrix
+    from edgemerge.imatrix.collect import ImatrixOptions, compute_imatrix
+    from edgemerge.imatrix.text import bundled_text
+
+    result, _ = built
+    out = result.out
+    q4, q8 = kv(out / "tiny-eu.Q4_K_M.gguf"), kv(out / "tiny-eu.Q8_0.gguf")
+    assert q4["quantize.imatrix.file"] == IMATRIX
+    assert q4["quantize.imatrix.dataset"] == bundled_text("eu").name
+    assert not any(k.startswith("quantize.imatrix") for k in q8)
+    shipped = read_imatrix(out / IMATRIX)
+    direct = compute_imatrix(
+        out / GGUFS[0], [bundled_text("eu")], ImatrixOptions(chunk_size=shipped.chunk_size)
+    )
+    assert shipped.chunk_count == direct.chunk_count > 10 and sorted(shipped.entries) == sorted(
+        direct.entries
+    )
+    for name, e in direct.entries.items():
+        np.testing.assert_allclose(shipped.entries[name].sums, e.sums, rtol=1e-6)
+
+    m = _manifest(out)
+    assert m["imatrix"] == {
+        "file": IMATRIX,
+        "mode": "auto",
+        "texts": [bundled_text("eu").name],
+        "chunks": shipped.chunk_count,
+        "chunk_size": shipped.chunk_size,
+        "computed_on": GGUFS[0],
+        "quants": ["Q4_K_M"],
+        "files": ["tiny-eu.Q4_K_M.gguf"],
+    }
+    by_name = {f["name"]: f for f in m["files"]}
+    assert [by_name[g]["imatrix"] for g in GGUFS] == [None, IMATRIX, None]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"| `tiny-eu.Q4_K_M.gguf` | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
+    assert f"| `tiny-eu.Q8_0.gguf` | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert f"computed by this build on `{GGUFS[0]}`: {shipped.chunk_count} chunks of" in card
+    assert f"`llama-quantize --imatrix {IMATRIX}`" in card
 
 
 def test_gguf_file_types(built):
@@ -131,27 +180,28 @@ def test_resume_after_interruption_reuses_finished_stages(build_family, tmp_path
     recipe = load_recipe(build_family["recipe"])
     out = tmp_path / "b"
 
-    def interrupt_after_q4(e):
-        if e.done and e.name == "quantize Q4_K_M":
+    def interrupt_after_imatrix(e):
+        if e.done and e.name == "imatrix":  # after merge and Q8_0 (which ignores an imatrix)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build(recipe, BuildOptions(out=out, skip_eval=True), on_stage=interrupt_after_q4)
-    assert (out / GGUFS[0]).exists() and (out / GGUFS[1]).exists()
-    assert not (out / GGUFS[2]).exists() and not (out / "manifest.json").exists()
+        build(recipe, BuildOptions(out=out, skip_eval=True), on_stage=interrupt_after_imatrix)
+    assert (out / GGUFS[0]).exists() and (out / GGUFS[2]).exists() and (out / IMATRIX).exists()
+    assert not (out / GGUFS[1]).exists() and not (out / "manifest.json").exists()
     mtime = (out / GGUFS[0]).stat().st_mtime_ns
 
     build(recipe, BuildOptions(out=out, skip_eval=True))
     stages = _manifest(out)["stages"]
-    assert stages["merge"]["cached"] and stages["quantize Q4_K_M"]["cached"]
-    assert not stages["quantize Q8_0"]["cached"]
+    assert stages["merge"]["cached"] and stages["quantize Q8_0"]["cached"] and stages["imatrix"]["cached"]
+    assert not stages["quantize Q4_K_M"]["cached"]
     assert (out / GGUFS[0]).stat().st_mtime_ns == mtime
 
-    # A changed recipe redoes only what it changes: dropping a quant removes its file, nothing is rebuilt.
+    # A changed recipe redoes only what it changes: dropping a quant removes its file (and the importance
+    # matrix no quant uses any more), nothing is rebuilt.
     build(recipe, BuildOptions(out=out, skip_eval=True, quants=["Q8_0"]))
     m = _manifest(out)
     assert [f["name"] for f in m["files"]][:2] == [GGUFS[0], GGUFS[2]]
-    assert not (out / GGUFS[1]).exists()
+    assert not (out / GGUFS[1]).exists() and not (out / IMATRIX).exists() and m["imatrix"] is None
     assert m["stages"]["merge"]["cached"] and m["stages"]["quantize Q8_0"]["cached"]
     # A new weight changes the merge and everything after it.
     build(recipe, BuildOptions(out=out, skip_eval=True, quants=["Q8_0"], weights=[0.5]))

@@ -26,6 +26,7 @@ from edgemerge.quantize import (
     output_name,
     quant_types,
     quantize,
+    uses_imatrix,
 )
 
 from .llama_tools import need_tool
@@ -214,6 +215,16 @@ def test_imatrix_changes_a_k_quant(quantized, f32_ggufs, imatrices, tmp_path):
     """An imatrix is used for every type, not only those that need one."""
     out = quantize(f32_ggufs["qwen3"], "Q4_K_M", tmp_path / "q.gguf", imatrix=imatrices["a"])
     assert diff_tensors(quantized["Q4_K_M"], out)
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "TQ1_0", "TQ2_0", "Q4_0", "Q5_1", "Q6_K", "IQ4_NL", "Q3_K_M"])
+def test_uses_imatrix_says_which_types_an_imatrix_changes(quant, f32_ggufs, imatrices, tmp_path):
+    """uses_imatrix is what llama.cpp does: with an imatrix, the tensors of exactly those types change (the
+    quantize.imatrix.* keys are written either way)."""
+    src = f32_ggufs["qwen3"]
+    plain = quantize(src, quant, tmp_path / "plain.gguf")
+    calibrated = quantize(src, quant, tmp_path / "calibrated.gguf", imatrix=imatrices["a"])
+    assert bool(diff_tensors(plain, calibrated)) == uses_imatrix(quant)
 
 
 def test_legacy_dat_imatrix_quantizes_like_the_gguf(with_imatrix, f32_ggufs, imatrices, tmp_path):

@@ -34,6 +34,9 @@ class BuildOptions:
     quants: list[str] | None = None  # default: the recipe's
     weights: list[float] | None = None  # override the language weights, recipe order
     method: str | None = None
+    imatrix: str | None = (
+        None  # auto, none or a file (absolute or relative to the recipe); default: the recipe's
+    )
     backend: str = "auto"
     outtype: str = "f16"  # the unquantized file: f16 or bf16
     lang: str | None = None  # evaluation language; default the recipe's first
@@ -65,13 +68,15 @@ class Plan:
 
 
 def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
-    """The recipe with --quant, --weight and --method applied (validated like the YAML)."""
+    """The recipe with --quant, --weight, --method and --imatrix applied (validated like the YAML)."""
 
     data = recipe.to_yaml_dict()
     if options.quants is not None:
         data["quants"] = list(options.quants)
     if options.method is not None:
         data["method"] = options.method
+    if options.imatrix is not None:
+        data["imatrix"] = options.imatrix
     if options.weights is not None:
         if len(options.weights) == 1:
             weights = options.weights * len(data["languages"])
@@ -87,12 +92,13 @@ def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
     return parse_recipe(data, source=recipe.name, root=recipe.root)
 
 
-def check_quants(quants: list[str]) -> list[str]:
-    """Canonical, de-duplicated llama.cpp file type names; EdgemergeError for an unknown one."""
+def check_quants(quants: list[str], *, imatrix: bool = True) -> list[str]:
+    """Canonical, de-duplicated llama.cpp file type names; EdgemergeError for an unknown one (and for one that
+    needs an importance matrix when the build has none)."""
 
     out = []
     for q in quants:
-        name = check_quant(q.strip())
+        name = check_quant(q.strip(), imatrix=imatrix)
         if name not in out:
             out.append(name)
     return out

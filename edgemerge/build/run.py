@@ -30,6 +30,15 @@ from ..quantize import quantize
 from ..recipe import Recipe
 from ..resources import memory_limit
 from ..sources import local_inputs, resolve_recipe
+from .calibrate import (
+    SOURCE_QUANT,
+    ImatrixPlan,
+    calibration_info,
+    check_choice,
+    compute_build_imatrix,
+    imatrix_file_bytes,
+    plan_imatrix,
+)
 from .options import (
     BuildOptions,
     Plan,
@@ -65,6 +74,7 @@ class BuildResult:
     parent_evals: dict[str, Any] = field(default_factory=dict)
     gate_failures: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # the importance matrix the quants were made with
     plan: Plan | None = None
     demo: bool = False
     seconds: float = 0.0
@@ -85,6 +95,7 @@ class BuildResult:
             "eval": {n: _summary(r.to_dict()) for n, r in self.evals.items()},
             "parents": {n: _summary(r.to_dict()) for n, r in self.parent_evals.items()},
             "gate_failures": self.gate_failures,
+            "imatrix": self.calibration,
             "plan": None if self.plan is None else {"needed": self.plan.needed, "free": self.plan.free},
             "memory_plan": None
             if self.plan is None or self.plan.memory is None
@@ -140,6 +151,7 @@ def build(
     options = demo_options(options or BuildOptions())
     recipe = apply_overrides(recipe, options)
     quants = check_quants(recipe.quants)
+    check_choice(recipe, quants)  # imatrix: none with a type that needs one, an unreadable file
     lang = options.lang or recipe.lang_codes[0]
 
     backend = resolve_backend_name(options.backend)  # bad names fail before any work
@@ -177,11 +189,32 @@ def _build(
 
     ftype = options.outtype.upper()
     merged = out / f"{recipe.name}.{ftype}.gguf"
-    merge_fields = {k: v for k, v in recipe.to_yaml_dict().items() if k not in ("quants", "eval")}
+    merge_fields = recipe.merge_dict()
     stamps = input_stamps(sources)
     merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
     quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
-    quant_keys = {q: stage_key("quantize", merge_key, q, _llama_cpp_version()) for q in quants}
+    limit = memory_limit()
+    shape = shape_from_config(report.config, 0)
+    source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / f"{recipe.name}.{SOURCE_QUANT}.gguf")
+    imx = plan_imatrix(
+        recipe,
+        quants,
+        lang=lang,
+        shape=shape,
+        sizes={
+            "float": plan_space_item(report.n_params, ftype),
+            "source": plan_space_item(report.n_params, SOURCE_QUANT),
+        },
+        limit=limit,
+        n_ctx_train=_n_ctx_train(report.config),
+        merge_key=merge_key,
+        out_file=out / f"{recipe.name}.imatrix.gguf",
+        llama_version=_llama_cpp_version(),
+    )
+    quant_keys = {
+        q: stage_key("quantize", merge_key, q, _llama_cpp_version(), *([imx.key] if q in imx.users else []))
+        for q in quants
+    }
     parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
     parent_key = stage_key(
         "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
@@ -197,6 +230,13 @@ def _build(
     if options.compare_parents and state.finished("export instruct", parent_key) is None:
         todo["instruct (for --compare-parents)"] = ftype
     plan = plan_space(out, report.n_params, todo)
+    if imx.computes and state.finished("imatrix", imx.key) is None:
+        assert imx.path is not None
+        plan.items[imx.path.name] = imatrix_file_bytes(shape)
+        if imx.source == SOURCE_QUANT and SOURCE_QUANT not in quants:
+            plan.items[f"{SOURCE_QUANT} for the importance matrix (removed after)"] = plan_space_item(
+                report.n_params, SOURCE_QUANT
+            )
     if plan.free < plan.needed:
         raise EdgemergeError(
             f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
@@ -206,16 +246,18 @@ def _build(
         for f, t in [(merged, ftype), *((quant_files[q], q) for q in quants)]
     }
     plan.memory = plan_memory(
-        shape_from_config(report.config, 0),
+        shape,
         sizes,
         quants,
-        memory_limit(),
+        limit,
         threads_for(options.threads),
         n_inputs=len(report.models),
         eval_files=not options.skip_eval,
         eval_all=options.eval_all,
         skip_chat=options.skip_chat_eval,
     )
+    if imx.computes:
+        plan.memory.stages["imatrix"] = imx.need
     if not options.skip_eval and not options.eval_all:
         check_chat_possible(plan.memory.evals, plan.memory.limit)
     threads = plan.memory.threads.n
@@ -224,7 +266,7 @@ def _build(
     if on_plan:
         on_plan(plan)
 
-    planned = {"merge"} | {f"quantize {q}" for q in quants}
+    planned = {"merge"} | {f"quantize {q}" for q in quants} | ({"imatrix"} if imx.computes else set())
     drop_stale(state, planned)
 
     hashes: dict[Path, str] = {}
@@ -245,18 +287,19 @@ def _build(
         ),
         hashes,
     )
-    for q in quants:
-        stages.run(
-            f"quantize {q}",
-            quant_keys[q],
-            [quant_files[q]],
-            lambda q=q: _quantize(merged, q, quant_files[q], threads, progress),
-        )
+    _calibrate_and_quantize(
+        stages, imx, merged, source_file, quants, quant_files, quant_keys, threads, progress
+    )
 
     ggufs = [merged] + [quant_files[q] for q in quants]
     result = BuildResult(
         out=out, recipe=recipe, lang=lang, files=[], stages=stages.records, plan=plan, demo=options.demo
     )
+    computed_on = merged.name if imx.source == "float" else f"{recipe.name}.{SOURCE_QUANT}.gguf"
+    result.calibration = calibration_info(
+        imx, computed_on if imx.computes else None, [quant_files[q].name for q in imx.users]
+    )
+    result.warnings += imx.warnings
     if not options.skip_eval:
         file_keys = {merged.name: merge_key} | {quant_files[q].name: quant_keys[q] for q in quants}
         _evaluate_files(result, stages, ggufs, file_keys, options, plan.memory, progress)
@@ -268,6 +311,44 @@ def _build(
     _package(result, stages, ggufs, inputs, sources.instruct.path, backend, on_stage)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _calibrate_and_quantize(
+    stages: Stages,
+    imx: ImatrixPlan,
+    merged: Path,
+    source_file: Path,
+    quants: list[str],
+    quant_files: dict[str, Path],
+    quant_keys: dict[str, str],
+    threads: int | None,
+    progress: Progress | None,
+) -> None:
+    """Quantize: first the types that ignore an importance matrix (the Q8_0 an auto imatrix may be computed on
+    among them), then the imatrix stage (auto), then the types made with it."""
+
+    def run(q: str) -> None:
+        with_imx = imx.path if q in imx.users else None
+        stages.run(
+            f"quantize {q}",
+            quant_keys[q],
+            [quant_files[q]],
+            lambda: _quantize(merged, q, quant_files[q], threads, progress, with_imx),
+        )
+
+    for q in quants:
+        if q not in imx.users:
+            run(q)
+    if imx.computes:
+        assert imx.path is not None and imx.key is not None
+        stages.run(
+            "imatrix",
+            imx.key,
+            [imx.path],
+            lambda: compute_build_imatrix(imx, merged, source_file, threads=threads, progress=progress),
+        )
+    for q in imx.users:
+        run(q)
 
 
 def _evaluate_files(
@@ -368,6 +449,7 @@ def _package(
         },
         backend=backend,
         demo=result.demo,
+        imatrix=result.calibration,
     )
     t0 = time.perf_counter()
     if on_stage:
@@ -380,10 +462,20 @@ def _package(
         on_stage(StageEvent("package", True, record))
 
 
-def _quantize(src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None) -> None:
+def _quantize(
+    src: Path, quant: str, dst: Path, threads: int | None, progress: Progress | None, imatrix: Path | None
+) -> None:
 
     remove_file(dst)  # a stale file from an earlier key: this stage is redoing it (a folder there is refused)
-    quantize(src, quant, dst, threads=threads, progress=progress)
+    # the file records the importance matrix by its name: the user's folders are not published
+    name = None if imatrix is None else imatrix.name
+    quantize(src, quant, dst, threads=threads, progress=progress, imatrix=imatrix, imatrix_name=name)
+
+
+def _n_ctx_train(config: dict) -> int | None:
+    """The training context of a Hugging Face config (None when it does not say)."""
+    v = (config.get("text_config") or config).get("max_position_embeddings")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def _eval_stage(

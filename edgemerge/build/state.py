@@ -342,7 +342,7 @@ def drop_stale(state: BuildState, planned: set[str]) -> None:
     """Remove outputs of shipped-file stages the new plan no longer has (e.g. a quant dropped from the recipe)."""
     changed = False
     for name in list(state.stages):
-        if name.startswith(("merge", "quantize")) and name not in planned:
+        if name.startswith(("merge", "quantize", "imatrix")) and name not in planned:
             for rel in state.stages[name]["outputs"]:
                 state.remove_output(rel)
             del state.stages[name]

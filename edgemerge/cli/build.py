@@ -74,6 +74,14 @@ def build(
     method: Annotated[
         str | None, _o("--method", help="Merge method (default: the recipe's), e.g. ties.")
     ] = None,
+    imatrix: Annotated[
+        str | None,
+        _o(
+            "--imatrix",
+            help="Importance matrix for the quants: auto (computed on the recipe's languages), none, or a file "
+            "(default: the recipe's, auto).",
+        ),
+    ] = None,
     backend: Annotated[str, _o("--backend", help="Merge backend: auto, torch or mlx.")] = "auto",
     outtype: Annotated[str, _o("--outtype", help="Unquantized GGUF type: f16 or bf16.")] = "f16",
     eval_lang: Annotated[
@@ -127,6 +135,7 @@ def build(
         quants=_csv(quant, "--quant"),
         weights=_weights(weight),
         method=method,
+        imatrix=imatrix if imatrix in (None, "auto", "none") else str(Path(imatrix).expanduser().absolute()),
         backend=backend,
         outtype=outtype,
         lang=eval_lang or (codes[0] if codes and len(codes) == 1 else None),

@@ -60,7 +60,8 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
     for name, text in texts.items():
         with atomic_output(p.out / name, force=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
-    files = [p.out / n for n in p.ggufs] + [p.out / n for n in texts]
+    shipped = p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else [])
+    files = [p.out / n for n in shipped] + [p.out / n for n in texts]
     data = manifest_data(p, files)
     with atomic_output(p.out / MANIFEST, force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

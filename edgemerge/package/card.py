@@ -80,9 +80,12 @@ def model_card(p: PackageInfo) -> str:
 
     r = p.recipe
     files = []
-    for name in p.ggufs:
+    imx = p.imatrix
+    for name in p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else []):
         path = p.out / name
-        files.append({"name": name, "size": human_bytes(path.stat().st_size) if path.exists() else "?"})
+        made_with = "" if name == p.shipped_imatrix else ("yes" if imx and name in imx["files"] else "no")
+        size = human_bytes(path.stat().st_size) if path.exists() else "?"
+        files.append({"name": name, "size": size, "imatrix": made_with})
     card = ModelCard.from_template(
         front_matter(p),
         template_path=str(TEMPLATE),
@@ -103,6 +106,8 @@ def model_card(p: PackageInfo) -> str:
         formula=formula(r) if r.method == "task_arithmetic" else None,
         recipe_yaml=yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
         files=files,
+        imatrix=imx,
+        imatrix_texts=", ".join(f"`{t}`" for t in imx["texts"]) if imx else "",
         evaluations=[
             {"markdown": md.strip(), "failed": p.gate_failures.get(name)}
             for name, md in p.eval_markdown.items()

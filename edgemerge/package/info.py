@@ -26,6 +26,12 @@ class PackageInfo:
     hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256 already known (big files)
     backend: str | None = None
     demo: bool = False
+    imatrix: dict | None = None  # build.calibrate.calibration_info: the importance matrix of the quants
+
+    @property
+    def shipped_imatrix(self) -> str | None:
+        """The importance matrix file shipped in the folder (an auto one, computed by the build)."""
+        return self.imatrix["file"] if self.imatrix and self.imatrix["mode"] == "auto" else None
 
     @property
     def modelfile_gguf(self) -> str:

@@ -55,9 +55,13 @@ def eval_json(p: PackageInfo) -> dict[str, Any]:
 
 def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
     entries = []
+    calibrated = set(p.imatrix["files"]) if p.imatrix else set()
     for f in files:
         sha = p.hashes.get(f.name) or sha256_file(f)
-        entries.append({"name": f.name, "size": f.stat().st_size, "sha256": sha})
+        entry: dict[str, Any] = {"name": f.name, "size": f.stat().st_size, "sha256": sha}
+        if f.name in p.ggufs:  # which importance matrix made it (None: made without one)
+            entry["imatrix"] = p.imatrix["file"] if f.name in calibrated else None
+        entries.append(entry)
     return {
         "name": p.recipe.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -67,6 +71,7 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
         "recipe": public_recipe(p.recipe),
         "formula": formula(p.recipe) if p.recipe.method == "task_arithmetic" else None,
         "inputs": public_inputs(p.inputs, p.recipe.root),
+        "imatrix": p.imatrix,
         "backend": p.backend,
         "tools": tool_versions(),
         "stages": p.stages,
