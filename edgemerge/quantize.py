@@ -39,7 +39,12 @@ NEEDS_IMATRIX = frozenset(
 )
 # file types whose every tensor is quantized without looking at an importance matrix (ggml-quants.c: their
 # quantize_* functions ignore quant_weights; the float types are copied or converted): an imatrix changes nothing
-IGNORES_IMATRIX = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4_MOE"})
+IGNORES_IMATRIX = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "Q1_0", "MXFP4_MOE"})
+# file types llama.h names that edgemerge does not offer, and why
+NOT_OFFERED = {
+    "NVFP4": "the pinned llama.cpp's quantizer refuses it (invalid output file type)",
+    "Q2_0": "gguf-py cannot read its tensors (ggml type 42): the file could be neither checked nor evaluated",
+}
 # what llama-quantize records of the imatrix it used (tools/quantize/quantize.cpp)
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -63,7 +68,7 @@ def quant_types() -> dict[str, int]:
     out = {}
     for attr in dir(llama_cpp):
         m = re.fullmatch(r"LLAMA_FTYPE_(?:MOSTLY_|ALL_)(\w+)", attr)
-        if m:
+        if m and m.group(1) not in NOT_OFFERED:
             out[m.group(1)] = int(getattr(llama_cpp, attr))
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 

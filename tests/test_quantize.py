@@ -15,7 +15,7 @@ import pytest
 from edgemerge.cli import main
 from edgemerge.demo import DATA_DIR
 from edgemerge.errors import EdgemergeError
-from edgemerge.gguf.inspect import diff_tensors, kv, tensors
+from edgemerge.gguf.inspect import diff_tensors, kv, read_gguf, tensors
 from edgemerge.imatrix import importance, read_imatrix, write_imatrix
 from edgemerge.quantize import (
     KEY_IMATRIX_CHUNKS,
@@ -23,6 +23,7 @@ from edgemerge.quantize import (
     KEY_IMATRIX_ENTRIES,
     KEY_IMATRIX_FILE,
     NEEDS_IMATRIX,
+    NOT_OFFERED,
     output_name,
     quant_types,
     quantize,
@@ -87,6 +88,22 @@ def test_quantized_files_load_and_generate(quantized, f32_ggufs):
         llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
         out = llm("Kaixo", max_tokens=8, temperature=0.0, top_k=1)
         assert out["usage"]["completion_tokens"] > 0
+
+
+def test_types_not_offered_are_those_llama_cpp_or_gguf_py_cannot_handle(f32_ggufs, tmp_path):
+    """NVFP4: llama.cpp's quantizer refuses it; Q2_0: it writes the file but gguf-py cannot read it back."""
+    import llama_cpp
+
+    assert set(NOT_OFFERED) == {"NVFP4", "Q2_0"}
+    src = f32_ggufs["qwen3"]
+    assert _direct_llama_cpp_quantize(src, tmp_path / "n.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_NVFP4, ok=False)
+    assert _direct_llama_cpp_quantize(src, tmp_path / "q.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_0) == 0
+    with pytest.raises(EdgemergeError, match="unknown type 42"):
+        read_gguf(tmp_path / "q.gguf")
+    for name in NOT_OFFERED:
+        assert name not in quant_types()
+        with pytest.raises(EdgemergeError, match=f"unknown quantization type '{name}'"):
+            quantize(src, name, tmp_path / "y.gguf")
 
 
 def test_output_name_replaces_float_suffix():
@@ -217,7 +234,9 @@ def test_imatrix_changes_a_k_quant(quantized, f32_ggufs, imatrices, tmp_path):
     assert diff_tensors(quantized["Q4_K_M"], out)
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "TQ1_0", "TQ2_0", "Q4_0", "Q5_1", "Q6_K", "IQ4_NL", "Q3_K_M"])
+@pytest.mark.parametrize(
+    "quant", ["Q8_0", "TQ1_0", "TQ2_0", "Q1_0", "Q4_0", "Q5_1", "Q6_K", "IQ4_NL", "Q3_K_M"]
+)
 def test_uses_imatrix_says_which_types_an_imatrix_changes(quant, f32_ggufs, imatrices, tmp_path):
     """uses_imatrix is what llama.cpp does: with an imatrix, the tensors of exactly those types change (the
     quantize.imatrix.* keys are written either way)."""
