@@ -198,3 +198,19 @@ def test_auto_without_any_bundled_text_is_refused(build_family):
     plan = plan_imatrix(eu, ["Q4_K_M", "Q8_0"], **(kwargs | {"lang": "eu", "n_ctx_train": 128}))
     assert plan.computes and plan.chunk_size == 128 and plan.users == ("Q4_K_M",) and plan.source == "float"
     assert plan.need == imatrix_need(shape, 1000, 128)
+
+
+def test_an_8b_build_on_a_16_gb_laptop_calibrates_on_q8_0(build_family):
+    """Llama-3.1-8B's shape: its F16 (16 GB) does not fit 16 GB with the calibration's buffers, its Q8_0 does; on
+    32 GB the F16 is used."""
+    from .test_memory_plan import LLAMA_8B, SIZES_8B, limit
+
+    recipe = load_recipe(build_family["recipe"])
+    shape = shape_from_config(LLAMA_8B, 0)
+    sizes = {"float": SIZES_8B["m.F16.gguf"], "source": SIZES_8B["m.Q8_0.gguf"]}
+    common = {"lang": "eu", "shape": shape, "sizes": sizes, "n_ctx_train": 131072, "merge_key": "k"}
+    common |= {"out_file": Path("m.imatrix.gguf"), "llama_version": None}
+    laptop = plan_imatrix(recipe, ["Q4_K_M", "Q8_0"], limit=limit(16 << 30), **common)
+    assert laptop.source == SOURCE_QUANT and laptop.need == imatrix_need(shape, sizes["source"], 512)
+    assert 8.5e9 < laptop.need < 0.9 * (16 << 30)
+    assert plan_imatrix(recipe, ["Q4_K_M"], limit=limit(32 << 30), **common).source == "float"

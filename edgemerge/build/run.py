@@ -256,8 +256,8 @@ def _build(
         eval_all=options.eval_all,
         skip_chat=options.skip_chat_eval,
     )
-    if imx.computes:
-        plan.memory.stages["imatrix"] = imx.need
+    if imx.computes:  # on the Q8_0: the unquantized file does not fit with the calibration's buffers
+        plan.memory.stages["imatrix" if imx.source == "float" else f"imatrix on {SOURCE_QUANT}"] = imx.need
     if not options.skip_eval and not options.eval_all:
         check_chat_possible(plan.memory.evals, plan.memory.limit)
     threads = plan.memory.threads.n
