@@ -37,10 +37,20 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def auto_build(build_family, tmp_path_factory) -> Path:
-    """imatrix: auto, Q4_K_M only, no eval."""
+    """imatrix: auto, Q4_K_M and IQ2_M (a type llama.cpp makes only with an importance matrix), no eval."""
     out = tmp_path_factory.mktemp("imx") / NAME
-    build(load_recipe(build_family["recipe"]), BuildOptions(out=out, skip_eval=True, quants=["Q4_K_M"]))
+    build(
+        load_recipe(build_family["recipe"]), BuildOptions(out=out, skip_eval=True, quants=["Q4_K_M", "IQ2_M"])
+    )
     return out
+
+
+def test_auto_makes_the_types_that_need_an_importance_matrix(auto_build):
+    iq2 = kv(auto_build / f"{NAME}.IQ2_M.gguf")
+    assert (
+        iq2["general.file_type"] == 29 and iq2["quantize.imatrix.file"] == IMATRIX
+    )  # LLAMA_FTYPE_MOSTLY_IQ2_M
+    assert _manifest(auto_build)["imatrix"]["quants"] == ["Q4_K_M", "IQ2_M"]
 
 
 def test_imatrix_none_quantizes_as_llama_cpp_does_without_one(build_family, auto_build, tmp_path):
