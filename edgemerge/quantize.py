@@ -11,6 +11,7 @@ key/value overrides, in its order.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -50,6 +51,7 @@ KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KEY_IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
 KEY_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+LOG_TAIL = 16  # pieces of llama.cpp's log the quantizer child keeps for its error message
 _KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]: llama-quantize strncpy's 127 bytes
 # float file types a GGUF can be quantized from (llama.cpp would need allow_requantize otherwise)
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
@@ -149,9 +151,10 @@ def quantize(
     inputs = [src, imatrix]
     with atomic_output(dst, force=force, inputs=inputs) as tmp, task(progress, f"{name} {dst.name}", None):
         nthread = threads or os.cpu_count() or 1
-        rc = run_quantizer(src, tmp, quant_types()[name], nthread, imatrix, imatrix_name)
+        rc, said = run_quantizer(src, tmp, quant_types()[name], nthread, imatrix, imatrix_name)
         if rc != 0 or not tmp.is_file():
-            raise EdgemergeError(f"llama.cpp could not quantize {src} to {name} (see its message above)")
+            reason = f": {said}" if said else " (it gave no reason)"
+            raise EdgemergeError(f"llama.cpp could not quantize {src} to {name}{reason}")
     return dst
 
 
@@ -162,8 +165,9 @@ def run_quantizer(
     nthread: int,
     imatrix: Path | None = None,
     imatrix_name: str | None = None,
-) -> int:
-    """`llama_model_quantize` with llama.cpp's default parameters, in a child process; its return code.
+) -> tuple[int, str]:
+    """`llama_model_quantize` with llama.cpp's default parameters, in a child process; its return code and the
+    last line llama.cpp logged (only errors are logged: the reason it failed).
 
     llama.cpp's quantizer has no abort callback and a Ctrl-C raised in its log callback is lost (see
     interrupts.py), so it runs where it can be stopped: on Ctrl-C (or any exception) the child is killed at
@@ -173,13 +177,21 @@ def run_quantizer(
     argv = child_command(
         "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread), *extra
     )
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     try:
-        return proc.wait()
+        _, err = proc.communicate()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    return proc.returncode, last_line(err.decode("utf-8", errors="replace"))
+
+
+def last_line(log: str) -> str:
+    """The last non-empty line of llama.cpp's log without the function name it starts with, at most 300
+    characters ("llama_model_quantize: failed to quantize: X" -> "failed to quantize: X")."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return re.sub(r"^\w+: ", "", lines[-1])[:300] if lines else ""
 
 
 def _quantizer_main(
@@ -191,9 +203,15 @@ def _quantizer_main(
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     import llama_cpp
-    from llama_cpp import _logger
 
-    _logger.set_verbose(False)  # llama.cpp logs every tensor; keep errors only
+    # llama.cpp logs every tensor, and why it failed only at INFO level: keep its last lines, say them on failure
+    recent: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+
+    @llama_cpp.llama_log_callback
+    def keep_recent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        recent.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(keep_recent, ctypes.c_void_p(0))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(nthread)
@@ -206,6 +224,8 @@ def _quantizer_main(
             return 1
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     del keep  # the arrays llama.cpp read from
+    if rc != 0:
+        print("".join(recent), file=sys.stderr)
     return int(rc != 0)
 
 

@@ -9,6 +9,7 @@ from edgemerge.errors import EdgemergeError
 from edgemerge.evaluate.perplexity import make_chunks, perplexity
 from edgemerge.runtime import Model
 
+from .reference_llama import reference_llama
 from .shared import need_shared
 
 
@@ -37,11 +38,10 @@ def test_reproduces_llama_cpp_perplexity(stories, en_lines):
 def test_matches_independent_computation_from_raw_logits(en_lines):
     """The same definition written out with llama-cpp-python's high-level API (logits_all=True, Llama.eval,
     Llama.scores) and a per-token log-sum-exp in numpy: a different code path to the same logits."""
-    import llama_cpp
 
     path = need_shared("models", "stories260K", "stories260K.gguf")
     ctx = 64
-    llm = llama_cpp.Llama(
+    llm = reference_llama(
         model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=1, verbose=False
     )
     tokens = llm.tokenize("\n".join(en_lines[:16]).encode(), add_bos=True)

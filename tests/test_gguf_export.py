@@ -16,6 +16,7 @@ from edgemerge.gguf.vocab import CHECK_TEXT
 from edgemerge.pipeline import export_hf
 
 from .arch_fixtures import ARCH_SPECS
+from .reference_llama import reference_llama
 from .shared import need_shared
 
 ARCHS = list(ARCH_SPECS)
@@ -31,12 +32,12 @@ def _sentences(lang: str, n: int = 150) -> list[str]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(arch, arch_models, f32_ggufs):
     """llama.cpp on our F32 file gives transformers' logits on the same ids (|diff| <= 2e-3)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(arch_models[arch])(PROMPT).input_ids
-    llm = llama_cpp.Llama(str(f32_ggufs[arch]), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    llm = reference_llama(str(f32_ggufs[arch]), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
     llm.eval(ids)
     ours = np.asarray(llm.scores[: len(ids)])
     model = AutoModelForCausalLM.from_pretrained(arch_models[arch], dtype=torch.float32)
@@ -52,7 +53,7 @@ def test_tokenization_matches_reference_on_real_text(arch, arch_models, f32_gguf
     """llama.cpp's tokenizer from our GGUF splits real eu/ca/gl/es/en sentences like the model's own tokenizer:
     the HF tokenizer for BPE, the SentencePiece library on the real .model for SentencePiece (transformers 5's
     tokenizer converted from the .model splits runs of spaces differently from SentencePiece itself)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
     if arch == "mistral":
@@ -63,7 +64,7 @@ def test_tokenization_matches_reference_on_real_text(arch, arch_models, f32_gguf
     else:
         hf = AutoTokenizer.from_pretrained(arch_models[arch])
         reference = lambda text: hf(text).input_ids
-    llm = llama_cpp.Llama(str(f32_ggufs[arch]), vocab_only=True, verbose=False)
+    llm = reference_llama(str(f32_ggufs[arch]), vocab_only=True, verbose=False)
     checked = 0
     for lang in ("eu", "ca", "gl", "es", "en"):
         for text in _sentences(lang):
@@ -157,7 +158,7 @@ def test_merge_metadata_lineage_and_recipe(arch_models, tmp_path):
 
 def test_stories260k_round_trip_keeps_greedy_output(tmp_path):
     """stories260K.gguf -> HF (to_hf) -> our export: llama.cpp's greedy continuation is unchanged."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from edgemerge.gguf.to_hf import gguf_to_hf
 
     seed = need_shared("models", "stories260K")
@@ -165,7 +166,7 @@ def test_stories260k_round_trip_keeps_greedy_output(tmp_path):
     ours = export_hf(hf, tmp_path / "stories.gguf", outtype="f32")
 
     def greedy(path: Path) -> str:
-        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, seed=0, verbose=False)
+        llm = reference_llama(str(path), n_ctx=128, n_threads=2, seed=0, verbose=False)
         return llm("Once upon a time", max_tokens=40, temperature=0.0, top_k=1)["choices"][0]["text"]
 
     before = greedy(seed / "stories260K.gguf")

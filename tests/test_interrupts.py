@@ -21,6 +21,7 @@ import yaml
 from edgemerge.interrupts import llama_call, raise_if_interrupted
 
 from .models import Spec, make_family, tiny_spm_tokenizer
+from .reference_llama import reference_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -182,7 +183,7 @@ def sigint_from_llama_log():
 
 def test_sigint_inside_a_llama_cpp_callback_is_raised_after_the_call(slow_gguf, sigint_from_llama_log):
     with pytest.raises(KeyboardInterrupt), llama_call():
-        llm = llama_cpp.Llama(str(slow_gguf), n_ctx=64, n_threads=1, verbose=False)
+        llm = reference_llama(str(slow_gguf), n_ctx=64, n_threads=1, verbose=False)
         loaded = llm  # reached: the call itself ran to its end, then the interrupt was raised
     assert sigint_from_llama_log and loaded is not None
     loaded.close()

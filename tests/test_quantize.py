@@ -24,13 +24,16 @@ from edgemerge.quantize import (
     KEY_IMATRIX_FILE,
     NEEDS_IMATRIX,
     NOT_OFFERED,
+    last_line,
     output_name,
     quant_types,
     quantize,
+    run_quantizer,
     uses_imatrix,
 )
 
 from .llama_tools import need_tool
+from .reference_llama import reference_llama
 
 pytest.importorskip("llama_cpp")
 
@@ -71,10 +74,9 @@ def test_same_bytes_as_llama_cpp_quantizer(quantized, f32_ggufs, tmp_path):
 
 
 def test_quantized_files_load_and_generate(quantized, f32_ggufs):
-    import llama_cpp
 
     def logits(path: Path) -> tuple[np.ndarray, list[int]]:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+        llm = reference_llama(str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
         ids = llm.tokenize(TEXT.encode())
         llm.eval(ids)
         return np.asarray(llm.scores[: len(ids)]), llm
@@ -85,7 +87,7 @@ def test_quantized_files_load_and_generate(quantized, f32_ggufs):
     assert np.mean(ref.argmax(-1) == q8.argmax(-1)) >= 0.8
     assert quantized["Q8_0"].stat().st_size < f32_ggufs["qwen3"].stat().st_size / 3
     for path in quantized.values():
-        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+        llm = reference_llama(str(path), n_ctx=128, n_threads=2, verbose=False)
         out = llm("Kaixo", max_tokens=8, temperature=0.0, top_k=1)
         assert out["usage"]["completion_tokens"] > 0
 
@@ -104,6 +106,15 @@ def test_types_not_offered_are_those_llama_cpp_or_gguf_py_cannot_handle(f32_gguf
         assert name not in quant_types()
         with pytest.raises(EdgemergeError, match=f"unknown quantization type '{name}'"):
             quantize(src, name, tmp_path / "y.gguf")
+
+
+def test_llama_cpp_s_reason_reaches_the_caller(f32_ggufs, tmp_path):
+    """The quantizer child's log (errors only) is read: its last line says why llama.cpp failed."""
+    import llama_cpp
+
+    rc, said = run_quantizer(f32_ggufs["qwen3"], tmp_path / "x.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_NVFP4, 1)
+    assert rc != 0 and said == "failed to quantize: invalid output file type 39"
+    assert last_line("a: one\n\nllama_x: two \n") == "two" and last_line("") == ""
 
 
 def test_output_name_replaces_float_suffix():
@@ -207,7 +218,6 @@ def test_llama_cpp_refuses_these_types_without_an_imatrix(quant, f32_ggufs, tmp_
 
 @pytest.mark.parametrize("quant", ["IQ2_M", "IQ3_XXS", "Q2_K_S"])
 def test_imatrix_quants_are_made_with_the_imatrix(quant, with_imatrix, imatrices):
-    import llama_cpp
 
     a, b = with_imatrix(quant, "a"), with_imatrix(quant, "b")
     changed = diff_tensors(a, b)  # the imatrix is used: another one moves the quantized blocks
@@ -218,7 +228,7 @@ def test_imatrix_quants_are_made_with_the_imatrix(quant, with_imatrix, imatrices
     assert meta[KEY_IMATRIX_DATASET] == "calibration-1.txt"
     assert meta[KEY_IMATRIX_ENTRIES] == len(read_imatrix(imatrices["a"]).entries)
     assert meta[KEY_IMATRIX_CHUNKS] == 4
-    llm = llama_cpp.Llama(str(a), n_ctx=128, n_threads=2, verbose=False)
+    llm = reference_llama(str(a), n_ctx=128, n_threads=2, verbose=False)
     assert llm("Kaixo", max_tokens=4, temperature=0.0, top_k=1)["usage"]["completion_tokens"] > 0
 
 

@@ -3,13 +3,13 @@ completion, batched answers equal sequential ones, several sequences per llama_d
 
 from __future__ import annotations
 
-import llama_cpp
 import numpy as np
 import pytest
 
 from edgemerge import runtime as runner
 from edgemerge.runtime import Model
 
+from .reference_llama import reference_llama
 from .test_eval_run import make_chat_gguf
 
 STARTS = [
@@ -41,7 +41,7 @@ def prompts(model):
 
 def test_greedy_answers_equal_llama_cpp_pythons_completion(chat_gguf, model, prompts):
     """llama-cpp-python's own greedy completion (temperature 0, no repetition penalty) on its own context."""
-    llm = llama_cpp.Llama(model_path=str(chat_gguf), n_ctx=512, n_threads=1, verbose=False)
+    llm = reference_llama(model_path=str(chat_gguf), n_ctx=512, n_threads=1, verbose=False)
     try:
         for p in prompts[:4]:
             for limit in (200, 5):

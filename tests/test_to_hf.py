@@ -11,6 +11,7 @@ import pytest
 from edgemerge.errors import EdgemergeError
 from edgemerge.gguf.to_hf import gguf_to_hf, unpermute_rotary
 
+from .reference_llama import reference_llama
 from .shared import need_shared
 
 TEXT = "Once upon a time, there was a little dog named Max. He liked to run in the park with his ball."
@@ -35,7 +36,7 @@ def test_unpermute_inverts_the_export_permutation():
 
 def test_stories260k_logits_match_llama_cpp(stories_hf):
     torch = pytest.importorskip("torch")
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     seed = need_shared("models", "stories260K", "stories260K.gguf")
@@ -48,7 +49,7 @@ def test_stories260k_logits_match_llama_cpp(stories_hf):
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
 
-    llm = llama_cpp.Llama(model_path=str(seed), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    llm = reference_llama(model_path=str(seed), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
     assert llm.tokenize(TEXT.encode(), add_bos=True) == ids
     llm.eval(ids)
     cpp_logits = np.array(llm.scores[: len(ids)])

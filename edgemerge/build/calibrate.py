@@ -89,9 +89,8 @@ def check_choice(recipe: Recipe, quants: list[str]) -> str:
             )
     elif mode == "file":
         path = local_path(recipe.imatrix, recipe.root)
-        if not read_imatrix(
-            path
-        ).entries:  # unreadable, truncated or not an imatrix: one line from the reader
+        imx = read_imatrix(path)  # unreadable, truncated or not an imatrix: one line from the reader
+        if not imx.entries:
             raise EdgemergeError(f"{shown_path(path)} holds no importance matrix entries; compute it again")
     return mode
 
@@ -133,7 +132,8 @@ def plan_imatrix(
     users = tuple(q for q in quants if uses_imatrix(q))
     if mode == "file":
         path = local_path(recipe.imatrix, recipe.root)
-        return ImatrixPlan("file", path, users, key=stage_key("imatrix file", sha256_file(path)))
+        # the quants record the file's name: it is part of the key with the content
+        return ImatrixPlan("file", path, users, key=stage_key("imatrix file", path.name, sha256_file(path)))
     langs, warnings = auto_languages(recipe.lang_codes, lang)
     if not users:
         return ImatrixPlan(AUTO, warnings=warnings)
