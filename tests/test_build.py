@@ -335,3 +335,26 @@ def test_one_build_per_output_folder_at_a_time(tmp_path):
     with build_lock(out):  # released, and no lock file left behind
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--quant", "Q4_K_X"], "unknown quantization type 'Q4_K_X'"),
+        (["--weight", "abc"], "--weight"),
+        (["--method", "tise"], "tise"),
+        (["--backend", "cuda"], "cuda"),
+        (["--outtype", "q8"], "unknown output type"),
+        (["--eval-lang", "xx"], "xx"),
+    ],
+)
+def test_demo_flags_are_checked_before_the_demo_is_trained(args, message, monkeypatch, capsys, tmp_path):
+    from edgemerge.build import target
+
+    def no_training(*a, **k):
+        raise AssertionError("the demo family was made before the flags were checked")
+
+    monkeypatch.setattr(target, "demo_family", no_training)
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--demo", "--out", str(tmp_path / "d"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -121,8 +121,6 @@ def test_computed_on_q8_0_when_the_f16_does_not_fit(build_family, tmp_path, monk
     recipe = load_recipe(build_family["recipe"])
     config = json.loads((build_family["instruct"] / "config.json").read_text())
     shape = shape_from_config(config, 0)
-    first = tmp_path / "sizes"
-    build(recipe, BuildOptions(out=first, skip_eval=True, quants=["Q8_0"], imatrix="none"))
     # the plan estimates file sizes from the parameter count; measure both needs the way the plan does
     from edgemerge.build.options import plan_space_item
     from edgemerge.check import check_compat

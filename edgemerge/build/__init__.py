@@ -16,7 +16,7 @@ finished: the card, Modelfile, eval.json and manifest are removed when a build s
 written again at its end, so they describe only a finished build.
 """
 
-from .options import BuildOptions, Plan, apply_overrides, check_quants
+from .options import BuildOptions, Plan, apply_overrides, check_options, check_quants
 from .run import BuildResult, build
 from .state import (
     PACKAGE_FILES,
@@ -47,6 +47,7 @@ __all__ = [
     "apply_overrides",
     "build",
     "build_lock",
+    "check_options",
     "check_quants",
     "choose_recipe",
     "demo_options",

@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgemergeError
+from ..evaluate.prompts import load_prompts
 from ..files import (
     free_bytes,
     human_bytes,
 )
 from ..memory_plan import MemoryPlan
+from ..merge.backends import resolve_backend_name
+from ..merge.methods import get_method
 from ..quantize import check_quant
 from ..recipe import Recipe, parse_recipe
 from ..resources import Threads, default_threads
@@ -92,6 +95,23 @@ def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
         for lang, w in zip(data["languages"], weights):
             lang["weight"] = w
     return parse_recipe(data, source=recipe.name, root=recipe.root)
+
+
+def check_options(options: BuildOptions, *, lang: bool = True) -> str:
+    """The flags that do not depend on the recipe, checked before any work (before the demo family is trained
+    or a model downloaded): quant names, method, backend, output type, and with `lang` the evaluation language
+    (the command line checks it only when --eval-lang names it: for --lang, the recipe's error says more).
+    Returns the backend's resolved name."""
+    if options.quants is not None:
+        check_quants(options.quants)
+    if options.method is not None:
+        get_method(options.method)
+    backend = resolve_backend_name(options.backend)
+    if options.outtype.lower() not in ("f16", "bf16"):
+        raise EdgemergeError(f"unknown output type {options.outtype!r}; choose f16 or bf16")
+    if lang and options.lang is not None and not options.skip_eval:
+        load_prompts(options.lang)
+    return backend
 
 
 def check_quants(quants: list[str], *, imatrix: bool = True) -> list[str]:

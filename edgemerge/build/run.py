@@ -22,7 +22,6 @@ from ..files import (
     remove_file,
 )
 from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
-from ..merge.backends import resolve_backend_name
 from ..package import PackageInfo, write_package
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
@@ -43,6 +42,7 @@ from .options import (
     BuildOptions,
     Plan,
     apply_overrides,
+    check_options,
     check_quants,
     plan_space,
     plan_space_item,
@@ -154,9 +154,7 @@ def build(
     check_choice(recipe, quants)  # imatrix: none with a type that needs one, an unreadable file
     lang = options.lang or recipe.lang_codes[0]
 
-    backend = resolve_backend_name(options.backend)  # bad names fail before any work
-    if options.outtype.lower() not in ("f16", "bf16"):
-        raise EdgemergeError(f"unknown output type {options.outtype!r}; choose f16 or bf16")
+    backend = check_options(options)  # bad names fail before any work
     if not options.skip_eval:
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)

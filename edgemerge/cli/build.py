@@ -9,7 +9,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from ..build import BuildOptions, StageEvent, choose_recipe
+from ..build import BuildOptions, StageEvent, check_options, choose_recipe
 from ..build import build as run_build
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
@@ -122,14 +122,6 @@ def build(
 
     check_count("--threads", threads, 1, MAX_THREADS)
     codes = _csv(lang, "--lang")
-    progress = make_progress(err_console)
-    if demo and recipe is None:
-        err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
-        with progress:  # the demo family is trained on first use: show it
-            r = choose_recipe(codes, recipe, demo=demo, progress=progress)
-    else:
-        r = choose_recipe(codes, recipe, demo=demo)
-
     options = BuildOptions(
         out=out,
         quants=_csv(quant, "--quant"),
@@ -148,6 +140,16 @@ def build(
         eval_all=eval_all,
         skip_chat_eval=skip_chat_eval,
     )
+    check_options(
+        options, lang=eval_lang is not None
+    )  # a typo fails before the demo family is trained or a model downloaded
+    progress = make_progress(err_console)
+    if demo and recipe is None:
+        err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        with progress:  # the demo family is trained on first use: show it
+            r = choose_recipe(codes, recipe, demo=demo, progress=progress)
+    else:
+        r = choose_recipe(codes, recipe, demo=demo)
 
     def on_stage(e: StageEvent) -> None:
         if not e.done:
