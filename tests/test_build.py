@@ -220,8 +220,12 @@ def test_output_folder_of_another_build_needs_force(build_family, tmp_path, buil
     with pytest.raises(EdgemergeError, match=r"holds another build \(tiny-eu\).*--force"):
         build(load_recipe(other), BuildOptions(out=out, skip_eval=True))
     assert (out / GGUFS[0]).exists()
-    build(load_recipe(other), BuildOptions(out=out, skip_eval=True, force=True))
+    (out / "notes.txt").write_text("mine")  # not edgemerge's: --force keeps it, and the build says so
+    forced = build(load_recipe(other), BuildOptions(out=out, skip_eval=True, force=True))
     assert not (out / GGUFS[0]).exists() and (out / "other-eu.Q8_0.gguf").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert any("notes.txt" in w and "move them out before uploading" in w for w in forced.warnings)
+    assert "notes.txt" not in [f["name"] for f in _manifest(out)["files"]]
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

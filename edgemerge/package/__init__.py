@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import EdgemergeError
 from ..evaluate.prompts import language_info
-from ..files import atomic_output
+from ..files import MARKER, atomic_output
 from .card import CARD, DEMO_NOTE, front_matter, model_card
 from .info import PackageInfo
 from .manifest import EVAL_JSON, MANIFEST, eval_json, tool_versions
@@ -65,4 +65,18 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
     data = manifest_data(p, files)
     with atomic_output(p.out / MANIFEST, force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    return files + [p.out / MANIFEST], warnings
+    files.append(p.out / MANIFEST)
+    foreign = foreign_files(p.out, files)
+    if foreign:
+        warnings.append(
+            f"{p.out} also holds {', '.join(foreign)}, which edgemerge did not write and manifest.json does not "
+            "list: move them out before uploading the folder"
+        )
+    return files, warnings
+
+
+def foreign_files(out: Path, files: list[Path]) -> list[str]:
+    """Names in the folder `out` that are neither the build's `files` nor edgemerge's marker (a user's file kept
+    by --force, which never deletes what it did not write)."""
+    ours = {f.name for f in files} | {MARKER}
+    return sorted(p.name for p in out.iterdir() if p.name not in ours)
