@@ -158,6 +158,7 @@ def test_model_card_front_matter_and_eval(built):
     assert fm["tags"] == ["merge", "gguf", "edgemerge"]
     assert fm["pipeline_tag"] == "text-generation"
     assert "W = W_instruct + 0.8 · (W_eu − W_base)" in card
+    assert "computed per tensor in float32 and written as F16 (the unquantized file" in card  # not bfloat16
     for g in GGUFS:
         assert f"Evaluation of `{g}`" in card
 

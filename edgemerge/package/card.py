@@ -10,6 +10,7 @@ import yaml
 
 from .. import __version__
 from ..files import human_bytes
+from ..gguf.inspect import kv
 from ..public import public_recipe, public_ref
 from ..recipe import Recipe
 from ..sources import is_local
@@ -73,6 +74,12 @@ def _recipe_yaml(r: Recipe) -> dict[str, Any]:
     return data
 
 
+def _float_type(gguf_path: Path) -> str:
+    """The unquantized file's type as llama.cpp names it (its general.file_type), e.g. F16."""
+    ftype = kv(gguf_path).get("general.file_type") if gguf_path.exists() else None
+    return {0: "F32", 1: "F16", 32: "BF16"}.get(ftype, "F16" if ftype is None else f"file type {ftype}")
+
+
 def model_card(p: PackageInfo) -> str:
     """README.md: front matter, what it is, recipe, formula, evaluation per file, how to run it
     (card_template.md is the text; this gathers its values)."""
@@ -102,7 +109,7 @@ def model_card(p: PackageInfo) -> str:
         version=__version__,
         method=r.method,
         options=r.options,
-        dtype=r.dtype,
+        stored=_float_type(p.out / p.ggufs[0]),
         formula=formula(r) if r.method == "task_arithmetic" else None,
         recipe_yaml=yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
         files=files,
