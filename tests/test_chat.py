@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from edgemerge.cli.chat import gguf_language
 from edgemerge.runtime import Generation, Model
 
 from .test_eval_run import make_chat_gguf
@@ -64,7 +65,13 @@ def test_chat_streams_answers_resets_and_exits(chat_gguf):
             "--lang", "en", "--threads", "1", "--max-tokens", "40", "--ctx", "512"]  # fmt: skip
     term = Terminal(args)
     try:
-        term.expect(r"/exit")
+        term.expect(r"/bye")
+        term.expect(r"> ")
+        term.send("/?")  # Ollama's commands: answered by the chat, never sent to the model
+        term.expect(r"/clear \(or /reset\)")
+        term.expect(r"> ")
+        term.send("/nope")
+        term.expect(r"unknown command /nope; /\? lists the commands")
         term.expect(r"> ")
         term.send("Tell me a story.")
         first = term.expect(r"\n> ")
@@ -79,7 +86,7 @@ def test_chat_streams_answers_resets_and_exits(chat_gguf):
         # greedy decoding from a fresh conversation gives the first answer again: /reset dropped the history
         answer = first.split("Tell me a story.")[-1].strip()
         assert answer and answer in again
-        term.send("/exit")
+        term.send("/bye")
         assert term.close() == 0
     finally:
         if term.proc.poll() is None:
@@ -96,6 +103,12 @@ def test_stream_yields_pieces_that_add_up_to_the_answer(chat_gguf):
         assert "".join(pieces) == final.text == m.generate(prompt, 40).text
     finally:
         m.close()
+
+
+def test_chat_language_from_the_gguf():
+    assert gguf_language({"general.languages": ["eu"]}) == "eu"
+    assert gguf_language({"general.languages": ["eu", "ca"]}) is None  # several: the user says which
+    assert gguf_language({"general.languages": ["xx"]}) is None and gguf_language({}) is None
 
 
 def test_chat_refuses_a_base_model(capsys):

@@ -10,12 +10,28 @@ import typer
 
 from ..errors import EdgemergeError
 from ..evaluate.prompts import language_info
+from ..gguf.inspect import kv as gguf_kv
 from ..limits import MAX_THREADS, check_count
 from ..runtime import Generation, Model, check_gguf
 from .common import app, err_console
 
 MIN_CHAT_CTX = 64
-HELP_LINE = "/reset starts a new conversation, /exit (or Ctrl-D) quits."
+HELP_LINE = "/clear starts a new conversation, /bye (or Ctrl-D) quits, /? lists the commands."
+# Ollama's in-chat commands, with edgemerge's earlier names kept as aliases
+COMMANDS = {
+    "/bye": "bye",
+    "/exit": "bye",
+    "/clear": "clear",
+    "/reset": "clear",
+    "/?": "help",
+    "/help": "help",
+}
+HELP_TEXT = (
+    "/clear (or /reset)  forget the conversation and start a new one\n"
+    "/bye (or /exit)     quit (Ctrl-D too)\n"
+    "/? (or /help)       this list\n"
+    "Any other line is sent to the model; start it with a space to send a line that begins with '/'."
+)
 
 
 @app.command()
@@ -25,7 +41,12 @@ def chat(
     ],
     lang: Annotated[
         str | None,
-        typer.Option("--lang", "-l", help="Use this language's default system prompt (eu, ca, gl, es, en)."),
+        typer.Option(
+            "--lang",
+            "-l",
+            help="Use this language's default system prompt (eu, ca, gl, es, en; default: the GGUF's language "
+            "when it names one).",
+        ),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="A system prompt of your own.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Token limit per answer.")] = 512,
@@ -36,7 +57,17 @@ def chat(
 ) -> None:
     """Chat with a GGUF in the terminal: greedy decoding, tokens streamed as they come.
 
-    Type a message and press Enter. /reset starts a new conversation, /exit or Ctrl-D quits.
+    Type a message and press Enter. /clear starts a new conversation, /bye or Ctrl-D quits, /? lists the
+    commands (Ollama's). Without --lang or --system, the system prompt is that of the GGUF's language
+    (general.languages, as edgemerge writes it) when edgemerge has one for it.
+
+    Examples:
+
+      edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu.Q4_K_M.gguf
+
+      edgemerge chat model.gguf --lang eu --ctx 8192
+
+      edgemerge chat model.gguf --system "Erantzun beti euskaraz eta laburki."
     """
 
     check_count(
@@ -45,10 +76,11 @@ def chat(
     check_count("--max-tokens", max_tokens, 1, ctx - 1, " (the answer must fit the context with a prompt)")
     check_count("--threads", threads, 1, MAX_THREADS)
     check_gguf(model)
-    if system is None and lang is not None:
-        system = language_info(lang)["system"]
     m = Model(model, n_ctx=ctx, n_threads=threads)
     try:
+        lang = lang or gguf_language(gguf_kv(model))
+        if system is None and lang is not None:
+            system = language_info(lang)["system"]
         if m.chat_template is None:
             raise EdgemergeError(
                 f"{model.name} has no chat template (a base model?); chat needs an instruct model's GGUF"
@@ -59,6 +91,20 @@ def chat(
         _loop(m, system, max_tokens)
     finally:
         m.close()
+
+
+def gguf_language(metadata: dict) -> str | None:
+    """The one language a GGUF's metadata names in general.languages, if edgemerge has a system prompt for it."""
+    langs = metadata.get("general.languages")
+    if isinstance(langs, str):
+        langs = [langs]
+    if not isinstance(langs, list) or len(langs) != 1 or not isinstance(langs[0], str):
+        return None
+    try:
+        language_info(langs[0])
+    except EdgemergeError:
+        return None
+    return langs[0]
 
 
 def _loop(m, system: str | None, max_tokens: int) -> None:
@@ -74,11 +120,17 @@ def _loop(m, system: str | None, max_tokens: int) -> None:
         text = line.strip()
         if not text:
             continue
-        if text == "/exit":
-            return
-        if text == "/reset":
-            history = []
-            err_console.print("[dim](new conversation)[/dim]")
+        if line.startswith("/"):
+            command = COMMANDS.get(text.split()[0].lower())
+            if command == "bye":
+                return
+            if command == "clear":
+                history = []
+                err_console.print("[dim](new conversation)[/dim]")
+            elif command == "help":
+                err_console.print(HELP_TEXT, highlight=False, markup=False)
+            else:
+                err_console.print(f"unknown command {text.split()[0]}; /? lists the commands", markup=False)
             continue
         history.append({"role": "user", "content": text})
         tokens = m.chat_tokens(base + history)
