@@ -79,8 +79,9 @@ def test_manifest_hashes_sizes_and_provenance(built, build_family):
 
 
 def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
-    """imatrix: auto (the default) computes one importance matrix on the F16 and the bundled Basque text, ships
-    it, makes Q4_K_M with it (recorded by file name, as llama-quantize records its --imatrix) and Q8_0 without."""
+    """imatrix: auto (the default) computes one importance matrix on the F16 and the bundled Basque and English
+    texts, ships it, makes Q4_K_M with it (recorded by file name, as llama-quantize records its --imatrix) and
+    Q8_0 without."""
     from edgemerge.gguf.inspect import kv
     from edgemerge.imatrix import read_imatrix
     from edgemerge.imatrix.collect import ImatrixOptions, compute_imatrix
@@ -93,9 +94,8 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
     assert q4["quantize.imatrix.dataset"] == bundled_text("eu").name
     assert not any(k.startswith("quantize.imatrix") for k in q8)
     shipped = read_imatrix(out / IMATRIX)
-    direct = compute_imatrix(
-        out / GGUFS[0], [bundled_text("eu")], ImatrixOptions(chunk_size=shipped.chunk_size)
-    )
+    texts = [bundled_text("eu"), bundled_text("en")]
+    direct = compute_imatrix(out / GGUFS[0], texts, ImatrixOptions(chunk_size=shipped.chunk_size))
     assert shipped.chunk_count == direct.chunk_count > 10 and sorted(shipped.entries) == sorted(
         direct.entries
     )
@@ -106,7 +106,7 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
     assert m["imatrix"] == {
         "file": IMATRIX,
         "mode": "auto",
-        "texts": [bundled_text("eu").name],
+        "texts": [t.name for t in texts],
         "chunks": shipped.chunk_count,
         "chunk_size": shipped.chunk_size,
         "computed_on": GGUFS[0],
