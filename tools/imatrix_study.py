@@ -17,8 +17,11 @@ then measures every quant through llama.cpp on held-out FLORES-200 devtest Basqu
 the KL divergence from the F16 and top-1 agreement (edgemerge.evaluate: the F16's log-probabilities stored in
 llama-perplexity's --kl-divergence-base format, each quant compared over the same chunks of 512 tokens).
 Noise: the standard error of each mean over its chunks, and of the paired per-chunk differences between two
-imatrices. Writes OUT/results.json and prints Markdown tables. The trained model is kept in OUT/model and
-reused while the training settings are unchanged.
+imatrices; and the imatrix's own noise floor, from two more imatrices per language computed on the two halves
+of its bundled text (eu-a/eu-b, en-a/en-b: same language, other sentences). Writes OUT/results.json and
+prints Markdown tables. The trained model is kept in OUT/model and reused while the training settings are
+unchanged. Everything runs on one thread (--threads) and llama.cpp's plain CPU kernels (disable_extra_buffers):
+about 11 minutes of training and 25 of the rest on a 2-core machine; a rerun gives the same numbers.
 """
 
 from __future__ import annotations
@@ -48,19 +51,39 @@ from edgemerge.gguf.inspect import read_gguf
 from edgemerge.gguf.to_hf import write_tokenizer
 from edgemerge.imatrix.collect import ImatrixOptions
 from edgemerge.imatrix.make import make_imatrix
+from edgemerge.imatrix.text import bundled_text
 from edgemerge.pipeline import export_hf
 from edgemerge.quantize import NEEDS_IMATRIX, quantize
 from edgemerge.runtime import Model
 from tools.miniature import shared_default, text_batches
 
 QUANTS = ["Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ3_M", "IQ2_M", "Q2_K"]
-# name -> (--lang, --mix) of `edgemerge imatrix`; None: quantized without an imatrix
-IMATRICES: dict[str, tuple[str, list[str]] | None] = {
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One imatrix: `edgemerge imatrix --lang LANG [--mix M ...]` on the bundled text, or with `half` 0 or 1 on
+    the first or second half of LANG's bundled lines alone (given as --text)."""
+
+    lang: str
+    mix: tuple[str, ...] = ()
+    half: int | None = None
+
+
+# name -> its calibration; None: quantized without an imatrix
+IMATRICES: dict[str, Calibration | None] = {
     "none": None,
-    "en": ("en", []),
-    "eu": ("eu", []),
-    "mixed": ("eu", ["en"]),
+    "en": Calibration("en"),
+    "eu": Calibration("eu"),
+    "mixed": Calibration("eu", ("en",)),
+    # the noise floor: two imatrices of one language from disjoint halves of its text
+    "eu-a": Calibration("eu", half=0),
+    "eu-b": Calibration("eu", half=1),
+    "en-a": Calibration("en", half=0),
+    "en-b": Calibration("en", half=1),
 }
+MAIN = ["none", "en", "eu", "mixed"]  # the columns of the main tables
+HALVES = [("eu-a", "eu-b"), ("en-a", "en-b")]
 EVAL_LANGS = ["eu", "en"]
 TRAINING_VERSION = 1
 VAL_EVERY = 20
@@ -92,7 +115,7 @@ class Config:
     ffn: int = 768
     layers: int = 4
     heads: int = 4
-    steps: int = 700
+    steps: int = 550
     batch: int = 8
     seq: int = 512
     lr: float = 2e-3
@@ -100,7 +123,7 @@ class Config:
     weight_decay: float = 0.1
     seed: int = 0
     lines_per_doc: int = 8  # consecutive lines per pretraining document (tools/miniature.py's text_batches)
-    threads: int = 2
+    threads: int = 1  # one thread: beside another job on 2 cores, two threads run 5-10x slower (spin waits)
     train_minutes: float = 12.0  # safety stop before `steps` (a stopped run is not reproducible)
     ctx: int = 512  # tokens per imatrix chunk and per perplexity/KLD chunk (llama.cpp's defaults)
     force: bool = False
@@ -297,18 +320,28 @@ def train_model(cfg: Config) -> dict:
 # ---------------------------------------------------------------- imatrices and quants
 
 
+def half_text(text: str, half: int) -> str:
+    """The first (0) or second (1) half of the text's lines, cut at the middle line."""
+    lines = text.splitlines()
+    mid = len(lines) // 2
+    return "\n".join(lines[:mid] if half == 0 else lines[mid:]) + "\n"
+
+
 def make_imatrices(f16: Path, cfg: Config) -> dict[str, dict]:
     """OUT/imatrix/NAME.imatrix.gguf for every imatrix flavour, by `edgemerge imatrix`'s library call."""
     folder = cfg.out / "imatrix"
     folder.mkdir(exist_ok=True)
     out = {}
-    for name, spec in IMATRICES.items():
-        if spec is None:
+    for name, c in IMATRICES.items():
+        if c is None:
             continue
-        lang, mix = spec
         path = folder / f"{name}.imatrix.gguf"
+        files = []
+        if c.half is not None:
+            files = [folder / f"{name}.txt"]
+            files[0].write_text(half_text(bundled_text(c.lang).text, c.half), encoding="utf-8")
         options = ImatrixOptions(chunk_size=cfg.ctx, threads=cfg.threads)
-        r = make_imatrix(f16, path, lang=lang, mix=mix, options=options, force=True)
+        r = make_imatrix(f16, path, lang=c.lang, files=files, mix=list(c.mix), options=options, force=True)
         out[name] = {
             "path": str(path),
             "chunks": r.imatrix.chunk_count,
@@ -398,7 +431,7 @@ def paired(a: dict, b: dict) -> tuple[float, float]:
 def _cells(results: dict, q: str, key: str, fmt: str) -> list[str]:
     out = []
     for lang in EVAL_LANGS:
-        for name in IMATRICES:
+        for name in MAIN:
             r = results["measured"][lang].get(f"{q}/{name}")
             out.append("n/a" if r is None else format(r[key], fmt))
     return out
@@ -406,8 +439,9 @@ def _cells(results: dict, q: str, key: str, fmt: str) -> list[str]:
 
 def tables(results: dict) -> str:
     """KLD, perplexity and top-1 tables (rows: quant; columns: eval language x imatrix), file sizes, and the
-    paired differences eu - en and eu - none with their standard errors."""
-    names = list(IMATRICES)
+    paired differences eu - en and eu - none with their standard errors, and the noise floor: the difference
+    between two imatrices of one language from the two halves of its text."""
+    names = MAIN
     head = "| quant | " + " | ".join(f"{lang} {n}" for lang in EVAL_LANGS for n in names) + " |"
     sep = "|" + " --- |" * (1 + len(EVAL_LANGS) * len(names))
     parts = []
@@ -442,6 +476,27 @@ def tables(results: dict) -> str:
                 else:
                     d, se = paired(ra, rb)
                     cells.append(f"{d:+.5f} ± {se:.5f}")
+        rows.append(f"| {q} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(rows))
+    halves = [f"{lang}: {x}" for lang in EVAL_LANGS for a, b in HALVES for x in (a, b, f"{a} - {b}")]
+    rows = [
+        "**Noise floor**: KLD with imatrices from the two halves of one language's text, and their paired "
+        + "difference (compare with the eu-en column above)",
+        "",
+        "| quant | " + " | ".join(halves) + " |",
+        "|" + " --- |" * (1 + len(halves)),
+    ]
+    for q in QUANTS:
+        cells = []
+        for lang in EVAL_LANGS:
+            m = results["measured"][lang]
+            for a, b in HALVES:
+                d, se = paired(m[f"{q}/{a}"], m[f"{q}/{b}"])
+                cells += [
+                    f"{m[f'{q}/{a}']['kld']:.5f}",
+                    f"{m[f'{q}/{b}']['kld']:.5f}",
+                    f"{d:+.5f} ± {se:.5f}",
+                ]
         rows.append(f"| {q} | " + " | ".join(cells) + " |")
     parts.append("\n".join(rows))
     rows = [
