@@ -20,8 +20,9 @@ Noise: the standard error of each mean over its chunks, and of the paired per-ch
 imatrices; and the imatrix's own noise floor, from two more imatrices per language computed on the two halves
 of its bundled text (eu-a/eu-b, en-a/en-b: same language, other sentences). Writes OUT/results.json and
 prints Markdown tables. The trained model is kept in OUT/model and reused while the training settings are
-unchanged. Everything runs on one thread (--threads) and llama.cpp's plain CPU kernels (disable_extra_buffers):
-about 11 minutes of training and 25 of the rest on a 2-core machine; a rerun gives the same numbers.
+unchanged. Everything runs on one thread (--threads): about 11 minutes of training and 25 of the rest on a
+2-core machine; a rerun gives the same numbers (on a CPU with AMX, edgemerge loads models without llama.cpp's
+extra buffer types, edgemerge/cpu_buffers.py; elsewhere llama.cpp's repacked kernels may move the last digits).
 """
 
 from __future__ import annotations
@@ -131,30 +132,6 @@ class Config:
 
 # Settings that do not change the trained model.
 EVAL_ONLY = ("out", "eval_eu", "eval_en", "ctx", "force", "train_minutes")
-
-
-# ---------------------------------------------------------------- llama.cpp
-
-
-def disable_extra_buffers() -> None:
-    """Load every GGUF of this process with llama.cpp's extra buffer types off (use_extra_bufts = false:
-    no AMX, no CPU repacking), so that all files run on ggml's plain CPU kernels.
-
-    Why: on CPUs with AMX (Sapphire Rapids), ggml's AMX matmul segfaults on the first decode of any Q4/Q8/K
-    quant (llama.cpp issue 20824); with the extra buffers off, every machine runs the same kernels."""
-    import llama_cpp.llama_cpp as lib  # loads the llama.cpp library
-
-    if getattr(lib.llama_model_default_params, "_plain_kernels", False):
-        return
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    params._plain_kernels = True
-    lib.llama_model_default_params = params
 
 
 # ---------------------------------------------------------------- training
@@ -535,7 +512,6 @@ def run(cfg: Config) -> dict:
             f"missing inputs: {missing or ['train_text/held_out']} (run where ../shared/data exists)"
         )
     cfg.out.mkdir(parents=True, exist_ok=True)
-    disable_extra_buffers()
     t0 = time.time()
     training = train_model(cfg)
     seconds = {"train": time.time() - t0}
