@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type (ggml-backend.h)
-BROKEN = frozenset(
-    {"AMX"}
-)  # extra buffer types whose kernels crash in the pinned llama.cpp (module docstring)
+# extra buffer types whose kernels crash in the pinned llama.cpp (module docstring)
+BROKEN = frozenset({"AMX"})
 
 
 @functools.cache

@@ -27,10 +27,14 @@ def test_model_params_turn_extra_buffers_off_only_where_one_is_broken(monkeypatc
         assert low.llama_model_default_params is default
 
 
-def test_a_quantized_model_decodes_512_tokens_at_once(f32_ggufs, tmp_path):
-    """The batch that crashed llama.cpp's AMX kernel (SIGSEGV: the test process dies) on a machine with AMX."""
-    q4 = quantize(f32_ggufs["llama"], "Q4_K_M", tmp_path / "llama-Q4_K_M.gguf")
-    with Model(q4, n_ctx=512, n_threads=2) as m:
+def test_a_quantized_model_decodes_512_tokens_at_once(build_family, tmp_path):
+    """The batch that crashed llama.cpp's AMX kernel (SIGSEGV: the test process dies) on a machine with AMX;
+    the build family's instruct model (hidden 256) at Q8_0 crashed it from 257 tokens on."""
+    from edgemerge.pipeline import export_hf
+
+    f16 = export_hf(build_family["instruct"], tmp_path / "i-F16.gguf", outtype="f16")
+    q8 = quantize(f16, "Q8_0", tmp_path / "i-Q8_0.gguf")
+    with Model(q8, n_ctx=512, n_threads=2) as m:
         ids = (np.arange(512) % 200 + 10).tolist()
         logits = m.logits(ids)
     assert logits.shape == (512, m.n_vocab) and np.isfinite(logits).all()
