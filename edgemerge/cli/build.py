@@ -78,8 +78,8 @@ def build(
         str | None,
         _o(
             "--imatrix",
-            help="Importance matrix for the quants: auto (computed on the recipe's languages), none, or a file "
-            "(default: the recipe's, auto).",
+            help="Importance matrix for the quants: auto (computed on the recipe's languages and English), none, "
+            "or a file (default: the recipe's, auto).",
         ),
     ] = None,
     backend: Annotated[str, _o("--backend", help="Merge backend: auto, torch or mlx.")] = "auto",
