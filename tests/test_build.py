@@ -259,6 +259,10 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
     captured = capsys.readouterr()
     assert "failed" in captured.out and "perplexity" in captured.out
     assert "needs <= 1" in captured.err
+    out_text = " ".join(captured.out.split())
+    assert f"edgemerge chat {out / 'tiny-eu.Q4_K_M.gguf'} --lang eu" in out_text  # the next steps, concrete
+    assert f"ollama create tiny-eu -f {out / 'Modelfile'} && ollama run tiny-eu" in out_text
+    assert f"hf upload YOUR-NAME/tiny-eu {out}" in out_text
     assert all(s["cached"] for n, s in _manifest(out)["stages"].items() if n != "package")
 
 

@@ -222,10 +222,26 @@ def _print_summary(result) -> None:
     for f, failed in result.gate_failures.items():
         console.print(f"[red]gate failed[/red] {f}: " + "; ".join(failed), highlight=False)
     console.print(
-        f"[bold]{result.out}[/bold] is ready: model card README.md, Modelfile (ollama create NAME -f Modelfile), "
-        f"eval.json, manifest.json. Built in {result.seconds:.0f} s.",
+        f"[bold]{result.out}[/bold] is ready: model card README.md, Modelfile, eval.json, manifest.json. "
+        f"Built in {result.seconds:.0f} s. Next:",
         highlight=False,
     )
+    for line in next_steps(result):
+        console.print(
+            f"  {line}", highlight=False, markup=False, soft_wrap=True
+        )  # commands to copy: unbroken
+
+
+def next_steps(result) -> list[str]:
+    """The commands that use the folder: chat with the file the Modelfile runs, load it into Ollama, upload it."""
+    ggufs = [f for f in result.files if f.suffix == ".gguf" and not f.name.endswith(".imatrix.gguf")]
+    run = ggufs[1] if len(ggufs) > 1 else ggufs[0]  # the Modelfile's file: the first quant
+    name = result.recipe.name.lower()
+    return [
+        f"edgemerge chat {run} --lang {result.lang}",
+        f"ollama create {name} -f {result.out / 'Modelfile'} && ollama run {name}",
+        f"hf upload YOUR-NAME/{result.recipe.name} {result.out}",
+    ]
 
 
 def _metrics(rep) -> list[str]:
