@@ -370,3 +370,30 @@ def recipe_for_languages(codes: list[str]) -> str:
     # Prefer recipes whose models are all public, then the default family (Llama 3.1).
     matches.sort(key=lambda n: (not complete[n], not n.startswith("llama"), n))
     return matches[0]
+
+
+def recipe_summaries() -> list[dict[str, Any]]:
+    """Each bundled recipe: name, languages, instruct model, and the languages whose model is not set yet (such a
+    recipe cannot be built until it is: copy it and fill it in)."""
+    out = []
+    for name in bundled_recipes():
+        r = load_recipe(BUNDLED_DIR / f"{name}.yaml")
+        out.append(
+            {
+                "name": name,
+                "languages": r.lang_codes,
+                "instruct": r.instruct,
+                "method": r.method,
+                "quants": r.quants,
+                "missing": [lang.code for lang in r.languages if not lang.model],
+                "description": r.description,
+            }
+        )
+    return out
+
+
+def bundled_recipe_file(name: str) -> Path:
+    """The file of bundled recipe `name`; EdgemergeError listing the bundled ones otherwise."""
+    if name not in bundled_recipes():
+        raise EdgemergeError(f"no bundled recipe {shown(name)}; bundled: {', '.join(bundled_recipes())}")
+    return BUNDLED_DIR / f"{name}.yaml"

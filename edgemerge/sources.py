@@ -26,7 +26,7 @@ from .errors import EdgemergeError
 from .files import free_bytes, human_bytes
 from .hashes import sha256_file
 from .progress import Progress, task
-from .recipe import Recipe
+from .recipe import BUNDLED_DIR, Recipe
 from .tensors.safetensors import (
     index_weight_files,
     parse_safetensors_header,
@@ -330,10 +330,15 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
     """Resolve every model of the recipe (instruct, base, languages) to a local folder."""
     for i, lang in enumerate(recipe.languages):
         if not lang.model:
-            raise EdgemergeError(
-                f"recipe {recipe.name}: languages.{i}.model ({lang.code}) is not set; put the language "
-                "model's Hugging Face id or local folder there"
+            where = f"recipe {recipe.file or recipe.name}: languages.{i}.model ({lang.code}) is not set"
+            bundled = recipe.file is not None and recipe.file.parent.resolve() == BUNDLED_DIR.resolve()
+            fix = (
+                f"copy it (edgemerge recipes copy {recipe.file.stem} my-recipe.yaml), put the language model's "
+                "Hugging Face id or local folder there and build with --recipe my-recipe.yaml"
+                if bundled
+                else "put the language model's Hugging Face id or local folder there"
             )
+            raise EdgemergeError(f"{where}; {fix}")
     refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages)]
     check_download_space(refs, recipe.root)
     return RecipeSources(

@@ -94,7 +94,9 @@ def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:
             )
         for lang, w in zip(data["languages"], weights):
             lang["weight"] = w
-    return parse_recipe(data, source=recipe.name, root=recipe.root)
+    out = parse_recipe(data, source=recipe.name, root=recipe.root)
+    out.file = recipe.file  # still read from that file (messages name it)
+    return out
 
 
 def check_options(options: BuildOptions, *, lang: bool = True) -> str:

@@ -1,0 +1,70 @@
+"""`edgemerge recipes`: the bundled recipes, listed, shown, or copied to start your own (thin shell over
+edgemerge.recipe)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..files import atomic_output
+from ..recipe import bundled_recipe_file, recipe_summaries
+from .common import app, console, print_json
+
+recipes_app = typer.Typer(
+    help="The bundled recipes: list them, show one, copy one to start your own.", no_args_is_help=False
+)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
+) -> None:
+    """List the bundled recipes: languages, instruct model, and whether every model is set.
+
+    Examples:
+
+      edgemerge recipes
+
+      edgemerge recipes show qwen3-8b-eu
+
+      edgemerge recipes copy llama3.1-8b-eu my-eu.yaml && edgemerge build --recipe my-eu.yaml
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = recipe_summaries()
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(title="bundled recipes (edgemerge build --lang CODE picks one; --recipe NAME names one)")
+    for col in ("name", "languages", "instruct", "ready"):
+        table.add_column(col)
+    for r in rows:
+        ready = "yes" if not r["missing"] else f"no ({', '.join(r['missing'])} model not set)"
+        table.add_row(r["name"], ",".join(r["languages"]), r["instruct"], ready)
+    console.print(table)
+
+
+@recipes_app.command("show")
+def show(name: Annotated[str, typer.Argument(help="A bundled recipe's name, e.g. qwen3-8b-eu.")]) -> None:
+    """Print a bundled recipe's YAML, comments included."""
+    sys.stdout.write(bundled_recipe_file(name).read_text(encoding="utf-8"))  # as is: no wrapping, no markup
+
+
+@recipes_app.command("copy")
+def copy(
+    name: Annotated[str, typer.Argument(help="A bundled recipe's name, e.g. llama3.1-8b-eu.")],
+    dest: Annotated[Path, typer.Argument(help="The new recipe file.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Copy a bundled recipe to a file of your own, to edit and build with --recipe FILE."""
+    text = bundled_recipe_file(name).read_text(encoding="utf-8")
+    with atomic_output(dest, force=force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    console.print(f"wrote {escape(str(dest))}: edit it, then edgemerge build --recipe {escape(str(dest))}")
