@@ -22,14 +22,20 @@ BROKEN = frozenset({"AMX"})
 
 
 @functools.cache
+def ggml_library(name: str) -> ctypes.CDLL:
+    """A ggml library llama-cpp-python ships ("ggml", "ggml-base"), the one its libllama links (already loaded,
+    so the same instance); one CDLL per library, whose functions each caller declares."""
+    import llama_cpp  # loads the llama.cpp libraries: only when a model runs
+    from llama_cpp._ctypes_extensions import load_shared_library  # its platform rules for library names
+
+    return load_shared_library(name, Path(llama_cpp.__file__).parent / "lib")
+
+
+@functools.cache
 def extra_buffer_types() -> tuple[str, ...]:
     """Names of the extra buffer types llama.cpp's CPU device offers on this machine, as llama-model.cpp finds
     them (the registry's `ggml_backend_dev_get_extra_bufts`)."""
-    import llama_cpp  # loads the llama.cpp libraries: only when a model is loaded
-    from llama_cpp._ctypes_extensions import load_shared_library  # its platform rules for library names
-
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    ggml, base = load_shared_library("ggml", lib_dir), load_shared_library("ggml-base", lib_dir)
+    ggml, base = ggml_library("ggml"), ggml_library("ggml-base")
     ggml.ggml_backend_dev_by_type.argtypes, ggml.ggml_backend_dev_by_type.restype = (
         [ctypes.c_int],
         ctypes.c_void_p,

@@ -11,11 +11,12 @@ import ctypes
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from .cpu_buffers import ggml_library
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
@@ -46,12 +47,8 @@ _Tensor._fields_ = [
 
 @functools.cache
 def _ggml() -> Any:
-    """ggml's base library, the one llama-cpp-python's libllama links (already loaded, so the same instance)."""
-    # llama_cpp is heavy (it loads libllama): only when a model runs
-    import llama_cpp
-    from llama_cpp._ctypes_extensions import load_shared_library  # its platform rules for library names
-
-    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    """ggml's base library with the functions read here declared."""
+    lib = ggml_library("ggml-base")
     lib.ggml_op_name.argtypes, lib.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
     lib.ggml_nbytes.argtypes, lib.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
     lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]

@@ -355,13 +355,8 @@ def bundled_recipes() -> list[str]:
 def recipe_for_languages(codes: list[str]) -> str:
     """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe)."""
     codes = sorted(set(codes))
-    matches = []
-    complete = {}
-    for name in bundled_recipes():
-        r = load_recipe(BUNDLED_DIR / f"{name}.yaml")
-        if sorted(r.lang_codes) == codes:
-            matches.append(name)
-            complete[name] = all(lang.model for lang in r.languages)
+    complete = {r["name"]: not r["missing"] for r in recipe_summaries() if sorted(r["languages"]) == codes}
+    matches = list(complete)
     if not matches:
         raise EdgemergeError(
             f"no bundled recipe for language(s) {','.join(codes)}; bundled: {', '.join(bundled_recipes())} "

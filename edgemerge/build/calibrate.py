@@ -80,11 +80,16 @@ def auto_languages(codes: list[str], lang: str) -> tuple[tuple[str, ...], list[s
     return langs, warnings
 
 
+def imatrix_mode(recipe: Recipe) -> str:
+    """auto, none, or file (the recipe's imatrix names one)."""
+    return recipe.imatrix if recipe.imatrix in (AUTO, NONE) else "file"
+
+
 def check_choice(recipe: Recipe, quants: list[str]) -> str:
     """The mode of the recipe's imatrix (auto, none, file), checked before any work: with none, no type that
     needs one; a file must be a readable importance matrix (a relative path is the recipe folder's; --imatrix
     PATH is made absolute by the command line)."""
-    mode = recipe.imatrix if recipe.imatrix in (AUTO, NONE) else "file"
+    mode = imatrix_mode(recipe)
     if mode == NONE:
         needing = [q for q in quants if q in NEEDS_IMATRIX]
         if needing:
@@ -128,10 +133,11 @@ def plan_imatrix(
     out_file: Path,
     llama_version: str | None,
 ) -> ImatrixPlan:
-    """The build's importance matrix (module docstring); bad choices are an EdgemergeError before any work.
+    """The build's importance matrix (module docstring), once `check_choice` has passed; auto without bundled
+    text in any recipe language is an EdgemergeError before any work.
 
     `sizes`: expected bytes of the unquantized file ("float") and of its SOURCE_QUANT ("source")."""
-    mode = check_choice(recipe, quants)
+    mode = imatrix_mode(recipe)
     if mode == NONE:
         return ImatrixPlan(NONE)
     users = tuple(q for q in quants if uses_imatrix(q))

@@ -154,7 +154,7 @@ def build(
     check_choice(recipe, quants)  # imatrix: none with a type that needs one, an unreadable file
     lang = options.lang or recipe.lang_codes[0]
 
-    backend = check_options(options)  # bad names fail before any work
+    backend = check_options(options, lang=False)  # bad names fail before any work (the language just below)
     if not options.skip_eval:
         load_prompts(lang)  # an unknown evaluation language fails before any work
     out = Path(options.out or Path("dist") / recipe.name)
@@ -192,6 +192,7 @@ def _build(
     merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
     quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
     limit = memory_limit()
+    llama_version = _llama_cpp_version()
     shape = shape_from_config(report.config, 0)
     source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / f"{recipe.name}.{SOURCE_QUANT}.gguf")
     imx = plan_imatrix(
@@ -207,10 +208,10 @@ def _build(
         n_ctx_train=_n_ctx_train(report.config),
         merge_key=merge_key,
         out_file=out / f"{recipe.name}.imatrix.gguf",
-        llama_version=_llama_cpp_version(),
+        llama_version=llama_version,
     )
     quant_keys = {
-        q: stage_key("quantize", merge_key, q, _llama_cpp_version(), *([imx.key] if q in imx.users else []))
+        q: stage_key("quantize", merge_key, q, llama_version, *([imx.key] if q in imx.users else []))
         for q in quants
     }
     parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"

@@ -14,6 +14,7 @@ from ..build import build as run_build
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
 from ..limits import MAX_THREADS, check_count, shown
+from ..package.info import modelfile_gguf
 from ..progress import make_progress
 from .common import app, console, err_console, print_json
 
@@ -234,8 +235,8 @@ def _print_summary(result) -> None:
 
 def next_steps(result) -> list[str]:
     """The commands that use the folder: chat with the file the Modelfile runs, load it into Ollama, upload it."""
-    ggufs = [f for f in result.files if f.suffix == ".gguf" and not f.name.endswith(".imatrix.gguf")]
-    run = ggufs[1] if len(ggufs) > 1 else ggufs[0]  # the Modelfile's file: the first quant
+    ggufs = [f.name for f in result.files if f.suffix == ".gguf" and not f.name.endswith(".imatrix.gguf")]
+    run = result.out / modelfile_gguf(ggufs)
     name = result.recipe.name.lower()
     return [
         f"edgemerge chat {run} --lang {result.lang}",

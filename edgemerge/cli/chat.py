@@ -121,7 +121,8 @@ def _loop(m, system: str | None, max_tokens: int) -> None:
         if not text:
             continue
         if line.startswith("/"):
-            command = COMMANDS.get(text.split()[0].lower())
+            word = text.split()[0]
+            command = COMMANDS.get(word.lower())
             if command == "bye":
                 return
             if command == "clear":
@@ -130,7 +131,7 @@ def _loop(m, system: str | None, max_tokens: int) -> None:
             elif command == "help":
                 err_console.print(HELP_TEXT, highlight=False, markup=False)
             else:
-                err_console.print(f"unknown command {text.split()[0]}; /? lists the commands", markup=False)
+                err_console.print(f"unknown command {word}; /? lists the commands", markup=False)
             continue
         history.append({"role": "user", "content": text})
         tokens = m.chat_tokens(base + history)

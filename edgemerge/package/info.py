@@ -8,6 +8,12 @@ from pathlib import Path
 from ..recipe import Recipe
 
 
+def modelfile_gguf(ggufs: list[str]) -> str:
+    """The file Ollama runs, of a build's GGUFs (the unquantized one first): the first requested quantization
+    (recipe order), else the unquantized file."""
+    return ggufs[1] if len(ggufs) > 1 else ggufs[0]
+
+
 @dataclass
 class PackageInfo:
     """What the package step needs to know about a finished build."""
@@ -35,5 +41,4 @@ class PackageInfo:
 
     @property
     def modelfile_gguf(self) -> str:
-        """The file Ollama runs: the first requested quantization (recipe order), else the unquantized file."""
-        return self.ggufs[1] if len(self.ggufs) > 1 else self.ggufs[0]
+        return modelfile_gguf(self.ggufs)
