@@ -4,7 +4,9 @@
 - `prompts.jsonl`: prompts with their verifiable constraints, `{"id", "prompt", "checks": [...]}`, optionally
   `"quick": true` (part of the --quick set) and `"langid": false` (the expected answer, JSON or one word, is
   too short to identify its language: left out of language fidelity);
-- `lang.json`: `{"name", "english_name", "system"}` (the system prompt is written in the language).
+- `lang.json`: `{"name", "english_name", "system"}` (the system prompt is written in the language);
+- `answers.jsonl`: questions with a short reference answer, `{"id", "question", "answer"}`, the same ids in every
+  language (written for edgemerge, aligned by translation): the sweep's teacher-forced answer signals.
 
 Adding a language is adding such a folder.
 """
@@ -21,7 +23,7 @@ from ..limits import MAX_TEXT_BYTES, read_limited, shown
 from . import checks
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-_FILES = ("sample.txt", "prompts.jsonl", "lang.json")
+_FILES = ("sample.txt", "prompts.jsonl", "lang.json", "answers.jsonl")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,46 @@ def load_prompts(lang: str, *, quick: bool = False) -> list[Prompt]:
             checks.validate(spec, where)
         if p.quick or not quick:
             out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    id: str
+    question: str
+    answer: str
+
+
+def load_answers(lang: str) -> list[Answer]:
+    """The language's reference answers (`answers.jsonl`)."""
+    return read_answers(_lang_dir(lang) / "answers.jsonl")
+
+
+def read_answers(path: Path) -> list[Answer]:
+    """Question/answer records of a JSON-lines file, `{"id", "question", "answer"}` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemergeError(f"answers file {path} not found; give a JSON-lines file of id, question, answer")
+    try:
+        text = read_limited(path, MAX_TEXT_BYTES, "answers file").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgemergeError(f"answers file {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            a = Answer(id=str(rec["id"]), question=rec["question"], answer=rec["answer"])
+            if not (isinstance(a.question, str) and isinstance(a.answer, str) and a.question and a.answer):
+                raise TypeError("question and answer must be non-empty strings")
+        except (ValueError, KeyError, TypeError) as e:
+            raise EdgemergeError(
+                f"{path}:{n}: not an answer record with id, question, answer ({e})"
+            ) from None
+        out.append(a)
+    if not out:
+        raise EdgemergeError(f"answers file {path} holds no records; give one JSON object per line")
     return out
 
 
