@@ -29,7 +29,9 @@ MAX_LANGUAGES = 64
 MAX_QUANTS = 32
 MAX_TEXT = 10_000  # description (it goes into the model card)
 IMATRIX_CHOICES = ("auto", "none")  # else the recipe's imatrix is a file
-AFTER_MERGE = ("quants", "imatrix", "eval")  # recipe fields of the stages after the merge
+AFTER_MERGE = ("quants", "imatrix", "eval", "sweep")  # recipe fields of the stages after the merge
+MAX_SWEEP = 32  # candidates per method: each is a merge, a quantization and an evaluation
+HIGH_WEIGHT = 2.0  # above it task arithmetic collapses in the paper and in the miniature: said, not refused
 
 
 def _model_ref(what: str, v: str) -> str:
@@ -92,6 +94,78 @@ class Gates(BaseModel):
         return x
 
 
+class SweepRule(BaseModel):
+    """The grid `edgemerge sweep` and `build --weight auto` measure, and the rule that chooses in it (sweep/rule.py):
+    among the candidates whose English retention, end-of-turn ratio and (when measured) chat metrics reach the
+    thresholds, the lowest teacher-forced answer perplexity in the target language. None disables a threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25])
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "linear"])
+    min_english_retention: float | None = 0.5
+    min_eot_ratio: float | None = 0.5
+    min_stop_rate: float | None = None
+    min_language_fidelity: float | None = None
+    min_instruction_following: float | None = None
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> list[float]:
+        return check_weights(v)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one method, e.g. [task_arithmetic, linear]")
+        if len(v) > MAX_SWEEP:
+            raise ValueError(f"at most {MAX_SWEEP} methods, got {len(v)}")
+        for m in v:
+            try:
+                get_method(m)
+            except EdgemergeError as e:
+                raise ValueError(e.message) from None
+        return list(dict.fromkeys(v))
+
+    @field_validator(
+        "min_english_retention",
+        "min_eot_ratio",
+        "min_stop_rate",
+        "min_language_fidelity",
+        "min_instruction_following",
+        mode="before",
+    )
+    @classmethod
+    def _threshold(cls, v: Any, info) -> float | None:
+        if v is None:
+            return None
+        x = finite_number(info.field_name, v)
+        if not 0 <= x <= 1:
+            raise ValueError(f"{info.field_name} is a fraction: it must be between 0 and 1, got {shown(v)}")
+        return x
+
+
+def check_weights(v: Any) -> list[float]:
+    """A sweep's language weights: a non-empty list of finite numbers >= 0, at most MAX_SWEEP, de-duplicated in
+    order (a weight above HIGH_WEIGHT is allowed: the sweep says it is unusual)."""
+    if not isinstance(v, list) or not v:
+        raise ValueError(
+            f"weights is a non-empty list of numbers, e.g. [0.25, 0.5, 0.75, 1.0], got {shown(v)}"
+        )
+    if len(v) > MAX_SWEEP:
+        raise ValueError(f"at most {MAX_SWEEP} weights, got {len(v)}")
+    out: list[float] = []
+    for x in v:
+        w = finite_number("weight", x)
+        if w < 0:
+            raise ValueError(
+                f"a sweep weight must not be negative (it would subtract the language), got {shown(x)}"
+            )
+        if w not in out:
+            out.append(w)
+    return out
+
+
 class Recipe(BaseModel):
     """W = W_instruct + sum_i w_i (W_lang_i - W_base), or another method over the same task vectors."""
 
@@ -111,6 +185,7 @@ class Recipe(BaseModel):
     license: str | None = None
     description: str | None = None
     eval: Gates = Field(default_factory=Gates)
+    sweep: SweepRule = Field(default_factory=SweepRule)
     # Folder the recipe was read from: relative local paths resolve against it (not part of the YAML).
     root: Path | None = Field(default=None, exclude=True)
     # The file it was read from (also a bundled one): an input of the command, never one of its outputs.

@@ -30,6 +30,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "package": ("package",),
     "demo": ("demo",),
     "build": ("build",),
+    "sweep": ("sweep",),
     "cli": ("cli",),
 }
 
@@ -52,7 +53,8 @@ USES: dict[str, set[str]] = {
     "evaluate": {"recipe", "gguf", "resources", "runtime"},
     "package": {"formats", "recipe", "sources", "gguf", "evaluate"},
     "demo": {"recipe"},
-    "build": set(ROOMS) - {"build", "cli"},
+    "build": set(ROOMS) - {"build", "sweep", "cli"},
+    "sweep": set(ROOMS) - {"sweep", "cli"},  # a sweep is many builds' stages, scored and compared
     "cli": set(ROOMS) - {"cli"},
 }
 

@@ -53,6 +53,8 @@ class BuildOptions:
     threads: int | None = None
     eval_all: bool = False  # answer the prompts with every file, even one too large for the memory
     skip_chat_eval: bool = False  # perplexity and drift only
+    # the sweep that chose the method and weight (build --weight auto): {"markdown", "reason", "plot", "lang"}
+    sweep: dict | None = None
 
 
 @dataclass

@@ -75,6 +75,7 @@ class BuildResult:
     gate_failures: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # the importance matrix the quants were made with
+    sweep: dict[str, Any] | None = None  # the sweep that chose the weight (BuildOptions.sweep)
     plan: Plan | None = None
     demo: bool = False
     seconds: float = 0.0
@@ -192,7 +193,7 @@ def _build(
     merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
     quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
     limit = memory_limit()
-    llama_version = _llama_cpp_version()
+    llama_version = llama_cpp_version()
     shape = shape_from_config(report.config, 0)
     source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / f"{recipe.name}.{SOURCE_QUANT}.gguf")
     imx = plan_imatrix(
@@ -292,7 +293,14 @@ def _build(
 
     ggufs = [merged] + [quant_files[q] for q in quants]
     result = BuildResult(
-        out=out, recipe=recipe, lang=lang, files=[], stages=stages.records, plan=plan, demo=options.demo
+        out=out,
+        recipe=recipe,
+        lang=lang,
+        files=[],
+        stages=stages.records,
+        plan=plan,
+        demo=options.demo,
+        sweep=options.sweep,
     )
     computed_on = merged.name if imx.source == "float" else f"{recipe.name}.{SOURCE_QUANT}.gguf"
     result.calibration = calibration_info(
@@ -449,6 +457,7 @@ def _package(
         backend=backend,
         demo=result.demo,
         imatrix=result.calibration,
+        sweep=result.sweep,
     )
     t0 = time.perf_counter()
     if on_stage:
@@ -527,7 +536,7 @@ def _eval_stage(
     return EvalReport.from_dict(json.loads(out_json.read_text(encoding="utf-8")))
 
 
-def _llama_cpp_version() -> str | None:
+def llama_cpp_version() -> str | None:
     try:
         return importlib.metadata.version("llama-cpp-python")
     except Exception:  # noqa: BLE001 (not installed: quantize will say so)

@@ -28,7 +28,7 @@ from ..files import (
 )
 from ..hashes import sha256_file
 from ..limits import shown_path
-from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE
+from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE, SWEEP_PLOT
 from ..progress import Progress
 
 WORK_SUFFIX = ".edgemerge"
@@ -284,7 +284,7 @@ def mark_unfinished(out: Path, name: str) -> None:
     the folder: nothing is written into it before the checks and the disk plan have passed."""
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "build", name=name, finished=False)
-    for n in PACKAGE_FILES:
+    for n in (*PACKAGE_FILES, SWEEP_PLOT):  # the sweep's plot belongs to the card of a --weight auto build
         remove_file(out / n)
 
 

@@ -16,6 +16,7 @@ from ..files import human_bytes
 from ..limits import MAX_THREADS, check_count, shown
 from ..package.info import modelfile_gguf
 from ..progress import make_progress
+from ..sweep import build_auto
 from .common import app, console, err_console, print_json
 
 DEMO_WARNING = (
@@ -38,6 +39,8 @@ def _csv(value: str | None, flag: str) -> list[str] | None:
 
 
 def _weights(value: str | None) -> list[float] | None:
+    if value is not None and value.strip().lower() == "auto":
+        return None  # build --weight auto: the sweep chooses
     items = _csv(value, "--weight")
     if items is None:
         return None
@@ -70,7 +73,11 @@ def build(
     out: Annotated[Path | None, _o("--out", help="Output folder (default dist/<recipe name>).")] = None,
     weight: Annotated[
         str | None,
-        _o("--weight", help="Language weight(s): one for all, or one per language in recipe order."),
+        _o(
+            "--weight",
+            help="Language weight(s): one for all, or one per language in recipe order; auto: sweep the recipe's "
+            "grid first and build the candidate its rule chooses (edgemerge sweep --help).",
+        ),
     ] = None,
     method: Annotated[
         str | None, _o("--method", help="Merge method (default: the recipe's), e.g. ties.")
@@ -167,7 +174,13 @@ def build(
             progress.console.print("memory plan: " + "\n  ".join(lines), highlight=False)
 
     with progress:
-        result = run_build(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
+        if weight is not None and weight.strip().lower() == "auto":
+            swept, result = build_auto(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
+            progress.console.print(
+                f"sweep: {swept.choice.reason} (every score: {swept.out})", highlight=False
+            )
+        else:
+            result = run_build(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
 
     if json_out:
         print_json(result.to_dict())

@@ -10,12 +10,13 @@ the module with `from edgemerge.package.modelfile import ...`.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..errors import EdgemergeError
 from ..evaluate.prompts import language_info
 from ..files import MARKER, atomic_output
-from .card import CARD, DEMO_NOTE, front_matter, model_card
+from .card import CARD, DEMO_NOTE, SWEEP_PLOT, front_matter, model_card
 from .info import PackageInfo
 from .manifest import EVAL_JSON, MANIFEST, eval_json, tool_versions
 from .manifest import manifest as manifest_data
@@ -27,6 +28,7 @@ __all__ = [
     "EVAL_JSON",
     "MANIFEST",
     "MODELFILE",
+    "SWEEP_PLOT",
     "ChatInfo",
     "PackageInfo",
     "chat_info",
@@ -52,6 +54,11 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
     mf, warn = modelfile(p.modelfile_gguf, info, system)
     if warn:
         warnings.append(warn)
+    shipped = p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else [])
+    if p.sweep is not None:  # the sweep's plot travels with the card that shows it
+        with atomic_output(p.out / SWEEP_PLOT, force=True) as tmp:
+            shutil.copyfile(p.sweep["plot"], tmp)
+        shipped.append(SWEEP_PLOT)
     texts = {
         CARD: model_card(p),
         MODELFILE: mf,
@@ -60,7 +67,6 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
     for name, text in texts.items():
         with atomic_output(p.out / name, force=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
-    shipped = p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else [])
     files = [p.out / n for n in shipped] + [p.out / n for n in texts]
     data = manifest_data(p, files)
     with atomic_output(p.out / MANIFEST, force=True) as tmp:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
 
 CARD = "README.md"
+SWEEP_PLOT = "sweep.png"  # the plot of the sweep that chose the weight (build --weight auto)
 TEMPLATE = Path(__file__).resolve().parent / "card_template.md"  # Jinja, rendered by ModelCard.from_template
 DEMO_NOTE = (
     "**Demo build.** These models are tiny (a few million parameters, trained for seconds by "
@@ -126,5 +127,6 @@ def model_card(p: PackageInfo) -> str:
         gguf=p.modelfile_gguf,
         ollama_name=r.name.lower(),
         licence=r.license,
+        sweep=None if p.sweep is None else {**p.sweep, "plot": SWEEP_PLOT},
     )
     return str(card)

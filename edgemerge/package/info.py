@@ -33,6 +33,9 @@ class PackageInfo:
     backend: str | None = None
     demo: bool = False
     imatrix: dict | None = None  # build.calibrate.calibration_info: the importance matrix of the quants
+    sweep: dict | None = (
+        None  # the sweep that chose the weight: {"markdown", "reason", "plot" (a PNG path), "lang"}
+    )
 
     @property
     def shipped_imatrix(self) -> str | None:

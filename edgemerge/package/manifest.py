@@ -72,6 +72,7 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
         "formula": formula(p.recipe) if p.recipe.method == "task_arithmetic" else None,
         "inputs": public_inputs(p.inputs, p.recipe.root),
         "imatrix": p.imatrix,
+        "sweep": None if p.sweep is None else {"reason": p.sweep["reason"]},
         "backend": p.backend,
         "tools": tool_versions(),
         "stages": p.stages,
