@@ -128,3 +128,25 @@ def test_chat_template_renders_the_training_format(miniature):
     with closing(Model(out / "gguf" / "instruct.f16.gguf", n_ctx=128)) as m:
         assert m.chat_tokens([{"role": "user", "content": question}]) == ids[:start]
         assert m.tokenize("Blue.", add_special=False) + [m.llm.token_eos()] == ids[start:]
+
+
+def test_the_sweep_chooses_a_merge_that_transfers_basque_and_keeps_english(miniature):
+    """The sweep over task_arithmetic and linear at 0.5, 1.0, 1.5 (fast: no greedy answers, which loop at this
+    scale) on the trained family: the candidate it chooses predicts Basque text at under 0.2x the instruct
+    model's perplexity and keeps English answers (retention >= 0.5); ta-1 and ta-1.5, whose English collapses,
+    are rejected."""
+    from edgemerge.recipe import parse_recipe
+    from edgemerge.sweep import SweepOptions, sweep
+
+    tool, out, _ = miniature
+    data = tool.recipe_dict("sweep", "task_arithmetic", 1.0, (out / "models").resolve())
+    data["sweep"] = {"weights": [0.5, 1.0, 1.5], "methods": ["task_arithmetic", "linear"]}
+    res = sweep(parse_recipe(data), SweepOptions(out=out / "sweep", threads=1, backend="torch", fast=True))
+    print("\n" + res.table() + "\n" + res.choice.reason)
+    chosen = res.choice.chosen
+    by = {r.name: r.signals for r in res.rows}
+    assert chosen is not None
+    assert by[chosen.name].ppl < 0.2 * by["instruct"].ppl
+    assert res.choice.derived[chosen.name]["english_retention"] >= 0.5
+    for name in ("task_arithmetic-1", "task_arithmetic-1.5"):
+        assert res.choice.rejected[name][0].startswith("english retention")
