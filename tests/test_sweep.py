@@ -159,7 +159,7 @@ def test_sweep_cli_bad_input_is_one_line_exit_2(cli, tmp_path):
     code, _, err = cli("sweep", "no-such-recipe", "--weights", "0.5")
     assert code == 2 and "not found" in err
     code, _, err = cli("sweep", "llama3.1-8b-eu", "--weights", "a,b", "--out", tmp_path / "s")
-    assert code == 2 and "not a comma-separated list of numbers" in err
+    assert code == 2 and "not a number or a comma-separated list of numbers" in err
     code, _, err = cli("sweep", "llama3.1-8b-eu", "--methods", "nope", "--out", tmp_path / "s")
     assert code == 2 and "sweep methods: unknown merge method 'nope'" in err
     assert not (tmp_path / "s").exists()

@@ -38,18 +38,23 @@ def _csv(value: str | None, flag: str) -> list[str] | None:
     return items
 
 
-def _weights(value: str | None) -> list[float] | None:
-    if value is not None and value.strip().lower() == "auto":
-        return None  # build --weight auto: the sweep chooses
-    items = _csv(value, "--weight")
+def numbers(value: str | None, flag: str) -> list[float] | None:
+    """The numbers of a comma-separated flag (`_csv`), None when it is not given."""
+    items = _csv(value, flag)
     if items is None:
         return None
     try:
         return [float(v) for v in items]
     except ValueError:
         raise EdgemergeError(
-            f"--weight: {shown(value)} is not a number or a comma-separated list of numbers"
+            f"{flag}: {shown(value)} is not a number or a comma-separated list of numbers, e.g. 0.5,1.0"
         ) from None
+
+
+def _weights(value: str | None) -> list[float] | None:
+    if value is not None and value.strip().lower() == "auto":
+        return None  # build --weight auto: the sweep chooses
+    return numbers(value, "--weight")
 
 
 def _o(*flags: str, help: str):

@@ -9,27 +9,15 @@ import typer
 from rich.table import Table
 
 from ..build import StageEvent
-from ..errors import EdgemergeError, GateFailed
-from ..limits import MAX_THREADS, check_count, shown
+from ..errors import GateFailed
+from ..limits import MAX_THREADS, check_count
 from ..progress import make_progress
 from ..recipe import load_recipe
 from ..sweep import SWEEP_MD, SweepOptions
 from ..sweep import sweep as run_sweep
 from ..sweep.run import COLUMNS
-from .build import _csv
+from .build import _csv, numbers
 from .common import app, console, err_console, print_json
-
-
-def _numbers(value: str | None, flag: str) -> list[float] | None:
-    items = _csv(value, flag)
-    if items is None:
-        return None
-    try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise EdgemergeError(
-            f"{flag}: {shown(value)} is not a comma-separated list of numbers, e.g. 0.5,0.75,1"
-        ) from None
 
 
 @app.command(
@@ -91,7 +79,7 @@ def sweep(
     check_count("--threads", threads, 1, MAX_THREADS)
     options = SweepOptions(
         out=out,
-        weights=_numbers(weights, "--weights"),
+        weights=numbers(weights, "--weights"),
         methods=_csv(methods, "--methods"),
         lang=lang,
         eval_quant=eval_quant,
