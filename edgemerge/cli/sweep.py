@@ -15,7 +15,7 @@ from ..progress import make_progress
 from ..recipe import load_recipe
 from ..sweep import SWEEP_MD, SweepOptions
 from ..sweep import sweep as run_sweep
-from ..sweep.run import COLUMNS
+from ..sweep.run import COLUMNS, row_cells
 from .build import _csv, numbers
 from .common import app, console, err_console, print_json
 
@@ -118,17 +118,8 @@ def _print(result) -> None:
         t.add_column(label, justify="right")
     t.add_column("verdict")
     for row in result.rows:
-        values = {**row.signals.to_dict(), **result.choice.derived.get(row.name, {})}
-        cells = ["n/a" if values.get(k) is None else fmt.format(values[k]) for k, _, fmt in COLUMNS]
-        chosen = result.choice.chosen is not None and row.name == result.choice.chosen.name
-        verdict = (
-            "parent"
-            if row.role != "candidate"
-            else "chosen"
-            if chosen
-            else "; ".join(result.choice.rejected.get(row.name, ["eligible"]))
-        )
-        t.add_row(f"[bold]{row.name}[/bold]" if chosen else row.name, *cells, verdict)
+        cells, verdict = row_cells(row, result.choice)
+        t.add_row(f"[bold]{row.name}[/bold]" if verdict == "chosen" else row.name, *cells, verdict)
     console.print(t)
     console.print(f"[bold]{result.choice.reason}[/bold]", highlight=False, soft_wrap=True)
     console.print(f"{result.out}: sweep.json, sweep.md, sweep.png. Next:", highlight=False)

@@ -43,7 +43,7 @@ from ..package.plots import sweep_plot
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
 from ..quantize import check_quant, quantize
-from ..recipe import HIGH_WEIGHT, Recipe, SweepRule, check_weights, parse_recipe
+from ..recipe import HIGH_WEIGHT, Recipe, SweepRule, parse_recipe
 from ..resources import memory_limit
 from ..sources import local_inputs, resolve_recipe
 from .rule import Choice, Row, choose
@@ -154,12 +154,16 @@ def candidate_recipe(recipe: Recipe, c: Candidate, *, name: str | None = None) -
     return out
 
 
-def run_tasks(tasks: list[Task], stages: Stages, executor: str) -> dict[str, Signals]:
-    """Run (or find cached) every task; the seam where another executor could spread them over machines."""
+def check_executor(executor: str) -> None:
     if executor not in EXECUTORS:
         raise EdgemergeError(
             f"unknown executor {executor!r}; this version runs sweeps with: {', '.join(EXECUTORS)}"
         )
+
+
+def run_tasks(tasks: list[Task], stages: Stages, executor: str) -> dict[str, Signals]:
+    """Run (or find cached) every task; the seam where another executor could spread them over machines."""
+    check_executor(executor)
     out = {}
     for t in tasks:
         out[t.name] = _cached_task(t, stages)
@@ -187,16 +191,11 @@ def sweep(
     t0 = time.perf_counter()
     options = options or SweepOptions()
     rule = sweep_rule(recipe, options)
-    if options.weights is not None:
-        check_weights(list(options.weights))
     eval_quant = check_quant(options.eval_quant)
     backend = resolve_backend_name(options.backend)
     lang = options.lang or recipe.lang_codes[0]
     load_prompts(lang)  # an unknown language fails before any work
-    if options.executor not in EXECUTORS:
-        raise EdgemergeError(
-            f"unknown executor {options.executor!r}; this version runs sweeps with: {', '.join(EXECUTORS)}"
-        )
+    check_executor(options.executor)
     warnings = [
         f"weight {w:g} is above {HIGH_WEIGHT:g}: task arithmetic usually collapses there (the paper, the miniature)"
         for w in rule.weights
@@ -377,19 +376,23 @@ def table(rows: list[Row], choice: Choice) -> str:
     head = "| model | " + " | ".join(c[1] for c in COLUMNS) + " | verdict |"
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 2)]
     for r in rows:
-        values = {**r.signals.to_dict(), **choice.derived.get(r.name, {})}
-        cells = [("n/a" if values.get(k) is None else fmt.format(values[k])) for k, _, fmt in COLUMNS]
-        if r.role != "candidate":
-            verdict = "parent"
-        elif choice.chosen is not None and r.name == choice.chosen.name:
-            verdict = "**chosen**"
-        elif r.name in choice.rejected:
-            verdict = "; ".join(choice.rejected[r.name])
+        cells, verdict = row_cells(r, choice)
+        if verdict == "chosen":
+            lines.append(f"| **{r.name}** | " + " | ".join(cells) + " | **chosen** |")
         else:
-            verdict = "eligible"
-        name = f"**{r.name}**" if verdict == "**chosen**" else r.name
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+            lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
+
+
+def row_cells(r: Row, choice: Choice) -> tuple[list[str], str]:
+    """One row's COLUMNS as text and its verdict: parent, chosen, the rejection reasons, or eligible."""
+    values = {**r.signals.to_dict(), **choice.derived.get(r.name, {})}
+    cells = ["n/a" if values.get(k) is None else fmt.format(values[k]) for k, _, fmt in COLUMNS]
+    if r.role != "candidate":
+        return cells, "parent"
+    if choice.chosen is not None and r.name == choice.chosen.name:
+        return cells, "chosen"
+    return cells, "; ".join(choice.rejected.get(r.name, ["eligible"]))
 
 
 def _read(path: Path) -> dict:
