@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 CARD = "README.md"
 SWEEP_PLOT = "sweep.png"  # the plot of the sweep that chose the weight (build --weight auto)
+LADDER_PLOT = "ladder.png"  # the plot of the quant ladder that chose the type (build --quant auto)
 TEMPLATE = Path(__file__).resolve().parent / "card_template.md"  # Jinja, rendered by ModelCard.from_template
 DEMO_NOTE = (
     "**Demo build.** These models are tiny (a few million parameters, trained for seconds by "
@@ -128,5 +129,6 @@ def model_card(p: PackageInfo) -> str:
         ollama_name=r.name.lower(),
         licence=r.license,
         sweep=None if p.sweep is None else {**p.sweep, "plot": SWEEP_PLOT},
+        ladder=None if p.ladder is None else {**p.ladder, "plot": LADDER_PLOT},
     )
     return str(card)
