@@ -175,17 +175,13 @@ def quant_sizes(src: Path, quants: list[str]) -> dict[str, int]:
         )
     names = [check_quant(q, imatrix=True) for q in quants]
     ftypes = [str(quant_types()[n]) for n in names]
-    argv = child_command("edgemerge.quantize", "_sizes_main", str(src), *ftypes)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        said = last_line(err.decode("utf-8", errors="replace"))
-        raise EdgemergeError(f"llama.cpp could not size the quants of {src}: {said or 'it gave no reason'}")
+    rc, out, err = _run_child(
+        child_command("edgemerge.quantize", "_sizes_main", str(src), *ftypes), stdout=True
+    )
+    if rc != 0:
+        raise EdgemergeError(
+            f"llama.cpp could not size the quants of {src}: {last_line(err) or 'it gave no reason'}"
+        )
     mib = json.loads(out.decode().strip().splitlines()[-1])  # the child's last line; llama.cpp logs elsewhere
     return {n: info.data_offset + round(mib[f] * 2**20) for n, f in zip(names, ftypes, strict=True)}
 
@@ -238,14 +234,21 @@ def run_quantizer(
     argv = child_command(
         "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread), *extra
     )
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    rc, _, err = _run_child(argv)
+    return rc, last_line(err)
+
+
+def _run_child(argv: list[str], *, stdout: bool = False) -> tuple[int, bytes, str]:
+    """Run a child to its end: its return code, stdout (when captured) and stderr; on Ctrl-C (or any exception)
+    it is killed at once and the exception goes on."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if stdout else None, stderr=subprocess.PIPE)
     try:
-        _, err = proc.communicate()
+        out, err = proc.communicate()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return proc.returncode, last_line(err.decode("utf-8", errors="replace"))
+    return proc.returncode, out or b"", err.decode("utf-8", errors="replace")
 
 
 def last_line(log: str) -> str:

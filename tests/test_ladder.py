@@ -11,6 +11,7 @@ import yaml
 
 from edgemerge.build.ladder import Budget, Rung, check_budget, choose_quant, ladder_table, order
 from edgemerge.errors import EdgemergeError
+from edgemerge.files import si_bytes
 from edgemerge.limits import parse_size
 from edgemerge.recipe import QuantAuto, parse_recipe
 
@@ -220,6 +221,13 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
     for q in rungs:
         assert f"| {q} |" in card or f"| **{q}** |" in card
     assert "quant ladder" in stdout and ladder["choice"]["reason"][:40] in stdout.replace("\n", " ")
+
+    # a budget the estimate allows but llama.cpp's exact sizes do not: refused after the (reused) merge, naming
+    # the closest type with its dry-run size
+    tight = sizes["Q2_K"] - 1000
+    code, _, err = cli("build", "--recipe", demo_yaml, "--quant", "auto", "--max-size", tight, "--out", out)
+    assert code == 2 and "Traceback" not in err
+    assert f"fits --max-size {si_bytes(tight)}: the closest, Q2_K, is {si_bytes(sizes['Q2_K'])}" in err
 
 
 def test_a_budget_no_type_can_meet_is_refused_before_any_work(demo_yaml, tmp_path, cli):

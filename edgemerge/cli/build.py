@@ -79,7 +79,13 @@ def _o(*flags: str, help: str):
     return typer.Option(*flags, help=help)
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n"
+    "  edgemerge build --lang eu --demo   (offline, a tiny generated family)\n\n"
+    "  edgemerge build --recipe my.yaml --quant Q4_K_M,Q8_0\n\n"
+    "  edgemerge build --recipe my.yaml --quant auto --max-size 5GB   (the smallest type that keeps the language)\n\n"
+    "  edgemerge build --recipe my.yaml --weight auto --quant auto --max-ram 8GB"
+)
 def build(
     lang: Annotated[
         str | None,
