@@ -1,13 +1,13 @@
 """`build --quant auto`: the recipe's quant ladder measured on the merged file, the choice by ladder.py.
 
-After the merge (and the importance matrix, for the types that use one):
+After the merge:
 1. sizes: llama.cpp's dry run sizes every type of the ladder without writing it (`quantize.quant_sizes`); the
    memory to run each is `resources.eval_memory` of one chat of RUN_CTX tokens. No type within the budget:
    one line naming the closest, exit 2 (before anything is quantized).
 2. reference: the unquantized file's log-probabilities on held-out target-language text (the evaluation's
    text, never the calibration's), stored once in the work area (evaluate/reference.py).
 3. the types that fit, smallest first: each quantized as the build quantizes (the `quantize TYPE` stage, with
-   the importance matrix where the type uses one), its drift against the stored reference measured with one
+   the importance matrix where the type uses one, computed before the first such type), its drift against the stored reference measured with one
    model in memory (evaluate/drift.py: KLD, top-1 agreement, perplexity ratio), its file deleted if it fails;
    the first that passes is the choice and stops the ladder.
 Each score is a cached stage (`ladder TYPE`, keyed by the quant's key and the reference's), so a rerun

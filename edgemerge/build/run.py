@@ -305,10 +305,12 @@ def _build(
             stages, imx, merged, source_file, quants, quant_files, quant_keys, threads, progress
         )
     else:
-        if imx.computes:
-            _imatrix_stage(stages, imx, merged, source_file, threads, progress)
 
         def make(q: str) -> None:
+            """A ladder type's quantize stage, the importance matrix first when it is the first type to use it
+            (a rerun whose scores are all cached computes none)."""
+            if q in imx.users and "imatrix" not in stages.records:
+                _imatrix_stage(stages, imx, merged, source_file, threads, progress)
             _quant_stage(stages, imx, merged, q, quant_files, quant_keys, threads, progress)
 
         ladder = run_ladder(
@@ -335,6 +337,8 @@ def _build(
         if f"quantize {chosen}" not in stages.records:  # its score was cached, its file is gone
             make(chosen)
         imx = dataclasses.replace(imx, users=tuple(u for u in imx.users if u == chosen))
+        if imx.computes and "imatrix" not in stages.records:  # the chosen type's matrix ships with it
+            _imatrix_stage(stages, imx, merged, source_file, threads, progress)
         drop_stale(state, {"merge", f"quantize {chosen}"} | ({"imatrix"} if imx.computes else set()))
         made = {f.name: f.stat().st_size for f in (merged, quant_files[chosen])}
         plan.memory.evals = plan_evals(
