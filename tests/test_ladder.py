@@ -222,6 +222,14 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
         assert f"| {q} |" in card or f"| **{q}** |" in card
     assert "quant ladder" in stdout and ladder["choice"]["reason"][:40] in stdout.replace("\n", " ")
 
+    # a memory budget every type meets: the same choice from the cached scores, the budget in the manifest
+    code, _, err = cli("build", "--recipe", demo_yaml, "--quant", "auto", "--max-ram", "2GB", "--out", out,
+                       "--skip-eval", "--threads", "2")  # fmt: skip
+    assert code == 0, err
+    again = json.loads((out / "manifest.json").read_text())["quant_ladder"]
+    assert again["budget"]["max_ram"] == 2 * 10**9 and again["choice"]["chosen"] == chosen
+    assert all(r["ram"] <= 2 * 10**9 for r in again["rungs"])
+
     # a budget the estimate allows but llama.cpp's exact sizes do not: refused after the (reused) merge, naming
     # the closest type with its dry-run size
     tight = sizes["Q2_K"] - 1000
@@ -235,4 +243,6 @@ def test_a_budget_no_type_can_meet_is_refused_before_any_work(demo_yaml, tmp_pat
     code, _, err = cli("build", "--recipe", demo_yaml, "--quant", "auto", "--max-size", "10KB", "--out", out)
     assert code == 2 and "Traceback" not in err
     assert "no type of the quant ladder fits --max-size 10 KB: the closest, Q2_K, is" in err
+    code, _, err = cli("build", "--recipe", demo_yaml, "--quant", "auto", "--max-ram", "100MB", "--out", out)
+    assert code == 2 and "fits --max-ram 100 MB: the closest, Q2_K, is" in err  # ~317 MB to run any of them
     assert not out.exists()
