@@ -510,3 +510,16 @@ def test_nearswap_takes_the_language_value_where_the_models_are_near():
     got = merged(m, xp, ArrayInputs(xp, "w", a, a, [b], [1.0]), {"t": 0.5})
     # |b - a| = 0, 0.1, 0.5, 2, 2: within t the language value; beyond, t/|b - a| of the way towards it
     np.testing.assert_allclose(got, [0.0, 1.1, 1.5, 2.5, -0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 300), (300,), (4, 9, 5)])
+def test_row_ranks_are_a_stable_sort_within_rows(shape):
+    """Ranks along axis 1 equal a stable argsort's, ties (few distinct values), zeros, inf and NaN included."""
+    from edgemerge.merge.methods import row_ranks
+
+    rng = np.random.default_rng(2)
+    a = (rng.integers(0, 6, shape) * 0.125).astype(np.float32)
+    a.flat[:3] = [np.inf, np.nan, 0.0]
+    rows = a.reshape(1, -1) if a.ndim < 2 else a
+    want = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
+    assert np.array_equal(row_ranks(rows), want.astype(np.float32))
