@@ -81,8 +81,12 @@ def nearswap_reference(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
     return (lw * v1 + (1 - lw) * v0).astype(np.float32)
 
 
-def gradient(t, position: float) -> float:
-    """A list-valued option at `position` in [0, 1]: linear between its neighbouring values (mergekit)."""
+def gradient(t, position: float, name: str = "") -> float:
+    """A list-valued option at `position` in [0, 1]: linear between its neighbouring values; a list of
+    {filter, value} conditions: the first whose filter is missing, "*" or in `name` (mergekit)."""
+    if isinstance(t, list) and all(isinstance(c, dict) for c in t):
+        match = next(c for c in t if c.get("filter") in (None, "*") or c["filter"] in name)
+        return gradient(match["value"], position)
     if not isinstance(t, list):
         return t
     return float(np.interp(position * (len(t) - 1), np.arange(len(t)), t))
@@ -122,7 +126,7 @@ def reference(
     """The merged float32 tensor by the formulas of edgemerge.merge.methods' docstring."""
     instruct, langs = np.asarray(instruct, np.float32), [np.asarray(x, np.float32) for x in langs]
     if method in ("slerp", "nearswap"):  # two models, no base
-        t = gradient((options or {}).get("t", 0.5), position)
+        t = gradient((options or {}).get("t", 0.5), position, name)
         return (slerp_reference if method == "slerp" else nearswap_reference)(t, instruct, langs[0])
     base = np.asarray(base, np.float32)
     if method == "linear":

@@ -67,7 +67,15 @@ METHODS = [
     ("della_linear", {"density": 0.6, "epsilon": 0.2, "seed": 2}),
 ]
 # the two-model methods: the instruct model and one language model (eu)
-TWO_MODELS = [("slerp", {"t": 0.5}), ("slerp", {"t": [0.1, 0.9, 0.4]}), ("nearswap", {"t": 0.005})]
+TWO_MODELS = [
+    ("slerp", {"t": 0.5}),
+    ("slerp", {"t": [0.1, 0.9, 0.4]}),
+    (
+        "slerp",
+        {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.8}, {"value": 0.3}]},
+    ),
+    ("nearswap", {"t": 0.005}),
+]
 
 
 def depth_of(name: str, n_layers: int = 2) -> float:

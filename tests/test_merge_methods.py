@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -273,6 +274,25 @@ def test_defaults_follow_mergekit():
             "options.t: value 1 of the schedule must be a finite number, got None",
         ),
         ("slerp", {"density": 0.5}, "options.density: unknown option of slerp; valid options: t"),
+        # mergekit's conditions
+        (
+            "slerp",
+            {"t": [{"filter": "mlp", "value": [0, 2]}]},
+            "options.t: condition 0: value 1 of the schedule must be in [0, 1], got 2",
+        ),
+        (
+            "slerp",
+            {"t": [{"filter": "mlp"}]},
+            "options.t: condition 0 must be a mapping of value and an optional",
+        ),
+        ("slerp", {"t": [{"value": 0.5, "when": 1}]}, "options.t: condition 0 must be a mapping of value"),
+        ("slerp", {"t": [0.5, {"value": 0.5}]}, "options.t: condition 0 must be a mapping of value"),
+        (
+            "nearswap",
+            {"t": {"filter": 3, "value": 0.1}},
+            "options.t: condition 0: filter must be part of a tensor",
+        ),
+        ("nearswap", {"t": {"value": 0}}, "options.t: condition 0: must be in (0, 1], got 0"),
         # wrong type: each type takes only its own
         ("ties", {"normalize": "yes"}, "options.normalize: must be true or false, got 'yes'"),
         ("ties", {"rescale": 1}, "options.rescale: must be true or false, got 1"),
@@ -326,7 +346,9 @@ def test_options_are_declared_once_per_method(name):
     fields = m.options.model_fields
     assert m.options.model_config["extra"] == "forbid"
     assert list(m.parse_options({})) == m.option_names == [f.alias or n for n, f in fields.items()]
-    schedule = float | list[float]  # a number or a per-layer list (slerp's and nearswap's t)
+    schedule = (
+        float | list[float] | list[dict[str, Any]]
+    )  # slerp's and nearswap's t (number, list, conditions)
     for f in fields.values():
         assert f.description and f.annotation in (bool, float, int, schedule)
     intervals = {n: option_interval(f) for n, f in zip(m.option_names, fields.values())}
@@ -491,6 +513,15 @@ def test_schedules_are_read_per_layer_as_mergekit_reads_gradients():
     assert schedule_at([0.0, 0.5, 0.3, 0.7, 1.0], 1.0) == 1.0
     assert abs(schedule_at([0.0, 0.5, 0.3, 0.7, 1.0], 0.375) - 0.4) < 1e-12  # halfway between 0.5 and 0.3
     assert schedule_at([0.8], 0.6) == 0.8
+    # mergekit's conditions: the first whose filter is part of the name (or absent, or "*")
+    conds = get_method("slerp").parse_options(
+        {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.2}, {"value": 0.7}]}
+    )["t"]
+    assert schedule_at(conds, 0.25, "model.layers.1.self_attn.q_proj.weight") == 0.25
+    assert schedule_at(conds, 0.25, "model.layers.1.mlp.up_proj.weight") == 0.2
+    assert schedule_at(conds, 0.25, "model.norm.weight") == 0.7
+    with pytest.raises(EdgemergeError, match="no condition's filter matches tensor model.norm.weight"):
+        schedule_at(conds[:2], 0.0, "model.norm.weight")
     xp = get_backend("torch")
     instruct, base, langs = family((16, 8))
     for method in ("slerp", "nearswap"):

@@ -146,6 +146,14 @@ def run_mergekit_pair(family, method: str, t, out) -> dict[str, np.ndarray]:
     [
         ("slerp", 0.5),
         ("slerp", [0.1, 0.8, 0.3]),
+        (
+            "slerp",
+            [
+                {"filter": "self_attn", "value": [0, 1]},
+                {"filter": "mlp", "value": [0.9, 0.2]},
+                {"value": 0.4},
+            ],
+        ),
         ("nearswap", 0.5),
         ("nearswap", 0.005),
         ("nearswap", [0.002, 0.05]),
@@ -160,7 +168,10 @@ def test_two_model_methods_equal_mergekit(tmp_path, merge_family, method, t):
     assert assert_within_a_bf16_step(ours, theirs) == 0
     states = {k: state_of(merge_family[k]) for k in ("instruct", "eu")}
     moved = sum(not np.array_equal(as_f32(ours[n]), states["instruct"][n].float().numpy()) for n in ours)
-    assert moved == len(ours)  # every tensor took something of the language model
+    # every tensor took something of the language model, but where the schedule gives t = 0 (the conditions
+    # case: layer 0's four attention projections)
+    conditions = isinstance(t, list) and isinstance(t[0], dict)
+    assert moved == len(ours) - (4 if conditions else 0)
 
 
 def test_slerp_fixture_takes_both_branches(merge_family):

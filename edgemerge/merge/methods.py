@@ -407,9 +407,18 @@ def linear(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
         yield rows, acc
 
 
-def schedule_at(t: float | list[float], position: float) -> float:
-    """A per-layer schedule read at `position` (0 to 1) as mergekit reads a list-valued parameter (a
-    "gradient"): x = position * (n - 1), linear between t[floor(x)] and the next; a number is itself."""
+def schedule_at(t: float | list[Any], position: float, name: str = "") -> float:
+    """A per-layer schedule read at `position` (0 to 1) for tensor `name` as mergekit reads a parameter: a
+    number is itself; a list of numbers (a "gradient") is read at x = position * (n - 1), linear between
+    t[floor(x)] and the next; a list of conditions gives the value of the first whose filter is None, "*" or
+    part of `name`."""
+    if isinstance(t, list) and t and isinstance(t[0], dict):
+        for c in t:
+            if c["filter"] in (None, "*") or c["filter"] in name:
+                return schedule_at(c["value"], position)
+        raise EdgemergeError(
+            f"options.t: no condition's filter matches tensor {name}; end the list with a value without a filter"
+        )
     if not isinstance(t, list):
         return t
     scaled = position * (len(t) - 1)
@@ -441,7 +450,7 @@ def slerp(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
     (t = 0 gives it back), the language model v1. A first walk over the row blocks sums the squares and the
     dot product that the angle needs (float64; mergekit 0.1.5 sums float32 chunks: the coefficients agree to
     float32 rounding), so no block is held longer than its arithmetic."""
-    at = schedule_at(opts["t"], t.position)
+    at = schedule_at(opts["t"], t.position, t.name)
     sq0 = sq1 = dot = 0.0
     for rows in t.pieces:
         v0, v1 = t.instruct(rows), t.language(0, rows)
@@ -467,7 +476,7 @@ def nearswap(xp: Backend, t: TensorInputs, opts: dict[str, Any]) -> Blocks:
     """W = l W_lang + (1 - l) W_instruct per entry, l = min(1, t / max(|W_lang - W_instruct|, 1e-6)) (mergekit's
     `nearswap`, its base_model the instruct model): entries closer than t take the language model's value,
     farther ones move the distance t towards it."""
-    at = schedule_at(opts["t"], t.position)
+    at = schedule_at(opts["t"], t.position, t.name)
     for rows in t.pieces:
         v0, v1 = t.instruct(rows), t.language(0, rows)
         diff = xp.abs(v0 - v1)
@@ -528,25 +537,58 @@ class Interval:
         return x
 
 
-def _schedule(bounds: Interval) -> Any:
-    """A number, or a list of numbers read per layer (`schedule_at`), each within `bounds`."""
+MAX_FILTER = 256  # characters of a condition's filter (a fragment of a tensor name)
 
-    def check(v: Any) -> float | list[float]:
+
+def _schedule(bounds: Interval) -> Any:
+    """A number, a list of numbers read per layer (`schedule_at`), each within `bounds`, or mergekit's
+    conditions: a list of {filter, value} (a value one of the former), the first whose filter is part of the
+    tensor's name, or that has none, applying."""
+
+    def numbers(v: Any, where: str) -> float | list[float]:
         if not isinstance(v, list):
-            return bounds.check(_number(v), v)
+            try:
+                return bounds.check(_number(v), v)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
         if not 1 <= len(v) <= MAX_SCHEDULE:
             raise ValueError(
-                f"must be a number or a list of 1 to {MAX_SCHEDULE} numbers, got {len(v)} values"
+                f"{where}must be a number or a list of 1 to {MAX_SCHEDULE} numbers, got {len(v)} values"
             )
         out = []
         for i, x in enumerate(v):
             try:
                 out.append(bounds.check(_number(x), x))
             except ValueError as e:
-                raise ValueError(f"value {i} of the schedule {e}") from None
+                raise ValueError(f"{where}value {i} of the schedule {e}") from None
         return out
 
-    return Annotated[float | list[float], BeforeValidator(check), bounds]
+    def conditions(v: list[Any]) -> list[dict[str, Any]]:
+        if len(v) > MAX_SCHEDULE:
+            raise ValueError(f"at most {MAX_SCHEDULE} conditions, got {len(v)}")
+        out = []
+        for i, c in enumerate(v):
+            if not isinstance(c, dict) or "value" not in c or set(c) - {"filter", "value"}:
+                raise ValueError(
+                    f"condition {i} must be a mapping of value and an optional filter, got {shown(c)}"
+                )
+            f = c.get("filter")
+            if f is not None and (not isinstance(f, str) or len(f) > MAX_FILTER):
+                raise ValueError(
+                    f"condition {i}: filter must be part of a tensor name (at most {MAX_FILTER} characters), "
+                    f"got {shown(f)}"
+                )
+            out.append({"filter": f, "value": numbers(c["value"], f"condition {i}: ")})
+        return out
+
+    def check(v: Any) -> float | list[float] | list[dict[str, Any]]:
+        if isinstance(v, dict):
+            return conditions([v])
+        if isinstance(v, list) and any(isinstance(c, dict) for c in v):
+            return conditions(v)
+        return numbers(v, "")
+
+    return Annotated[float | list[float] | list[dict[str, Any]], BeforeValidator(check), bounds]
 
 
 UnitSchedule = _schedule(Interval(ge=0, le=1))
