@@ -13,15 +13,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import EdgemergeError
-from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, finite_number, read_limited, shown
+from .limits import (
+    MAX_RECIPE_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    field_error,
+    finite_number,
+    read_limited,
+    shown,
+)
 from .merge.methods import DEFAULT_METHOD, get_method
 
 DType = Literal["bfloat16", "float16", "float32"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "recipes"
+# the paper's other methods at its settings: found by name, listed apart, never chosen by --lang
+EXAMPLES_DIR = BUNDLED_DIR / "examples"
 
 MAX_NAME = 128  # the name becomes file names (<name>-Q4_K_M.gguf): well under 255 bytes
 MAX_REF = 4096  # a model reference is a hub id or a local path (PATH_MAX)
@@ -122,9 +140,13 @@ class SweepRule(BaseModel):
             raise ValueError(f"at most {MAX_SWEEP} methods, got {len(v)}")
         for m in v:
             try:
-                get_method(m)
+                method = get_method(m)
             except EdgemergeError as e:
                 raise ValueError(e.message) from None
+            if method.two_models:
+                raise ValueError(
+                    f"{m} has no language weight to sweep (options.t sets its mix); leave it out"
+                )
         return list(dict.fromkeys(v))
 
     @field_validator(
@@ -266,6 +288,27 @@ class Recipe(BaseModel):
             get_method(info.data["method"]).validate_options(v)
         return v
 
+    @model_validator(mode="after")
+    def _two_models(self) -> Recipe:
+        # slerp and nearswap mix the instruct model with one language model and have no weights: a second
+        # language or a weight would be ignored (mergekit ignores the weight, and fails on a third model)
+        method = get_method(self.method)
+        if not method.two_models:
+            return self
+        if len(self.languages) > 1:
+            raise field_error(
+                ("languages",),
+                f"{method.name} merges the instruct model with one language model, got {len(self.languages)} "
+                "languages; make one recipe per language, or use a method of several (task_arithmetic, ties, ...)",
+            )
+        if self.languages[0].weight != 1.0:
+            raise field_error(
+                ("languages", 0, "weight"),
+                f"{method.name} does not weight the language model (options.t sets the mix), got "
+                f"{self.languages[0].weight:g}; remove the weight",
+            )
+        return self
+
     @field_validator("license")
     @classmethod
     def _license(cls, v: str | None) -> str | None:
@@ -403,8 +446,8 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte
         exists = False
     if not exists:
-        bundled = BUNDLED_DIR / f"{path}.yaml"
-        if re.fullmatch(r"[\w.-]{1,128}", str(path)) and bundled.exists():
+        bundled = _named_file(str(path))
+        if bundled is not None:
             p = bundled
         else:
             raise EdgemergeError(
@@ -427,6 +470,18 @@ def bundled_recipes() -> list[str]:
     return sorted(f.stem for f in BUNDLED_DIR.glob("*.yaml"))
 
 
+def example_recipes() -> list[str]:
+    """Names of the example recipes shipped with edgemerge (EXAMPLES_DIR)."""
+    return sorted(f.stem for f in EXAMPLES_DIR.glob("*.yaml"))
+
+
+def _named_file(name: str) -> Path | None:
+    """The file of a bundled or example recipe called `name`, if there is one."""
+    if not re.fullmatch(r"[\w.-]{1,128}", name):
+        return None
+    return next((f for d in (BUNDLED_DIR, EXAMPLES_DIR) if (f := d / f"{name}.yaml").is_file()), None)
+
+
 def recipe_for_languages(codes: list[str]) -> str:
     """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe)."""
     codes = sorted(set(codes))
@@ -442,15 +497,18 @@ def recipe_for_languages(codes: list[str]) -> str:
     return matches[0]
 
 
-def recipe_summaries() -> list[dict[str, Any]]:
-    """Each bundled recipe: name, languages, instruct model, and the languages whose model is not set yet (such a
-    recipe cannot be built until it is: copy it and fill it in)."""
+def recipe_summaries(*, examples: bool = False) -> list[dict[str, Any]]:
+    """Each bundled recipe (then, with `examples`, each example): name, languages, instruct model, and the
+    languages whose model is not set yet (such a recipe cannot be built until it is: copy it and fill it in)."""
     out = []
-    for name in bundled_recipes():
-        r = load_recipe(BUNDLED_DIR / f"{name}.yaml")
+    files = [(BUNDLED_DIR / f"{n}.yaml", False) for n in bundled_recipes()]
+    files += [(EXAMPLES_DIR / f"{n}.yaml", True) for n in example_recipes()] if examples else []
+    for file, example in files:
+        r = load_recipe(file)
         out.append(
             {
-                "name": name,
+                "name": file.stem,
+                "example": example,
                 "languages": r.lang_codes,
                 "instruct": r.instruct,
                 "method": r.method,
@@ -463,7 +521,11 @@ def recipe_summaries() -> list[dict[str, Any]]:
 
 
 def bundled_recipe_file(name: str) -> Path:
-    """The file of bundled recipe `name`; EdgemergeError listing the bundled ones otherwise."""
-    if name not in bundled_recipes():
-        raise EdgemergeError(f"no bundled recipe {shown(name)}; bundled: {', '.join(bundled_recipes())}")
-    return BUNDLED_DIR / f"{name}.yaml"
+    """The file of bundled (or example) recipe `name`; EdgemergeError listing the bundled ones otherwise."""
+    file = _named_file(name)
+    if file is None:
+        raise EdgemergeError(
+            f"no bundled recipe {shown(name)}; bundled: {', '.join(bundled_recipes())}; examples: "
+            + ", ".join(example_recipes())
+        )
+    return file

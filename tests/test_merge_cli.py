@@ -192,7 +192,8 @@ def test_unknown_hub_model_offline(cli, tmp_path, merge_family, monkeypatch):
 @pytest.mark.parametrize(
     ("fields", "needles"),
     [
-        ({"method": "slerp"}, ["method", "slerp"]),
+        ({"method": "nuslerp"}, ["method", "nuslerp"]),
+        ({"method": "slerp", "options": {"t": 2}}, ["options.t: must be in [0, 1], got 2"]),
         ({"options": {"foo": 1}}, ["options.foo: unknown option", "valid options: normalize, lambda"]),
         ({"method": "ties", "options": {"density": 2}}, ["options.density: must be in (0, 1], got 2"]),
         ({"dtype": "int8"}, ["dtype", "int8"]),

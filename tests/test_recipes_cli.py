@@ -7,13 +7,14 @@ import json
 
 import yaml
 
-from edgemerge.recipe import BUNDLED_DIR, bundled_recipes, load_recipe
+from edgemerge.recipe import BUNDLED_DIR, EXAMPLES_DIR, bundled_recipes, example_recipes, load_recipe
 
 
 def test_list_says_which_recipes_can_be_built(cli):
     code, out, _ = cli("recipes", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
-    assert code == 0 and sorted(rows) == bundled_recipes()
+    assert code == 0 and sorted(n for n, r in rows.items() if not r["example"]) == bundled_recipes()
+    assert sorted(n for n, r in rows.items() if r["example"]) == example_recipes()
     for name, r in rows.items():
         recipe = load_recipe(name)
         assert r["languages"] == recipe.lang_codes
@@ -44,3 +45,22 @@ def test_a_bundled_recipe_without_its_language_model_says_how_to_fill_it_in(cli,
     err = " ".join(err.split())
     assert code == 2 and f"{BUNDLED_DIR / name}.yaml" in err
     assert f"edgemerge recipes copy {name} my-recipe.yaml" in err and "--recipe my-recipe.yaml" in err
+
+
+def test_examples_are_listed_shown_and_built_by_name_but_never_picked_by_lang(cli):
+    """The paper's other methods at its settings: one example each, every model set, listed in a table of
+    their own, shown and found by name; --lang gl still picks the bundled task-arithmetic recipe."""
+    from edgemerge.recipe import recipe_for_languages
+
+    methods = {load_recipe(n).method: n for n in example_recipes()}
+    assert {"della", "slerp", "nearswap"} <= set(methods)
+    assert load_recipe(methods["della"]).options == {"density": 0.5, "epsilon": 0.1, "lambda": 1.0, "seed": 0}
+    assert load_recipe(methods["slerp"]).options == load_recipe(methods["nearswap"]).options == {"t": 0.5}
+    for name in example_recipes():
+        r = load_recipe(name)
+        assert r.name == name and all(lang.model for lang in r.languages) and r.file.parent == EXAMPLES_DIR
+        assert recipe_for_languages(r.lang_codes) in bundled_recipes()
+    code, out, _ = cli("recipes", "show", methods["slerp"])
+    assert code == 0 and out == (EXAMPLES_DIR / f"{methods['slerp']}.yaml").read_text(encoding="utf-8")
+    code, out, _ = cli("recipes")
+    assert code == 0 and "examples" in out and "nearswap" in out

@@ -26,7 +26,7 @@ def recipes(
     ctx: typer.Context,
     json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
 ) -> None:
-    """List the bundled recipes: languages, instruct model, and whether every model is set.
+    """List the bundled recipes and the examples: languages, method, instruct model, whether every model is set.
 
     Examples:
 
@@ -38,22 +38,29 @@ def recipes(
     """
     if ctx.invoked_subcommand is not None:
         return
-    rows = recipe_summaries()
+    rows = recipe_summaries(examples=True)
     if json_out:
         print_json(rows)
         return
-    table = Table(title="bundled recipes (edgemerge build --lang CODE picks one; --recipe NAME names one)")
-    for col in ("name", "languages", "instruct", "ready"):
-        table.add_column(col)
-    for r in rows:
-        ready = "yes" if not r["missing"] else f"no ({', '.join(r['missing'])} model not set)"
-        table.add_row(r["name"], ",".join(r["languages"]), r["instruct"], ready)
-    console.print(table)
+    for example in (False, True):
+        title = (
+            "examples: the paper's other methods (--recipe NAME names one; --lang never picks one)"
+            if example
+            else "bundled recipes (edgemerge build --lang CODE picks one; --recipe NAME names one)"
+        )
+        table = Table(title=title)
+        for col in ("name", "languages", "method", "instruct", "ready"):
+            table.add_column(col)
+        for r in rows:
+            if r["example"] == example:
+                ready = "yes" if not r["missing"] else f"no ({', '.join(r['missing'])} model not set)"
+                table.add_row(r["name"], ",".join(r["languages"]), r["method"], r["instruct"], ready)
+        console.print(table)
 
 
 @recipes_app.command("show")
 def show(name: Annotated[str, typer.Argument(help="A bundled recipe's name, e.g. qwen3-8b-eu.")]) -> None:
-    """Print a bundled recipe's YAML, comments included."""
+    """Print a bundled (or example) recipe's YAML, comments included."""
     sys.stdout.write(bundled_recipe_file(name).read_text(encoding="utf-8"))  # as is: no wrapping, no markup
 
 
