@@ -42,7 +42,7 @@ def fake_build(out: Path, name: str = NAME) -> BuildState:
     state = prepare_out(out, name, force=False)
     mark_unfinished(out, name)
     stages = Stages(state)
-    ggufs = {"merge": out / f"{name}.F16.gguf", "quantize Q8_0": out / f"{name}.Q8_0.gguf"}
+    ggufs = {"merge": out / f"{name}-F16.gguf", "quantize Q8_0": out / f"{name}-Q8_0.gguf"}
     for stage, f in ggufs.items():
         stages.run(stage, f"key-{stage}", [f], lambda f=f: f.write_bytes(b"GGUF" + f.name.encode()))
     report = state.work / "eval" / "x.json"
@@ -270,11 +270,11 @@ def test_stale_partials_are_cleaned_live_ones_kept(tmp_path):
     dead, live = dead_pid(), os.getppid()
     planted = {
         "stale": [
-            out / f".{NAME}.Q8_0.gguf.partial-{dead}",
+            out / f".{NAME}-Q8_0.gguf.partial-{dead}",
             state.work / f".state.json.partial-{dead}",
             state.work / "eval" / f".x.json.partial-{dead}",
         ],
-        "kept": [out / f".{NAME}.Q4_K_M.gguf.partial-{live}", out / "sub" / f".x.partial-{dead}"],
+        "kept": [out / f".{NAME}-Q4_K_M.gguf.partial-{live}", out / "sub" / f".x.partial-{dead}"],
     }
     for p in planted["stale"] + planted["kept"]:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def test_an_unfinished_build_has_no_card_or_manifest(tmp_path):
     mark_unfinished(out, NAME)
     assert read_marker(out)["finished"] is False
     assert not any((out / n).exists() for n in PACKAGE_FILES)
-    assert (out / f"{NAME}.F16.gguf").exists()  # the GGUFs stay: finished stages are reused
+    assert (out / f"{NAME}-F16.gguf").exists()  # the GGUFs stay: finished stages are reused
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_an_interrupted_rebuild_does_not_look_finished(finished_build, build_fam
     shutil.copytree(finished_build, out)
     shutil.copytree(work_dir(finished_build), work_dir(out))
     assert read_marker(out) == read_marker(finished_build) and read_marker(out)["finished"] is True
-    old_quant = (out / f"{NAME}.Q8_0.gguf").read_bytes()
+    old_quant = (out / f"{NAME}-Q8_0.gguf").read_bytes()
 
     def interrupt_after_merge(e):
         if e.done and e.name == "merge":
@@ -325,7 +325,7 @@ def test_an_interrupted_rebuild_does_not_look_finished(finished_build, build_fam
     recipe = load_recipe(build_family["recipe"])
     with pytest.raises(KeyboardInterrupt):  # a new weight: new F16, then killed before the quants
         build(recipe, BuildOptions(out=out, skip_eval=True, weights=[0.3]), on_stage=interrupt_after_merge)
-    assert (out / f"{NAME}.Q8_0.gguf").read_bytes() == old_quant  # the old quant is still there...
+    assert (out / f"{NAME}-Q8_0.gguf").read_bytes() == old_quant  # the old quant is still there...
     assert not any((out / n).exists() for n in PACKAGE_FILES)  # ...but no card or manifest describes it
     assert read_marker(out)["finished"] is False
 

@@ -49,10 +49,10 @@ def test_demo_command_runs_offline(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["demo"] is True
     names = [f["name"] for f in summary["files"]]
-    assert names[:3] == [f"edgemerge-demo-eu.{t}.gguf" for t in ("F16", "Q4_K_M", "Q8_0")]
+    assert names[:3] == [f"edgemerge-demo-eu-{t}.gguf" for t in ("F16", "Q4_K_M", "Q8_0")]
     assert set(summary["eval"]) == set(names[:3])
     # the instruct model alone is evaluated too: the Basque language vector lowers Basque perplexity
-    f16 = summary["eval"]["edgemerge-demo-eu.F16.gguf"]
+    f16 = summary["eval"]["edgemerge-demo-eu-F16.gguf"]
     assert summary["parents"]["instruct"]["perplexity"] > f16["perplexity"]
     for name in names:
         assert (out / name).is_file()

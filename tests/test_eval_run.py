@@ -175,7 +175,7 @@ def test_eval_command_json_and_gate_exit_code(chat_gguf, tmp_path, capsys):
                 "16",
                 "--threads",
                 "1",
-                "--json",
+                "--report",
                 str(out),
                 "--markdown",
                 str(tmp_path / "card.md"),
@@ -233,7 +233,7 @@ def test_eval_command_gates_from_a_recipe_and_json_on_stdout(tmp_path, capsys):
     )
     code, out, err = _run(
         ["eval", str(stories_gguf()), "--lang", "eu", "--quick", "--threads", "1", "--recipe", str(recipe),
-         "--json", "-"],
+         "--json"],
         capsys,
     )  # fmt: skip
     assert code == 3 and "max_perplexity" in err

@@ -75,7 +75,7 @@ def run_evals(tree: Path, ggufs: dict[str, Path], out: Path, log: Path, *, store
     ref_file = out / "F16.logits"
     res = {}
     for t, f in ggufs.items():
-        cmd = [*edgemerge(tree), "eval", str(f), "--lang", LANG, "--json", str(out / f"{t}.json")]
+        cmd = [*edgemerge(tree), "eval", str(f), "--lang", LANG, "--report", str(out / f"{t}.json")]
         if t != "F16":
             cmd += ["--ref-logits", str(ref_file)] if stored else ["--ref", str(ggufs["F16"])]
         elif stored:

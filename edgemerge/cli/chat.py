@@ -13,7 +13,7 @@ from ..evaluate.prompts import language_info
 from ..gguf.inspect import kv as gguf_kv
 from ..limits import MAX_THREADS, check_count
 from ..runtime import Generation, Model, check_gguf
-from .common import app, err_console
+from .common import MODEL_OPTION, app, err_console, examples, the_model
 
 MIN_CHAT_CTX = 64
 HELP_LINE = "/clear starts a new conversation, /bye (or Ctrl-D) quits, /? lists the commands."
@@ -34,11 +34,20 @@ HELP_TEXT = (
 )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu-Q4_K_M.gguf",
+        "edgemerge chat -m model.gguf -l eu -c 8192 -t 4",
+        'edgemerge chat model.gguf --system "Erantzun beti euskaraz eta laburki."',
+    )
+)
 def chat(
-    model: Annotated[
-        Path, typer.Argument(help="The GGUF file to chat with (it must carry a chat template).")
-    ],
+    model_arg: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The GGUF file to chat with (it must carry a chat template).", metavar="MODEL", show_default=False
+        ),
+    ] = None,
     lang: Annotated[
         str | None,
         typer.Option(
@@ -51,24 +60,18 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", help="A system prompt of your own.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Token limit per answer.")] = 512,
     ctx: Annotated[
-        int, typer.Option("--ctx", help="Context size in tokens (older turns are dropped to fit).")
+        int, typer.Option("--ctx", "-c", help="Context size in tokens (older turns are dropped to fit).")
     ] = 4096,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads for llama.cpp.")] = None,
+    model_opt: Annotated[Path | None, MODEL_OPTION] = None,
 ) -> None:
     """Chat with a GGUF in the terminal: greedy decoding, tokens streamed as they come.
 
     Type a message and press Enter. /clear starts a new conversation, /bye or Ctrl-D quits, /? lists the
     commands (Ollama's). Without --lang or --system, the system prompt is that of the GGUF's language
     (general.languages, as edgemerge writes it) when edgemerge has one for it.
-
-    Examples:
-
-      edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu.Q4_K_M.gguf
-
-      edgemerge chat model.gguf --lang eu --ctx 8192
-
-      edgemerge chat model.gguf --system "Erantzun beti euskaraz eta laburki."
     """
+    model = the_model(model_arg, model_opt, "chat")
 
     check_count(
         "--ctx", ctx, MIN_CHAT_CTX, 1 << 24, ": a chat turn needs room for the template and an answer"

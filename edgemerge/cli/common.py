@@ -6,12 +6,16 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import __version__
+from ..errors import EdgemergeError
+from ..limits import shown
 from ..progress import Progress, make_progress
 
 app = typer.Typer(
@@ -46,6 +50,53 @@ def _root(
     ),
 ) -> None:
     """edgemerge: language-vector merges shipped as tested GGUF files."""
+
+
+def listed(values: list[str] | str | None, flag: str) -> list[str] | None:
+    """The items of a list flag, given as repeats, commas or both (`-q Q4_K_M,Q5_K_M -q Q8_0`: three), None when
+    the flag is not given; given with no item (`--quant ""`) it is refused rather than read as "not given" (the
+    recipe's value would be used silently)."""
+    if values is None or (not isinstance(values, str) and not values):
+        return None
+    given = [values] if isinstance(values, str) else list(values)
+    items = [v.strip() for value in given for v in value.split(",") if v.strip()]
+    if not items:
+        raise EdgemergeError(f"{flag}: got {shown(','.join(given))}, no value; give at least one or leave the flag out")
+    return items
+
+
+def numbers(values: list[str] | str | None, flag: str) -> list[float] | None:
+    """The numbers of a list flag (`listed`), None when it is not given."""
+    items = listed(values, flag)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise EdgemergeError(
+            f"{flag}: {shown(','.join(items))} is not a number or a comma-separated list of numbers, e.g. 0.5,1.0"
+        ) from None
+
+
+MODEL_OPTION = typer.Option(
+    "--model", "-m", help="The GGUF file, as llama.cpp's -m (instead of the MODEL argument).", show_default=False
+)
+
+
+def the_model(argument: Path | None, option: Path | None, command: str) -> Path:
+    """The model file given as the MODEL argument or as -m MODEL (llama.cpp's way), exactly once."""
+    if argument is not None and option is not None:
+        raise EdgemergeError(f"give the model once: edgemerge {command} MODEL or edgemerge {command} -m MODEL")
+    model = argument if argument is not None else option
+    if model is None:
+        raise EdgemergeError(f"give the GGUF file: edgemerge {command} MODEL.gguf (or -m MODEL.gguf)")
+    return model
+
+
+def examples(*commands: str) -> str:
+    """A command's --help epilog: its example command lines, one paragraph each (typer's rich help joins the
+    lines of a paragraph)."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  {escape(c)}" for c in commands)
 
 
 def print_json(data: Any) -> None:
