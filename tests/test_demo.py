@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def test_demo_command_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stderr = " ".join(proc.stderr.split())
     assert "tiny" in stderr and "meaningless" in stderr
+    # the family's generation is said apart (not hidden from "Built in"); no progress bar lands in the log
+    family = re.search(r"✓ demo family ([\d.]+) s", stderr)
+    assert family is not None and float(family.group(1)) > 1, stderr
+    assert "ETA" not in stderr and "━" not in stderr and "╭" not in stderr
     summary = json.loads(proc.stdout)
     assert summary["demo"] is True
     names = [f["name"] for f in summary["files"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -151,10 +152,20 @@ def build(
         options, lang=eval_lang is not None
     )  # a typo fails before the demo family is trained or a model downloaded
     progress = make_progress(err_console)
+    family_seconds = 0.0
     if demo and recipe is None:
-        err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        if err_console.is_terminal:
+            err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        else:  # a panel is as wide as the console: in a log, one plain paragraph
+            err_console.print(DEMO_WARNING, soft_wrap=True)
+        start = time.perf_counter()
         with progress:  # the demo family is trained on first use: show it
             r = choose_recipe(codes, recipe, demo=demo, progress=progress)
+        family_seconds = time.perf_counter() - start
+        err_console.print(
+            f"[green]✓ demo family[/green] {family_seconds:.1f} s ({r.root}: generated once, then reused)",
+            highlight=False,
+        )
     else:
         r = choose_recipe(codes, recipe, demo=demo)
 
@@ -184,7 +195,7 @@ def build(
     if json_out:
         print_json(result.to_dict())
     else:
-        _print_summary(result)
+        _print_summary(result, family_seconds)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     if result.demo:
@@ -202,7 +213,7 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, family_seconds: float = 0.0) -> None:
     stages = Table(title="stages")
     stages.add_column("stage")
     stages.add_column("time", justify="right")
@@ -236,13 +247,18 @@ def _print_summary(result) -> None:
         console.print(f"[red]gate failed[/red] {f}: " + "; ".join(failed), highlight=False)
     console.print(
         f"[bold]{result.out}[/bold] is ready: model card README.md, Modelfile, eval.json, manifest.json. "
-        f"Built in {result.seconds:.0f} s. Next:",
+        f"Built in {result.seconds:.0f} s{_before(family_seconds)}. Next:",
         highlight=False,
     )
     for line in next_steps(result):
         console.print(
             f"  {line}", highlight=False, markup=False, soft_wrap=True
         )  # commands to copy: unbroken
+
+
+def _before(family_seconds: float) -> str:
+    """The demo family's generation, which happens before the build and is not in its time."""
+    return f", after {family_seconds:.0f} s generating the demo family" if family_seconds >= 1 else ""
 
 
 def next_steps(result) -> list[str]:

@@ -32,8 +32,17 @@ app = typer.Typer(
 )
 
 # Results (tables, JSON) go to stdout; progress and messages to stderr so pipes stay clean.
-console = Console()
-err_console = Console(stderr=True)
+# In a pipe or a file rich would fit tables into 80 columns and cut file names ("edgeme…"): there a line is as
+# long as it needs (a table at its natural width), as `ls -l | cat` prints.
+PIPE_WIDTH = 4096
+
+
+def _console(stream) -> Console:
+    return Console(file=None, stderr=stream is sys.stderr, width=None if stream.isatty() else PIPE_WIDTH)
+
+
+console = _console(sys.stdout)
+err_console = _console(sys.stderr)
 
 
 def _version(value: bool) -> None:
