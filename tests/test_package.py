@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_modelfile_has_template_system_and_every_stop():
     assert 'SYSTEM """Laguntzaile adeitsua zara."""' in text
     assert parse_modelfile_stops(text) == ["<|im_end|>", "</s>"]
     assert 'TEMPLATE """{{ $prev := "" }}' in text
+
+
+def test_modelfile_samples_as_edgemerge_chat_does():
+    """Ollama's own defaults (top_p 0.9, min_p 0, repeat_penalty 1.1) differ from llama.cpp's, which chat uses:
+    the Modelfile states chat's values, each once."""
+    import inspect
+
+    from edgemerge.cli.chat import chat
+
+    text, _ = modelfile("m-Q4_K_M.gguf", ChatInfo(template=None, bos="", stops=["</s>"]), None)
+    params = dict(re.findall(r"^PARAMETER (\w+) (.+)$", text, flags=re.MULTILINE))
+    defaults = {name: p.default for name, p in inspect.signature(chat).parameters.items()}
+    assert float(params["temperature"]) == defaults["temp"] > 0
+    assert int(params["top_k"]) == defaults["top_k"] and float(params["top_p"]) == defaults["top_p"]
+    assert float(params["min_p"]) == defaults["min_p"] and float(params["repeat_penalty"]) == 1.0
+    assert int(params["num_ctx"]) == defaults["ctx"]
+    assert "seed" not in params  # chat draws a new seed each run (-1), as Ollama does without one
 
 
 def test_modelfile_without_template_warns():
