@@ -269,7 +269,8 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--lang", "xx"], "no bundled recipe for language(s) xx; bundled: "),
+        (["--lang", "xx"], "no bundled recipe for --lang xx; the bundled recipes cover ca ("),
+        (["--lang", "ca"], "--lang ca: the bundled recipes for it ("),
         (["--recipe", "nope"], "recipe nope not found"),
         ([], "say what to build"),
         (["--lang", "eu", "--demo", "--recipe", "x"], "drop --recipe"),
