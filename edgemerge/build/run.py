@@ -195,7 +195,9 @@ def _build(
     limit = memory_limit()
     llama_version = llama_cpp_version()
     shape = shape_from_config(report.config, 0)
-    source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / quant_file_name(recipe.name, SOURCE_QUANT))
+    source_file = quant_files.get(
+        SOURCE_QUANT, state.work / "imatrix" / quant_file_name(recipe.name, SOURCE_QUANT)
+    )
     imx = plan_imatrix(
         recipe,
         quants,

@@ -47,7 +47,9 @@ def chat(
     model_arg: Annotated[
         Path | None,
         typer.Argument(
-            help="The GGUF file to chat with (it must carry a chat template).", metavar="MODEL", show_default=False
+            help="The GGUF file to chat with (it must carry a chat template).",
+            metavar="MODEL",
+            show_default=False,
         ),
     ] = None,
     lang: Annotated[
@@ -65,14 +67,18 @@ def chat(
         int, typer.Option("--ctx", "-c", help="Context size in tokens (older turns are dropped to fit).")
     ] = CHAT_CTX,
     temp: Annotated[
-        float, typer.Option("--temp", help="Temperature; 0 is greedy (the most likely token, as eval decodes).")
+        float,
+        typer.Option("--temp", help="Temperature; 0 is greedy (the most likely token, as eval decodes)."),
     ] = DEFAULTS.temperature,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = DEFAULTS.top_k,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")
+    ] = DEFAULTS.top_k,
     top_p: Annotated[
         float, typer.Option("--top-p", help="Keep the most likely tokens up to this probability (1: off).")
     ] = DEFAULTS.top_p,
     min_p: Annotated[
-        float, typer.Option("--min-p", help="Drop tokens below this share of the top one's probability (0: off).")
+        float,
+        typer.Option("--min-p", help="Drop tokens below this share of the top one's probability (0: off)."),
     ] = DEFAULTS.min_p,
     seed: Annotated[
         int, typer.Option("--seed", "-s", help="Random seed for sampling (-1: a new one each run).")
@@ -110,7 +116,8 @@ def chat(
         m.check_chat_template()  # a template that cannot render fails before the prompt, in one line
         name = m.metadata.get("general.name") or model.name
         err_console.print(
-            f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {_describe(sampling)} · {HELP_LINE}", highlight=False
+            f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {_describe(sampling)} · {HELP_LINE}",
+            highlight=False,
         )
         _loop(m, system, max_tokens, sampling)
     finally:

@@ -12,18 +12,81 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from .. import __version__
 from ..errors import EdgemergeError
 from ..limits import shown
 from ..progress import Progress, make_progress
 
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT"}  # click's names for them
+
+
+class _Option(TyperOption):
+    """An option shown as click and llama.cpp show them: a switch with no value after it (typer 0.29 prints
+    `<bool>`), a value by its metavar or its type in capitals (FILE, TEXT, INTEGER), not `<str>`."""
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        if self.is_flag:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        label = self.display_type(ctx).strip("<>").removeprefix("list[").removesuffix("]")  # repeatable: one
+        return _TYPE_NAMES.get(label, label.upper())
+
+
+class _Argument(TyperArgument):
+    """An argument shown by its name, RECIPE (or [MODEL] when it may be left out), not `{RECIPE} <str>`."""
+
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+def _readable(command: Any) -> None:
+    """Give every parameter of `command` and its subcommands the readable help of `_Option`/`_Argument`."""
+    help_option = command.get_help_option(typer.Context(command))  # made once and cached by click
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if type(param) is TyperOption:
+            param.__class__ = _Option
+        elif type(param) is TyperArgument:
+            param.__class__ = _Argument
+    for sub in getattr(command, "commands", {}).values():
+        _readable(sub)
+
+
+def examples(*commands: str) -> str:
+    """A command's --help epilog: its example command lines, one paragraph each (typer's rich help joins the
+    lines of a paragraph)."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  {escape(c)}" for c in commands)
+
+
+class _Group(TyperGroup):
+    """edgemerge's command group: typer builds it with every command in it, then their help is made readable
+    (one place for all commands, instead of a `cls=` on each)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _readable(self)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="edgemerge",
     help=(
         "Turn an English-centric instruct LLM into an offline assistant in your language: "
         "W = W_instruct + sum_i w_i (W_lang_i - W_base), written as GGUF, quantized and checked with llama.cpp.\n\n"
         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 eval gate failed, 130 interrupted."
+    ),
+    epilog=examples(
+        "edgemerge build --demo  # offline, a minute: every stage on a tiny model",
+        "edgemerge recipes  # what --lang can build",
+        "edgemerge build --lang eu",
+        "edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu-Q4_K_M.gguf",
+        "edgemerge COMMAND --help  # each command's options and examples",
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -70,7 +133,9 @@ def listed(values: list[str] | str | None, flag: str) -> list[str] | None:
     given = [values] if isinstance(values, str) else list(values)
     items = [v.strip() for value in given for v in value.split(",") if v.strip()]
     if not items:
-        raise EdgemergeError(f"{flag}: got {shown(','.join(given))}, no value; give at least one or leave the flag out")
+        raise EdgemergeError(
+            f"{flag}: got {shown(','.join(given))}, no value; give at least one or leave the flag out"
+        )
     return items
 
 
@@ -88,24 +153,23 @@ def numbers(values: list[str] | str | None, flag: str) -> list[float] | None:
 
 
 MODEL_OPTION = typer.Option(
-    "--model", "-m", help="The GGUF file, as llama.cpp's -m (instead of the MODEL argument).", show_default=False
+    "--model",
+    "-m",
+    help="The GGUF file, as llama.cpp's -m (instead of the MODEL argument).",
+    show_default=False,
 )
 
 
 def the_model(argument: Path | None, option: Path | None, command: str) -> Path:
     """The model file given as the MODEL argument or as -m MODEL (llama.cpp's way), exactly once."""
     if argument is not None and option is not None:
-        raise EdgemergeError(f"give the model once: edgemerge {command} MODEL or edgemerge {command} -m MODEL")
+        raise EdgemergeError(
+            f"give the model once: edgemerge {command} MODEL or edgemerge {command} -m MODEL"
+        )
     model = argument if argument is not None else option
     if model is None:
         raise EdgemergeError(f"give the GGUF file: edgemerge {command} MODEL.gguf (or -m MODEL.gguf)")
     return model
-
-
-def examples(*commands: str) -> str:
-    """A command's --help epilog: its example command lines, one paragraph each (typer's rich help joins the
-    lines of a paragraph)."""
-    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  {escape(c)}" for c in commands)
 
 
 def print_json(data: Any) -> None:

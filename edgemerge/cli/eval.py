@@ -81,7 +81,7 @@ def _opt(flag: str, help: str):
     epilog=examples(
         "edgemerge eval dist/m/m-Q4_K_M.gguf --lang eu --ref dist/m/m-F16.gguf",
         "edgemerge eval m-Q4_K_M.gguf -l eu --quick --json > eval.json",
-        "edgemerge eval m-Q4_K_M.gguf -l eu -o eval.json --markdown eval.md  # a table on screen and two files",
+        "edgemerge eval m-Q4_K_M.gguf -l eu -o eval.json --markdown eval.md",
         "edgemerge eval m-F16.gguf -l eu --save-logits m-F16.logits  # once",
         "edgemerge eval m-Q4_K_M.gguf -l eu --ref-logits m-F16.logits  # per quant",
     ),
@@ -132,7 +132,9 @@ def eval_(
     ] = False,
     report_file: Annotated[
         Path | None,
-        typer.Option("--report", "-o", help="Also write the full report as JSON to this file.", metavar="FILE"),
+        typer.Option(
+            "--report", "-o", help="Also write the full report as JSON to this file.", metavar="FILE"
+        ),
     ] = None,
     markdown: Annotated[
         Path | None,
@@ -154,7 +156,8 @@ def eval_(
         bool, typer.Option("--system", help="Send the language's default system prompt with each prompt.")
     ] = False,
     threads: Annotated[
-        int | None, typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the idle cores).")
+        int | None,
+        typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the idle cores)."),
     ] = None,
     batch: Annotated[
         int | None, typer.Option("--batch", help="Answers decoded in parallel (default 16).")

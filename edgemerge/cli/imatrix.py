@@ -9,17 +9,27 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from ..errors import EdgemergeError
 from ..imatrix.collect import DEFAULT_BATCH, DEFAULT_CHUNK, ImatrixOptions
 from ..imatrix.make import make_imatrix
 from ..imatrix.text import bundled_languages
-from ..errors import EdgemergeError
-from .common import MODEL_OPTION, app, console, err_console, examples, listed, live_progress, print_json, the_model
+from .common import (
+    MODEL_OPTION,
+    app,
+    console,
+    err_console,
+    examples,
+    listed,
+    live_progress,
+    print_json,
+    the_model,
+)
 
 
 @app.command(
     epilog=examples(
         "edgemerge imatrix model-F16.gguf --lang eu  # writes model-F16.imatrix.gguf",
-        "edgemerge imatrix model-F16.gguf -l eu --mix en --chunks 200 -o eu-en.imatrix.gguf",
+        "edgemerge imatrix m-F16.gguf -l eu --mix en --chunks 200 -o eu-en.imatrix.gguf",
         "edgemerge quantize model-F16.gguf -q IQ3_M --imatrix model-F16.imatrix.gguf",
     )
 )

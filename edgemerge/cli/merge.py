@@ -28,7 +28,7 @@ BACKEND_HELP = "Array backend: auto (MLX on Apple silicon if installed, else tor
 @app.command(
     epilog=examples(
         "edgemerge merge my-recipe.yaml -o merged/  # a Hugging Face folder",
-        "edgemerge merge my-recipe.yaml --gguf merged-F16.gguf  # straight into one GGUF",
+        "edgemerge merge my-recipe.yaml --gguf merged-F16.gguf  # one GGUF file",
         "edgemerge recipes copy qwen3-8b-eu my-recipe.yaml  # a recipe to start from",
     )
 )

@@ -18,9 +18,9 @@ from .common import MODEL_OPTION, app, console, examples, listed, live_progress,
 
 @app.command(
     epilog=examples(
-        "edgemerge quantize model-F16.gguf -q Q4_K_M  # writes model-Q4_K_M.gguf beside it",
+        "edgemerge quantize model-F16.gguf -q Q4_K_M  # writes model-Q4_K_M.gguf",
         "edgemerge quantize model-F16.gguf -q Q4_K_M,Q5_K_M -q Q8_0 -o dist/",
-        "edgemerge imatrix model-F16.gguf --lang eu && "
+        "edgemerge imatrix model-F16.gguf --lang eu  # then, calibrated:",
         "edgemerge quantize model-F16.gguf -q IQ3_M --imatrix model-F16.imatrix.gguf",
     )
 )
@@ -40,7 +40,11 @@ def quantize(
     out_dir: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", "--out-dir", help="Folder for the outputs (default: next to the input).", metavar="DIR"
+            "--out",
+            "-o",
+            "--out-dir",
+            help="Folder for the outputs (default: next to the input).",
+            metavar="DIR",
         ),
     ] = None,
     imatrix: Annotated[
@@ -51,7 +55,9 @@ def quantize(
             "needed for IQ1_*, IQ2_*, IQ3_XXS, IQ3_XS and Q2_K_S.",
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", help="Threads (default: all cores).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     model: Annotated[Path | None, MODEL_OPTION] = None,
@@ -66,7 +72,9 @@ def quantize(
     src = the_model(src, model, "quantize")
     quants = listed(quant, "--quant")
     if quants is None:
-        raise EdgemergeError("give the types to make: -q Q4_K_M (several: -q Q4_K_M,Q8_0); edgemerge quantize --help")
+        raise EdgemergeError(
+            "give the types to make: -q Q4_K_M (several: -q Q4_K_M,Q8_0); edgemerge quantize --help"
+        )
     names = [check_quant(q, imatrix=imatrix is not None) for q in quants]
     if len(set(names)) != len(names):
         raise EdgemergeError(f"--quant lists a type twice: {', '.join(quants)}")

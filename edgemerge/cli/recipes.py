@@ -18,7 +18,8 @@ from .common import app, console, examples, print_json
 EXAMPLES = examples(
     "edgemerge recipes",
     "edgemerge recipes show qwen3-8b-eu",
-    "edgemerge recipes copy llama3.1-8b-eu my-eu.yaml && edgemerge build --recipe my-eu.yaml",
+    "edgemerge recipes copy qwen3-8b-eu my-eu.yaml  # edit it, then:",
+    "edgemerge build --recipe my-eu.yaml",
 )
 recipes_app = typer.Typer(
     help="The bundled recipes: list them, show one, copy one to start your own.",
@@ -64,7 +65,11 @@ def show(name: Annotated[str, typer.Argument(help="A bundled recipe's name, e.g.
 
 
 @recipes_app.command(
-    "copy", epilog=examples("edgemerge recipes copy llama3.1-8b-eu my-eu.yaml && edgemerge build --recipe my-eu.yaml")
+    "copy",
+    epilog=examples(
+        "edgemerge recipes copy qwen3-8b-eu my-eu.yaml  # edit it, then:",
+        "edgemerge build --recipe my-eu.yaml",
+    ),
 )
 def copy(
     name: Annotated[str, typer.Argument(help="A bundled recipe's name, e.g. llama3.1-8b-eu.")],

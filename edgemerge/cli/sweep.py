@@ -22,8 +22,8 @@ from .common import app, console, err_console, examples, listed, numbers, print_
 @app.command(
     epilog=examples(
         "edgemerge sweep my-recipe.yaml",
-        "edgemerge sweep my-recipe.yaml --weights 0.25,0.5,0.75,1.0 --methods task_arithmetic --fast",
-        "edgemerge build --recipe my-recipe.yaml --weight auto  # sweep, then build the chosen one",
+        "edgemerge sweep my-recipe.yaml --weights 0.25,0.5,1.0 --methods linear --fast",
+        "edgemerge build --recipe my-recipe.yaml --weight auto  # sweep, then build",
     )
 )
 def sweep(
@@ -41,7 +41,9 @@ def sweep(
     methods: Annotated[
         list[str] | None,
         typer.Option(
-            "--methods", help="Merge methods to try, e.g. task_arithmetic,linear.", metavar="METHOD[,METHOD...]"
+            "--methods",
+            help="Merge methods to try, e.g. task_arithmetic,linear.",
+            metavar="METHOD[,METHOD...]",
         ),
     ] = None,
     lang: Annotated[
@@ -67,7 +69,8 @@ def sweep(
         str, typer.Option("--executor", help="Where candidates run: local (one after another).")
     ] = "local",
     threads: Annotated[
-        int | None, typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the cores idle now).")
+        int | None,
+        typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the cores idle now)."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Redo every candidate (default: reuse the scored ones).")
