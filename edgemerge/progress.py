@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from rich.console import get_console
+from rich import get_console
 from rich.progress import (
     BarColumn,
     DownloadColumn,

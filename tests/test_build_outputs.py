@@ -320,10 +320,15 @@ def test_piped_build_output_is_whole(finished_build):
     assert "…" not in out_text + err_text
     for f in files:
         assert f["name"] in out_text
-    assert str(finished_build) in out_text and f"edgemerge chat {finished_build / f'{NAME}-Q4_K_M.gguf'}" in out_text
+    assert (
+        str(finished_build) in out_text
+        and f"edgemerge chat {finished_build / f'{NAME}-Q4_K_M.gguf'}" in out_text
+    )
     assert "━" not in err_text and "ETA" not in err_text  # rich's bars: drawn on a terminal only
     assert "✓ merge" in err_text and "✓ quantize Q8_0" in err_text
-    plan = re.search(r"disk plan: the build writes ([\d.]+) (\w+) \((.*?)\) and keeps 64.0 MB spare", err_text)
+    plan = re.search(
+        r"disk plan: the build writes ([\d.]+) (\w+) \((.*?)\) and keeps 64.0 MB spare", err_text
+    )
     assert plan is not None, err_text
     unit = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
     parts = [float(v) * unit[u] for v, u in re.findall(r" ([\d.]+) (KB|MB|GB)", plan.group(3))]

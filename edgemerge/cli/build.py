@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..build import BuildOptions, StageEvent, check_options, choose_recipe
 from ..build import build as run_build
-from ..errors import EdgemergeError, GateFailed
+from ..errors import GateFailed
 from ..files import human_bytes
 from ..limits import MAX_THREADS, check_count
 from ..package.info import modelfile_gguf
