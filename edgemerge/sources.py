@@ -427,7 +427,10 @@ def recipe_hub_message(recipe: Recipe, e: HubError) -> str:
     if constants.HF_HUB_OFFLINE:
         why, online = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE to download {them}"
     else:
-        why, online = f"the hub cannot be reached ({network_reason(e.error)})", "connect to the network and rerun"
+        why, online = (
+            f"the hub cannot be reached ({network_reason(e.error)})",
+            "connect to the network and rerun",
+        )
     return (
         f"{where} needs {models} from the Hugging Face hub, not in the cache ({constants.HF_HUB_CACHE}; "
         f"{_fetch_hint(recipe, refs)}), and {why}: {online} (a gated model, as Meta's Llama, needs `hf auth "

@@ -270,7 +270,7 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
     ("args", "message"),
     [
         (["--lang", "xx"], "no bundled recipe for --lang xx; the bundled recipes cover ca ("),
-        (["--lang", "ca"], "--lang ca: the bundled recipes for it ("),
+        (["--lang", "ca"], "--lang ca: no bundled recipe for it has every language model public yet ("),
         (["--recipe", "nope"], "recipe nope not found"),
         ([], "say what to build"),
         (["--lang", "eu", "--demo", "--recipe", "x"], "drop --recipe"),
@@ -312,7 +312,11 @@ def test_model_not_available_offline_names_it(tmp_path, capsys):
         main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "n"), "--skip-eval"])
     assert e.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "cannot get someone-x/missing-model" in err and "local folder" in err
+    assert (
+        f"recipe net-eu ({recipe}) needs someone-x/missing-model, someone-x/missing-base, someone-x/missing-eu"
+        in err
+    )
+    assert "put the local folders in net.yaml instead of the hub ids" in err
     assert not (tmp_path / "n").exists()
 
 

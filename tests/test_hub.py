@@ -92,7 +92,10 @@ def test_a_missing_hub_repo_is_one_line_and_exit_2(tmp_path, hub, merge_family):
     assert done.returncode == 2, done.stderr
     # above it: huggingface_hub's own progress bars for the models that did download
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot get edgemerge-test/no-such-model from the Hugging Face hub"), last
+    # the recipe that asked for it first (with its file), then the hub's answer about the model
+    assert last.startswith(
+        f"error: recipe tiny ({recipe}): cannot get edgemerge-test/no-such-model from the "
+    ), last
     assert "local folder" in last and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [last]
     assert not (tmp_path / "merged").exists()
@@ -221,8 +224,12 @@ def test_network_reason_reads_the_socket_error_under_the_hub_s():
         except RuntimeError as outer:
             return outer
 
-    assert "does not resolve: no network" in network_reason(chained(socket.gaierror(-2, "Name or service not known")))
-    assert "refused the connection" in network_reason(chained(ConnectionRefusedError(111, "Connection refused")))
+    assert "does not resolve: no network" in network_reason(
+        chained(socket.gaierror(-2, "Name or service not known"))
+    )
+    assert "refused the connection" in network_reason(
+        chained(ConnectionRefusedError(111, "Connection refused"))
+    )
     assert "did not answer in time" in network_reason(chained(TimeoutError("timed out")))
     assert network_reason(RuntimeError("something else")).startswith("no connection to ")
 
