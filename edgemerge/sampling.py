@@ -36,7 +36,9 @@ class Sampling:
             if not low <= value <= high:  # NaN fails too
                 raise EdgemergeError(f"{flag} must be between {low:g} and {high:g}, got {value!r}")
         if self.seed is not None and not 0 <= self.seed < 0xFFFFFFFF:
-            raise EdgemergeError(f"--seed must be between 0 and {0xFFFFFFFF - 1} (or -1 for a new one each run)")
+            raise EdgemergeError(
+                f"--seed must be between 0 and {0xFFFFFFFF - 1} (or -1 for a new one each run)"
+            )
 
     @property
     def greedy(self) -> bool:
