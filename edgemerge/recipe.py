@@ -508,11 +508,11 @@ def recipe_for_languages(codes: list[str], *, require_models: bool = True) -> st
         )
     complete = [r["name"] for r in matches if not r["missing"] or not require_models]
     if not complete:
-        names = ", ".join(r["name"] for r in matches)
-        missing = ",".join(dict.fromkeys(c for r in matches for c in r["missing"]))
+        best = min(matches, key=lambda r: (len(r["missing"]), r["name"]))  # the fewest models to set
+        lacks = "; ".join(f"{r['name']} lacks {','.join(r['missing'])}" for r in matches)
         raise EdgemergeError(
-            f"--lang {','.join(codes)}: the bundled recipes for it ({names}) have no public language model for "
-            f"{missing} yet; {start.replace('NAME', matches[0]['name'])} the model of {missing} (a hub id or a "
+            f"--lang {','.join(codes)}: no bundled recipe for it has every language model public yet ({lacks}); "
+            f"{start.replace('NAME', best['name'])} the model of {','.join(best['missing'])} (a hub id or a "
             "local folder) and build with --recipe my-recipe.yaml"
         )
     complete.sort(key=lambda n: (not n.startswith("llama"), n))

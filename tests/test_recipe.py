@@ -35,9 +35,14 @@ def test_recipe_for_languages_prefers_complete_recipes():
     multi = recipe_for_languages(["es", "eu", "gl", "ca"], require_models=False)
     assert sorted(load_recipe(multi).lang_codes) == ["ca", "es", "eu", "gl"]
     # no bundled multilingual recipe has a public Catalan model: said before any work, with the way out
-    with pytest.raises(EdgemergeError, match=r"no public language model for ca yet; start from one \(edgemerge "):
+    with pytest.raises(
+        EdgemergeError,
+        match=r"qwen3-8b-multi lacks ca\); start from one \(edgemerge recipes copy qwen3-8b-multi ",
+    ):
         recipe_for_languages(["es", "eu", "gl", "ca"])
-    with pytest.raises(EdgemergeError, match="no bundled recipe for --lang xx; the bundled recipes cover ca "):
+    with pytest.raises(
+        EdgemergeError, match="no bundled recipe for --lang xx; the bundled recipes cover ca "
+    ):
         recipe_for_languages(["xx"])
 
 
