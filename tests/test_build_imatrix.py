@@ -136,7 +136,7 @@ def test_computed_on_q8_0_when_the_f16_does_not_fit(build_family, tmp_path, monk
     m = _manifest(out)
     assert m["imatrix"]["computed_on"] == Q8 and m["stages"]["imatrix"]
     assert not (out / Q8).exists()  # made for the importance matrix, in the work area, and removed after
-    assert not list(work_dir(out).rglob("*.Q8_0.gguf"))
+    assert not list(work_dir(out).rglob("*-Q8_0.gguf"))
     assert kv(out / Q4)["quantize.imatrix.file"] == IMATRIX
 
 

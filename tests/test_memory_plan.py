@@ -104,7 +104,7 @@ def test_a_build_whose_f16_does_not_fit(build_family, tmp_path, monkeypatch):
 
     def plan_then_limit(shape, sizes, *a, **k):
         # a limit between what the F16 and the Q8_0 need to answer, from the build's own estimates
-        f16, q8 = (next(v for n, v in sizes.items() if n.endswith(t)) for t in (".F16.gguf", ".Q8_0.gguf"))
+        f16, q8 = (next(v for n, v in sizes.items() if n.endswith(t)) for t in ("-F16.gguf", "-Q8_0.gguf"))
         s = lambda n: shape.__class__(**{**shape.__dict__, "file_bytes": n})
         lim = limit(int((chat_need(s(f16), 1) + chat_need(s(q8), 1)) / 2 / 0.9))
         seen["limit"] = lim
@@ -112,7 +112,7 @@ def test_a_build_whose_f16_does_not_fit(build_family, tmp_path, monkeypatch):
 
     monkeypatch.setattr(b, "plan_memory", plan_then_limit)
     result = build(recipe, BuildOptions(out=tmp_path / "out", quick_eval=True, quants=["Q8_0", "Q4_K_M"]))
-    f16, q8, q4 = (result.evals[f"tiny-eu.{t}.gguf"] for t in ("F16", "Q8_0", "Q4_K_M"))
+    f16, q8, q4 = (result.evals[f"tiny-eu-{t}.gguf"] for t in ("F16", "Q8_0", "Q4_K_M"))
     assert f16.responses == [] and "tiny-eu-Q8_0.gguf stand for it" in f16.chat_skipped
     assert f16.perplexity > 1 and f16.language_fidelity is None
     planned = result.plan.memory.evals

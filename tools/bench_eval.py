@@ -52,7 +52,7 @@ def baseline_tree(rev: str, work: Path) -> Path:
 
 
 def files(dist: Path, name: str) -> dict[str, Path]:
-    return {t: dist / f"{name}.{t}.gguf" for t in ("F16", *QUANTS)}
+    return {t: dist / f"{name}-{t}.gguf" for t in ("F16", *QUANTS)}
 
 
 def report_figures(path: Path) -> dict:
