@@ -2,8 +2,8 @@
 
 A recipe is a YAML file validated by `Recipe`; errors name the bad field. The method is a name of the
 registry in `merge.methods`, and `options` are checked against that method's own options model. Relative local
-paths in it resolve against the recipe file's folder. Bundled recipes live in `recipes/` (installed with the
-package).
+paths in it resolve against the recipe file's folder. Bundled recipes live in `edgemerge/recipes/` (installed
+with the package; `edgemerge recipes copy NAME FILE` starts your own from one).
 """
 
 from __future__ import annotations
@@ -482,19 +482,41 @@ def _named_file(name: str) -> Path | None:
     return next((f for d in (BUNDLED_DIR, EXAMPLES_DIR) if (f := d / f"{name}.yaml").is_file()), None)
 
 
-def recipe_for_languages(codes: list[str]) -> str:
-    """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe)."""
-    codes = sorted(set(codes))
-    complete = {r["name"]: not r["missing"] for r in recipe_summaries() if sorted(r["languages"]) == codes}
-    matches = list(complete)
+def bundled_languages(summaries: list[dict[str, Any]] | None = None) -> str:
+    """The language codes the bundled recipes cover, each with its recipes (a `*` on those whose language model
+    is not set yet): `ca (llama3.1-8b-ca*, qwen3-8b-ca*), ..., eu,ca,gl,es (llama3.1-8b-multi*, ...)`."""
+    by_codes: dict[str, list[str]] = {}
+    for r in summaries if summaries is not None else recipe_summaries():
+        by_codes.setdefault(",".join(r["languages"]), []).append(r["name"] + ("*" if r["missing"] else ""))
+    order = sorted(by_codes, key=lambda c: ("," in c, c))  # single languages first
+    return ", ".join(f"{c} ({', '.join(by_codes[c])})" for c in order)
+
+
+def recipe_for_languages(codes: list[str], *, require_models: bool = True) -> str:
+    """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe): one whose every
+    model is set (unless not `require_models`), preferring the default family (Llama 3.1); EdgemergeError saying
+    what exists otherwise."""
+    summaries = recipe_summaries()
+    wanted = sorted(set(codes))
+    matches = [r for r in summaries if sorted(r["languages"]) == wanted]
+    start = "start from one (edgemerge recipes copy NAME my-recipe.yaml), set"
     if not matches:
         raise EdgemergeError(
-            f"no bundled recipe for language(s) {','.join(codes)}; bundled: {', '.join(bundled_recipes())} "
-            "(or pass --recipe PATH)"
+            f"no bundled recipe for --lang {','.join(codes)}; the bundled recipes cover {bundled_languages(summaries)}"
+            f" (*: a language model not public yet). For another language {start} its languages (code and "
+            "model) and build with --recipe my-recipe.yaml"
         )
-    # Prefer recipes whose models are all public, then the default family (Llama 3.1).
-    matches.sort(key=lambda n: (not complete[n], not n.startswith("llama"), n))
-    return matches[0]
+    complete = [r["name"] for r in matches if not r["missing"] or not require_models]
+    if not complete:
+        best = min(matches, key=lambda r: (len(r["missing"]), r["name"]))  # the fewest models to set
+        lacks = "; ".join(f"{r['name']} lacks {','.join(r['missing'])}" for r in matches)
+        raise EdgemergeError(
+            f"--lang {','.join(codes)}: no bundled recipe for it has every language model public yet ({lacks}); "
+            f"{start.replace('NAME', best['name'])} the model of {','.join(best['missing'])} (a hub id or a "
+            "local folder) and build with --recipe my-recipe.yaml"
+        )
+    complete.sort(key=lambda n: (not n.startswith("llama"), n))
+    return complete[0]
 
 
 def recipe_summaries(*, examples: bool = False) -> list[dict[str, Any]]:

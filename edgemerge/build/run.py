@@ -25,7 +25,7 @@ from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_fr
 from ..package import PackageInfo, write_package
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
-from ..quantize import quantize
+from ..quantize import quant_file_name, quantize
 from ..recipe import Recipe
 from ..resources import memory_limit
 from ..sources import local_inputs, resolve_recipe
@@ -187,15 +187,17 @@ def _build(
     inputs = input_provenance(sources)
 
     ftype = options.outtype.upper()
-    merged = out / f"{recipe.name}.{ftype}.gguf"
+    merged = out / quant_file_name(recipe.name, ftype)
     merge_fields = recipe.merge_dict()
     stamps = input_stamps(sources)
     merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
-    quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
+    quant_files = {q: out / quant_file_name(recipe.name, q) for q in quants}
     limit = memory_limit()
     llama_version = llama_cpp_version()
     shape = shape_from_config(report.config, 0)
-    source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / f"{recipe.name}.{SOURCE_QUANT}.gguf")
+    source_file = quant_files.get(
+        SOURCE_QUANT, state.work / "imatrix" / quant_file_name(recipe.name, SOURCE_QUANT)
+    )
     imx = plan_imatrix(
         recipe,
         quants,
@@ -215,7 +217,7 @@ def _build(
         q: stage_key("quantize", merge_key, q, llama_version, *([imx.key] if q in imx.users else []))
         for q in quants
     }
-    parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
+    parent_file = state.work / "parents" / quant_file_name("instruct", ftype)
     parent_key = stage_key(
         "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
     )
@@ -302,7 +304,7 @@ def _build(
         demo=options.demo,
         sweep=options.sweep,
     )
-    computed_on = merged.name if imx.source == "float" else f"{recipe.name}.{SOURCE_QUANT}.gguf"
+    computed_on = merged.name if imx.source == "float" else quant_file_name(recipe.name, SOURCE_QUANT)
     result.calibration = calibration_info(
         imx, computed_on if imx.computes else None, [quant_files[q].name for q in imx.users]
     )
