@@ -216,6 +216,12 @@ def _check_token_ids(tok: dict[str, dict], vocab_size: object, label: str) -> No
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`...layers.N....`), None for the others (embeddings, norms, head)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def _positive(cfg: dict, key: str, label: str) -> int | None:
     value = cfg.get(key)
     if value is None:
@@ -267,7 +273,7 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
     _positive(
         tc, "max_position_embeddings", label
     )  # the GGUF's context length: 0 is a file llama.cpp refuses
-    layers = sorted({int(m.group(1)) for name in shapes if (m := _LAYER.search(name))})
+    layers = sorted({i for name in shapes if (i := layer_of(name)) is not None})
     if n_layers is not None and layers != list(range(n_layers)):
         have = (
             f"layers 0-{layers[-1]}"

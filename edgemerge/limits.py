@@ -15,6 +15,9 @@ import reprlib
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
+
 from .errors import EdgemergeError
 
 ECHO_CHARS = 80  # at most this much of an input value appears in an error message
@@ -66,6 +69,13 @@ def finite_number(name: str, v: Any, *, want: str = "a number") -> float:
     if not math.isfinite(x):
         raise ValueError(f"{subject}must be a finite number, got {shown(v)}")
     return x
+
+
+def field_error(loc: tuple[str | int, ...], message: str) -> ValidationError:
+    """A pydantic ValidationError at `loc`, for a check across fields in a model validator (pydantic puts a
+    plain ValueError there at the top level, which names no field)."""
+    error = PydanticCustomError("field", "{message}", {"message": message})
+    return ValidationError.from_exception_data("field", [{"type": error, "loc": loc, "input": None}])
 
 
 def shown_path(path: Path | str, limit: int = 120) -> str:

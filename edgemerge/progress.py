@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+from rich import get_console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,8 +19,13 @@ from rich.progress import (
 from .files import human_bytes
 
 
-def make_progress(console=None, *, transient: bool = False) -> Progress:
-    """A rich progress display with sizes, elapsed time and ETA."""
+def make_progress(console=None, *, transient: bool = True) -> Progress:
+    """A rich progress display with sizes, elapsed time and ETA, drawn only on a terminal.
+
+    There it is transient: each bar goes away when its task ends (`task`) and the display when it stops, so only
+    the lines printed through `progress.console` (the stages) stay on screen. In a pipe or a log file nothing is
+    drawn (rich would print every bar once more at the end); `progress.console.print` still prints."""
+    shown_on = console if console is not None else get_console()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -29,6 +35,7 @@ def make_progress(console=None, *, transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=not shown_on.is_terminal,
     )
 
 
@@ -59,9 +66,7 @@ def task(
     try:
         yield advance
     finally:
-        if total is not None:
-            progress.update(tid, completed=total, detail=detail(total))
-        progress.stop_task(tid)
+        progress.remove_task(tid)  # a finished bar goes away: the display shows what is running
 
 
 __all__ = ["DownloadColumn", "MofNCompleteColumn", "Progress", "make_progress", "task"]

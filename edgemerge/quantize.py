@@ -109,10 +109,17 @@ def check_imatrix(imatrix: Path, src: Path) -> None:
     check_fits(read_imatrix(imatrix), read_gguf(src), imatrix)
 
 
+def quant_file_name(name: str, quant: str) -> str:
+    """The file of model `name` as llama.cpp type `quant`: NAME-Q4_K_M.gguf, the hub's convention (llama.cpp's
+    converter writes NAME-F16.gguf; bartowski's and Unsloth's repos, and `llama-cli -hf user/repo:Q4_K_M`, use
+    the same dash before the type). Every command names its GGUFs this way."""
+    return f"{name}-{quant}.gguf"
+
+
 def output_name(src: Path, quant: str) -> str:
     """model-f16.gguf + Q4_K_M -> model-Q4_K_M.gguf (the float type suffix is replaced, not appended)."""
     stem = re.sub(r"[-_.](f32|f16|bf16)$", "", Path(src).stem, flags=re.IGNORECASE)
-    return f"{stem}-{quant}.gguf"
+    return quant_file_name(stem, quant)
 
 
 def quantize(

@@ -2,8 +2,8 @@
 
 A recipe is a YAML file validated by `Recipe`; errors name the bad field. The method is a name of the
 registry in `merge.methods`, and `options` are checked against that method's own options model. Relative local
-paths in it resolve against the recipe file's folder. Bundled recipes live in `recipes/` (installed with the
-package).
+paths in it resolve against the recipe file's folder. Bundled recipes live in `edgemerge/recipes/` (installed
+with the package; `edgemerge recipes copy NAME FILE` starts your own from one).
 """
 
 from __future__ import annotations
@@ -24,12 +24,22 @@ from pydantic import (
 )
 
 from .errors import EdgemergeError
-from .limits import MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, finite_number, read_limited, shown
+from .limits import (
+    MAX_RECIPE_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    field_error,
+    finite_number,
+    read_limited,
+    shown,
+)
 from .merge.methods import DEFAULT_METHOD, get_method
 
 DType = Literal["bfloat16", "float16", "float32"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "recipes"
+# the paper's other methods at its settings: found by name, listed apart, never chosen by --lang
+EXAMPLES_DIR = BUNDLED_DIR / "examples"
 
 MAX_NAME = 128  # the name becomes file names (<name>-Q4_K_M.gguf): well under 255 bytes
 MAX_REF = 4096  # a model reference is a hub id or a local path (PATH_MAX)
@@ -136,9 +146,13 @@ class SweepRule(BaseModel):
             raise ValueError(f"at most {MAX_SWEEP} methods, got {len(v)}")
         for m in v:
             try:
-                get_method(m)
+                method = get_method(m)
             except EdgemergeError as e:
                 raise ValueError(e.message) from None
+            if method.two_models:
+                raise ValueError(
+                    f"{m} has no language weight to sweep (options.t sets its mix); leave it out"
+                )
         return list(dict.fromkeys(v))
 
     @field_validator(
@@ -347,6 +361,27 @@ class Recipe(BaseModel):
             get_method(info.data["method"]).validate_options(v)
         return v
 
+    @model_validator(mode="after")
+    def _two_models(self) -> Recipe:
+        # slerp and nearswap mix the instruct model with one language model and have no weights: a second
+        # language or a weight would be ignored (mergekit ignores the weight, and fails on a third model)
+        method = get_method(self.method)
+        if not method.two_models:
+            return self
+        if len(self.languages) > 1:
+            raise field_error(
+                ("languages",),
+                f"{method.name} merges the instruct model with one language model, got {len(self.languages)} "
+                "languages; make one recipe per language, or use a method of several (task_arithmetic, ties, ...)",
+            )
+        if self.languages[0].weight != 1.0:
+            raise field_error(
+                ("languages", 0, "weight"),
+                f"{method.name} does not weight the language model (options.t sets the mix), got "
+                f"{self.languages[0].weight:g}; remove the weight",
+            )
+        return self
+
     @field_validator("license")
     @classmethod
     def _license(cls, v: str | None) -> str | None:
@@ -484,8 +519,8 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte
         exists = False
     if not exists:
-        bundled = BUNDLED_DIR / f"{path}.yaml"
-        if re.fullmatch(r"[\w.-]{1,128}", str(path)) and bundled.exists():
+        bundled = _named_file(str(path))
+        if bundled is not None:
             p = bundled
         else:
             raise EdgemergeError(
@@ -508,30 +543,67 @@ def bundled_recipes() -> list[str]:
     return sorted(f.stem for f in BUNDLED_DIR.glob("*.yaml"))
 
 
-def recipe_for_languages(codes: list[str]) -> str:
-    """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe)."""
-    codes = sorted(set(codes))
-    complete = {r["name"]: not r["missing"] for r in recipe_summaries() if sorted(r["languages"]) == codes}
-    matches = list(complete)
+def example_recipes() -> list[str]:
+    """Names of the example recipes shipped with edgemerge (EXAMPLES_DIR)."""
+    return sorted(f.stem for f in EXAMPLES_DIR.glob("*.yaml"))
+
+
+def _named_file(name: str) -> Path | None:
+    """The file of a bundled or example recipe called `name`, if there is one."""
+    if not re.fullmatch(r"[\w.-]{1,128}", name):
+        return None
+    return next((f for d in (BUNDLED_DIR, EXAMPLES_DIR) if (f := d / f"{name}.yaml").is_file()), None)
+
+
+def bundled_languages(summaries: list[dict[str, Any]] | None = None) -> str:
+    """The language codes the bundled recipes cover, each with its recipes (a `*` on those whose language model
+    is not set yet): `ca (llama3.1-8b-ca*, qwen3-8b-ca*), ..., eu,ca,gl,es (llama3.1-8b-multi*, ...)`."""
+    by_codes: dict[str, list[str]] = {}
+    for r in summaries if summaries is not None else recipe_summaries():
+        by_codes.setdefault(",".join(r["languages"]), []).append(r["name"] + ("*" if r["missing"] else ""))
+    order = sorted(by_codes, key=lambda c: ("," in c, c))  # single languages first
+    return ", ".join(f"{c} ({', '.join(by_codes[c])})" for c in order)
+
+
+def recipe_for_languages(codes: list[str], *, require_models: bool = True) -> str:
+    """The bundled recipe name for `--lang` (one code, or several for the multilingual recipe): one whose every
+    model is set (unless not `require_models`), preferring the default family (Llama 3.1); EdgemergeError saying
+    what exists otherwise."""
+    summaries = recipe_summaries()
+    wanted = sorted(set(codes))
+    matches = [r for r in summaries if sorted(r["languages"]) == wanted]
+    start = "start from one (edgemerge recipes copy NAME my-recipe.yaml), set"
     if not matches:
         raise EdgemergeError(
-            f"no bundled recipe for language(s) {','.join(codes)}; bundled: {', '.join(bundled_recipes())} "
-            "(or pass --recipe PATH)"
+            f"no bundled recipe for --lang {','.join(codes)}; the bundled recipes cover {bundled_languages(summaries)}"
+            f" (*: a language model not public yet). For another language {start} its languages (code and "
+            "model) and build with --recipe my-recipe.yaml"
         )
-    # Prefer recipes whose models are all public, then the default family (Llama 3.1).
-    matches.sort(key=lambda n: (not complete[n], not n.startswith("llama"), n))
-    return matches[0]
+    complete = [r["name"] for r in matches if not r["missing"] or not require_models]
+    if not complete:
+        best = min(matches, key=lambda r: (len(r["missing"]), r["name"]))  # the fewest models to set
+        lacks = "; ".join(f"{r['name']} lacks {','.join(r['missing'])}" for r in matches)
+        raise EdgemergeError(
+            f"--lang {','.join(codes)}: no bundled recipe for it has every language model public yet ({lacks}); "
+            f"{start.replace('NAME', best['name'])} the model of {','.join(best['missing'])} (a hub id or a "
+            "local folder) and build with --recipe my-recipe.yaml"
+        )
+    complete.sort(key=lambda n: (not n.startswith("llama"), n))
+    return complete[0]
 
 
-def recipe_summaries() -> list[dict[str, Any]]:
-    """Each bundled recipe: name, languages, instruct model, and the languages whose model is not set yet (such a
-    recipe cannot be built until it is: copy it and fill it in)."""
+def recipe_summaries(*, examples: bool = False) -> list[dict[str, Any]]:
+    """Each bundled recipe (then, with `examples`, each example): name, languages, instruct model, and the
+    languages whose model is not set yet (such a recipe cannot be built until it is: copy it and fill it in)."""
     out = []
-    for name in bundled_recipes():
-        r = load_recipe(BUNDLED_DIR / f"{name}.yaml")
+    files = [(BUNDLED_DIR / f"{n}.yaml", False) for n in bundled_recipes()]
+    files += [(EXAMPLES_DIR / f"{n}.yaml", True) for n in example_recipes()] if examples else []
+    for file, example in files:
+        r = load_recipe(file)
         out.append(
             {
-                "name": name,
+                "name": file.stem,
+                "example": example,
                 "languages": r.lang_codes,
                 "instruct": r.instruct,
                 "method": r.method,
@@ -544,7 +616,11 @@ def recipe_summaries() -> list[dict[str, Any]]:
 
 
 def bundled_recipe_file(name: str) -> Path:
-    """The file of bundled recipe `name`; EdgemergeError listing the bundled ones otherwise."""
-    if name not in bundled_recipes():
-        raise EdgemergeError(f"no bundled recipe {shown(name)}; bundled: {', '.join(bundled_recipes())}")
-    return BUNDLED_DIR / f"{name}.yaml"
+    """The file of bundled (or example) recipe `name`; EdgemergeError listing the bundled ones otherwise."""
+    file = _named_file(name)
+    if file is None:
+        raise EdgemergeError(
+            f"no bundled recipe {shown(name)}; bundled: {', '.join(bundled_recipes())}; examples: "
+            + ", ".join(example_recipes())
+        )
+    return file

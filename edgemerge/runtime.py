@@ -27,6 +27,7 @@ from .interrupts import llama_call
 from .limits import MAX_THREADS, check_count
 from .matmuls import MatmulObserver
 from .resources import default_threads
+from .sampling import Sampling
 
 MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
 VOCAB_CTX = 32  # the context of the `Llama` object itself: it is only asked for its vocabulary
@@ -203,6 +204,7 @@ class Model:
         # the bounded renderer first, so a broken or hostile one is one error line, never our process's problem
         self._renderer = _compile_templates(kv, self.path.name)
         self._ctx: Context | None = None
+        self._chain: tuple[Sampling, Any] | None = None  # chat's llama.cpp sampler chain, made on first use
         self._cached: list[int] = []  # the tokens of sequence 0 in the single-sequence context (chat turns)
         try:
             with llama_call(), model_params():  # AMX kept out where it crashes (cpu_buffers.py)
@@ -233,6 +235,7 @@ class Model:
     def close(self) -> None:
         if self._renderer is not None:
             self._renderer.close()
+        self._free_sampler()
         self._release()
         with llama_call():
             self.llm.close()
@@ -450,9 +453,38 @@ class Model:
         """The greedy answer to `prompt_tokens` (already templated), at most `max_tokens` tokens."""
         return self.generate_many([prompt_tokens], max_tokens)[0]
 
-    def stream(self, prompt_tokens: list[int], max_tokens: int) -> Iterator[str | Generation]:
-        """Like `generate`, yielding text pieces as they come, then one `Generation`. The tokens a previous
-        call left in the cache that start this prompt are kept (a chat's earlier turns are not decoded again)."""
+    def _sampler(self, sampling: Sampling) -> Any:
+        """llama.cpp's sampler chain for `sampling` (common/sampling.cpp's order: top-k, top-p, min-p,
+        temperature, a seeded draw), made once per model and setting: its generator runs on across the turns of
+        a chat, as llama-cli's does."""
+        if self._chain is not None and self._chain[0] == sampling:
+            return self._chain[1]
+        self._free_sampler()
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        for sampler in (
+            lib.llama_sampler_init_top_k(sampling.top_k),
+            lib.llama_sampler_init_top_p(sampling.top_p, 1),
+            lib.llama_sampler_init_min_p(sampling.min_p, 1),
+            lib.llama_sampler_init_temp(sampling.temperature),
+            lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed),
+        ):
+            lib.llama_sampler_chain_add(chain, sampler)  # the chain owns (and frees) each one
+        self._chain = (sampling, chain)
+        return chain
+
+    def _free_sampler(self) -> None:
+        if self._chain is not None:
+            self._lib.llama_sampler_free(self._chain[1])
+            self._chain = None
+
+    def stream(
+        self, prompt_tokens: list[int], max_tokens: int, sampling: Sampling | None = None
+    ) -> Iterator[str | Generation]:
+        """Like `generate`, yielding text pieces as they come, then one `Generation`; greedy unless `sampling`
+        says otherwise (then llama.cpp's sampler chain draws each token). The tokens a previous call left in the
+        cache that start this prompt are kept (a chat's earlier turns are not decoded again)."""
+        chain = None if sampling is None or sampling.greedy else self._sampler(sampling)
         limit = self._limit(prompt_tokens, max_tokens)
         ctx = self.context()
         keep = 0
@@ -467,7 +499,11 @@ class Model:
         text = ""
         stopped = False
         while True:
-            nxt = int(row[-1].argmax())
+            if chain is None:
+                nxt = int(row[-1].argmax())
+            else:  # the logits of the last decoded token, still in the context
+                with llama_call():
+                    nxt = int(self._lib.llama_sampler_sample(chain, ctx.ptr, -1))
             if self.is_eog(nxt):
                 stopped = True
                 break

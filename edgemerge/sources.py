@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,52 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+class HubError(EdgemergeError):
+    """A model could not be fetched from the hub: `ref` and the hub's error `error`, for a caller that knows more
+    (the recipe) to say it again with that context."""
+
+    def __init__(self, ref: str, error: Exception):
+        super().__init__(hub_error_message(ref, error))
+        self.ref, self.error = ref, error
+
+    @property
+    def no_network(self) -> bool:
+        """Whether the hub could not be asked at all (offline mode, or no connection) rather than refused."""
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled  # see _small_files
+
+        e = self.error
+        return isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or isinstance(
+            e.__cause__, OfflineModeIsEnabled
+        )
+
+
+_NAME_NOT_RESOLVED = ("[Errno -2]", "[Errno -3]", "[Errno -5]", "Name or service not known",
+                      "Temporary failure in name resolution", "nodename nor servname", "getaddrinfo failed")  # fmt: skip
+
+
+def network_reason(e: BaseException) -> str:
+    """Why the hub could not be reached, in words, from the chain of errors under huggingface_hub's (httpx's or
+    requests' errors wrapping the socket's): a name that does not resolve, a refused connection, a timeout."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants  # see _small_files
+
+    host = urlparse(constants.ENDPOINT).netloc or constants.ENDPOINT
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if isinstance(cur, socket.gaierror) or any(s in text for s in _NAME_NOT_RESOLVED):
+            return f"the name {host} does not resolve: no network, or no DNS"
+        if isinstance(cur, ConnectionRefusedError) or "[Errno 111]" in text or "Connection refused" in text:
+            return f"{host} refused the connection"
+        if isinstance(cur, TimeoutError) or "Timeout" in type(cur).__name__ or "timed out" in text.lower():
+            return f"{host} did not answer in time"
+        cur = cur.__cause__ or cur.__context__
+    return f"no connection to {host}"
+
+
 def hub_error_message(ref: str, e: Exception) -> str:
     """One line for a failed hub request, saying what to do, chosen by huggingface_hub's typed errors
     (subclasses before their bases: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an
@@ -171,10 +218,9 @@ def hub_error_message(ref: str, e: Exception) -> str:
     if isinstance(e, OfflineModeIsEnabled) or isinstance(e.__cause__, OfflineModeIsEnabled):
         return offline
     if isinstance(e, LocalEntryNotFoundError):  # nothing cached and the hub could not be asked
-        reason = _first_line(e.__cause__) if e.__cause__ is not None else _first_line(e)
         return (
-            f"{head}: the hub cannot be reached ({reason}) and the model is not in the cache; check your network "
-            f"connection (or HF_ENDPOINT and proxy settings), {local}"
+            f"{head}: the hub cannot be reached ({network_reason(e)}) and the model is not in the cache "
+            f"({constants.HF_HUB_CACHE}); check your network connection (or HF_ENDPOINT and proxy settings), {local}"
         )
     if isinstance(e, EntryNotFoundError):
         return (
@@ -208,7 +254,7 @@ def _hub_errors(ref: str) -> Iterator[None]:
     except EdgemergeError:
         raise
     except Exception as e:  # noqa: BLE001 (network, auth, missing repo: all become one actionable line)
-        raise EdgemergeError(hub_error_message(ref, e)) from None
+        raise HubError(ref, e) from None
 
 
 def _small_files(repo: str, revision: str | None, ref: str) -> tuple[Path, str | None, list[str]]:
@@ -284,16 +330,27 @@ def pending_download(ref: str, root: Path | None = None) -> int:
     _, commit, weights = _small_files(m["repo"], m["rev"], ref)
     try:
         files = _weights(m["repo"], commit, weights, ref, dry_run=True)
-    except EdgemergeError:
+    except HubError:
         return 0  # sizes unknown (e.g. offline with the model cached): the download itself will tell
     return sum(f.file_size or 0 for f in files if f.will_download)
 
 
 def check_download_space(refs: list[str], root: Path | None = None) -> int:
     """Fail before downloading when the hub cache's disk cannot hold the weights still to fetch for `refs`;
-    returns the bytes to download."""
+    returns the bytes to download. Without a network every model is still asked about (each answers from the
+    cache or fails at once), so the error names all of those that are missing (`Unreachable`)."""
 
-    need = sum(pending_download(ref, root) for ref in dict.fromkeys(refs))
+    need, missing, first = 0, [], None
+    for ref in dict.fromkeys(refs):
+        try:
+            need += pending_download(ref, root)
+        except HubError as e:
+            if not e.no_network:
+                raise
+            missing.append(ref)
+            first = first or e
+    if first is not None:
+        raise Unreachable(missing, first)
     if need:
         from huggingface_hub import constants  # see _small_files
 
@@ -326,8 +383,64 @@ def resolve(ref: str, root: Path | None = None, progress: Progress | None = None
     return ModelSource(ref=ref, path=path, revision=revision, files=fingerprint(path))
 
 
+class Unreachable(HubError):
+    """Models of a recipe that are not in the cache while the hub cannot be asked (offline): all of them."""
+
+    def __init__(self, refs: list[str], first: HubError):
+        super().__init__(first.ref, first.error)
+        self.refs = refs
+
+
+def _params_in_name(ref: str) -> float | None:
+    """The parameter count a hub id states (Qwen3-8B, Llama-3.1-8B-Instruct: 8e9), if it states one."""
+    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)[Bb](?![A-Za-z])", ref.partition("@")[0].split("/")[-1])
+    return float(m.group(1)) * 1e9 if m else None
+
+
+def _fetch_hint(recipe: Recipe, refs: list[str]) -> str:
+    """How much the recipe's missing models would download, as far as it can be known offline: 2 bytes per
+    parameter (bfloat16) by the sizes their names state."""
+    sizes = [_params_in_name(r) for r in refs]
+    if all(sizes):
+        return f"about {human_bytes(2 * sum(sizes))} to download by the sizes their names give"
+    return "their size is known only once the hub answers"
+
+
+def recipe_hub_message(recipe: Recipe, e: HubError) -> str:
+    """A hub failure said with the recipe's context: which recipe (and its file), which models, how much they
+    would download, and the two ways out (go online, or point a copy of the recipe at local folders)."""
+    from huggingface_hub import constants  # see _small_files
+
+    where = f"recipe {recipe.name}" + (f" ({recipe.file})" if recipe.file else "")
+    bundled = recipe.file is not None and recipe.file.parent.resolve() == BUNDLED_DIR.resolve()
+    copy = (
+        f"edgemerge recipes copy {recipe.file.stem} my-recipe.yaml, put the local folders in it and build with "
+        "--recipe my-recipe.yaml"
+        if bundled
+        else f"put the local folders in {recipe.file.name if recipe.file else 'the recipe'} instead of the hub ids"
+    )
+    if not e.no_network:
+        return f"{where}: {e.message}"
+    refs = e.refs if isinstance(e, Unreachable) else [e.ref]
+    models = ", ".join(refs)
+    them = "it" if len(refs) == 1 else "them"
+    if constants.HF_HUB_OFFLINE:
+        why, online = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE to download {them}"
+    else:
+        why, online = (
+            f"the hub cannot be reached ({network_reason(e.error)})",
+            "connect to the network and rerun",
+        )
+    return (
+        f"{where} needs {models} from the Hugging Face hub, not in the cache ({constants.HF_HUB_CACHE}; "
+        f"{_fetch_hint(recipe, refs)}), and {why}: {online} (a gated model, as Meta's Llama, needs `hf auth "
+        f"login` and its terms accepted first), or download {them} elsewhere and use local folders: {copy}"
+    )
+
+
 def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSources:
-    """Resolve every model of the recipe (instruct, base, languages) to a local folder."""
+    """Resolve every model of the recipe (instruct, base, languages) to a local folder; a hub failure is said
+    with the recipe's context (`recipe_hub_message`)."""
     for i, lang in enumerate(recipe.languages):
         if not lang.model:
             where = f"recipe {recipe.file or recipe.name}: languages.{i}.model ({lang.code}) is not set"
@@ -340,10 +453,13 @@ def resolve_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeSo
             )
             raise EdgemergeError(f"{where}; {fix}")
     refs = [recipe.instruct, recipe.base, *(lang.model for lang in recipe.languages)]
-    check_download_space(refs, recipe.root)
-    return RecipeSources(
-        instruct=resolve(recipe.instruct, recipe.root, progress),
-        base=resolve(recipe.base, recipe.root, progress),
-        languages=[resolve(lang.model, recipe.root, progress) for lang in recipe.languages],
-        codes=recipe.lang_codes,
-    )
+    try:
+        check_download_space(refs, recipe.root)
+        return RecipeSources(
+            instruct=resolve(recipe.instruct, recipe.root, progress),
+            base=resolve(recipe.base, recipe.root, progress),
+            languages=[resolve(lang.model, recipe.root, progress) for lang in recipe.languages],
+            codes=recipe.lang_codes,
+        )
+    except HubError as e:
+        raise EdgemergeError(recipe_hub_message(recipe, e)) from None

@@ -30,11 +30,66 @@ def keep_band(a: np.ndarray, density: float, gamma: float) -> np.ndarray:
     return keep.reshape(a.shape)
 
 
-def dare_keep(seed: int, name: str, model: int, shape, density: float) -> np.ndarray:
-    """u < density, u ~ U[0,1) float32 from PCG64 seeded by (seed, first 8 bytes of sha256(name) LE, model)."""
+def uniforms(seed: int, name: str, model: int, n: int) -> np.ndarray:
+    """n draws u ~ U[0,1) float32 from PCG64 seeded by (seed, first 8 bytes of sha256(name) LE, model)."""
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, key, model])))
-    return (rng.random(int(np.prod(shape)), dtype=np.float32) < density).reshape(shape)
+    return rng.random(n, dtype=np.float32)
+
+
+def dare_keep(seed: int, name: str, model: int, shape, density: float) -> np.ndarray:
+    """u < density, u from `uniforms`."""
+    return (uniforms(seed, name, model, int(np.prod(shape))) < density).reshape(shape)
+
+
+def della_keep(
+    seed: int, name: str, model: int, tau: np.ndarray, density: float, epsilon: float
+) -> np.ndarray:
+    """u < p per entry, u from `uniforms`; p = (density - epsilon) + 2 epsilon * rank / (m - 1) in float32, rank
+    the entry's place in its row of m (a 1-D tensor is one row) sorted by |tau| then position; p = density
+    for m = 1."""
+    rows = np.abs(tau).reshape(1, -1) if tau.ndim < 2 else np.abs(tau)
+    assert rows.ndim == 2
+    m = rows.shape[1]
+    position = np.broadcast_to(np.arange(m), rows.shape)
+    order = np.lexsort((position, rows), axis=-1)  # by magnitude, then position
+    rank = np.argsort(order, axis=-1).astype(np.float32)  # the inverse permutation
+    if m == 1:
+        p = np.full(rows.shape, density, np.float32)
+    else:
+        p = ((density - epsilon) + rank / np.float32(m - 1) * 2 * epsilon).astype(np.float32)
+    return (uniforms(seed, name, model, tau.size).reshape(rows.shape) < p).reshape(tau.shape)
+
+
+def slerp_reference(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """mergekit's slerp written out: the whole tensors normalized (unless their norm is <= 1e-8), lerp where
+    the cosine's magnitude exceeds 0.9995, else sin((1 - t) theta) / sin theta v0 + sin(t theta) / sin theta v1."""
+    a, b = v0.astype(np.float64), v1.astype(np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = np.sum((a / na if na > 1e-8 else a) * (b / nb if nb > 1e-8 else b))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * a + t * b).astype(np.float32)
+    theta = np.arccos(cos)
+    return (np.sin((1 - t) * theta) / np.sin(theta) * a + np.sin(t * theta) / np.sin(theta) * b).astype(
+        np.float32
+    )
+
+
+def nearswap_reference(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """mergekit 0.1.5's nearswap: l = clip(t / max(|v0 - v1|, 1e-6), 0, 1); l v1 + (1 - l) v0."""
+    lw = np.clip(np.float32(t) / np.maximum(np.abs(v0 - v1), np.float32(1e-6)), 0, 1)
+    return (lw * v1 + (1 - lw) * v0).astype(np.float32)
+
+
+def gradient(t, position: float, name: str = "") -> float:
+    """A list-valued option at `position` in [0, 1]: linear between its neighbouring values; a list of
+    {filter, value} conditions: the first whose filter is missing, "*" or in `name` (mergekit)."""
+    if isinstance(t, list) and all(isinstance(c, dict) for c in t):
+        match = next(c for c in t if c.get("filter") in (None, "*") or c["filter"] in name)
+        return gradient(match["value"], position)
+    if not isinstance(t, list):
+        return t
+    return float(np.interp(position * (len(t) - 1), np.arange(len(t)), t))
 
 
 def l1_rescaled(tau: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -51,15 +106,29 @@ DEFAULTS = {
     "dare_ties": {"density": 1.0, "normalize": False, "rescale": True, "seed": 0},
     "dare_linear": {"density": 1.0, "normalize": False, "rescale": True, "seed": 0},
     "breadcrumbs": {"density": 1.0, "gamma": 0.01, "normalize": False, "rescale": False},
+    "della": {"density": 1.0, "epsilon": 0.15, "normalize": True, "rescale": True, "seed": 0},
+    "della_linear": {"density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": True, "seed": 0},
 }
-SPARSIFY = {"ties": "magnitude", "dare_ties": "random", "dare_linear": "random", "breadcrumbs": "band"}
-CONSENSUS = {"ties", "dare_ties"}
+SPARSIFY = {
+    "ties": "magnitude",
+    "dare_ties": "random",
+    "dare_linear": "random",
+    "breadcrumbs": "band",
+    "della": "della",
+    "della_linear": "della",
+}
+CONSENSUS = {"ties", "dare_ties", "della"}
 
 
-def reference(method: str, name: str, instruct, base, langs, weights, options=None) -> np.ndarray:
+def reference(
+    method: str, name: str, instruct, base, langs, weights, options=None, position=0.0
+) -> np.ndarray:
     """The merged float32 tensor by the formulas of edgemerge.merge.methods' docstring."""
-    instruct, base = np.asarray(instruct, np.float32), np.asarray(base, np.float32)
-    langs = [np.asarray(x, np.float32) for x in langs]
+    instruct, langs = np.asarray(instruct, np.float32), [np.asarray(x, np.float32) for x in langs]
+    if method in ("slerp", "nearswap"):  # two models, no base
+        t = gradient((options or {}).get("t", 0.5), position, name)
+        return (slerp_reference if method == "slerp" else nearswap_reference)(t, instruct, langs[0])
+    base = np.asarray(base, np.float32)
     if method == "linear":
         normalize = (options or {}).get("normalize", True)
         acc = instruct + sum(w * x for w, x in zip(weights, langs))
@@ -75,6 +144,8 @@ def reference(method: str, name: str, instruct, base, langs, weights, options=No
                 keep = keep_top(tau, int(o["density"] * tau.size))
             elif kind == "band":
                 keep = keep_band(tau, o["density"], o["gamma"])
+            elif kind == "della":
+                keep = della_keep(o["seed"], name, i, tau, o["density"], o["epsilon"])
             else:
                 keep = dare_keep(o["seed"], name, i, tau.shape, o["density"])
             tau = l1_rescaled(tau, keep) if o["rescale"] else np.where(keep, tau, 0).astype(np.float32)

@@ -19,7 +19,7 @@ from edgemerge.package import parse_modelfile_stops
 from edgemerge.public import public_recipe
 from edgemerge.recipe import load_recipe
 
-GGUFS = ["tiny-eu.F16.gguf", "tiny-eu.Q4_K_M.gguf", "tiny-eu.Q8_0.gguf"]
+GGUFS = ["tiny-eu-F16.gguf", "tiny-eu-Q4_K_M.gguf", "tiny-eu-Q8_0.gguf"]
 IMATRIX = "tiny-eu.imatrix.gguf"  # recipe default imatrix: auto
 PACKAGE = ["README.md", "Modelfile", "eval.json", "manifest.json"]
 
@@ -89,7 +89,7 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
 
     result, _ = built
     out = result.out
-    q4, q8 = kv(out / "tiny-eu.Q4_K_M.gguf"), kv(out / "tiny-eu.Q8_0.gguf")
+    q4, q8 = kv(out / "tiny-eu-Q4_K_M.gguf"), kv(out / "tiny-eu-Q8_0.gguf")
     assert q4["quantize.imatrix.file"] == IMATRIX
     assert q4["quantize.imatrix.dataset"] == bundled_text("eu").name
     assert not any(k.startswith("quantize.imatrix") for k in q8)
@@ -111,13 +111,13 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
         "chunk_size": shipped.chunk_size,
         "computed_on": GGUFS[0],
         "quants": ["Q4_K_M"],
-        "files": ["tiny-eu.Q4_K_M.gguf"],
+        "files": ["tiny-eu-Q4_K_M.gguf"],
     }
     by_name = {f["name"]: f for f in m["files"]}
     assert [by_name[g]["imatrix"] for g in GGUFS] == [None, IMATRIX, None]
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"| `tiny-eu.Q4_K_M.gguf` | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
-    assert f"| `tiny-eu.Q8_0.gguf` | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert f"| `tiny-eu-Q4_K_M.gguf` | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
+    assert f"| `tiny-eu-Q8_0.gguf` | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
     assert f"computed by this build on `{GGUFS[0]}`: {shipped.chunk_count} chunks of" in card
     assert f"`llama-quantize --imatrix {IMATRIX}`" in card
 
@@ -143,7 +143,7 @@ def test_modelfile_stops_match_the_tokenizer_eos(built, build_family):
     ids = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     eos = {tok.eos_token} | {tok.convert_ids_to_tokens(i) for i in ids}
     assert set(parse_modelfile_stops(text)) == eos
-    assert text.startswith("FROM ./tiny-eu.Q4_K_M.gguf\n")
+    assert text.startswith("FROM ./tiny-eu-Q4_K_M.gguf\n")
     assert f'SYSTEM """{language_info("eu")["system"]}"""' in text
     assert "<|im_start|>assistant\n{{ end }}" in text  # the generation prompt after the last user turn
 
@@ -173,8 +173,8 @@ def test_eval_json_reports_every_file(built):
     assert "kld_mean" not in ev["files"][GGUFS[0]]
     # --compare-parents: the instruct model alone, exported to GGUF in the work area (not shipped)
     assert ev["parents"]["instruct"]["lang"] == "eu" and ev["parents"]["instruct"]["perplexity"] > 1
-    assert (work_dir(result.out) / "parents" / "instruct.F16.gguf").is_file()
-    assert ev["files"]["tiny-eu.Q4_K_M.gguf"]["kld_mean"] > ev["files"]["tiny-eu.Q8_0.gguf"]["kld_mean"] >= 0
+    assert (work_dir(result.out) / "parents" / "instruct-F16.gguf").is_file()
+    assert ev["files"]["tiny-eu-Q4_K_M.gguf"]["kld_mean"] > ev["files"]["tiny-eu-Q8_0.gguf"]["kld_mean"] >= 0
 
 
 def test_resume_after_interruption_reuses_finished_stages(build_family, tmp_path):
@@ -223,7 +223,7 @@ def test_output_folder_of_another_build_needs_force(build_family, tmp_path, buil
     assert (out / GGUFS[0]).exists()
     (out / "notes.txt").write_text("mine")  # not edgemerge's: --force keeps it, and the build says so
     forced = build(load_recipe(other), BuildOptions(out=out, skip_eval=True, force=True))
-    assert not (out / GGUFS[0]).exists() and (out / "other-eu.Q8_0.gguf").exists()
+    assert not (out / GGUFS[0]).exists() and (out / "other-eu-Q8_0.gguf").exists()
     assert (out / "notes.txt").read_text() == "mine"
     assert any("notes.txt" in w and "move them out before uploading" in w for w in forced.warnings)
     assert "notes.txt" not in [f["name"] for f in _manifest(out)["files"]]
@@ -240,7 +240,7 @@ def test_not_enough_disk_fails_before_writing(build_family, tmp_path, monkeypatc
 
     monkeypatch.setattr(b, "free_bytes", lambda path: 1000)  # a full disk, without filling one
     out = tmp_path / "full"
-    with pytest.raises(EdgemergeError, match=r"not enough disk space.*tiny-eu.F16.gguf"):
+    with pytest.raises(EdgemergeError, match=r"not enough disk space.*tiny-eu-F16.gguf"):
         build(load_recipe(build_family["recipe"]), BuildOptions(out=out, skip_eval=True))
     assert not out.exists()
 
@@ -260,7 +260,7 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
     assert "failed" in captured.out and "perplexity" in captured.out
     assert "needs <= 1" in captured.err
     out_text = " ".join(captured.out.split())
-    assert f"edgemerge chat {out / 'tiny-eu.Q4_K_M.gguf'} --lang eu" in out_text  # the next steps, concrete
+    assert f"edgemerge chat {out / 'tiny-eu-Q4_K_M.gguf'} --lang eu" in out_text  # the next steps, concrete
     assert f"ollama create tiny-eu -f {out / 'Modelfile'} && ollama run tiny-eu" in out_text
     assert f"hf upload YOUR-NAME/tiny-eu {out}" in out_text
     assert all(s["cached"] for n, s in _manifest(out)["stages"].items() if n != "package")
@@ -269,7 +269,8 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--lang", "xx"], "no bundled recipe for language(s) xx; bundled: "),
+        (["--lang", "xx"], "no bundled recipe for --lang xx; the bundled recipes cover ca ("),
+        (["--lang", "ca"], "--lang ca: no bundled recipe for it has every language model public yet ("),
         (["--recipe", "nope"], "recipe nope not found"),
         ([], "say what to build"),
         (["--lang", "eu", "--demo", "--recipe", "x"], "drop --recipe"),
@@ -311,7 +312,11 @@ def test_model_not_available_offline_names_it(tmp_path, capsys):
         main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "n"), "--skip-eval"])
     assert e.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "cannot get someone-x/missing-model" in err and "local folder" in err
+    assert (
+        f"recipe net-eu ({recipe}) needs someone-x/missing-model, someone-x/missing-base, someone-x/missing-eu"
+        in err
+    )
+    assert "put the local folders in net.yaml instead of the hub ids" in err
     assert not (tmp_path / "n").exists()
 
 

@@ -21,7 +21,7 @@ from edgemerge.recipe import load_recipe, parse_recipe
 from edgemerge.resources import MemoryLimit
 
 NAME = "tiny-eu"
-F16, Q4, Q8 = f"{NAME}.F16.gguf", f"{NAME}.Q4_K_M.gguf", f"{NAME}.Q8_0.gguf"
+F16, Q4, Q8 = f"{NAME}-F16.gguf", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"
 IMATRIX = f"{NAME}.imatrix.gguf"
 
 
@@ -46,7 +46,7 @@ def auto_build(build_family, tmp_path_factory) -> Path:
 
 
 def test_auto_makes_the_types_that_need_an_importance_matrix(auto_build):
-    iq2 = kv(auto_build / f"{NAME}.IQ2_M.gguf")
+    iq2 = kv(auto_build / f"{NAME}-IQ2_M.gguf")
     assert (
         iq2["general.file_type"] == 29 and iq2["quantize.imatrix.file"] == IMATRIX
     )  # LLAMA_FTYPE_MOSTLY_IQ2_M
@@ -136,7 +136,7 @@ def test_computed_on_q8_0_when_the_f16_does_not_fit(build_family, tmp_path, monk
     m = _manifest(out)
     assert m["imatrix"]["computed_on"] == Q8 and m["stages"]["imatrix"]
     assert not (out / Q8).exists()  # made for the importance matrix, in the work area, and removed after
-    assert not list(work_dir(out).rglob("*.Q8_0.gguf"))
+    assert not list(work_dir(out).rglob("*-Q8_0.gguf"))
     assert kv(out / Q4)["quantize.imatrix.file"] == IMATRIX
 
 
@@ -215,7 +215,7 @@ def test_an_8b_build_on_a_16_gb_laptop_calibrates_on_q8_0(build_family):
 
     recipe = load_recipe(build_family["recipe"])
     shape = shape_from_config(LLAMA_8B, 0)
-    sizes = {"float": SIZES_8B["m.F16.gguf"], "source": SIZES_8B["m.Q8_0.gguf"]}
+    sizes = {"float": SIZES_8B["m-F16.gguf"], "source": SIZES_8B["m-Q8_0.gguf"]}
     common = {"lang": "eu", "shape": shape, "sizes": sizes, "n_ctx_train": 131072, "merge_key": "k"}
     common |= {"out_file": Path("m.imatrix.gguf"), "llama_version": None}
     laptop = plan_imatrix(recipe, ["Q4_K_M", "Q8_0"], limit=limit(16 << 30), **common)

@@ -6,8 +6,11 @@ no card or manifest. The real builds at the end go through `edgemerge.cli.main` 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,7 +45,7 @@ def fake_build(out: Path, name: str = NAME) -> BuildState:
     state = prepare_out(out, name, force=False)
     mark_unfinished(out, name)
     stages = Stages(state)
-    ggufs = {"merge": out / f"{name}.F16.gguf", "quantize Q8_0": out / f"{name}.Q8_0.gguf"}
+    ggufs = {"merge": out / f"{name}-F16.gguf", "quantize Q8_0": out / f"{name}-Q8_0.gguf"}
     for stage, f in ggufs.items():
         stages.run(stage, f"key-{stage}", [f], lambda f=f: f.write_bytes(b"GGUF" + f.name.encode()))
     report = state.work / "eval" / "x.json"
@@ -270,11 +273,11 @@ def test_stale_partials_are_cleaned_live_ones_kept(tmp_path):
     dead, live = dead_pid(), os.getppid()
     planted = {
         "stale": [
-            out / f".{NAME}.Q8_0.gguf.partial-{dead}",
+            out / f".{NAME}-Q8_0.gguf.partial-{dead}",
             state.work / f".state.json.partial-{dead}",
             state.work / "eval" / f".x.json.partial-{dead}",
         ],
-        "kept": [out / f".{NAME}.Q4_K_M.gguf.partial-{live}", out / "sub" / f".x.partial-{dead}"],
+        "kept": [out / f".{NAME}-Q4_K_M.gguf.partial-{live}", out / "sub" / f".x.partial-{dead}"],
     }
     for p in planted["stale"] + planted["kept"]:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -291,16 +294,67 @@ def test_an_unfinished_build_has_no_card_or_manifest(tmp_path):
     mark_unfinished(out, NAME)
     assert read_marker(out)["finished"] is False
     assert not any((out / n).exists() for n in PACKAGE_FILES)
-    assert (out / f"{NAME}.F16.gguf").exists()  # the GGUFs stay: finished stages are reused
+    assert (out / f"{NAME}-F16.gguf").exists()  # the GGUFs stay: finished stages are reused
 
 
 @pytest.fixture(scope="module")
 def finished_build(build_family, tmp_path_factory):
     pytest.importorskip("llama_cpp")
     out = tmp_path_factory.mktemp("outputs-build") / NAME
-    code = _main(["build", "--recipe", build_family["recipe"], "--out", out, "--skip-eval"])
-    assert code == 0
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):  # piped, as `| tee log`
+        code = _main(["build", "--recipe", build_family["recipe"], "--out", out, "--skip-eval"])
+    assert code == 0, stderr.getvalue()
+    PIPED[out] = (stdout.getvalue(), stderr.getvalue())
     return out
+
+
+PIPED: dict[Path, tuple[str, str]] = {}  # finished_build's output, as a pipe or a log file receives it
+
+
+def test_piped_build_output_is_whole(finished_build):
+    """Not a terminal: no line cut to 80 columns (every file name and the folder whole, no "…"), no progress
+    bar printed at the end, the stage lines kept, and the disk plan's files apart from its spare margin."""
+    out_text, err_text = PIPED[finished_build]
+    files = json.loads((finished_build / "manifest.json").read_text())["files"]
+    assert "…" not in out_text + err_text
+    for f in files:
+        assert f["name"] in out_text
+    assert (
+        str(finished_build) in out_text
+        and f"edgemerge chat {finished_build / f'{NAME}-Q4_K_M.gguf'}" in out_text
+    )
+    assert "━" not in err_text and "ETA" not in err_text  # rich's bars: drawn on a terminal only
+    assert "✓ merge" in err_text and "✓ quantize Q8_0" in err_text
+    plan = re.search(
+        r"disk plan: the build writes ([\d.]+) (\w+) \((.*?)\) and keeps 64.0 MB spare", err_text
+    )
+    assert plan is not None, err_text
+    unit = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    parts = [float(v) * unit[u] for v, u in re.findall(r" ([\d.]+) (KB|MB|GB)", plan.group(3))]
+    total = float(plan.group(1)) * unit[plan.group(2)]
+    assert parts and abs(total - sum(parts)) <= 0.05 * unit[plan.group(2)] * (len(parts) + 1)
+
+
+def test_a_finished_bar_goes_away():
+    from rich.console import Console
+
+    from edgemerge.progress import make_progress, task
+
+    screen = io.StringIO()
+    with make_progress(Console(file=screen, force_terminal=True, width=100)) as progress:
+        with task(progress, "first", 10) as advance:
+            advance(10)
+            assert [t.description for t in progress.tasks] == ["first"]
+        with task(progress, "second", None):
+            assert [t.description for t in progress.tasks] == ["second"]
+        assert progress.tasks == []
+    log = io.StringIO()  # not a terminal: the stage lines only, no bar at the end
+    with make_progress(Console(file=log, force_terminal=False, width=100)) as progress:
+        with task(progress, "quantize", 10) as advance:
+            advance(10)
+        progress.console.print("✓ quantize 1.0 s")
+    assert log.getvalue() == "✓ quantize 1.0 s\n"
 
 
 def _main(args) -> int:
@@ -316,7 +370,7 @@ def test_an_interrupted_rebuild_does_not_look_finished(finished_build, build_fam
     shutil.copytree(finished_build, out)
     shutil.copytree(work_dir(finished_build), work_dir(out))
     assert read_marker(out) == read_marker(finished_build) and read_marker(out)["finished"] is True
-    old_quant = (out / f"{NAME}.Q8_0.gguf").read_bytes()
+    old_quant = (out / f"{NAME}-Q8_0.gguf").read_bytes()
 
     def interrupt_after_merge(e):
         if e.done and e.name == "merge":
@@ -325,7 +379,7 @@ def test_an_interrupted_rebuild_does_not_look_finished(finished_build, build_fam
     recipe = load_recipe(build_family["recipe"])
     with pytest.raises(KeyboardInterrupt):  # a new weight: new F16, then killed before the quants
         build(recipe, BuildOptions(out=out, skip_eval=True, weights=[0.3]), on_stage=interrupt_after_merge)
-    assert (out / f"{NAME}.Q8_0.gguf").read_bytes() == old_quant  # the old quant is still there...
+    assert (out / f"{NAME}-Q8_0.gguf").read_bytes() == old_quant  # the old quant is still there...
     assert not any((out / n).exists() for n in PACKAGE_FILES)  # ...but no card or manifest describes it
     assert read_marker(out)["finished"] is False
 

@@ -13,6 +13,7 @@ import pytest
 
 from edgemerge.cli.chat import gguf_language
 from edgemerge.runtime import Generation, Model
+from edgemerge.sampling import Sampling
 
 from .test_eval_run import make_chat_gguf
 
@@ -62,9 +63,10 @@ class Terminal:
 
 def test_chat_streams_answers_resets_and_exits(chat_gguf):
     args = [sys.executable, "-c", "from edgemerge.cli import main; main()", "chat", str(chat_gguf),
-            "--lang", "en", "--threads", "1", "--max-tokens", "40", "--ctx", "512"]  # fmt: skip
+            "--lang", "en", "-t", "1", "--max-tokens", "40", "-c", "512", "--temp", "0"]  # fmt: skip
     term = Terminal(args)
     try:
+        term.expect(r"greedy")
         term.expect(r"/bye")
         term.expect(r"> ")
         term.send("/?")  # Ollama's commands: answered by the chat, never sent to the model
@@ -119,3 +121,38 @@ def test_chat_refuses_a_base_model(capsys):
     with pytest.raises(SystemExit) as e:
         main(["chat", str(stories_gguf()), "--threads", "1"])
     assert e.value.code == 2 and "no chat template" in capsys.readouterr().err
+
+
+def _answer(m: Model, sampling: Sampling | None, prompt: str = "Tell me a story.") -> str:
+    items = list(m.stream(m.chat_tokens([{"role": "user", "content": prompt}]), 40, sampling))
+    return items[-1].text
+
+
+def test_sampling_goes_through_llama_cpp_s_chain(chat_gguf):
+    """top-k 1 leaves the chain one token to draw: the greedy answer; a seed gives the same answer again in a
+    fresh session, another seed another answer; the generator runs on across turns, as llama-cli's."""
+    hot = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+    with Model(chat_gguf, n_ctx=512, n_threads=1) as m:
+        greedy = _answer(m, None)
+        assert _answer(m, Sampling(top_k=1, seed=1)) == greedy
+        first, second = _answer(m, hot), _answer(m, hot)
+    with Model(chat_gguf, n_ctx=512, n_threads=1) as m:
+        assert _answer(m, hot) == first
+        other = _answer(m, Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=8))
+    assert first != greedy and other != first and second != first
+
+
+def test_replies_show_no_special_tokens(chat_gguf):
+    with Model(chat_gguf, n_ctx=512, n_threads=1) as m:
+        ids = m.tokenize("Once upon a time", add_special=False)
+        assert m.token_text(m.bos) == "<s>"  # rendered when asked for: the reply must not ask
+        text = m.detokenize([m.bos, *ids, m.bos])
+        assert "<s>" not in text and text.strip() == m.detokenize(ids).strip() == "Once upon a time"
+
+
+def test_sampling_flags_are_checked_before_the_model_loads(chat_gguf, cli):
+    for flag, value in [("--temp", "-1"), ("--top-p", "1.5"), ("--min-p", "nan"), ("--seed", "-2")]:
+        code, _, err = cli("chat", chat_gguf, flag, value)
+        assert code == 2 and flag in err and err.count("\n") == 1, err
+    code, _, err = cli("chat", chat_gguf, "-m", chat_gguf)
+    assert code == 2 and "give the model once" in err

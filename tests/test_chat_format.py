@@ -200,7 +200,7 @@ def test_eval_and_chat_refuse_hostile_gguf_templates(
     monkeypatch.setattr(sys, "stdin", io.StringIO("Kaixo\n/exit\n"))
     model = gguf_with_template(HOSTILE[case][0], tmp_path / "hostile.gguf")
     argv = (
-        ["eval", model, "--lang", "eu", "--quick", "--json", tmp_path / "r.json"]
+        ["eval", model, "--lang", "eu", "--quick", "--report", tmp_path / "r.json"]
         if command == "eval"
         else ["chat", model]
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,13 +47,17 @@ def test_demo_command_runs_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stderr = " ".join(proc.stderr.split())
     assert "tiny" in stderr and "meaningless" in stderr
+    # the family's generation is said apart (not hidden from "Built in"); no progress bar lands in the log
+    family = re.search(r"✓ demo family ([\d.]+) s", stderr)
+    assert family is not None and float(family.group(1)) > 1, stderr
+    assert "ETA" not in stderr and "━" not in stderr and "╭" not in stderr
     summary = json.loads(proc.stdout)
     assert summary["demo"] is True
     names = [f["name"] for f in summary["files"]]
-    assert names[:3] == [f"edgemerge-demo-eu.{t}.gguf" for t in ("F16", "Q4_K_M", "Q8_0")]
+    assert names[:3] == [f"edgemerge-demo-eu-{t}.gguf" for t in ("F16", "Q4_K_M", "Q8_0")]
     assert set(summary["eval"]) == set(names[:3])
     # the instruct model alone is evaluated too: the Basque language vector lowers Basque perplexity
-    f16 = summary["eval"]["edgemerge-demo-eu.F16.gguf"]
+    f16 = summary["eval"]["edgemerge-demo-eu-F16.gguf"]
     assert summary["parents"]["instruct"]["perplexity"] > f16["perplexity"]
     for name in names:
         assert (out / name).is_file()

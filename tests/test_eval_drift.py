@@ -145,7 +145,7 @@ def test_eval_command_stores_and_compares(files, tmp_path, cli):
     code, _, err = cli("eval", f32, "--lang", "en", "--quick", "--threads", "1", "--save-logits", saved)
     assert code == 0, err
     code, _, err = cli(
-        "eval", q4, "--lang", "en", "--quick", "--threads", "1", "--ref-logits", saved, "--json", report
+        "eval", q4, "--lang", "en", "--quick", "--threads", "1", "--ref-logits", saved, "--report", report
     )
     assert code == 0, err
     data = json.loads(report.read_text())
@@ -169,6 +169,6 @@ def test_eval_command_refuses_a_bad_reference(files, stored_f32, tmp_path, cli, 
     extra = [str(q4) if x == "MODEL" else x for x in extra]
     lang = [] if "--lang" in extra else ["--lang", "en"]
     report = tmp_path / "out.json"
-    code, _, err = cli("eval", q4, *lang, "--threads", "1", "--ref-logits", ref, "--json", report, *extra)
+    code, _, err = cli("eval", q4, *lang, "--threads", "1", "--ref-logits", ref, "--report", report, *extra)
     assert code == 2 and message in err, err
     assert err.count("\n") <= 2 and not report.exists()

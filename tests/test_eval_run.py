@@ -125,10 +125,13 @@ def test_report_markdown_and_base_model_nulls():
 
     from edgemerge.progress import make_progress
 
-    screen = io.StringIO()
-    with make_progress(Console(file=screen, width=100, force_terminal=False)) as progress:
+    screen, shown = io.StringIO(), []
+    with make_progress(Console(file=screen, width=100, force_terminal=True)) as progress:
+        add_task = progress.add_task
+        progress.add_task = lambda description, **kw: shown.append(description) or add_task(description, **kw)
         r = evaluate(stories_gguf(), "eu", quick=True, n_threads=1, progress=progress)
-    assert "perplexity" in screen.getvalue() and "loading stories260K.gguf" in screen.getvalue()
+        assert progress.tasks == []  # each bar went away when its task ended
+    assert any("perplexity" in d for d in shown) and any("loading stories260K.gguf" in d for d in shown)
     d = r.to_dict()
     assert d["chat_template"] is False and d["responses"] == []
     assert d["language_fidelity"] is None and d["stop_rate"] is None and d["instruction_following"] is None
@@ -175,7 +178,7 @@ def test_eval_command_json_and_gate_exit_code(chat_gguf, tmp_path, capsys):
                 "16",
                 "--threads",
                 "1",
-                "--json",
+                "--report",
                 str(out),
                 "--markdown",
                 str(tmp_path / "card.md"),
@@ -233,7 +236,7 @@ def test_eval_command_gates_from_a_recipe_and_json_on_stdout(tmp_path, capsys):
     )
     code, out, err = _run(
         ["eval", str(stories_gguf()), "--lang", "eu", "--quick", "--threads", "1", "--recipe", str(recipe),
-         "--json", "-"],
+         "--json"],
         capsys,
     )  # fmt: skip
     assert code == 3 and "max_perplexity" in err

@@ -131,6 +131,23 @@ RECIPES = [
         ["options.o0: unknown option", "(and 497 more)"],
     ),
     ("seed 2**70", BASE + LANG + "method: dare_ties\noptions: {seed: 1180591620717411303424}\n", ["seed"]),
+    ("slerp t 1.5", BASE + LANG + "method: slerp\noptions: {t: 1.5}\n", ["options.t", "[0, 1]"]),
+    ("nearswap t 0", BASE + LANG + "method: nearswap\noptions: {t: 0}\n", ["options.t", "(0, 1]"]),
+    (
+        "slerp schedule of 5000",
+        BASE + LANG + "method: slerp\noptions: {t: [" + ",".join(["0.5"] * 5000) + "]}\n",
+        ["options.t", "1024"],
+    ),
+    (
+        "della band outside (0, 1)",
+        BASE + LANG + "method: della\noptions: {density: 0.2, epsilon: 0.3}\n",
+        ["options.epsilon", "density +- epsilon"],
+    ),
+    (
+        "slerp of two languages",
+        BASE + "languages: [{code: eu, model: x/y}, {code: ca, model: x/z}]\nmethod: nearswap\n",
+        ["languages:", "one language model"],
+    ),
     ("gate not a fraction", BASE + LANG + "eval: {min_stop_rate: 5}\n", ["min_stop_rate", "between 0 and 1"]),
     ("gate negative", BASE + LANG + "eval: {max_perplexity: -1}\n", ["max_perplexity"]),
     ("gate 400 digits", BASE + LANG + f"eval: {{max_kld_mean: {HUGE}}}\n", ["max_kld_mean"]),

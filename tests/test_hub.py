@@ -92,7 +92,10 @@ def test_a_missing_hub_repo_is_one_line_and_exit_2(tmp_path, hub, merge_family):
     assert done.returncode == 2, done.stderr
     # above it: huggingface_hub's own progress bars for the models that did download
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot get edgemerge-test/no-such-model from the Hugging Face hub"), last
+    # the recipe that asked for it first (with its file), then the hub's answer about the model
+    assert last.startswith(
+        f"error: recipe tiny ({recipe}): cannot get edgemerge-test/no-such-model from the "
+    ), last
     assert "local folder" in last and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == [last]
     assert not (tmp_path / "merged").exists()
@@ -206,3 +209,58 @@ print(s.resolve_recipe(load_recipe({str(recipe)!r})).instruct.revision, s.check_
     # offline with everything cached: the sizes cannot be asked for, and are not needed
     offline = run_py(hub, cache, after.replace("load_recipe({", "load_recipe({"), HF_HUB_OFFLINE="1")
     assert offline.split() == [revision, "0"]
+
+
+def test_network_reason_reads_the_socket_error_under_the_hub_s():
+    """The raw chain (httpx's ConnectError over the socket's) becomes words, never its class names or errno."""
+    from edgemerge.sources import network_reason
+
+    def chained(inner: BaseException) -> Exception:
+        try:
+            try:
+                raise inner
+            except OSError as e:
+                raise RuntimeError(f"ConnectError: {e}") from e
+        except RuntimeError as outer:
+            return outer
+
+    assert "does not resolve: no network" in network_reason(
+        chained(socket.gaierror(-2, "Name or service not known"))
+    )
+    assert "refused the connection" in network_reason(
+        chained(ConnectionRefusedError(111, "Connection refused"))
+    )
+    assert "did not answer in time" in network_reason(chained(TimeoutError("timed out")))
+    assert network_reason(RuntimeError("something else")).startswith("no connection to ")
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["no-network", "HF_HUB_OFFLINE"])
+def test_build_lang_offline_names_the_recipe_the_models_and_the_ways_out(tmp_path, offline):
+    """`build --lang eu` with the hub out of reach (a port nothing listens on, or HF_HUB_OFFLINE) and an empty
+    cache: one line naming the recipe chosen and its file, every model it would fetch, their size as far as the
+    names tell, and what to do; no raw huggingface_hub or httpx error; nothing left at --out."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cache, out = tmp_path / "cache", tmp_path / "dist"
+    env = {**os.environ, "HF_ENDPOINT": closed, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_TOKEN": "", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"}  # fmt: skip
+    cmd = [sys.executable, "-c", "from edgemerge.cli import main; main()", "build", "--lang", "eu",
+           "--skip-eval", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.startswith("error: ") and err.count("\n") == 0, done.stderr
+    recipe = load_recipe("qwen3-8b-eu")
+    err = " ".join(err.split())
+    assert f"recipe qwen3-8b-eu ({recipe.file})" in err
+    for ref in (recipe.instruct, recipe.base, recipe.languages[0].model):
+        assert ref in err
+    assert f"about {human_bytes(3 * 2 * 8e9)} to download" in err and str(cache) in err
+    assert "`hf auth login`" in err and "edgemerge recipes copy qwen3-8b-eu my-recipe.yaml" in err
+    if offline:
+        assert "HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE" in err
+    else:
+        assert "the hub cannot be reached (127.0.0.1:" in err and "refused the connection" in err
+    for raw in ("LocalEntryNotFoundError", "ConnectError", "[Errno", "Traceback"):
+        assert raw not in done.stderr
+    assert not out.exists()

@@ -129,7 +129,7 @@ def test_ctrl_c_during_a_build_stage_stops_the_build(tmp_path, slow_family, stag
     code, err = _interrupt(proc, group=True)
     assert code == 130, err
     assert "interrupted" in err and "Exception ignored" not in err, err
-    assert not (out / f"slow.{partial}.gguf").exists() and not (out / "slow.Q4_K_M.gguf").exists()
+    assert not (out / f"slow-{partial}.gguf").exists() and not (out / "slow-Q4_K_M.gguf").exists()
     assert not (out / "manifest.json").exists() and not (out / "README.md").exists()
     assert not _partials(out)
     assert not _leftover_processes(str(out))
@@ -140,7 +140,7 @@ def test_ctrl_c_during_eval(tmp_path, slow_gguf):
         pytest.skip("needs Linux /proc to see when llama.cpp is loaded")
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [*CLI, "eval", str(slow_gguf), "--lang", "eu", "--json", str(report), "--threads", "1"],
+        [*CLI, "eval", str(slow_gguf), "--lang", "eu", "--report", str(report), "--threads", "1"],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,

@@ -205,8 +205,8 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
     assert any(v.startswith("drifts") for v in verdicts.values())
     # only the chosen type ships; the rejected ones were deleted
     ggufs = sorted(p.name for p in out.glob("*.gguf"))
-    assert ggufs == sorted(["edgemerge-demo-eu.F16.gguf", f"edgemerge-demo-eu.{chosen}.gguf"])
-    assert not list(out.parent.glob(".demo.edgemerge/**/*.Q*.gguf"))
+    assert ggufs == sorted(["edgemerge-demo-eu-F16.gguf", f"edgemerge-demo-eu-{chosen}.gguf"])
+    assert not list(out.parent.glob(".demo.edgemerge/**/*-Q*.gguf"))
     assert manifest["recipe"]["quants"] == [chosen]
     assert "ladder.png" in [f["name"] for f in manifest["files"]]
     assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -186,13 +186,17 @@ def test_unknown_hub_model_offline(cli, tmp_path, merge_family, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     recipe = write_recipe(tmp_path / "r.yaml", dict(merge_family, eu="nobody/no-such-model@v1"), {"eu": 1.0})
-    assert_user_error(cli, recipe, tmp_path / "out", "cannot get nobody/no-such-model@v1", "local folder")
+    assert_user_error(
+        cli, recipe, tmp_path / "out", f"recipe tiny ({recipe}) needs nobody/no-such-model@v1 from the Hugging Face",
+        "HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE", "put the local folders in r.yaml",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("fields", "needles"),
     [
-        ({"method": "slerp"}, ["method", "slerp"]),
+        ({"method": "nuslerp"}, ["method", "nuslerp"]),
+        ({"method": "slerp", "options": {"t": 2}}, ["options.t: must be in [0, 1], got 2"]),
         ({"options": {"foo": 1}}, ["options.foo: unknown option", "valid options: normalize, lambda"]),
         ({"method": "ties", "options": {"density": 2}}, ["options.density: must be in (0, 1], got 2"]),
         ({"dtype": "int8"}, ["dtype", "int8"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import ml_dtypes
@@ -62,7 +63,25 @@ METHODS = [
     ("dare_ties", {"density": 0.6, "seed": 3}),
     ("dare_linear", {"density": 0.6}),
     ("breadcrumbs", {"density": 0.9, "gamma": 0.02}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.2, "seed": 2}),
 ]
+# the two-model methods: the instruct model and one language model (eu)
+TWO_MODELS = [
+    ("slerp", {"t": 0.5}),
+    ("slerp", {"t": [0.1, 0.9, 0.4]}),
+    (
+        "slerp",
+        {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.8}, {"value": 0.3}]},
+    ),
+    ("nearswap", {"t": 0.005}),
+]
+
+
+def depth_of(name: str, n_layers: int = 2) -> float:
+    """Layer i of n at i / (n - 1), the other tensors at 0 (mergekit's plan for a per-layer schedule)."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) / (n_layers - 1) if m else 0.0
 
 
 @pytest.mark.parametrize(("method", "opts"), METHODS)
@@ -76,6 +95,28 @@ def test_every_method_equals_its_formula_rounded_once(tmp_path, merge_family, st
     for name, arr in merged.items():
         assert arr.dtype == ml_dtypes.bfloat16
         assert_rounded_once(arr, expected(method, opts, states, name))
+
+
+@pytest.mark.parametrize(("method", "opts"), TWO_MODELS)
+def test_two_model_methods_equal_their_formula_rounded_once(tmp_path, merge_family, states, method, opts):
+    """slerp and nearswap read the schedule at each tensor's depth; the base model is never read."""
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 1.0}, method=method, options=opts)
+    )
+    merged = read_out(merge_to_hf(recipe, tmp_path / "out", backend="torch"))
+    assert set(merged) == set(states["instruct"])
+    for name, arr in merged.items():
+        want = reference(
+            method,
+            name,
+            states["instruct"][name],
+            None,
+            [states["eu"][name]],
+            [1.0],
+            opts,
+            position=depth_of(name),
+        )
+        assert_rounded_once(arr, want)
 
 
 def test_shards_follow_the_tensor_order_a_tensor_over_the_limit_alone(tmp_path):

@@ -17,7 +17,7 @@ from edgemerge.recipe import load_recipe
 
 from .merge_reference import assert_rounded_once, reference
 from .models import write_recipe
-from .test_merge_engine import METHODS, read_out
+from .test_merge_engine import METHODS, TWO_MODELS, read_out
 from .test_merge_methods import CASES, ArrayInputs, family
 
 
@@ -37,10 +37,11 @@ def test_each_method_on_mlx_matches_numpy_and_torch(method, opts):
     assert_rounded_once(results["mlx"][1], results["torch"][0])
 
 
-@pytest.mark.parametrize(("method", "opts"), METHODS)
+@pytest.mark.parametrize(("method", "opts"), METHODS + TWO_MODELS)
 def test_engine_on_mlx_equals_torch_within_bf16_rounding(tmp_path, merge_family, method, opts):
+    weights = {"eu": 1.0} if (method, opts) in TWO_MODELS else {"eu": 0.7, "ca": 0.4}
     recipe = load_recipe(
-        write_recipe(tmp_path / "r.yaml", merge_family, {"eu": 0.7, "ca": 0.4}, method=method, options=opts)
+        write_recipe(tmp_path / "r.yaml", merge_family, weights, method=method, options=opts)
     )
     exact = read_out(merge_to_hf(recipe, tmp_path / "torch32", backend="torch", dtype="float32"))
     got = read_out(merge_to_hf(recipe, tmp_path / "mlx", backend="mlx"))

@@ -121,8 +121,8 @@ def _build_onto_merge_folder(f, t):  # an edgemerge folder, but not a build: not
 def _eval_json_onto_folder(f, t):
     d = t / "dist"
     d.mkdir()
-    (d / "model.Q8_0.gguf").write_bytes(b"GGUF model")
-    return ["eval", t / "m.gguf", "--lang", "eu", "--json", d], "is a folder"
+    (d / "model-Q8_0.gguf").write_bytes(b"GGUF model")
+    return ["eval", t / "m.gguf", "--lang", "eu", "--report", d], "is a folder"
 
 
 def _eval_markdown_onto_empty_folder(f, t):
@@ -131,7 +131,7 @@ def _eval_markdown_onto_empty_folder(f, t):
 
 
 def _eval_json_onto_model(f, t):
-    return ["eval", t / "m.gguf", "--lang", "eu", "--json", t / "m.gguf"], "is the input"
+    return ["eval", t / "m.gguf", "--lang", "eu", "--report", t / "m.gguf"], "is the input"
 
 
 def _eval_markdown_onto_ref(f, t):
@@ -244,7 +244,7 @@ COMMANDS = {
     "export": lambda f, p: ["export", f["instruct"], "--out", p],
     "merge --gguf": lambda f, p: ["merge", f["recipe"], "--gguf", p],
     "merge --out": lambda f, p: ["merge", f["recipe"], "--out", p],
-    "eval --json": lambda f, p: ["eval", f["root"] / "m.gguf", "--lang", "eu", "--json", p],
+    "eval --report": lambda f, p: ["eval", f["root"] / "m.gguf", "--lang", "eu", "--report", p],
     "eval --markdown": lambda f, p: ["eval", f["root"] / "m.gguf", "--lang", "eu", "--markdown", p],
     "build": lambda f, p: ["build", "--recipe", f["recipe"], "--out", p, "--skip-eval"],
     "quantize --out-dir": lambda f, p: ["quantize", f["root"] / "m.gguf", "-q", "Q8_0", "--out-dir", p],
@@ -321,7 +321,7 @@ def test_quantize_and_eval_remove_a_killed_runs_partial(tmp_path, cli):
     code, _, err = cli("quantize", src, "-q", "Q8_0")
     assert code == 0, err
     code, _, err = cli(
-        "eval", q, "--lang", "en", "--quick", "--max-tokens", "4", "--threads", "1", "--json", report
+        "eval", q, "--lang", "en", "--quick", "--max-tokens", "4", "--threads", "1", "--report", report
     )
     assert code == 0, err
     assert q.is_file() and json.loads(report.read_text())["lang"] == "en"
@@ -342,7 +342,7 @@ def test_to_hf_removes_a_killed_runs_partial(tmp_path):
 
 def test_a_failed_eval_leaves_no_report_folder(tmp_path, cli):
     (tmp_path / "m.gguf").write_text("not a model")
-    code, _, err = cli("eval", tmp_path / "m.gguf", "--lang", "eu", "--json", tmp_path / "new" / "r.json")
+    code, _, err = cli("eval", tmp_path / "m.gguf", "--lang", "eu", "--report", tmp_path / "new" / "r.json")
     one_line_error(code, err, "not a GGUF")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
@@ -351,9 +351,9 @@ WRITERS = {
     "export": lambda f, t: (t / "x.gguf", ["export", f["instruct"], "--out", t / "x.gguf"]),
     "merge --gguf": lambda f, t: (t / "x.gguf", ["merge", f["recipe"], "--gguf", t / "x.gguf", "--force"]),
     "merge --out": lambda f, t: (t / "hf", ["merge", f["recipe"], "--out", t / "hf"]),
-    "eval --json": lambda f, t: (
+    "eval --report": lambda f, t: (
         t / "r.json",
-        ["eval", t / "m.gguf", "--lang", "eu", "--json", t / "r.json"],
+        ["eval", t / "m.gguf", "--lang", "eu", "--report", t / "r.json"],
     ),
     "quantize": lambda f, t: (t / "m-Q8_0.gguf", ["quantize", t / "m.gguf", "-q", "Q8_0"]),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,29 @@ def test_template_without_per_message_blocks_is_refused():
 
 def test_modelfile_has_template_system_and_every_stop():
     info = ChatInfo(template=CHAT_TEMPLATE, bos="<s>", stops=["<|im_end|>", "</s>"])
-    text, warning = modelfile("m.Q4_K_M.gguf", info, "Laguntzaile adeitsua zara.")
+    text, warning = modelfile("m-Q4_K_M.gguf", info, "Laguntzaile adeitsua zara.")
     assert warning is None
-    assert text.startswith("FROM ./m.Q4_K_M.gguf\n")
+    assert text.startswith("FROM ./m-Q4_K_M.gguf\n")
     assert 'SYSTEM """Laguntzaile adeitsua zara."""' in text
     assert parse_modelfile_stops(text) == ["<|im_end|>", "</s>"]
     assert 'TEMPLATE """{{ $prev := "" }}' in text
+
+
+def test_modelfile_samples_as_edgemerge_chat_does():
+    """Ollama's own defaults (top_p 0.9, min_p 0, repeat_penalty 1.1) differ from llama.cpp's, which chat uses:
+    the Modelfile states chat's values, each once."""
+    import inspect
+
+    from edgemerge.cli.chat import chat
+
+    text, _ = modelfile("m-Q4_K_M.gguf", ChatInfo(template=None, bos="", stops=["</s>"]), None)
+    params = dict(re.findall(r"^PARAMETER (\w+) (.+)$", text, flags=re.MULTILINE))
+    defaults = {name: p.default for name, p in inspect.signature(chat).parameters.items()}
+    assert float(params["temperature"]) == defaults["temp"] > 0
+    assert int(params["top_k"]) == defaults["top_k"] and float(params["top_p"]) == defaults["top_p"]
+    assert float(params["min_p"]) == defaults["min_p"] and float(params["repeat_penalty"]) == 1.0
+    assert int(params["num_ctx"]) == defaults["ctx"]
+    assert "seed" not in params  # chat draws a new seed each run (-1), as Ollama does without one
 
 
 def test_modelfile_without_template_warns():
@@ -118,7 +136,7 @@ def _info(tmp_path: Path, **recipe) -> PackageInfo:
         "license": "llama3.1",
     } | recipe
     return PackageInfo(
-        recipe=parse_recipe(data), out=tmp_path, lang="eu", ggufs=["a.F16.gguf", "a.Q4_K_M.gguf"], inputs={}
+        recipe=parse_recipe(data), out=tmp_path, lang="eu", ggufs=["a-F16.gguf", "a-Q4_K_M.gguf"], inputs={}
     )
 
 
@@ -137,7 +155,7 @@ def test_front_matter_lists_hub_models_and_parses(tmp_path):
     assert fm["pipeline_tag"] == "text-generation"
     assert "W = W_instruct + 0.75 · (W_eu − W_base)" in card
     assert "ollama create llama3.1-8b-eu -f Modelfile" in card
-    assert "llama-cli -m a.Q4_K_M.gguf" in card
+    assert "llama-cli -m a-Q4_K_M.gguf" in card
     hub = ModelCard(card)  # what the hub reads: the front matter as metadata, the rest as the card's text
     assert hub.data.base_model_relation == "merge" and hub.data.library_name == "gguf"
     assert hub.text.startswith("\n# llama3.1-8b-eu\n") and str(hub) == card

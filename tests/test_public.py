@@ -97,7 +97,7 @@ def test_build_ships_no_local_path(tmp_path, build_family, monkeypatch, style, e
     build(recipe, BuildOptions(out=out, skip_eval=not evaluate, quick_eval=True))
     secrets = _private_strings(tmp_path, build_family["instruct"].parent)
     _assert_private(out, secrets)
-    meta = kv(out / "tiny-eu.F16.gguf")
+    meta = kv(out / "tiny-eu-F16.gguf")
     shipped = yaml.safe_load(meta["edgemerge.recipe"])
     assert (shipped["instruct"], shipped["languages"][0]["model"]) == ("instruct", "eu")
     assert meta["general.base_model.0.name"] == "instruct"

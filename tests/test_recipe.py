@@ -32,13 +32,17 @@ def test_bundled_recipes_cover_the_papers_setups():
 def test_recipe_for_languages_prefers_complete_recipes():
     assert recipe_for_languages(["gl"]) == "llama3.1-8b-gl"
     assert recipe_for_languages(["eu"]) == "qwen3-8b-eu"  # the Basque Llama model id is not public
-    assert sorted(load_recipe(recipe_for_languages(["es", "eu", "gl", "ca"])).lang_codes) == [
-        "ca",
-        "es",
-        "eu",
-        "gl",
-    ]
-    with pytest.raises(EdgemergeError, match="no bundled recipe for language"):
+    multi = recipe_for_languages(["es", "eu", "gl", "ca"], require_models=False)
+    assert sorted(load_recipe(multi).lang_codes) == ["ca", "es", "eu", "gl"]
+    # no bundled multilingual recipe has a public Catalan model: said before any work, with the way out
+    with pytest.raises(
+        EdgemergeError,
+        match=r"qwen3-8b-multi lacks ca\); start from one \(edgemerge recipes copy qwen3-8b-multi ",
+    ):
+        recipe_for_languages(["es", "eu", "gl", "ca"])
+    with pytest.raises(
+        EdgemergeError, match="no bundled recipe for --lang xx; the bundled recipes cover ca "
+    ):
         recipe_for_languages(["xx"])
 
 
@@ -53,7 +57,10 @@ def test_relative_paths_keep_the_recipe_folder(tmp_path):
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"method": "slerp"}, "method: unknown merge method 'slerp'; choose one of: task_arithmetic, linear"),
+        (
+            {"method": "nuslerp"},
+            "method: unknown merge method 'nuslerp'; choose one of: task_arithmetic, linear",
+        ),
         ({"dtype": "fp8"}, "dtype:"),
         ({"languages": []}, "languages:"),
         ({"languages": [{"code": "EU", "model": "x"}]}, "languages.0.code"),
@@ -84,6 +91,14 @@ BASE = {"name": "r", "instruct": "a/b", "base": "a/c", "languages": [{"code": "e
         ("ties", {"density": 1.5}, "options.density: must be in (0, 1], got 1.5"),  # out of range
         ("breadcrumbs", {"gamma": 1}, "options.gamma: must be in [0, 1), got 1"),
         ("dare_ties", {"seed": -3}, "options.seed: must be in [0, 2**64), got -3"),
+        ("slerp", {"t": 1.5}, "options.t: must be in [0, 1], got 1.5"),
+        ("nearswap", {"t": 0.0}, "options.t: must be in (0, 1], got 0.0"),
+        ("della", {"density": 0.5, "epsilon": 0.6}, "options.epsilon: must be in [0, 0.5), got 0.6"),
+        (
+            "della",
+            {"density": 0.2, "epsilon": 0.3},
+            "options.epsilon: density +- epsilon must stay inside (0, 1)",
+        ),
         ("ties", {"density": "half"}, "options.density: must be a finite number, got 'half'"),  # wrong type
         ("linear", {"normalize": "no"}, "options.normalize: must be true or false, got 'no'"),
         ("dare_linear", {"seed": 0.5}, "options.seed: must be an integer, got 0.5"),
@@ -111,13 +126,32 @@ def test_options_are_checked_against_the_method_when_the_recipe_loads(tmp_path, 
         load_recipe(path)
 
 
+@pytest.mark.parametrize("method", ["slerp", "nearswap"])
+def test_two_model_methods_take_one_language_and_no_weight(tmp_path, method):
+    """slerp and nearswap mix the instruct model (mergekit's base_model) with one language model: a second
+    language or a weight would be ignored, so the recipe says so in one line naming the field."""
+    two = [_lang("eu", "a/x"), _lang("ca", "a/y")]
+    with pytest.raises(EdgemergeError) as e:
+        parse_recipe({**BASE, "method": method, "languages": two}, source="r.yaml")
+    assert e.value.message.startswith(
+        f"recipe r.yaml: languages: {method} merges the instruct model with one"
+    )
+    assert "got 2 languages" in e.value.message and "\n" not in e.value.message
+    with pytest.raises(EdgemergeError, match=r"languages\.0\.weight: .* does not weight the language model"):
+        parse_recipe({**BASE, "method": method, "languages": [_lang("eu", "a/x", 0.5)]})
+    r = parse_recipe({**BASE, "method": method, "options": {"t": [0.1, 0.3, 1]}})
+    assert get_method(r.method).parse_options(r.options) == {"t": [0.1, 0.3, 1.0]}
+    with pytest.raises(EdgemergeError, match=f"sweep.methods: {method} has no language weight to sweep"):
+        parse_recipe({**BASE, "sweep": {"methods": ["linear", method]}})
+
+
 def test_options_of_another_method_fail_and_an_unknown_method_hides_them():
     """Options are the chosen method's: ties' density is not task arithmetic's; with an unknown method only the
     method is reported (its options cannot be judged)."""
     with pytest.raises(EdgemergeError, match="options.density: unknown option of task_arithmetic"):
         parse_recipe({**BASE, "options": {"density": 0.5}})  # the default method
     with pytest.raises(EdgemergeError) as e:
-        parse_recipe({**BASE, "method": "slerp", "options": {"density": 7}})
+        parse_recipe({**BASE, "method": "nuslerp", "options": {"density": 7}})
     assert "method: unknown merge method" in e.value.message and "options" not in e.value.message
 
 

@@ -162,4 +162,6 @@ def test_sweep_cli_bad_input_is_one_line_exit_2(cli, tmp_path):
     assert code == 2 and "not a number or a comma-separated list of numbers" in err
     code, _, err = cli("sweep", "llama3.1-8b-eu", "--methods", "nope", "--out", tmp_path / "s")
     assert code == 2 and "sweep methods: unknown merge method 'nope'" in err
+    code, _, err = cli("sweep", "llama3.1-8b-eu", "--methods", "linear,slerp", "--out", tmp_path / "s")
+    assert code == 2 and "sweep methods: slerp has no language weight to sweep" in err
     assert not (tmp_path / "s").exists()

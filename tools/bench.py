@@ -251,7 +251,7 @@ def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[Rou
         summary = work / "build.json"
         stage = run_stage(EM_BUILD, cmd, log, stdout=summary)
         run.stages += [stage, *build_stages(json.loads(summary.read_text()), stage)]
-        return run, next(out.glob("*.F16.gguf"))
+        return run, next(out.glob("*-F16.gguf"))
     qdir.mkdir()
     quant = [
         sys.executable,

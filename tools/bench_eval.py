@@ -52,7 +52,7 @@ def baseline_tree(rev: str, work: Path) -> Path:
 
 
 def files(dist: Path, name: str) -> dict[str, Path]:
-    return {t: dist / f"{name}.{t}.gguf" for t in ("F16", *QUANTS)}
+    return {t: dist / f"{name}-{t}.gguf" for t in ("F16", *QUANTS)}
 
 
 def report_figures(path: Path) -> dict:
@@ -75,7 +75,7 @@ def run_evals(tree: Path, ggufs: dict[str, Path], out: Path, log: Path, *, store
     ref_file = out / "F16.logits"
     res = {}
     for t, f in ggufs.items():
-        cmd = [*edgemerge(tree), "eval", str(f), "--lang", LANG, "--json", str(out / f"{t}.json")]
+        cmd = [*edgemerge(tree), "eval", str(f), "--lang", LANG, "--report", str(out / f"{t}.json")]
         if t != "F16":
             cmd += ["--ref-logits", str(ref_file)] if stored else ["--ref", str(ggufs["F16"])]
         elif stored:

@@ -33,6 +33,15 @@ VOCAB = 32000
 # hidden, intermediate, layers: about 60M, 220M and 660M parameters with the 32k vocabulary
 SHAPES = {"50M": (512, 1536, 8), "200M": (1024, 2816, 12), "600M": (1536, 4096, 20), "1B": (2048, 5632, 16)}
 SPM = Path("tokenizers/mistral_sentencepiece/tokenizer.model.v1")
+# the paper's settings; the other sparsifiers at density 0.5
+OPTIONS = {
+    "task_arithmetic": "{}",
+    "linear": "{}",
+    "della": "{density: 0.5, epsilon: 0.1}",
+    "della_linear": "{density: 0.5, epsilon: 0.1}",
+    "slerp": "{t: 0.5}",
+    "nearswap": "{t: 0.5}",
+}
 
 
 def shared_data() -> Path:
@@ -116,7 +125,7 @@ def make_family(root: Path, size: str, method: str = "task_arithmetic") -> tuple
     for role, seed in (("base", None), ("instruct", 1), ("lang-eu", 2)):
         write_model(fam / role, specs, config, seed)
     recipe = fam / f"recipe-{method}.yaml"
-    options = "{}" if method in ("task_arithmetic", "linear") else "{density: 0.5}"
+    options = OPTIONS.get(method, "{density: 0.5}")
     recipe.write_text(
         f"name: bench-{size}\ninstruct: ./instruct\nbase: ./base\n"
         f"languages:\n  - {{code: eu, model: ./lang-eu, weight: 1.0}}\nmethod: {method}\noptions: {options}\n"
@@ -141,7 +150,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["50M", "200M", "600M"], choices=list(SHAPES))
     ap.add_argument("--backend", default="torch")
-    ap.add_argument("--method", default="task_arithmetic", help="sparsifying methods run at density 0.5")
+    ap.add_argument(
+        "--method", default="task_arithmetic", help="at the paper's options (OPTIONS), else density 0.5"
+    )
     ap.add_argument("--dir", type=Path, default=Path("/tmp/edgemerge-bench-memory"))
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = ap.parse_args()

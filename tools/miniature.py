@@ -424,7 +424,7 @@ def build_ggufs(cfg: Config) -> dict[str, tuple[Path, Path]]:
     export_hf(models / "base", ggufs / "base.f32.gguf", outtype="f32", force=True)
     for name in ("base", "instruct", "lang-eu"):
         f16 = export_hf(models / name, ggufs / f"{name}.f16.gguf", outtype="f16", force=True)
-        files[name] = (f16, _quantize(f16, ggufs / f"{name}.Q8_0.gguf"))
+        files[name] = (f16, _quantize(f16, ggufs / f"{name}-Q8_0.gguf"))
     for name, (method, weight) in MERGES.items():
         path = recipes / f"{name}.yaml"
         recipe = recipe_dict(name, method, weight, models.resolve())
@@ -433,7 +433,7 @@ def build_ggufs(cfg: Config) -> dict[str, tuple[Path, Path]]:
             out=cfg.out / "builds" / name, skip_eval=True, threads=1, backend="torch", force=True
         )
         result = build(load_recipe(path), options)
-        files[name] = (result.out / f"{recipe['name']}.F16.gguf", result.out / f"{recipe['name']}.Q8_0.gguf")
+        files[name] = (result.out / f"{recipe['name']}-F16.gguf", result.out / f"{recipe['name']}-Q8_0.gguf")
     return files
 
 

@@ -73,8 +73,14 @@ class Plan:
         return sum(self.items.values()) + (SPACE_MARGIN if self.items else 0)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.items.items()) or "nothing new to write"
-        return f"needs {human_bytes(self.needed)} ({parts}); {human_bytes(self.free)} free"
+        """What the build writes, file by file, and the margin it keeps free besides (said apart: it is no file)."""
+        if not self.items:
+            return f"has nothing new to write; {human_bytes(self.free)} free"
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.items.items())
+        return (
+            f"writes {human_bytes(sum(self.items.values()))} ({parts}) and keeps {human_bytes(SPACE_MARGIN)} "
+            f"spare; {human_bytes(self.free)} free"
+        )
 
 
 def apply_overrides(recipe: Recipe, options: BuildOptions) -> Recipe:

@@ -26,7 +26,7 @@ from ..memory_plan import MemoryPlan, check_chat_possible, plan_evals, plan_memo
 from ..package import PackageInfo, write_package
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
-from ..quantize import quantize
+from ..quantize import quant_file_name, quantize
 from ..recipe import Recipe
 from ..resources import memory_limit
 from ..sources import local_inputs, resolve_recipe
@@ -192,15 +192,17 @@ def _build(
     inputs = input_provenance(sources)
 
     ftype = options.outtype.upper()
-    merged = out / f"{recipe.name}.{ftype}.gguf"
+    merged = out / quant_file_name(recipe.name, ftype)
     merge_fields = recipe.merge_dict()
     stamps = input_stamps(sources)
     merge_key = stage_key("merge", __version__, merge_fields, inputs, stamps, options.outtype.lower())
-    quant_files = {q: out / f"{recipe.name}.{q}.gguf" for q in quants}
+    quant_files = {q: out / quant_file_name(recipe.name, q) for q in quants}
     limit = memory_limit()
     llama_version = llama_cpp_version()
     shape = shape_from_config(report.config, 0)
-    source_file = quant_files.get(SOURCE_QUANT, state.work / "imatrix" / f"{recipe.name}.{SOURCE_QUANT}.gguf")
+    source_file = quant_files.get(
+        SOURCE_QUANT, state.work / "imatrix" / quant_file_name(recipe.name, SOURCE_QUANT)
+    )
     imx = plan_imatrix(
         recipe,
         quants,
@@ -220,7 +222,7 @@ def _build(
         q: stage_key("quantize", merge_key, q, llama_version, *([imx.key] if q in imx.users else []))
         for q in quants
     }
-    parent_file = state.work / "parents" / f"instruct.{ftype}.gguf"
+    parent_file = state.work / "parents" / quant_file_name("instruct", ftype)
     parent_key = stage_key(
         "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
     )
@@ -237,7 +239,7 @@ def _build(
         if state.finished(f"quantize {q}", quant_keys[q]) is None:
             todo[quant_files[q].name] = q
     if auto is not None:  # the ladder holds one quantized file at a time, at most the largest that may fit
-        todo[f"{recipe.name}.<type>.gguf (the quant ladder, one type at a time)"] = fits[-1]
+        todo[f"{quant_file_name(recipe.name, '<type>')} (the quant ladder, one type at a time)"] = fits[-1]
     if options.compare_parents and state.finished("export instruct", parent_key) is None:
         todo["instruct (for --compare-parents)"] = ftype
     plan = plan_space(out, report.n_params, todo)
@@ -357,7 +359,7 @@ def _build(
         sweep=options.sweep,
         ladder=ladder,
     )
-    computed_on = merged.name if imx.source == "float" else f"{recipe.name}.{SOURCE_QUANT}.gguf"
+    computed_on = merged.name if imx.source == "float" else quant_file_name(recipe.name, SOURCE_QUANT)
     result.calibration = calibration_info(
         imx, computed_on if imx.computes else None, [quant_files[q].name for q in imx.users]
     )

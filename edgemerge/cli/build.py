@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,12 +16,12 @@ from ..build.ladder import COLUMNS as LADDER_COLUMNS
 from ..build.ladder import Budget, row_cells
 from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
-from ..limits import MAX_THREADS, check_count, parse_size, shown
+from ..limits import MAX_THREADS, check_count, parse_size
 from ..package import LADDER_PLOT
 from ..package.info import modelfile_gguf
 from ..progress import make_progress
 from ..sweep import build_auto
-from .common import app, console, err_console, print_json
+from .common import app, console, err_console, examples, listed, numbers, print_json
 
 DEMO_WARNING = (
     "[bold]Offline demo.[/bold] edgemerge generates a tiny model family itself (base, instruct and a language "
@@ -30,33 +31,9 @@ DEMO_WARNING = (
 )
 
 
-def _csv(value: str | None, flag: str) -> list[str] | None:
-    """The items of a comma-separated flag, None when it is not given; given with no item (`--quant ""`) it is
-    refused rather than read as "not given" (the recipe's value would be used silently)."""
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise EdgemergeError(f"{flag}: got {shown(value)}, no value; give at least one or leave the flag out")
-    return items
-
-
-def numbers(value: str | None, flag: str) -> list[float] | None:
-    """The numbers of a comma-separated flag (`_csv`), None when it is not given."""
-    items = _csv(value, flag)
-    if items is None:
-        return None
-    try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise EdgemergeError(
-            f"{flag}: {shown(value)} is not a number or a comma-separated list of numbers, e.g. 0.5,1.0"
-        ) from None
-
-
-def quant_budget(quant: str | None, max_size: str | None, max_ram: str | None) -> Budget | None:
+def quant_budget(quant: list[str] | None, max_size: str | None, max_ram: str | None) -> Budget | None:
     """--quant auto's budget (None without auto); a size flag without auto, or a malformed size, is refused."""
-    if quant is None or quant.strip().lower() != "auto":
+    if listed(quant, "--quant") != ["auto"]:
         given = [flag for flag, v in (("--max-size", max_size), ("--max-ram", max_ram)) if v is not None]
         if given:
             raise EdgemergeError(
@@ -69,39 +46,47 @@ def quant_budget(quant: str | None, max_size: str | None, max_ram: str | None) -
     )
 
 
-def _weights(value: str | None) -> list[float] | None:
-    if value is not None and value.strip().lower() == "auto":
+def _weights(values: list[str] | None) -> list[float] | None:
+    if values and ",".join(values).strip().lower() == "auto":
         return None  # build --weight auto: the sweep chooses
-    return numbers(value, "--weight")
+    return numbers(values, "--weight")
 
 
-def _o(*flags: str, help: str):
-    return typer.Option(*flags, help=help)
+def _o(*flags: str, help: str, metavar: str | None = None):
+    return typer.Option(*flags, help=help, metavar=metavar)
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  edgemerge build --lang eu --demo   (offline, a tiny generated family)\n\n"
-    "  edgemerge build --recipe my.yaml --quant Q4_K_M,Q8_0\n\n"
-    "  edgemerge build --recipe my.yaml --quant auto --max-size 5GB   (the smallest type that keeps the language)\n\n"
-    "  edgemerge build --recipe my.yaml --weight auto --quant auto --max-ram 8GB"
+    epilog=examples(
+        "edgemerge build --demo  # offline, a tiny generated model family",
+        "edgemerge build --lang eu  # the bundled recipe qwen3-8b-eu",
+        "edgemerge build --recipe my-eu.yaml -q Q4_K_M,Q5_K_M -q Q8_0 -o dist/mine",
+        "edgemerge build --lang eu --weight auto  # sweep the weight first",
+        "edgemerge build --lang eu --quant auto --max-size 5GB  # measured choice",
+        "edgemerge build --lang eu --json > summary.json",
+    )
 )
 def build(
     lang: Annotated[
-        str | None,
+        list[str] | None,
         _o(
             "--lang",
-            help="Target language: eu (its bundled recipe), or eu,ca,gl,es for the multilingual one.",
+            "-l",
+            help="Target language(s): eu picks its bundled recipe (edgemerge recipes lists them); several "
+            "(eu,ca,gl,es) pick the multilingual one.",
+            metavar="CODE[,CODE...]",
         ),
     ] = None,
     recipe: Annotated[str | None, _o("--recipe", help="A recipe YAML file or bundled recipe name.")] = None,
     quant: Annotated[
-        str | None,
+        list[str] | None,
         _o(
             "--quant",
-            help="Quantizations, comma-separated (default: the recipe's), e.g. Q4_K_M,Q8_0; auto: the smallest "
-            "type of the recipe's quant ladder within --max-size/--max-ram whose drift from F16 on held-out "
-            "target-language text passes the recipe's quant_auto gate.",
+            "-q",
+            help="llama.cpp types to quantize to (default: the recipe's), e.g. Q4_K_M,Q8_0 or -q Q4_K_M -q Q8_0; "
+            "auto: the smallest type of the recipe's quant ladder within --max-size/--max-ram whose drift from "
+            "F16 on held-out target-language text passes the recipe's quant_auto gate.",
+            metavar="TYPE[,TYPE...]|auto",
         ),
     ] = None,
     max_size: Annotated[
@@ -109,6 +94,7 @@ def build(
         _o(
             "--max-size",
             help="With --quant auto: the largest file to ship, e.g. 5GB (10^9 bytes), 4.5GiB, 800MB.",
+            metavar="SIZE",
         ),
     ] = None,
     max_ram: Annotated[
@@ -117,15 +103,17 @@ def build(
             "--max-ram",
             help="With --quant auto: the memory the file may need to run one 4096-token chat (weights, KV cache, "
             "buffers), e.g. 8GB.",
+            metavar="SIZE",
         ),
     ] = None,
-    out: Annotated[Path | None, _o("--out", help="Output folder (default dist/<recipe name>).")] = None,
+    out: Annotated[Path | None, _o("--out", "-o", help="Output folder (default dist/<recipe name>).")] = None,
     weight: Annotated[
-        str | None,
+        list[str] | None,
         _o(
             "--weight",
             help="Language weight(s): one for all, or one per language in recipe order; auto: sweep the recipe's "
             "grid first and build the candidate its rule chooses (edgemerge sweep --help).",
+            metavar="W[,W...]|auto",
         ),
     ] = None,
     method: Annotated[
@@ -168,21 +156,22 @@ def build(
         bool, _o("--skip-chat-eval", help="Evaluate perplexity and drift only, no chat answers.")
     ] = False,
     threads: Annotated[
-        int | None, _o("--threads", help="CPU threads for llama.cpp (default: the cores idle now).")
+        int | None, _o("--threads", "-t", help="CPU threads for llama.cpp (default: the cores idle now).")
     ] = None,
     json_out: Annotated[bool, _o("--json", help="Print the build summary as JSON on stdout.")] = False,
 ) -> None:
     """Build a tested, shippable offline assistant: merge, GGUF, quantize, evaluate, package.
 
     Stages are cached: rerun the same command after an interruption and it resumes where it stopped.
+    The files are named as on the hub: NAME-F16.gguf, NAME-Q4_K_M.gguf.
     """
 
     check_count("--threads", threads, 1, MAX_THREADS)
-    codes = _csv(lang, "--lang")
+    codes = listed(lang, "--lang")
     budget = quant_budget(quant, max_size, max_ram)
     options = BuildOptions(
         out=out,
-        quants=None if budget is not None else _csv(quant, "--quant"),
+        quants=None if budget is not None else listed(quant, "--quant"),
         quant_auto=budget,
         weights=_weights(weight),
         method=method,
@@ -203,10 +192,20 @@ def build(
         options, lang=eval_lang is not None
     )  # a typo fails before the demo family is trained or a model downloaded
     progress = make_progress(err_console)
+    family_seconds = 0.0
     if demo and recipe is None:
-        err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        if err_console.is_terminal:
+            err_console.print(Panel(DEMO_WARNING, border_style="yellow"))
+        else:  # a panel is as wide as the console: in a log, one plain paragraph
+            err_console.print(DEMO_WARNING, soft_wrap=True)
+        start = time.perf_counter()
         with progress:  # the demo family is trained on first use: show it
             r = choose_recipe(codes, recipe, demo=demo, progress=progress)
+        family_seconds = time.perf_counter() - start
+        err_console.print(
+            f"[green]✓ demo family[/green] {family_seconds:.1f} s ({r.root}: generated once, then reused)",
+            highlight=False,
+        )
     else:
         r = choose_recipe(codes, recipe, demo=demo)
 
@@ -225,7 +224,7 @@ def build(
             progress.console.print("memory plan: " + "\n  ".join(lines), highlight=False)
 
     with progress:
-        if weight is not None and weight.strip().lower() == "auto":
+        if weight and options.weights is None:  # --weight auto
             swept, result = build_auto(r, options, progress=progress, on_stage=on_stage, on_plan=on_plan)
             progress.console.print(
                 f"sweep: {swept.choice.reason} (every score: {swept.out})", highlight=False
@@ -236,7 +235,7 @@ def build(
     if json_out:
         print_json(result.to_dict())
     else:
-        _print_summary(result)
+        _print_summary(result, family_seconds)
     for w in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     if result.demo:
@@ -254,7 +253,7 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, family_seconds: float = 0.0) -> None:
     stages = Table(title="stages")
     stages.add_column("stage")
     stages.add_column("time", justify="right")
@@ -290,7 +289,7 @@ def _print_summary(result) -> None:
         console.print(f"[red]gate failed[/red] {f}: " + "; ".join(failed), highlight=False)
     console.print(
         f"[bold]{result.out}[/bold] is ready: model card README.md, Modelfile, eval.json, manifest.json. "
-        f"Built in {result.seconds:.0f} s. Next:",
+        f"Built in {result.seconds:.0f} s{_before(family_seconds)}. Next:",
         highlight=False,
     )
     for line in next_steps(result):
@@ -308,6 +307,11 @@ def _print_ladder(ladder) -> None:
         table.add_row(*cells, style="bold" if r.quant == ladder.choice.chosen else None)
     console.print(table)
     console.print(f"quant: {ladder.choice.reason} (plot: {LADDER_PLOT} in the folder)", highlight=False)
+
+
+def _before(family_seconds: float) -> str:
+    """The demo family's generation, which happens before the build and is not in its time."""
+    return f", after {family_seconds:.0f} s generating the demo family" if family_seconds >= 1 else ""
 
 
 def next_steps(result) -> list[str]:

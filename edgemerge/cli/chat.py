@@ -13,9 +13,11 @@ from ..evaluate.prompts import language_info
 from ..gguf.inspect import kv as gguf_kv
 from ..limits import MAX_THREADS, check_count
 from ..runtime import Generation, Model, check_gguf
-from .common import app, err_console
+from ..sampling import CHAT_CTX, Sampling
+from .common import MODEL_OPTION, app, err_console, examples, the_model
 
 MIN_CHAT_CTX = 64
+DEFAULTS = Sampling()
 HELP_LINE = "/clear starts a new conversation, /bye (or Ctrl-D) quits, /? lists the commands."
 # Ollama's in-chat commands, with edgemerge's earlier names kept as aliases
 COMMANDS = {
@@ -34,11 +36,22 @@ HELP_TEXT = (
 )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu-Q4_K_M.gguf",
+        "edgemerge chat -m model.gguf -l eu -c 8192 -t 4",
+        'edgemerge chat model.gguf --system "Erantzun beti euskaraz eta laburki."',
+    )
+)
 def chat(
-    model: Annotated[
-        Path, typer.Argument(help="The GGUF file to chat with (it must carry a chat template).")
-    ],
+    model_arg: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The GGUF file to chat with (it must carry a chat template).",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ] = None,
     lang: Annotated[
         str | None,
         typer.Option(
@@ -51,30 +64,45 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", help="A system prompt of your own.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Token limit per answer.")] = 512,
     ctx: Annotated[
-        int, typer.Option("--ctx", help="Context size in tokens (older turns are dropped to fit).")
-    ] = 4096,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp.")] = None,
+        int, typer.Option("--ctx", "-c", help="Context size in tokens (older turns are dropped to fit).")
+    ] = CHAT_CTX,
+    temp: Annotated[
+        float,
+        typer.Option("--temp", help="Temperature; 0 is greedy (the most likely token, as eval decodes)."),
+    ] = DEFAULTS.temperature,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")
+    ] = DEFAULTS.top_k,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Keep the most likely tokens up to this probability (1: off).")
+    ] = DEFAULTS.top_p,
+    min_p: Annotated[
+        float,
+        typer.Option("--min-p", help="Drop tokens below this share of the top one's probability (0: off)."),
+    ] = DEFAULTS.min_p,
+    seed: Annotated[
+        int, typer.Option("--seed", "-s", help="Random seed for sampling (-1: a new one each run).")
+    ] = -1,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads for llama.cpp.")] = None,
+    model_opt: Annotated[Path | None, MODEL_OPTION] = None,
 ) -> None:
-    """Chat with a GGUF in the terminal: greedy decoding, tokens streamed as they come.
+    """Chat with a GGUF in the terminal through llama.cpp, tokens streamed as they come.
+
+    Sampling as llama-cli's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), which the Modelfile of
+    a build also gives Ollama; --temp 0 is greedy.
 
     Type a message and press Enter. /clear starts a new conversation, /bye or Ctrl-D quits, /? lists the
     commands (Ollama's). Without --lang or --system, the system prompt is that of the GGUF's language
     (general.languages, as edgemerge writes it) when edgemerge has one for it.
-
-    Examples:
-
-      edgemerge chat dist/qwen3-8b-eu/qwen3-8b-eu.Q4_K_M.gguf
-
-      edgemerge chat model.gguf --lang eu --ctx 8192
-
-      edgemerge chat model.gguf --system "Erantzun beti euskaraz eta laburki."
     """
+    model = the_model(model_arg, model_opt, "chat")
 
     check_count(
         "--ctx", ctx, MIN_CHAT_CTX, 1 << 24, ": a chat turn needs room for the template and an answer"
     )
     check_count("--max-tokens", max_tokens, 1, ctx - 1, " (the answer must fit the context with a prompt)")
     check_count("--threads", threads, 1, MAX_THREADS)
+    sampling = Sampling(temp, top_k, top_p, min_p, None if seed == -1 else seed)
     check_gguf(model)
     m = Model(model, n_ctx=ctx, n_threads=threads)
     try:
@@ -87,8 +115,11 @@ def chat(
             )
         m.check_chat_template()  # a template that cannot render fails before the prompt, in one line
         name = m.metadata.get("general.name") or model.name
-        err_console.print(f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {HELP_LINE}", highlight=False)
-        _loop(m, system, max_tokens)
+        err_console.print(
+            f"[bold]{name}[/bold] · context {m.n_ctx} tokens · {_describe(sampling)} · {HELP_LINE}",
+            highlight=False,
+        )
+        _loop(m, system, max_tokens, sampling)
     finally:
         m.close()
 
@@ -107,7 +138,14 @@ def gguf_language(metadata: dict) -> str | None:
     return langs[0]
 
 
-def _loop(m, system: str | None, max_tokens: int) -> None:
+def _describe(s: Sampling) -> str:
+    if s.greedy:
+        return "greedy"
+    seed = "" if s.seed is None else f", seed {s.seed}"
+    return f"temp {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, min-p {s.min_p:g}{seed}"
+
+
+def _loop(m, system: str | None, max_tokens: int, sampling: Sampling) -> None:
 
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
@@ -143,7 +181,7 @@ def _loop(m, system: str | None, max_tokens: int) -> None:
             err_console.print("[red]that message does not fit the context; try a shorter one or --ctx[/red]")
             continue
         result = None
-        for piece in m.stream(tokens, max_tokens):
+        for piece in m.stream(tokens, max_tokens, sampling):
             if isinstance(piece, Generation):
                 result = piece
             else:

@@ -18,7 +18,7 @@ from ..files import atomic_output, output_lock, prepare_output
 from ..limits import MAX_THREADS, check_count, shown_path
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
-from .common import app, console, err_console, print_json
+from .common import MODEL_OPTION, app, console, err_console, examples, print_json, the_model
 
 # gate field -> its flag (for messages about a bad threshold)
 GATE_FLAGS = {
@@ -45,14 +45,14 @@ def check_eval_numbers(
     check_count("--threads", threads, 1, MAX_THREADS)
 
 
-def _report_paths(json_out: Path | None, markdown: Path | None, inputs: list[Path | None]) -> list[Path]:
-    """The report files to write (not '-'), checked before the evaluation runs: a report replaces a file,
-    never a folder and never an input of the evaluation."""
-    reports = [p for p in (json_out, markdown) if p is not None and str(p) != "-"]
+def _report_paths(report: Path | None, markdown: Path | None, inputs: list[Path | None]) -> list[Path]:
+    """The report files to write, checked before the evaluation runs: a report replaces a file, never a folder
+    and never an input of the evaluation."""
+    reports = [p for p in (report, markdown) if p is not None]
     for p in reports:
         prepare_output(p, force=True, inputs=inputs, replace_dir=False)
     if len(reports) == 2 and Path(reports[0]).absolute() == Path(reports[1]).absolute():
-        raise EdgemergeError(f"--json and --markdown both name {shown_path(reports[0])}; give two files")
+        raise EdgemergeError(f"--report and --markdown both name {shown_path(reports[0])}; give two files")
     return reports
 
 
@@ -76,12 +76,24 @@ def _opt(flag: str, help: str):
     return typer.Option(flag, help=help, rich_help_panel="Gates (exit code 3 when one fails)")
 
 
-@app.command("eval")
+@app.command(
+    "eval",
+    epilog=examples(
+        "edgemerge eval dist/m/m-Q4_K_M.gguf --lang eu --ref dist/m/m-F16.gguf",
+        "edgemerge eval m-Q4_K_M.gguf -l eu --quick --json > eval.json",
+        "edgemerge eval m-Q4_K_M.gguf -l eu -o eval.json --markdown eval.md",
+        "edgemerge eval m-F16.gguf -l eu --save-logits m-F16.logits  # once",
+        "edgemerge eval m-Q4_K_M.gguf -l eu --ref-logits m-F16.logits  # per quant",
+    ),
+)
 def eval_(
-    model: Annotated[Path, typer.Argument(help="The GGUF file to evaluate.")],
+    model_arg: Annotated[
+        Path | None, typer.Argument(help="The GGUF file to evaluate.", metavar="MODEL", show_default=False)
+    ] = None,
     lang: Annotated[
-        str, typer.Option("--lang", "-l", help="Target language (ISO 639-1): eu, ca, gl, es, en.")
-    ],
+        str | None, typer.Option("--lang", "-l", help="Target language (ISO 639-1): eu, ca, gl, es, en.")
+    ] = None,
+    model_opt: Annotated[Path | None, MODEL_OPTION] = None,
     ref: Annotated[
         Path | None,
         typer.Option(
@@ -116,8 +128,13 @@ def eval_(
         int | None, typer.Option("--mc-limit", help="Score only the first N questions.")
     ] = None,
     json_out: Annotated[
+        bool, typer.Option("--json", help="Print the full report (with every answer) as JSON on stdout.")
+    ] = False,
+    report_file: Annotated[
         Path | None,
-        typer.Option("--json", help="Write the full report (with every answer) as JSON ('-': stdout)."),
+        typer.Option(
+            "--report", "-o", help="Also write the full report as JSON to this file.", metavar="FILE"
+        ),
     ] = None,
     markdown: Annotated[
         Path | None,
@@ -133,13 +150,14 @@ def eval_(
         int | None, typer.Option("--max-tokens", help="Token limit per answer (default 256).")
     ] = None,
     ctx: Annotated[
-        int | None, typer.Option("--ctx", help="Perplexity chunk size in tokens (default 256).")
+        int | None, typer.Option("--ctx", "-c", help="Perplexity chunk size in tokens (default 256).")
     ] = None,
     system: Annotated[
         bool, typer.Option("--system", help="Send the language's default system prompt with each prompt.")
     ] = False,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: the idle cores).")
+        int | None,
+        typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the idle cores)."),
     ] = None,
     batch: Annotated[
         int | None, typer.Option("--batch", help="Answers decoded in parallel (default 16).")
@@ -169,15 +187,11 @@ def eval_(
     quantization drift against a reference (--ref: KL divergence, top-1 agreement, perplexity ratio).
     A GGUF without a chat template (a base model) gets n/a for the chat metrics. One model is in memory at a time:
     with --ref, the reference runs first and its log-probabilities are kept in a temporary file.
-
-    Examples:
-
-      edgemerge eval dist/m/m.Q4_K_M.gguf --lang eu --ref dist/m/m.F16.gguf
-
-      edgemerge eval m.F16.gguf --lang eu --save-logits m.F16.logits   # once
-      edgemerge eval m.Q4_K_M.gguf --lang eu --ref-logits m.F16.logits  # per quant
     """
 
+    model = the_model(model_arg, model_opt, "eval")
+    if lang is None:
+        raise EdgemergeError("give the target language: --lang eu (ISO 639-1: eu, ca, gl, es, en)")
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
     check_count("--batch", batch, 1, MAX_BATCH, " (answers decoded in parallel)")
     gates_recipe = load_recipe(recipe) if recipe else None
@@ -194,7 +208,7 @@ def eval_(
     gates = gates_with(gates, overrides, GATE_FLAGS)
     sys_prompt = language_info(lang)["system"] if system else None
     inputs = [model, ref, ref_logits, text, mc, gates_recipe.file if gates_recipe else None]
-    reports = _report_paths(json_out, markdown, inputs)
+    reports = _report_paths(report_file, markdown, inputs)
     if save_logits is not None:
         prepare_output(save_logits, force=True, inputs=inputs + reports, replace_dir=False)
 
@@ -230,7 +244,7 @@ def eval_(
         for r in results
     ]
 
-    if json_out is not None and str(json_out) == "-":
+    if json_out:
         print_json(data)
     else:
         out = console
@@ -257,9 +271,9 @@ def eval_(
                 verdict = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]skipped[/dim]"}
                 gt.add_row(r.describe(), verdict[r.passed])
             out.print(gt)
-        if json_out is not None:
-            _write_report(json_out, json.dumps(data, indent=2, ensure_ascii=False) + "\n", inputs)
-            err_console.print(f"report written to {shown_path(json_out)}", highlight=False)
+    if report_file is not None:
+        _write_report(report_file, json.dumps(data, indent=2, ensure_ascii=False) + "\n", inputs)
+        err_console.print(f"report written to {shown_path(report_file)}", highlight=False)
     if markdown is not None:
         _write_report(markdown, report.to_markdown(), inputs)
 

@@ -13,10 +13,16 @@ from ..files import human_bytes
 from ..gguf.arch import supported_names
 from ..gguf.inspect import read_gguf
 from ..pipeline import export_hf
-from .common import app, console, live_progress, print_json
+from .common import app, console, examples, live_progress, print_json
 
 
-@app.command(epilog=f"Architectures: {supported_names()}.")
+@app.command(
+    epilog=examples(
+        "edgemerge export ./my-model -o my-model-F16.gguf",
+        "edgemerge export ./my-model -o my-model-BF16.gguf --outtype bf16",
+    )
+    + f"\n\nArchitectures: {supported_names()}."
+)
 def export(
     hf_dir: Annotated[
         Path, typer.Argument(help="Hugging Face model folder (config.json, safetensors, tokenizer).")

@@ -9,26 +9,48 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from ..errors import EdgemergeError
 from ..imatrix.collect import DEFAULT_BATCH, DEFAULT_CHUNK, ImatrixOptions
 from ..imatrix.make import make_imatrix
 from ..imatrix.text import bundled_languages
-from .common import app, console, err_console, live_progress, print_json
+from .common import (
+    MODEL_OPTION,
+    app,
+    console,
+    err_console,
+    examples,
+    listed,
+    live_progress,
+    print_json,
+    the_model,
+)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge imatrix model-F16.gguf --lang eu  # writes model-F16.imatrix.gguf",
+        "edgemerge imatrix m-F16.gguf -l eu --mix en --chunks 200 -o eu-en.imatrix.gguf",
+        "edgemerge quantize model-F16.gguf -q IQ3_M --imatrix model-F16.imatrix.gguf",
+    )
+)
 def imatrix(
-    model: Annotated[
-        Path, typer.Argument(help="GGUF to calibrate (F16/BF16/F32, or Q8_0 when F16 does not fit).")
-    ],
+    model_arg: Annotated[
+        Path | None,
+        typer.Argument(
+            help="GGUF to calibrate (F16/BF16/F32, or Q8_0 when F16 does not fit).",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ] = None,
     lang: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--lang",
             "-l",
             help=f"Target language; its bundled text is used unless --text is given "
             f"(bundled: {', '.join(bundled_languages())}).",
         ),
-    ],
+    ] = None,
     text: Annotated[
         list[Path] | None,
         typer.Option("--text", "-f", help="Your own calibration text in --lang, UTF-8 (repeatable)."),
@@ -36,7 +58,9 @@ def imatrix(
     mix: Annotated[
         list[str] | None,
         typer.Option(
-            "--mix", help="Also calibrate on the bundled text of this language, e.g. en (repeatable)."
+            "--mix",
+            help="Also calibrate on the bundled text of these languages, e.g. en (comma-separated or repeated).",
+            metavar="CODE[,CODE...]",
         ),
     ] = None,
     out: Annotated[
@@ -58,20 +82,20 @@ def imatrix(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    model_opt: Annotated[Path | None, MODEL_OPTION] = None,
 ) -> None:
     """Compute an importance matrix with llama.cpp's engine on text in the target language.
 
     Writes the GGUF imatrix format of llama-imatrix (its llama-quantize --imatrix reads it, and so does
     edgemerge quantize --imatrix). Chunks of --chunk-size tokens, each from an empty context, as llama-imatrix.
-
-    Examples:
-
-      edgemerge imatrix model-F16.gguf --lang eu
-
-      edgemerge imatrix model-F16.gguf --lang eu --mix en --chunks 200 -o eu-en.imatrix.gguf
-
-      edgemerge quantize model-F16.gguf -q IQ3_M --imatrix model-F16.imatrix.gguf
     """
+    model = the_model(model_arg, model_opt, "imatrix")
+    if lang is None:
+        raise EdgemergeError(
+            f"give the text's language: --lang eu (bundled text: {', '.join(bundled_languages())}; "
+            "or --text FILE in that language)"
+        )
+    mix = listed(mix, "--mix")
     out = out or model.with_name(f"{model.stem}.imatrix.gguf")
     options = ImatrixOptions(
         chunk_size=chunk_size, chunks=chunks, batch=batch, output=process_output, threads=threads

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import EdgemergeError
 from ..evaluate.langid import COMMON_LANGUAGES, detect
-from .common import app
+from .common import app, examples, listed
 
 # a text's language shows in its first megabyte: the rest of a longer line is read past, never held
 MAX_LINE_BYTES = 1 << 20
@@ -41,16 +41,24 @@ def _lines(stream: BinaryIO, name: str) -> Iterator[str]:
         yield text.removesuffix("\n")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge langid corpus.txt | sort | uniq -c",
+        "edgemerge langid corpus.txt --only eu,es,en --scores",
+        "cat answers.txt | edgemerge langid -",
+    )
+)
 def langid(
     file: Annotated[
         Path, typer.Argument(help="UTF-8 text file, one text per line ('-' reads standard input).")
     ],
     scores: Annotated[bool, typer.Option("--scores", help="Follow each code with its probability.")] = False,
     only: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            "--only", help="Comma-separated ISO 639-1 codes to choose from (default: 29 common languages)."
+            "--only",
+            help="ISO 639-1 codes to choose from, comma-separated or repeated (default: 29 common languages).",
+            metavar="CODE[,CODE...]",
         ),
     ] = None,
     all_languages: Annotated[
@@ -64,11 +72,8 @@ def langid(
 
     if str(file) != "-" and not file.is_file():
         raise EdgemergeError(f"{file} not found; give a UTF-8 text file, one text per line")
-    candidates = (
-        None
-        if all_languages
-        else (tuple(c.strip() for c in only.split(",") if c.strip()) if only else COMMON_LANGUAGES)
-    )
+    chosen = listed(only, "--only")
+    candidates = None if all_languages else (tuple(chosen) if chosen else COMMON_LANGUAGES)
     out = sys.stdout
     with open(file, "rb") if str(file) != "-" else contextlib.nullcontext(sys.stdin.buffer) as stream:
         name = "standard input" if str(file) == "-" else str(file)

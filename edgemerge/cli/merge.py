@@ -17,7 +17,7 @@ from ..merge.methods import get_method
 from ..pipeline import merge_to_gguf, merge_to_hf
 from ..recipe import load_recipe
 from ..sources import local_inputs, resolve_recipe
-from .common import app, console, live_progress, print_json
+from .common import app, console, examples, live_progress, print_json
 
 RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. qwen3-8b-eu)."
 
@@ -25,7 +25,13 @@ RECIPE_HELP = "Recipe YAML file, or the name of a bundled recipe (e.g. qwen3-8b-
 BACKEND_HELP = "Array backend: auto (MLX on Apple silicon if installed, else torch), torch or mlx."
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge merge my-recipe.yaml -o merged/  # a Hugging Face folder",
+        "edgemerge merge my-recipe.yaml --gguf merged-F16.gguf  # one GGUF file",
+        "edgemerge recipes copy qwen3-8b-eu my-recipe.yaml  # a recipe to start from",
+    )
+)
 def merge(
     recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     out: Annotated[
@@ -95,7 +101,7 @@ def merge(
     console.print(table)
 
 
-@app.command()
+@app.command(epilog=examples("edgemerge check my-recipe.yaml", "edgemerge check qwen3-8b-eu --json"))
 def check(
     recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,

@@ -16,35 +16,41 @@ from ..recipe import load_recipe
 from ..sweep import SWEEP_MD, SweepOptions
 from ..sweep import sweep as run_sweep
 from ..sweep.run import COLUMNS, row_cells
-from .build import _csv, numbers
-from .common import app, console, err_console, print_json
+from .common import app, console, err_console, examples, listed, numbers, print_json
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  edgemerge sweep my-recipe.yaml\n\n"
-    "  edgemerge sweep my-recipe.yaml --weights 0.25,0.5,0.75,1.0 --methods task_arithmetic --fast\n\n"
-    "  edgemerge build --recipe my-recipe.yaml --weight auto   (sweep, then build the chosen one)"
+    epilog=examples(
+        "edgemerge sweep my-recipe.yaml",
+        "edgemerge sweep my-recipe.yaml --weights 0.25,0.5,1.0 --methods linear --fast",
+        "edgemerge build --recipe my-recipe.yaml --weight auto  # sweep, then build",
+    )
 )
 def sweep(
     recipe: Annotated[
         str, typer.Argument(help="A recipe YAML file or bundled recipe name.", metavar="RECIPE")
     ],
     weights: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--weights",
             help="Language weights to try, e.g. 0.25,0.5,0.75,1.0,1.25 (default: the recipe's sweep block).",
+            metavar="W[,W...]",
         ),
     ] = None,
     methods: Annotated[
-        str | None, typer.Option("--methods", help="Merge methods to try, e.g. task_arithmetic,linear.")
+        list[str] | None,
+        typer.Option(
+            "--methods",
+            help="Merge methods to try, e.g. task_arithmetic,linear.",
+            metavar="METHOD[,METHOD...]",
+        ),
     ] = None,
     lang: Annotated[
-        str | None, typer.Option("--lang", help="Target language (default: the recipe's first).")
+        str | None, typer.Option("--lang", "-l", help="Target language (default: the recipe's first).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Sweep folder (default dist/<recipe name>-sweep).")
+        Path | None, typer.Option("--out", "-o", help="Sweep folder (default dist/<recipe name>-sweep).")
     ] = None,
     eval_quant: Annotated[
         str, typer.Option("--eval-quant", help="Type each candidate is scored as.")
@@ -63,7 +69,8 @@ def sweep(
         str, typer.Option("--executor", help="Where candidates run: local (one after another).")
     ] = "local",
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads for llama.cpp (default: the cores idle now).")
+        int | None,
+        typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: the cores idle now)."),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Redo every candidate (default: reuse the scored ones).")
@@ -80,7 +87,7 @@ def sweep(
     options = SweepOptions(
         out=out,
         weights=numbers(weights, "--weights"),
-        methods=_csv(methods, "--methods"),
+        methods=listed(methods, "--methods"),
         lang=lang,
         eval_quant=eval_quant,
         fast=fast,

@@ -3,7 +3,8 @@
 The reading, read-ahead and writing threads are the tensor layer's (`tensors.stream`); this module adds the
 arithmetic: per piece (cache-sized row blocks, one core with torch), the method's formula over the inputs.
 Sparsifying methods first walk the blocks to fix their thresholds (see
-methods.plan_sparsifier; DARE holds its keep-mask for the tensor, 1 byte per element). Every merged block is
+methods.plan_sparsifier; DARE and DELLA hold their keep-mask for the tensor, 1 byte per element), slerp to sum
+the norms its angle needs. Every merged block is
 checked for NaN/Inf and rounded once to the recipe's dtype before the sink sees it, so every sink receives
 the same values.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..check import CompatReport, check_compat
+from ..check import CompatReport, check_compat, layer_of
 from ..errors import EdgemergeError
 from ..progress import Progress, task
 from ..recipe import Recipe
@@ -25,6 +26,8 @@ from ..tensors.spec import ModelTensors, TensorSpec
 from ..tensors.stream import Prefetch, Readers, TensorOut, pieces, streaming
 from .backends import Array, get_backend
 from .methods import get_method
+
+POSITION_OUTSIDE = 0.0  # mergekit 0.1.x reads the schedules of embeddings, final norm and head at t = 0
 
 
 @dataclass
@@ -49,8 +52,14 @@ class _Inputs:
     """`TensorInputs` for one tensor: index 0 instruct, 1 base, 2.. the languages, from the read-ahead when it
     has them, else read when asked for."""
 
-    def __init__(self, name, shape, weights, pieces, readers: Readers, prefetch: Prefetch, xp):
-        self.name, self.shape, self.weights, self.pieces = name, shape, weights, pieces
+    def __init__(self, name, shape, weights, pieces, position, readers: Readers, prefetch: Prefetch, xp):
+        self.name, self.shape, self.weights, self.pieces, self.position = (
+            name,
+            shape,
+            weights,
+            pieces,
+            position,
+        )
         self._readers, self._prefetch, self._xp = readers, prefetch, xp
 
     def _get(self, i: int, rows: slice | None) -> Array:
@@ -67,6 +76,16 @@ class _Inputs:
 
     def language(self, i: int, rows: slice | None = None) -> Array:
         return self._get(2 + i, rows)
+
+
+def depth(name: str, n_layers: int) -> float:
+    """Where a tensor sits for a per-layer schedule, as mergekit plans a merge of whole models: layer i of n at
+    i / (n - 1) (1 when there is one layer), the tensors outside the layers (embeddings, final norm, head) at
+    POSITION_OUTSIDE."""
+    i = layer_of(name)
+    if i is None:
+        return POSITION_OUTSIDE
+    return min(1.0, i / (n_layers - 1)) if n_layers > 1 else 1.0
 
 
 def _non_finite_error(name: str, arrays: dict[int, np.ndarray], models: list[ModelTensors]) -> EdgemergeError:
@@ -98,13 +117,14 @@ def merge_into(
     specs = [TensorSpec(s.name, s.shape, recipe.dtype) for s in report.specs]
     by_name = {s.name: s for s in specs}
     weights = [lang.weight for lang in recipe.languages]
+    n_layers = 1 + max((i for s in specs if (i := layer_of(s.name)) is not None), default=0)
     indices = [0] + ([1] if method.uses_base else []) + [2 + i for i in range(len(weights))]
     stats = MergeStats(method=method.name, backend=xp.name, dtype=recipe.dtype, options=opts)
     start = time.perf_counter()
     total = sum(s.nbytes for s in specs)
-    # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers walk a
-    # tensor several times, so only tensors of one piece are
-    pipeline = streaming(sink, specs, report.models, indices, read_all_ahead=method.sparsify is None)
+    # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers (and slerp)
+    # walk a tensor several times, so only tensors of one piece are
+    pipeline = streaming(sink, specs, report.models, indices, read_all_ahead=method.single_pass)
     with (
         pipeline as (writer, order, readers, prefetch),
         task(progress, f"merge ({method.name}, {xp.name})", total) as advance,
@@ -112,7 +132,7 @@ def merge_into(
         for name in order:
             spec = by_name[name]
             parts = pieces(spec, True)
-            t = _Inputs(name, spec.shape, weights, parts, readers, prefetch, xp)
+            t = _Inputs(name, spec.shape, weights, parts, depth(name, n_layers), readers, prefetch, xp)
             out = TensorOut(writer, spec, parts)
             for rows, merged in method.merge(xp, t, opts):
                 if not xp.all_finite(merged):

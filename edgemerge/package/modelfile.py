@@ -12,6 +12,7 @@ from typing import Any
 from ..chat_format import ChatFormat, derive_chat_format
 from ..errors import EdgemergeError
 from ..gguf.inspect import kv
+from ..sampling import Sampling
 
 MODELFILE = "Modelfile"
 
@@ -62,7 +63,8 @@ def modelfile(gguf_name: str, info: ChatInfo, system: str | None) -> tuple[str, 
     """The Ollama Modelfile text, and a warning when the chat template has no Ollama equivalent.
 
     TEMPLATE renders what the GGUF's chat template renders for any conversation ending with a user turn
-    (checked by re-rendering, see chat_format); one `PARAMETER stop` per EOS/EOT token.
+    (checked by re-rendering, see chat_format); one `PARAMETER stop` per EOS/EOT token; the sampling and
+    context of `edgemerge chat` (llama.cpp's defaults, not Ollama's: see edgemerge.sampling).
     """
     lines = [f"FROM ./{gguf_name}", ""]
     warning = None
@@ -86,6 +88,7 @@ def modelfile(gguf_name: str, info: ChatInfo, system: str | None) -> tuple[str, 
             raise EdgemergeError('the system prompt cannot contain """ (Ollama Modelfile quoting)')
         lines += [f'SYSTEM """{system}"""', ""]
     lines += [f"PARAMETER stop {_quote(s)}" for s in info.stops]
+    lines += [f"PARAMETER {key} {value}" for key, value in Sampling().modelfile_parameters()]
     return "\n".join(lines) + "\n", warning
 
 

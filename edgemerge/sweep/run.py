@@ -42,7 +42,7 @@ from ..merge.backends import resolve_backend_name
 from ..package.plots import sweep_plot
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
-from ..quantize import check_quant, quantize
+from ..quantize import check_quant, quant_file_name, quantize
 from ..recipe import HIGH_WEIGHT, Recipe, SweepRule, parse_recipe
 from ..resources import memory_limit
 from ..sources import local_inputs, resolve_recipe
@@ -233,8 +233,8 @@ def sweep(
         def evaluated(name: str, make_float: Callable[[Path], Any], probe: Probe) -> Signals:
             """Make the float GGUF, quantize it, drop the float file, score the quant, drop it unless kept."""
             work.mkdir(parents=True, exist_ok=True)
-            f16 = work / f"{name}.F16.gguf"
-            q = (kept if options.keep else work) / f"{name}.{eval_quant}.gguf"
+            f16 = work / quant_file_name(name, "F16")
+            q = (kept if options.keep else work) / quant_file_name(name, eval_quant)
             try:
                 make_float(f16)
                 quantize(f16, eval_quant, q, threads=threads, force=True, progress=progress)
@@ -261,7 +261,7 @@ def sweep(
 
         def make_probe_file() -> None:
             work.mkdir(parents=True, exist_ok=True)
-            f16 = work / "probe.F16.gguf"
+            f16 = work / quant_file_name("probe", "F16")
             try:
                 export_hf(sources.instruct.path, f16, outtype="f16", force=True, progress=progress)
                 probe = make_probe(f16, lang, text=options.text, n_threads=threads)
