@@ -33,6 +33,7 @@ __all__ = [
     "PackageInfo",
     "chat_info",
     "fill_repo",
+    "foreign_files",
     "front_matter",
     "model_card",
     "modelfile",
