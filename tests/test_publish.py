@@ -24,6 +24,7 @@ from edgemerge.gguf.split import split_gguf
 from edgemerge.recipe import load_recipe
 
 from .fake_hub import FakeHub
+from .llama_tools import need_tool
 
 TOKEN, USER = "hf_test_write_token", "alice"
 REPO = f"{USER}/tiny-eu"
@@ -304,6 +305,26 @@ def test_split_is_llama_cpp_format_and_loads_in_llama_cpp(built, tmp_path):
     with Model(shards[0], n_ctx=64, n_threads=1) as m:
         got_logits = m.logits(tokens)
     np.testing.assert_array_equal(got_logits, want)
+
+
+def test_split_matches_llama_gguf_split_byte_for_byte(built, tmp_path):
+    """The same shards, byte for byte, as llama.cpp's own `llama-gguf-split --split --split-max-size 1M`."""
+    tool = need_tool("llama-gguf-split")
+    src = built / "tiny-eu.F16.gguf"
+    ours = split_gguf(src, 1_000_000, tmp_path / "ours")
+    (tmp_path / "theirs").mkdir()
+    done = subprocess.run(
+        [str(tool), "--split", "--split-max-size", "1M", str(src), str(tmp_path / "theirs" / src.stem)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    theirs = sorted((tmp_path / "theirs").iterdir())
+    assert len(ours) >= 3 and [p.name for p in theirs] == [p.name for p in ours]
+    for a, b in zip(ours, theirs):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 _PUBLISH_WITH_LIMIT = """

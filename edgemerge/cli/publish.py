@@ -67,7 +67,7 @@ def _print_summary(result) -> None:
             highlight=False,
         )
     if result.card_filled:
-        verb = "would name" if result.dry_run else "names"
+        verb = "would name" if result.dry_run else "now name"
         console.print(f"README.md: the card's commands {verb} {escape(result.repo)}", highlight=False)
     if result.dry_run:
         console.print("dry run: nothing was written or sent", highlight=False)

@@ -2,9 +2,10 @@
 
 Shards are named `STEM-00001-of-0000N.gguf`; the first holds every key/value of the file, each holds
 `split.no`, `split.count` and `split.tensors.count`, and llama.cpp (llama-cli, llama-server, `-hf`, Ollama)
-loads the set from its first shard. gguf-py's `GGUFWriter` writes this format (its `split_max_size`, the one
-convert_hf_to_gguf.py's `--split-max-size` uses); here it is fed from our bounded header reader and the file's
-memory map, so tensors stream through one at a time and nothing holds the model.
+loads the set from its first shard. gguf-py's `GGUFWriter` writes this format (what convert_hf_to_gguf.py's
+`--split-max-size` uses); here it is fed from our bounded header reader and the file's memory map, so tensors
+stream through one at a time and nothing holds the model, and its shards start where llama-gguf-split's would
+(the test compares the bytes when that tool is built). llama-cpp-python does not expose gguf-split.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from ..files import fsync_dir, remove
 from ..progress import Progress, task
 from .inspect import GGUFInfo, read_gguf
 
-SPLIT_KEYS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, "split.tensors.count")
+SPLIT_KEYS = (
+    gguf.Keys.Split.LLM_KV_SPLIT_NO,
+    gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+    gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT,
+)
 
 
 def shard_name(stem: str, i: int, n: int) -> str:
@@ -29,16 +34,18 @@ def shard_name(stem: str, i: int, n: int) -> str:
 
 
 def split_plan(info: GGUFInfo, max_bytes: int) -> list[list[str]]:
-    """Tensor names per shard: a new shard starts when the next tensor would take the current one's tensor
-    data above `max_bytes` (GGUFWriter's rule; one tensor larger than that gets a shard of its own)."""
+    """Tensor names per shard, by llama-gguf-split's rule (`--split-max-size`): a new shard starts when the
+    next tensor, padded to 32 bytes, would take the current one's padded tensor data above `max_bytes` (a tensor
+    larger than that gets a shard of its own)."""
     shards: list[list[str]] = [[]]
     size = 0
     for t in info.tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
+        n = gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
+        if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t.name)
-        size += t.nbytes
+        size += n
     return shards
 
 
@@ -65,7 +72,7 @@ def split_gguf(path: Path, max_bytes: int, out_dir: Path, progress: Progress | N
     remove(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_shards(info, max_bytes, tmp / path.name, progress)
+        _write_shards(info, plan, tmp / path.name, progress)
         written = sorted(p.name for p in tmp.iterdir())
         if written != names:  # gguf-py named them: they must be the ones planned (and announced)
             raise AssertionError(f"gguf-py wrote {written}, planned {names}")
@@ -77,9 +84,9 @@ def split_gguf(path: Path, max_bytes: int, out_dir: Path, progress: Progress | N
     return [out_dir / n for n in names]
 
 
-def _write_shards(info: GGUFInfo, max_bytes: int, path: Path, progress: Progress | None) -> None:
+def _write_shards(info: GGUFInfo, plan: list[list[str]], path: Path, progress: Progress | None) -> None:
     arch = info.kv.get("general.architecture", "llama")
-    w = gguf.GGUFWriter(path, arch, split_max_size=max_bytes)
+    w = gguf.GGUFWriter(path, arch)
     w.data_alignment = info.kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     for key, value in info.kv.items():
         if key == "general.architecture":  # the writer's first key already
@@ -88,7 +95,12 @@ def _write_shards(info: GGUFInfo, max_bytes: int, path: Path, progress: Progress
         if sub and not isinstance(value, list):
             raise EdgemergeError(f"{info.path}: key {key} holds nested arrays, which this split cannot copy")
         w.add_key_value(key, value, vtype, sub_type=sub[0] if sub else None)
+    starts = {names[0] for names in plan[1:]}
     for t in info.tensors:
+        if (
+            t.name in starts
+        ):  # GGUFWriter's own split_max_size counts unpadded sizes: shards start where the plan says
+            w.tensors.append({})
         qtype = gguf.GGMLQuantizationType[t.type]
         # element shape in numpy order (the writer reverses it back to ggml order); the dtype only says "not bytes"
         w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
