@@ -5,7 +5,7 @@ Shards are named `STEM-00001-of-0000N.gguf`; the first holds every key/value of 
 loads the set from its first shard. gguf-py's `GGUFWriter` writes this format (what convert_hf_to_gguf.py's
 `--split-max-size` uses); here it is fed from our bounded header reader and the file's memory map, so tensors
 stream through one at a time and nothing holds the model, and its shards start where llama-gguf-split's would
-(the test compares the bytes when that tool is built). llama-cpp-python does not expose gguf-split.
+(byte for byte: the test compares them when that tool is built). llama-cpp-python does not expose gguf-split.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ SPLIT_KEYS = (
     gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
     gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT,
 )
+
+
+class _SplitWriter(gguf.GGUFWriter):
+    """GGUFWriter with llama-gguf-split's order of the split keys: it sets split.count last (ggml moves a key it
+    sets again to the end), so its files have split.no, split.tensors.count, split.count."""
+
+    def add_shard_kv_data(self) -> None:
+        super().add_shard_kv_data()
+        for kv in self.kv_data:
+            if gguf.Keys.Split.LLM_KV_SPLIT_COUNT in kv:
+                kv[gguf.Keys.Split.LLM_KV_SPLIT_COUNT] = kv.pop(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
 
 
 def shard_name(stem: str, i: int, n: int) -> str:
@@ -86,7 +97,7 @@ def split_gguf(path: Path, max_bytes: int, out_dir: Path, progress: Progress | N
 
 def _write_shards(info: GGUFInfo, plan: list[list[str]], path: Path, progress: Progress | None) -> None:
     arch = info.kv.get("general.architecture", "llama")
-    w = gguf.GGUFWriter(path, arch)
+    w = _SplitWriter(path, arch)
     w.data_alignment = info.kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     for key, value in info.kv.items():
         if key == "general.architecture":  # the writer's first key already
