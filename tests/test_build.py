@@ -116,8 +116,11 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
     by_name = {f["name"]: f for f in m["files"]}
     assert [by_name[g]["imatrix"] for g in GGUFS] == [None, IMATRIX, None]
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"| `tiny-eu-Q4_K_M.gguf` | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
-    assert f"| `tiny-eu-Q8_0.gguf` | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert (
+        f"| `tiny-eu-Q4_K_M.gguf` | Q4_K_M | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
+    )
+    assert f"| `tiny-eu-Q8_0.gguf` | Q8_0 | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert f"| `{IMATRIX}` | importance matrix | {human_bytes((out / IMATRIX).stat().st_size)} |  |" in card
     assert f"computed by this build on `{GGUFS[0]}`: {shipped.chunk_count} chunks of" in card
     assert f"`llama-quantize --imatrix {IMATRIX}`" in card
 
@@ -262,7 +265,7 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
     out_text = " ".join(captured.out.split())
     assert f"edgemerge chat {out / 'tiny-eu-Q4_K_M.gguf'} --lang eu" in out_text  # the next steps, concrete
     assert f"ollama create tiny-eu -f {out / 'Modelfile'} && ollama run tiny-eu" in out_text
-    assert f"hf upload YOUR-NAME/tiny-eu {out}" in out_text
+    assert f"edgemerge publish {out} --repo YOUR-NAME/tiny-eu" in out_text
     assert all(s["cached"] for n, s in _manifest(out)["stages"].items() if n != "package")
 
 
