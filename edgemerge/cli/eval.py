@@ -80,8 +80,13 @@ def _opt(flag: str, help: str):
 def eval_(
     model: Annotated[Path, typer.Argument(help="The GGUF file to evaluate.")],
     lang: Annotated[
-        str, typer.Option("--lang", "-l", help="Target language (ISO 639-1): eu, ca, gl, es, en.")
-    ],
+        str | None,
+        typer.Option(
+            "--lang",
+            "-l",
+            help="Target language (ISO 639-1): eu, ca, gl, es, en. Leave out to run only --task.",
+        ),
+    ] = None,
     ref: Annotated[
         Path | None,
         typer.Option(
@@ -114,6 +119,41 @@ def eval_(
     ] = None,
     mc_limit: Annotated[
         int | None, typer.Option("--mc-limit", help="Score only the first N questions.")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="A benchmark as lm-evaluation-harness defines it (repeat for several): eus_trivia, eus_exams_eu "
+            "(or one subset, eus_exams_eu_ejadministrari), truthfulqa-multi_mc1 / _mc2 (or _mc1_eu, ...).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    fewshot: Annotated[
+        int | None,
+        typer.Option(
+            "--fewshot",
+            help="Few-shot examples per question (lm-eval's --num_fewshot; default: the task's own, 0). "
+            "The paper's tables are 5-shot.",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            help="Score only the first N questions of each task (lm-eval's --limit).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Folder of the benchmarks' files: eustrivia/eus_trivia_test.jsonl, "
+            "eusexams_eu/eus_exams_eu_<subset>_test.jsonl, truthfulqa_multi/<lang>/{train,validation}.json.",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
     ] = None,
     json_out: Annotated[
         Path | None,
@@ -176,9 +216,13 @@ def eval_(
 
       edgemerge eval m.F16.gguf --lang eu --save-logits m.F16.logits   # once
       edgemerge eval m.Q4_K_M.gguf --lang eu --ref-logits m.F16.logits  # per quant
+
+      edgemerge eval m.Q4_K_M.gguf --task eus_trivia --task eus_exams_eu --fewshot 5 --data bench/
     """
 
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
+    check_count("--fewshot", fewshot, 0, 1 << 16, " (few-shot examples per question)")
+    check_count("--limit", limit, 1, why=" (the number of questions to score per task)")
     check_count("--batch", batch, 1, MAX_BATCH, " (answers decoded in parallel)")
     gates_recipe = load_recipe(recipe) if recipe else None
     gates = gates_recipe.eval if gates_recipe else Gates()
@@ -192,7 +236,7 @@ def eval_(
         "max_ppl_ratio": max_ppl_ratio,
     }
     gates = gates_with(gates, overrides, GATE_FLAGS)
-    sys_prompt = language_info(lang)["system"] if system else None
+    sys_prompt = language_info(lang)["system"] if system and lang is not None else None
     inputs = [model, ref, ref_logits, text, mc, gates_recipe.file if gates_recipe else None]
     reports = _report_paths(json_out, markdown, inputs)
     if save_logits is not None:
@@ -220,6 +264,10 @@ def eval_(
             ctx=ctx,
             mc_limit=mc_limit,
             system=sys_prompt,
+            tasks=tasks,
+            fewshot=fewshot,
+            limit=limit,
+            data=data,
         )
     if report.memory_note:
         err_console.print(f"warning: {report.memory_note}", highlight=False)
@@ -249,6 +297,8 @@ def eval_(
                 )
             out.print(table)
         out.print(report.to_table())
+        if report.benchmarks and report.lang is not None:
+            out.print(report.bench_table())
         if results:
             gt = Table(title="gates")
             gt.add_column("gate")
