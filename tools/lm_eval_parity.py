@@ -136,30 +136,28 @@ class TaskComparison:
 def compare(
     model: Path,
     data: Path,
-    names: list[str],
-    shots: int,
+    tasks: list[tuple[str, int]],
     limit: int,
     work: Path,
     threads: int = 1,
     n_ctx: int = 2048,
 ) -> list[TaskComparison]:
-    """Run lm-eval (gguf model, llama-cpp-python's server) and edgemerge on the same tasks and compare."""
+    """Run lm-eval (gguf model, llama-cpp-python's server) and edgemerge on the same (task, shots) and compare
+    the first `limit` questions of each; the metrics compared are the task's and their standard errors."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.gguf import GGUFLM
     from lm_eval.tasks import get_task_dict
 
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    tasks = [lm_eval_task(n, data, shots, work / "hf-cache") for n in names]
+    names = [n for n, _ in tasks]
+    theirs_tasks = [lm_eval_task(n, data, k, work / "hf-cache") for n, k in tasks]
     with serve(model, n_ctx, threads, work / "server.log") as url:
+        # bootstrap_iters > 0 turns lm-eval's standard errors on (acc's is its closed-form mean_stderr)
         theirs = evaluate(
-            lm=GGUFLM(base_url=url),
-            task_dict=get_task_dict(tasks),
-            limit=limit,
-            log_samples=True,
-            bootstrap_iters=0,
+            lm=GGUFLM(base_url=url), task_dict=get_task_dict(theirs_tasks), limit=limit, bootstrap_iters=1000
         )
-    prepared = prepare_tasks(names, data, shots)
+    prepared = [prepare_tasks([n], data, k)[0] for n, k in tasks]
     with Model(model, n_ctx=n_ctx, n_threads=threads) as m:
         ours = run_tasks(m, prepared, limit)
     out = []
@@ -168,6 +166,7 @@ def compare(
         lls = [[float(x[0][0]) for x in s["resps"]] for s in samples]
         res = theirs["results"][name]
         metrics = {m: (float(res[f"{m},none"]), r.metrics[m]) for m in r.metrics}
+        metrics |= {f"{m}_stderr": (float(res[f"{m}_stderr,none"]), r.stderrs[m]) for m in r.metrics}
         same = sum(int(np.argmax(a)) == p for a, p in zip(lls, r.predictions))
         diffs = [np.abs((np.array(a) - a[0]) - (np.array(b) - b[0])).max() for a, b in zip(lls, r.logliks)]
         offsets = [a[0] - b[0] for a, b in zip(lls, r.logliks)]
@@ -188,7 +187,8 @@ def main() -> None:
     why = missing_requirements()
     if why:
         sys.exit(why)
-    rows = compare(args.model, args.data, args.task, args.fewshot, args.limit, args.work, args.threads)
+    tasks = [(t, args.fewshot) for t in args.task]
+    rows = compare(args.model, args.data, tasks, args.limit, args.work, args.threads)
     for c in rows:
         print(
             json.dumps(

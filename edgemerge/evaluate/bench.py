@@ -71,17 +71,22 @@ class BenchSettings:
 def prepare_tasks(names: list[str], data: Path | None, fewshot: int | None) -> list[PreparedTask]:
     """The tasks `names` with their data under `data`, every record checked and every task's few-shot split
     large enough (see harness.py); fails on the first problem with one line naming the file or the field."""
+    tasks = resolve_tasks(
+        names, data if data is not None and Path(data).is_dir() else None
+    )  # unknown names first
     if data is None:
-        t = resolve_tasks(names, None)[0]  # an unknown name first
+        t = tasks[0]
         raise EdgemergeError(
             f"task {t.name} reads its questions from local files: give --data DIR with "
             f"{t.spec.data_files[t.eval_split].format(subset=t.subset or '<subset>')} in it ({t.spec.dataset_path} "
             "on the Hugging Face hub, as JSON or JSON Lines)"
         )
     if not Path(data).is_dir():
-        raise EdgemergeError(f"--data {data} is not a folder")
+        raise EdgemergeError(
+            f"the benchmarks' data folder {data} is not a folder (--data, or eval.data in a recipe)"
+        )
     out = []
-    for t in resolve_tasks(names, data):
+    for t in tasks:
         prompter = Prompter(t.spec, t.name)
         docs = load_docs(t, data, prompter)
         shots = t.spec.num_fewshot if t.spec.num_fewshot == 0 or fewshot is None else fewshot

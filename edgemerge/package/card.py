@@ -121,7 +121,7 @@ def model_card(p: PackageInfo) -> str:
             for name, md in p.eval_markdown.items()
         ],
         quick=any(e.get("quick") for e in p.evals.values()),
-        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.model_dump(exclude_none=True).items()),
+        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.thresholds().items()),
         parents=[{"role": role, "markdown": rep["markdown"].strip()} for role, rep in p.parent_evals.items()],
         lang=p.lang,
         gguf=p.modelfile_gguf,
