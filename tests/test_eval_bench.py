@@ -10,7 +10,7 @@ import pytest
 
 from edgemerge.evaluate.bench import prepare_tasks, run_tasks
 from edgemerge.evaluate.harness import requests
-from edgemerge.evaluate.loglik import encode_pair
+from edgemerge.evaluate.loglik import encode_pair, encode_request
 from edgemerge.runtime import Model, log_softmax
 
 from .shared import need_shared
@@ -151,3 +151,37 @@ def test_bad_benchmark_input_is_one_line_and_exit_2(cli, args, message):
     code, _out, err = cli("eval", model, *[a.format(data=data) for a in args])
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_chat_template_scores_the_turns_rendered_by_the_gguf(f32_ggufs):
+    """--chat-template on a GGUF with one (the Qwen2 fixture): the context is the template's rendering of the
+    turns, and the answers' log-likelihoods equal whole sequences scored from scratch."""
+    data = need_shared("bench")
+    (p,) = prepare_tasks(["eus_trivia"], data, 1)
+    with Model(f32_ggufs["qwen2"], n_ctx=2048, n_threads=1) as m:
+        (r,) = run_tasks(m, [p], 2, chat=True)
+        assert r.questions == 2
+        for req, lls in zip(requests(p.docs, p.prompter, 1, 2, chat=True), r.logliks):
+            ctx, conts = encode_request(m, req)
+            prompt = m.chat_prompt(req.messages)
+            assert (
+                "<|im_start|>assistant" in prompt and req.continuations == ["A", "B", "C", "D"][: len(conts)]
+            )
+            # lm-eval's _encode_pair: the prompt's trailing newline moves to the continuation
+            assert ctx == m.tokenize(prompt.rstrip(), parse_special=True)
+            expected = []
+            for cont in conts:
+                lp = log_softmax(m.logits(ctx + cont, len(ctx) - 1))
+                expected.append(sum(lp[j, cont[j]] for j in range(len(cont))))
+            assert np.allclose(lls, expected, atol=1e-3)
+
+
+def test_chat_template_on_a_model_without_one_is_one_line(cli):
+    model = need_shared("models", "stories260K", "stories260K.gguf")
+    data = need_shared("bench")
+    args = ["--task", "eus_trivia", "--chat-template", "--limit", "2", "--data", data, "--threads", "1"]
+    code, _out, err = cli("eval", model, *args)
+    assert (
+        code == 2
+        and "stories260K.gguf has no chat template (a base model?); leave --chat-template out" in err
+    )

@@ -200,3 +200,30 @@ def test_pooled_stderr_is_lm_evals():
     assert pooled_stderr([0.05, 0.02, 0.1], [30, 200, 11]) == pytest.approx(
         float(pooled_sample_stderr([0.05, 0.02, 0.1], [30, 200, 11])), abs=1e-15
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "shots", "limit"), [("eus_trivia", 3, 10), ("truthfulqa-multi_mc2_eu", 2, 5)]
+)
+def test_chat_turns_equal_lm_evals(name, shots, limit, tmp_path):
+    """--chat-template: the same turns lm-eval hands the chat template with --apply_chat_template
+    --fewshot_as_multiturn, and the same continuations (no target delimiter)."""
+    data = need_shared("bench")
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+    theirs = lm_eval_task(name, data, shots, tmp_path / "hf")
+
+    def template(messages, add_generation_prompt):  # shows what lm-eval would render
+        assert add_generation_prompt
+        return json.dumps(messages)
+
+    theirs.build_all_requests(
+        limit=limit, apply_chat_template=True, fewshot_as_multiturn=True, chat_template=template
+    )
+    (ours,) = prepare_tasks([name], data, shots)
+    reqs = list(requests(ours.docs, ours.prompter, shots, limit, chat=True))
+    assert len(reqs) == limit
+    for req in reqs:
+        insts = sorted((i for i in theirs.instances if i.doc_id == req.index), key=lambda i: i.idx)
+        assert [json.loads(i.arguments[0]) for i in insts] == [req.messages] * len(insts)
+        assert [i.arguments[1] for i in insts] == req.continuations == req.choices
+        assert [m["role"] for m in req.messages] == ["user", "assistant"] * shots + ["user"]

@@ -146,6 +146,15 @@ def eval_(
             rich_help_panel="Benchmarks (lm-evaluation-harness format)",
         ),
     ] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template",
+            help="Ask through the GGUF's chat template, few-shot examples as user/assistant turns (lm-eval's "
+            "--apply_chat_template --fewshot_as_multiturn, as the paper ran its tables).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = False,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -268,6 +277,7 @@ def eval_(
             fewshot=fewshot,
             limit=limit,
             data=data,
+            chat_template=chat_template,
         )
     if report.memory_note:
         err_console.print(f"warning: {report.memory_note}", highlight=False)

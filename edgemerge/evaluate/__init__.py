@@ -58,6 +58,7 @@ def evaluate(
     fewshot: int | None = None,
     limit: int | None = None,
     data: Path | None = None,
+    chat_template: bool = False,
 ) -> EvalReport:
     """Evaluate `model` in `lang` (see the module docstring); inputs are checked before any model is loaded.
 
@@ -70,7 +71,9 @@ def evaluate(
     `batch`: answers decoded in parallel (default 16). `skip_chat`: a reason not to answer the prompts (a file
     too large for this machine's memory): the chat metrics are then n/a and the report says why.
     `tasks`: benchmarks in lm-evaluation-harness's format (bench.py) with their data under `data`, `fewshot`
-    examples (default: each task's own) and the first `limit` questions of each. Without `lang`, only they run.
+    examples (default: each task's own) and the first `limit` questions of each; `chat_template`: through the
+    model's chat template, few-shot examples as turns (lm-eval's --apply_chat_template --fewshot_as_multiturn).
+    Without `lang`, only they run.
     """
 
     t0 = time.perf_counter()
@@ -126,7 +129,7 @@ def evaluate(
         stack.callback(m.close)
         report.threads = m.threads
         if lang is None:
-            _benchmarks(m, report, bench, fewshot, limit, progress)
+            _benchmarks(m, report, bench, fewshot, limit, progress, chat_template)
             report.seconds = round(time.perf_counter() - t0, 2)
             return report
         m.check_chat_template()  # a broken template fails now, not after the perplexity run
@@ -175,23 +178,23 @@ def evaluate(
             res = evaluate_mc(m, mc, limit=mc_limit or (QUICK_MC if quick else None), progress=progress)
             report.mc_file, report.mc_accuracy, report.mc_questions = res.file, res.accuracy, res.questions
         if bench:
-            _benchmarks(m, report, bench, fewshot, limit, progress)
+            _benchmarks(m, report, bench, fewshot, limit, progress, chat_template)
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
 
 
 def _benchmarks(
-    m: Model, report: EvalReport, bench, fewshot: int | None, limit: int | None, progress
+    m: Model, report: EvalReport, bench, fewshot: int | None, limit: int | None, progress, chat: bool
 ) -> None:
     """Run the prepared benchmarks on `m` and put their rows and settings in `report`."""
     t = time.perf_counter()
-    results = run_tasks(m, bench, limit, progress)
+    results = run_tasks(m, bench, limit, progress, chat)
     report.benchmarks = [r.row() for r in results]
     families = family_rows(results)
     for fam in families:  # a family's line before its subsets' lines
         first = next(i for i, b in enumerate(report.benchmarks) if b["family"] == fam["task"])
         report.benchmarks.insert(first, fam)
-    report.bench_settings = asdict(settings_for(bench, fewshot, limit))
+    report.bench_settings = asdict(settings_for(bench, fewshot, limit, chat))
     report.bench_seconds = round(time.perf_counter() - t, 2)
 
 

@@ -17,7 +17,7 @@ from ..errors import EdgemergeError
 from ..progress import task as progress_task
 from ..runtime import Model
 from .harness import Prompter, TaskDocs, check_shots, load_docs, mean_stderr, pooled_stderr, requests, score
-from .loglik import continuation_logliks, encode_pair
+from .loglik import continuation_logliks, encode_request
 from .taskfile import DEFAULT_SEED, load_spec, missing_subsets, resolve_tasks
 
 BENCH_CTX = 8192  # the longest prompt a benchmark may need (capped at the model's training context)
@@ -96,19 +96,23 @@ def prepare_tasks(names: list[str], data: Path | None, fewshot: int | None) -> l
     return out
 
 
-def settings_for(prepared: list[PreparedTask], fewshot: int | None, limit: int | None) -> BenchSettings:
-    return BenchSettings(fewshot, limit, missing=missing_subsets([p.docs.task for p in prepared]))
+def settings_for(
+    prepared: list[PreparedTask], fewshot: int | None, limit: int | None, chat: bool = False
+) -> BenchSettings:
+    return BenchSettings(fewshot, limit, chat, missing=missing_subsets([p.docs.task for p in prepared]))
 
 
-def check_context(model: Model, prepared: list[PreparedTask], limit: int | None, progress=None) -> None:
+def check_context(
+    model: Model, prepared: list[PreparedTask], limit: int | None, progress=None, chat: bool = False
+) -> None:
     """Every question's prompt and longest answer fit the model's context, or one line says how many tokens the
     longest needs (the prompts are built and tokenized once here, before any is scored)."""
     total = sum(len(p.docs.eval_docs[:limit]) for p in prepared)
     with progress_task(progress, "building prompts", total, unit="questions") as advance:
         for p in prepared:
             need, where = 0, ""
-            for req in requests(p.docs, p.prompter, p.shots, limit):
-                ctx, conts = encode_pair(model, req.context, req.continuations)
+            for req in requests(p.docs, p.prompter, p.shots, limit, chat=chat):
+                ctx, conts = encode_request(model, req)
                 n = len(ctx) + max((len(c) for c in conts), default=0)
                 if n > need:
                     need, where = n, req.doc.where
@@ -120,14 +124,17 @@ def check_context(model: Model, prepared: list[PreparedTask], limit: int | None,
                 )
 
 
-def run_task(model: Model, p: PreparedTask, limit: int | None, progress=None) -> TaskResult:
-    """Score one task's first `limit` questions (all without it)."""
+def run_task(
+    model: Model, p: PreparedTask, limit: int | None, progress=None, chat: bool = False
+) -> TaskResult:
+    """Score one task's first `limit` questions (all without it); `chat`: through the model's chat template,
+    few-shot examples as turns (harness.requests)."""
     spec = p.docs.task.spec
     res = TaskResult(p.name, p.docs.task.family, 0, p.shots, {}, {})
     n = len(p.docs.eval_docs[:limit])
     with progress_task(progress, p.name, n, unit="questions") as advance:
-        for req in requests(p.docs, p.prompter, p.shots, limit):
-            ctx, conts = encode_pair(model, req.context, req.continuations)
+        for req in requests(p.docs, p.prompter, p.shots, limit, chat=chat):
+            ctx, conts = encode_request(model, req)
             lls = continuation_logliks(model, ctx, conts)
             res.logliks.append(lls)
             res.predictions.append(max(range(len(lls)), key=lls.__getitem__))
@@ -141,11 +148,15 @@ def run_task(model: Model, p: PreparedTask, limit: int | None, progress=None) ->
 
 
 def run_tasks(
-    model: Model, prepared: list[PreparedTask], limit: int | None, progress=None
+    model: Model, prepared: list[PreparedTask], limit: int | None, progress=None, chat: bool = False
 ) -> list[TaskResult]:
-    """Check every prompt fits, then score each task in turn."""
-    check_context(model, prepared, limit, progress)
-    return [run_task(model, p, limit, progress) for p in prepared]
+    """Check every prompt fits, then score each task in turn (`chat`: through the model's chat template)."""
+    if chat and model.chat_template is None:
+        raise EdgemergeError(
+            f"--chat-template: {model.path.name} has no chat template (a base model?); leave --chat-template out"
+        )
+    check_context(model, prepared, limit, progress, chat)
+    return [run_task(model, p, limit, progress, chat) for p in prepared]
 
 
 def family_rows(results: list[TaskResult]) -> list[dict[str, Any]]:

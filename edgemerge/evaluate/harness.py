@@ -67,6 +67,7 @@ class Request:
     continuations: list[str]
     choices: list[str]
     gold: int | str
+    messages: list[dict[str, str]] | None = None  # with the chat template: the turns the context renders
 
 
 _TYPES = {"str": str, "int": int}
@@ -160,18 +161,18 @@ class Prompter:
         s = self._render("target", doc)
         return ast.literal_eval(s) if s.isdigit() else s
 
-    def shot(self, doc: Doc, target_delimiter: str, fewshot_delimiter: str) -> str:
-        """A few-shot example as lm-eval's build_qa_turn writes it: the text, and unless the target is empty
-        the delimiter, the answer (the choice an integer target points at) and the few-shot delimiter."""
+    def answer(self, doc: Doc) -> str | None:
+        """A few-shot example's answer as lm-eval's build_qa_turn takes it: the choice an integer target points
+        at, a string target itself; None for an empty target (the example is then its text alone)."""
         a = self.target(doc)
         if a == "":
-            return self.text(doc)
-        return (
-            self.text(doc)
-            + target_delimiter
-            + (self.choices(doc)[a] if isinstance(a, int) else a)
-            + fewshot_delimiter
-        )
+            return None
+        return self.choices(doc)[a] if isinstance(a, int) else a
+
+    def shot(self, doc: Doc, target_delimiter: str, fewshot_delimiter: str) -> str:
+        """A few-shot example as plain text: the text, then the delimiter, answer and few-shot delimiter."""
+        a = self.answer(doc)
+        return self.text(doc) if a is None else self.text(doc) + target_delimiter + a + fewshot_delimiter
 
 
 @dataclass
@@ -250,19 +251,32 @@ class Sampler:
         return res
 
 
-def requests(docs: TaskDocs, prompter: Prompter, shots: int, limit: int | None = None) -> Iterator[Request]:
-    """The task's questions as lm-eval builds them, in order (the sampler advances once per question)."""
+def requests(
+    docs: TaskDocs, prompter: Prompter, shots: int, limit: int | None = None, *, chat: bool = False
+) -> Iterator[Request]:
+    """The task's questions as lm-eval builds them, in order (the sampler advances once per question).
+
+    `chat`: lm-eval's --apply_chat_template --fewshot_as_multiturn: each example a user turn (its text) and an
+    assistant turn (its answer), the question a last user turn (`messages`, for the model's chat template), and
+    the continuations the choices without the target delimiter."""
     spec = docs.task.spec
     sampler = Sampler(spec, docs.fewshot_docs)
     for i, doc in enumerate(docs.eval_docs[:limit]):
-        ctx = "".join(
-            prompter.shot(s, spec.target_delimiter, spec.fewshot_delimiter)
-            for s in sampler.sample(shots, doc)
-        )
+        shot_docs = sampler.sample(shots, doc)
+        ctx = "".join(prompter.shot(s, spec.target_delimiter, spec.fewshot_delimiter) for s in shot_docs)
         ctx += prompter.text(doc)
         choices = prompter.choices(doc)
-        conts = [spec.target_delimiter + c for c in choices]
-        yield Request(i, doc, ctx, conts, choices, prompter.target(doc))
+        delimiter, messages = spec.target_delimiter, None
+        if chat:
+            delimiter, messages = "", []
+            for s in shot_docs:
+                messages.append({"role": "user", "content": prompter.text(s)})
+                a = prompter.answer(s)
+                if a is not None:
+                    messages.append({"role": "assistant", "content": a})
+            messages.append({"role": "user", "content": prompter.text(doc)})
+        conts = [delimiter + c for c in choices]
+        yield Request(i, doc, ctx, conts, choices, prompter.target(doc), messages)
 
 
 def score(spec: TaskSpec, req: Request, lls: list[float]) -> dict[str, float]:

@@ -13,16 +13,27 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime import Model, log_softmax
+from .harness import Request
 
 
-def encode_pair(model: Model, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
-    """The context's tokens and each continuation's tokens, as lm-eval's _encode_pair makes them."""
+def encode_pair(
+    model: Model, context: str, continuations: list[str], *, special: bool = False
+) -> tuple[list[int], list[list[int]]]:
+    """The context's tokens and each continuation's tokens, as lm-eval's _encode_pair makes them; `special`:
+    special-token text is parsed (a context rendered by a chat template)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
-    ctx = model.tokenize(context)
-    return ctx, [model.tokenize(context + c)[len(ctx) :] for c in continuations]
+    ctx = model.tokenize(context, parse_special=special)
+    return ctx, [model.tokenize(context + c, parse_special=special)[len(ctx) :] for c in continuations]
+
+
+def encode_request(model: Model, req: Request) -> tuple[list[int], list[list[int]]]:
+    """A question's tokens: its plain-text context, or its turns rendered by the model's chat template."""
+    if req.messages is None:
+        return encode_pair(model, req.context, req.continuations)
+    return encode_pair(model, model.chat_prompt(req.messages), req.continuations, special=True)
 
 
 def continuation_logliks(model: Model, ctx: list[int], conts: list[list[int]]) -> list[float]:
