@@ -31,7 +31,13 @@ MAX_TEXT = 10_000  # description (it goes into the model card)
 IMATRIX_CHOICES = ("auto", "none")  # else the recipe's imatrix is a file
 AFTER_MERGE = ("quants", "imatrix", "eval", "sweep")  # recipe fields of the stages after the merge
 MAX_SWEEP = 32  # candidates per method: each is a merge, a quantization and an evaluation
-BENCH_FIELDS = ("tasks", "fewshot", "limit", "data")  # the eval: section's benchmark settings
+BENCH_FIELDS = (
+    "tasks",
+    "fewshot",
+    "limit",
+    "data",
+    "chat_template",
+)  # the eval: section's benchmark settings
 HIGH_WEIGHT = 2.0  # above it task arithmetic collapses in the paper and in the miniature: said, not refused
 
 
@@ -87,6 +93,7 @@ class Gates(BaseModel):
     fewshot: int | None = Field(default=None, ge=0, le=1 << 16)
     limit: int | None = Field(default=None, ge=1)
     data: str | None = Field(default=None, max_length=MAX_REF)
+    chat_template: bool = False  # ask through the model's chat template (lm-eval's --apply_chat_template)
 
     def thresholds(self) -> dict[str, float]:
         """The gates that are set (not the benchmark settings)."""

@@ -393,6 +393,7 @@ def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family,
         "limit": 2,
         "data": "./bench",
     }
+    recipe["eval"]["chat_template"] = True  # the fixture's instruct model has a ChatML template
     for k in ("instruct", "base"):
         recipe[k] = str(build_family[k])
     recipe["languages"][0]["model"] = str(build_family["eu"])
@@ -402,9 +403,11 @@ def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family,
     for name, rep in result.evals.items():
         (row,) = rep.benchmarks
         assert (row["task"], row["questions"], row["shots"]) == ("eus_trivia", 2, 1), name
-        assert rep.bench_settings["limit"] == 2
+        assert rep.bench_settings["limit"] == 2 and rep.bench_settings["chat_template"] is True
     card = (result.out / "README.md").read_text(encoding="utf-8")
-    assert "| eus_trivia | 1 | acc |" in card and "lm-evaluation-harness format, 1-shot" in card
+    assert (
+        "| eus_trivia | 1 | acc |" in card and "lm-evaluation-harness format, 1-shot, chat template" in card
+    )
     gates = json.loads((result.out / "eval.json").read_text(encoding="utf-8"))["gates"]
     assert gates == {"min_stop_rate": 0.0}  # the benchmark settings are not gates
 

@@ -577,7 +577,8 @@ def recipe_bench(recipe: Recipe) -> dict[str, Any]:
     g = recipe.eval
     if not g.tasks:
         return {}
-    return {"tasks": list(g.tasks), "fewshot": g.fewshot, "limit": g.limit, "data": bench_data(recipe)}
+    bench = {"tasks": list(g.tasks), "fewshot": g.fewshot, "limit": g.limit, "data": bench_data(recipe)}
+    return bench | {"chat_template": g.chat_template}
 
 
 def llama_cpp_version() -> str | None:
