@@ -24,15 +24,15 @@ def test_scores_equal_lm_eval_through_llama_cpp_server(tmp_path):
         pytest.skip(why)
     model = need_shared("models", "stories260K", "stories260K.gguf")
     data = need_shared("bench")
-    tasks = [
-        ("eus_trivia", 2),
+    tasks = [  # the prompts at more shots are compared with lm-eval's own in test_eval_harness.py
+        ("eus_trivia", 1),
         ("eus_exams_eu_ejadministrari", 0),
-        ("truthfulqa-multi_mc1_eu", 1),
+        ("truthfulqa-multi_mc1_eu", 0),
         ("truthfulqa-multi_mc2_en", 1),
     ]
-    rows = lm_eval_parity.compare(model, data, tasks, 8, tmp_path, threads=1, n_ctx=2048)
+    rows = lm_eval_parity.compare(model, data, tasks, 6, tmp_path, threads=1, n_ctx=2048)
     for c in rows:
-        assert c.questions == 8
+        assert c.questions == 6
         assert c.same_choice == c.questions, c
         for metric, (theirs, ours) in c.metrics.items():
             assert abs(theirs - ours) <= 1e-6, (c.task, metric, theirs, ours)
