@@ -148,14 +148,8 @@ class EvalReport:
             lines = [head, "", "| metric | value | notes |", "| --- | --- | --- |"]
             lines += [f"| {m} | {v} | {n} |" for m, v, n in self.rows()]
         if self.benchmarks:
-            lines += (
-                ["", f"Benchmarks of `{self.model}` ({self.bench_caption()})", ""]
-                if lines
-                else [
-                    f"Benchmarks of `{self.model}` ({self.bench_caption()})",
-                    "",
-                ]
-            )
+            lines += [""] if lines else []
+            lines += [f"Benchmarks of `{self.model}` ({self.bench_caption()})", ""]
             lines += [
                 "| task | n-shot | metric | value | stderr | questions |",
                 "| --- | --- | --- | --- | --- | --- |",
@@ -179,7 +173,7 @@ class EvalReport:
         """A rich table of the benchmarks, lm-eval's columns, the settings as its caption."""
         table = Table(title=f"{self.model} · benchmarks", caption=self.bench_caption())
         for col, justify in (("task", "left"), ("n-shot", "right"), ("metric", "left"), ("value", "right")):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
         table.add_column("± stderr", justify="right", style="dim")
         table.add_column("questions", justify="right", style="dim")
         for row in self.bench_rows():
