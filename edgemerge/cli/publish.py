@@ -11,12 +11,17 @@ from rich.table import Table
 
 from ..files import human_bytes
 from ..publish import publish as publish_folder
-from .common import app, console, err_console, live_progress, print_json
+from .common import app, console, err_console, examples, live_progress, print_json
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "edgemerge publish dist/qwen3-8b-eu --repo alice/qwen3-8b-eu --dry-run",
+        "edgemerge publish dist/qwen3-8b-eu --repo alice/qwen3-8b-eu --private",
+    )
+)
 def publish(
-    folder: Annotated[Path, typer.Argument(help="The output folder of `edgemerge build`.")],
+    folder: Annotated[Path, typer.Argument(help="The output folder of `edgemerge build`.", metavar="DIR")],
     repo: Annotated[
         str, typer.Option("--repo", help="The hub model repo, user/name (created when missing).")
     ],
@@ -36,12 +41,6 @@ def publish(
     per-file limit goes up as llama.cpp split shards (NAME-00001-of-0000N.gguf). Run it again after an
     interruption: files already on the hub are not sent again. Needs a token with write access
     (`hf auth login` or HF_TOKEN).
-
-    Examples:
-
-      edgemerge publish dist/qwen3-8b-eu --repo alice/qwen3-8b-eu --dry-run
-
-      edgemerge publish dist/qwen3-8b-eu --repo alice/qwen3-8b-eu --private
     """
     with live_progress() as progress:
         result = publish_folder(folder, repo, private=private, dry_run=dry_run, progress=progress)

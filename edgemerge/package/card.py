@@ -184,7 +184,7 @@ def model_card(p: PackageInfo) -> str:
         quick=any(e.get("quick") for e in p.evals.values()),
         prompts=max((len(e.get("responses") or []) for e in p.evals.values()), default=0),
         quick_tokens=max((e.get("max_tokens") or 0 for e in p.evals.values()), default=0),
-        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.model_dump(exclude_none=True).items()),
+        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.thresholds().items()),
         parents=[{"role": role, "markdown": rep["markdown"].strip()} for role, rep in p.parent_evals.items()],
         lang=p.lang,
         gguf=p.modelfile_gguf,

@@ -46,7 +46,7 @@ def tool_versions() -> dict[str, str | None]:
 def eval_json(p: PackageInfo) -> dict[str, Any]:
     return {
         "lang": p.lang,
-        "gates": p.recipe.eval.model_dump(exclude_none=True),
+        "gates": p.recipe.eval.thresholds(),
         "files": p.evals,
         "gate_failures": p.gate_failures,
         "parents": {k: v["report"] for k, v in p.parent_evals.items()},
