@@ -55,6 +55,13 @@ AFTER_MERGE = (
     "quant_auto",
 )  # recipe fields of the stages after the merge
 MAX_SWEEP = 32  # candidates per method: each is a merge, a quantization and an evaluation
+BENCH_FIELDS = (
+    "tasks",
+    "fewshot",
+    "limit",
+    "data",
+    "chat_template",
+)  # the eval: section's benchmark settings
 HIGH_WEIGHT = 2.0  # above it task arithmetic collapses in the paper and in the miniature: said, not refused
 
 
@@ -104,8 +111,28 @@ class Gates(BaseModel):
     max_kld_mean: float | None = None
     min_top1_agreement: float | None = None
     max_ppl_ratio: float | None = None
+    # benchmarks run on every shipped file (evaluate/bench.py): lm-eval task names, shots, questions per task,
+    # and the folder of their data (relative to the recipe's folder)
+    tasks: list[str] = Field(default_factory=list, max_length=64)
+    fewshot: int | None = Field(default=None, ge=0, le=1 << 16)
+    limit: int | None = Field(default=None, ge=1)
+    data: str | None = Field(default=None, max_length=MAX_REF)
+    chat_template: bool = False  # ask through the model's chat template (lm-eval's --apply_chat_template)
 
-    @field_validator("*", mode="before")
+    def thresholds(self) -> dict[str, float]:
+        """The gates that are set (not the benchmark settings)."""
+        return {k: v for k, v in self.model_dump(exclude_none=True).items() if k not in BENCH_FIELDS}
+
+    @field_validator(
+        "min_language_fidelity",
+        "min_stop_rate",
+        "min_instruction_following",
+        "max_perplexity",
+        "max_kld_mean",
+        "min_top1_agreement",
+        "max_ppl_ratio",
+        mode="before",
+    )
     @classmethod
     def _threshold(cls, v: Any, info) -> float | None:
         if v is None:

@@ -351,9 +351,13 @@ class Model:
         return self.metadata.get("tokenizer.chat_template") or None
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """`chat_prompt(messages)` tokenized, parsing special tokens, with BOS when the vocabulary asks for it."""
+        return self.tokenize(self.chat_prompt(messages), add_special=True, parse_special=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Render `messages` with the GGUF's chat template (as llama-cpp-python's Jinja2ChatFormatter does, with
-        the model's BOS/EOS strings, through the bounded `TemplateRenderer`) and tokenize, parsing special
-        tokens. A BOS the template already wrote is not doubled (llama.cpp's server does the same)."""
+        the model's BOS/EOS strings, through the bounded `TemplateRenderer`), with the generation prompt. A BOS
+        the template wrote is left out when tokenizing adds it (llama.cpp's server does not double it)."""
         template = self.chat_template
         if template is None:
             raise EdgemergeError(
@@ -374,11 +378,11 @@ class Model:
                 merged = [
                     {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
                 ]
-                return self.chat_tokens(merged + messages[2:])
+                return self.chat_prompt(merged + messages[2:])
             raise
         if self.add_bos and bos_text and prompt.startswith(bos_text):
             prompt = prompt[len(bos_text) :]
-        return self.tokenize(prompt, add_special=True, parse_special=True)
+        return prompt
 
     def check_chat_template(self) -> None:
         """Render the GGUF's chat template once for a plain user message (no-op without a template): a template

@@ -1,4 +1,4 @@
-"""The one way tests reach llama.cpp's own tools (llama-imatrix, llama-quantize, llama-perplexity).
+"""The one way tests reach llama.cpp's own tools (llama-imatrix, llama-quantize, llama-perplexity, llama-gguf-split).
 
 They are built by `python tools/build_llama_tools.py` (minutes of compiling), never by a test: a test that needs
 one calls `need_tool(name)` and skips, saying how to build them, when they are absent.

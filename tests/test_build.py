@@ -116,8 +116,11 @@ def test_auto_imatrix_calibrates_the_k_quant_on_the_target_language(built):
     by_name = {f["name"]: f for f in m["files"]}
     assert [by_name[g]["imatrix"] for g in GGUFS] == [None, IMATRIX, None]
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert f"| `tiny-eu-Q4_K_M.gguf` | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
-    assert f"| `tiny-eu-Q8_0.gguf` | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert (
+        f"| `tiny-eu-Q4_K_M.gguf` | Q4_K_M | {human_bytes((out / GGUFS[1]).stat().st_size)} | yes |" in card
+    )
+    assert f"| `tiny-eu-Q8_0.gguf` | Q8_0 | {human_bytes((out / GGUFS[2]).stat().st_size)} | no |" in card
+    assert f"| `{IMATRIX}` | importance matrix | {human_bytes((out / IMATRIX).stat().st_size)} |  |" in card
     assert f"computed by this build on `{GGUFS[0]}`: {shipped.chunk_count} chunks of" in card
     assert f"`llama-quantize --imatrix {IMATRIX}`" in card
 
@@ -262,7 +265,7 @@ def test_gate_failure_exits_3_with_the_table(build_family, built, tmp_path, caps
     out_text = " ".join(captured.out.split())
     assert f"edgemerge chat {out / 'tiny-eu-Q4_K_M.gguf'} --lang eu" in out_text  # the next steps, concrete
     assert f"ollama create tiny-eu -f {out / 'Modelfile'} && ollama run tiny-eu" in out_text
-    assert f"hf upload YOUR-NAME/tiny-eu {out}" in out_text
+    assert f"edgemerge publish {out} --repo YOUR-NAME/tiny-eu" in out_text
     assert all(s["cached"] for n, s in _manifest(out)["stages"].items() if n != "package")
 
 
@@ -372,3 +375,59 @@ def test_demo_flags_are_checked_before_the_demo_is_trained(args, message, monkey
     with pytest.raises(SystemExit) as e:
         main(["build", "--demo", "--out", str(tmp_path / "d"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _trivia_data(folder: Path) -> Path:
+    """An EusTrivia-shaped file of three questions (the layout of ../shared/data/bench)."""
+    f = folder / "bench" / "eustrivia" / "eus_trivia_test.jsonl"
+    f.parent.mkdir(parents=True)
+    recs = [
+        {"question": f"Zenbat dira {i} eta {i}?", "candidates": [str(2 * i), "bat"], "answer": 0}
+        for i in range(3)
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n", encoding="utf-8")
+    return f.parent.parent
+
+
+def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family, tmp_path):
+    """eval.tasks in the recipe: each shipped file's report and the model card carry the benchmark rows."""
+    recipe = yaml.safe_load(build_family["recipe"].read_text(encoding="utf-8"))
+    _trivia_data(tmp_path)
+    recipe.update(quants=["Q8_0"], imatrix="none")
+    recipe["eval"] = {
+        "min_stop_rate": 0.0,
+        "tasks": ["eus_trivia"],
+        "fewshot": 1,
+        "limit": 2,
+        "data": "./bench",
+    }
+    recipe["eval"]["chat_template"] = True  # the fixture's instruct model has a ChatML template
+    for k in ("instruct", "base"):
+        recipe[k] = str(build_family[k])
+    recipe["languages"][0]["model"] = str(build_family["eu"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = build(load_recipe(path), BuildOptions(out=tmp_path / "out", quick_eval=True))
+    for name, rep in result.evals.items():
+        (row,) = rep.benchmarks
+        assert (row["task"], row["questions"], row["shots"]) == ("eus_trivia", 2, 1), name
+        assert rep.bench_settings["limit"] == 2 and rep.bench_settings["chat_template"] is True
+    card = (result.out / "README.md").read_text(encoding="utf-8")
+    assert (
+        "| eus_trivia | 1 | acc |" in card and "lm-evaluation-harness format, 1-shot, chat template" in card
+    )
+    gates = json.loads((result.out / "eval.json").read_text(encoding="utf-8"))["gates"]
+    assert gates == {"min_stop_rate": 0.0}  # the benchmark settings are not gates
+
+
+def test_a_recipes_unknown_task_fails_before_any_work(build_family, tmp_path):
+    recipe = yaml.safe_load(build_family["recipe"].read_text(encoding="utf-8"))
+    recipe["eval"] = {"tasks": ["eus_trivium"], "data": "./bench"}
+    for k in ("instruct", "base"):
+        recipe[k] = str(build_family[k])
+    recipe["languages"][0]["model"] = str(build_family["eu"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    with pytest.raises(EdgemergeError, match="unknown task 'eus_trivium'; known tasks"):
+        build(load_recipe(path), BuildOptions(out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -28,6 +28,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
     "package": ("package",),
+    "publish": ("publish",),
     "demo": ("demo",),
     "build": ("build",),
     "sweep": ("sweep",),
@@ -52,6 +53,7 @@ USES: dict[str, set[str]] = {
     "quantize": {"gguf", "runtime", "imatrix"},
     "evaluate": {"recipe", "gguf", "resources", "runtime"},
     "package": {"formats", "recipe", "sources", "gguf", "evaluate"},
+    "publish": {"gguf", "package"},  # a finished folder to the hub: its manifest and card, GGUF shards
     "demo": {"recipe"},
     "build": set(ROOMS) - {"build", "sweep", "cli"},
     "sweep": set(ROOMS) - {"sweep", "cli"},  # a sweep is many builds' stages, scored and compared

@@ -14,14 +14,18 @@ from huggingface_hub import ModelCard
 from edgemerge.chat_format import derive_chat_format, render_template
 from edgemerge.demo import CHAT_TEMPLATE
 from edgemerge.errors import EdgemergeError
+from edgemerge.evaluate.answers import Response
+from edgemerge.evaluate.report import EvalReport
 from edgemerge.package import (
     ChatInfo,
     PackageInfo,
+    fill_repo,
     front_matter,
     model_card,
     modelfile,
     parse_modelfile_stops,
 )
+from edgemerge.package.card import PLACEHOLDER_NOTE
 from edgemerge.recipe import parse_recipe
 
 from .shared import need_shared
@@ -159,6 +163,124 @@ def test_front_matter_lists_hub_models_and_parses(tmp_path):
     hub = ModelCard(card)  # what the hub reads: the front matter as metadata, the rest as the card's text
     assert hub.data.base_model_relation == "merge" and hub.data.library_name == "gguf"
     assert hub.text.startswith("\n# llama3.1-8b-eu\n") and str(hub) == card
+
+
+GGUFS = {"a-F16.gguf": 1, "a-Q4_K_M.gguf": 15, "a-Q8_0.gguf": 7}  # name -> llama.cpp file type (LLAMA_FTYPE)
+
+
+def _ggufs(folder: Path) -> None:
+    """Three GGUFs that say their file type, sized like the real ones (F16 > Q8_0 > Q4_K_M)."""
+    import gguf
+    import numpy as np
+
+    for (name, ftype), n in zip(GGUFS.items(), (4096, 512, 1024)):
+        w = gguf.GGUFWriter(folder / name, "llama")
+        w.add_file_type(ftype)
+        w.add_tensor("x", np.zeros(n, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def _quick_report(name: str) -> EvalReport:
+    answer = Response("eu-01", "?", "Bai.", "eu", 0.9, True, 3, {"max_words": True})
+    return EvalReport(
+        model=name,
+        lang="eu",
+        quick=True,
+        perplexity=12.5,
+        tokens=100,
+        ppl_ctx=64,
+        chat_template=True,
+        language_fidelity=1.0,
+        instruction_following=0.667,
+        stop_rate=1.0,
+        max_tokens=64,
+        responses=[answer] * 6,
+    )
+
+
+def _evaluated(tmp_path: Path, failed: dict[str, list[str]]) -> PackageInfo:
+    _ggufs(tmp_path)
+    p = _info(tmp_path)
+    p.ggufs = list(GGUFS)
+    reports = {n: _quick_report(n) for n in GGUFS}
+    p.evals = {n: r.to_dict() for n, r in reports.items()}
+    p.eval_markdown = {n: r.to_markdown() for n, r in reports.items()}
+    p.gate_failures = failed
+    return p
+
+
+def test_card_is_ready_for_the_hub(tmp_path):
+    """Each file's stored type, the recommended file and why, commands to run it from the hub (a placeholder
+    repo until publish fills it in), limitations, quick-set tables without their inflated instruction score, and
+    metadata that huggingface_hub parses as the hub does."""
+    from huggingface_hub import ModelCardData
+
+    card = model_card(_evaluated(tmp_path, {"a-Q4_K_M.gguf": ["stop rate 0.10 < 0.50"]}))
+    for name, kind in (("a-F16.gguf", "F16"), ("a-Q4_K_M.gguf", "Q4_K_M"), ("a-Q8_0.gguf", "Q8_0")):
+        assert f"| `{name}` | {kind} |" in card
+    assert "written as F16 (the unquantized file" in card
+    assert "| 0.75 |\n\nRecipe:" in card  # the weight table ends before the text (they ran together)
+    # Q4_K_M is smaller but failed a gate: the smallest file that passed is recommended, and run from the hub
+    assert "**Recommended: `a-Q8_0.gguf`** (Q8_0): the smallest file that passed every gate" in card
+    repo = "<user>/llama3.1-8b-eu"
+    for command in (
+        f"llama-cli -hf {repo}:Q8_0 -cnv",
+        f"llama-server -hf {repo}:Q8_0 --port 8080",
+        f"ollama run hf.co/{repo}:Q8_0",
+        f"hf download {repo} a-Q8_0.gguf --local-dir .",
+    ):
+        assert command in card
+    assert PLACEHOLDER_NOTE.format(repo=repo) in card
+    limits = card.split("## Limitations")[1].split("## ")[0]
+    assert "English" in limits and "not a benchmark" in limits and "langid" in limits
+    # quick set: said in the text and each table's title; its instruction score is in no table
+    assert "**quick set** (6 prompts" in card and "Evaluation of `a-Q8_0.gguf` in **eu** (quick set)" in card
+    assert "| instruction following |" not in card and "| language fidelity | 100.0% |" in card
+
+    hub = ModelCard(card)
+    meta = hub.data.to_dict()
+    assert meta == ModelCardData(**yaml.safe_load(card.split("---\n")[1])).to_dict()
+    assert meta["language"] == ["eu"] and all(len(c) in (2, 3) and c.isalpha() for c in meta["language"])
+    assert meta["base_model_relation"] == "merge" and len(meta["base_model"]) == 3
+    assert meta["tags"] == ["merge", "gguf", "edgemerge"] and meta["pipeline_tag"] == "text-generation"
+
+    # publish's fill-in: the repo everywhere, the note gone, the metadata untouched; and again for another repo
+    filled = fill_repo(card, "llama3.1-8b-eu", "alice/eu-chat")
+    assert "<user>" not in filled and "Replace `" not in filled
+    assert (
+        "llama-cli -hf alice/eu-chat:Q8_0 -cnv" in filled and "ollama run hf.co/alice/eu-chat:Q8_0" in filled
+    )
+    assert ModelCard(filled).data.to_dict() == meta
+    moved = fill_repo(filled, "llama3.1-8b-eu", "bob/eu", old="alice/eu-chat")
+    assert "alice" not in moved and "llama-cli -hf bob/eu:Q8_0" in moved
+
+
+@pytest.mark.parametrize(
+    ("failed", "evaluated", "pick", "why"),
+    [
+        ({}, True, "a-Q4_K_M.gguf", "the smallest file that passed every gate"),
+        ({"a-Q4_K_M.gguf": ["x"], "a-Q8_0.gguf": ["x"]}, True, "a-F16.gguf", "the unquantized one did"),
+        ({n: ["x"] for n in GGUFS}, True, "a-Q4_K_M.gguf", "no file passed the recipe's gates"),
+        ({}, False, "a-Q4_K_M.gguf", "not evaluated (`--skip-eval`); Q4_K_M is llama.cpp's and Ollama's"),
+    ],
+)
+def test_recommended_file(tmp_path, failed, evaluated, pick, why):
+    p = _evaluated(tmp_path, failed)
+    if not evaluated:
+        p.evals, p.eval_markdown = {}, {}
+    card = model_card(p)
+    line = next(x for x in card.splitlines() if x.startswith("**Recommended:"))
+    assert line.startswith(f"**Recommended: `{pick}`**") and why in line, line
+
+
+def test_full_set_tables_keep_instruction_following():
+    report = _quick_report("a-Q8_0.gguf")
+    report.quick = False
+    md = report.to_markdown()
+    assert "| instruction following | 66.7% |" in md and "(quick set)" not in md
 
 
 def test_every_data_file_is_package_data():

@@ -199,7 +199,7 @@ def find_tools(mergekit: str | None, converter: str | None, route: str) -> Tools
 
 def peer_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[RouteRun, Path]:
     """mergekit-yaml -> convert_hf_to_gguf.py --outtype f16 -> Q4_K_M; returns the run and the F16 path."""
-    hf, f16, q4 = work / "peer-merged", work / "peer.F16.gguf", work / "peer.Q4_K_M.gguf"
+    hf, f16, q4 = work / "peer-merged", work / "peer-F16.gguf", work / "peer-Q4_K_M.gguf"
     _clean(hf, f16, q4)
     run = RouteRun(PEER)
     run.stages.append(run_stage(PEER_MERGE, [*tools.mergekit, str(fam / "mergekit.yaml"), str(hf)], log))
@@ -216,7 +216,7 @@ def edgemerge_route(fam: Path, work: Path, tools: Tools, log: Path) -> tuple[Rou
     stages by its --json summary. Without `build`: merge --gguf + quantize."""
     run = RouteRun(EDGEMERGE)
     recipe = str(fam / "recipe.yaml")
-    f16, qdir, out = work / "em.F16.gguf", work / "em-quant", work / "em-build"
+    f16, qdir, out = work / "em-F16.gguf", work / "em-quant", work / "em-build"
     _clean(f16, qdir, out, *work.glob(".em-build*"))  # and the build's cache beside its folder: no reuse
     merge = [
         sys.executable,
@@ -319,7 +319,7 @@ def profile_merge(fam: Path, work: Path, top: int = 25, near: list[str] | None =
     inclusive and by own samples.
     Without it: cProfile of the main thread (the prefetch thread is invisible to it).
     """
-    f16 = work / "profile.F16.gguf"
+    f16 = work / "profile-F16.gguf"
     args = ["merge", str(fam / "recipe.yaml"), "--gguf", str(f16), "--outtype", "f16", "--force"]
     # py-spy on PATH, beside this python, or beside mergekit-yaml (a bench venv)
     dirs = [str(Path(p).parent) for p in [sys.executable, *(near or [])]]

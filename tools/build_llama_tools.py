@@ -1,4 +1,5 @@
-"""Build llama.cpp's own command-line tools (llama-imatrix, llama-quantize, llama-perplexity) for parity tests.
+"""Build llama.cpp's own command-line tools (llama-imatrix, llama-quantize, llama-perplexity, llama-gguf-split) for
+parity tests.
 
 They are built from the llama.cpp that the installed llama-cpp-python vendors: we download that version's
 source distribution from PyPI with pip, extract vendor/llama.cpp into
@@ -20,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-gguf-split")
 
 _VENDOR = "vendor/llama.cpp/"
 # top-level folders of vendor/llama.cpp the build never reads (vocabularies, docs, disabled targets)

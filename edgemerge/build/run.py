@@ -15,6 +15,7 @@ from .. import __version__
 from ..check import check_compat
 from ..errors import EdgemergeError
 from ..evaluate import evaluate
+from ..evaluate.bench import prepare_tasks
 from ..evaluate.gates import check_gates
 from ..evaluate.prompts import load_prompts
 from ..evaluate.report import EvalReport
@@ -163,6 +164,8 @@ def build(
     backend = check_options(options, lang=False)  # bad names fail before any work (the language just below)
     if not options.skip_eval:
         load_prompts(lang)  # an unknown evaluation language fails before any work
+        if recipe.eval.tasks:  # unknown tasks, missing or misshapen data, too many shots: before any work too
+            prepare_tasks(recipe.eval.tasks, bench_data(recipe), recipe.eval.fewshot)
     out = Path(options.out or Path("dist") / recipe.name)
     check_out_path(out, local_inputs(recipe))  # before the lock file is made beside it
     with build_lock(out):
@@ -457,7 +460,18 @@ def _evaluate_files(
     ref_logits = stages.state.work / "eval" / f"{merged.name}.logits"
     for f in ggufs:
         ref = (None, ref_logits) if f == merged else (ref_logits, None)
-        rep = _eval_stage(stages, f.name, file_keys[f.name], f, result.lang, ref, options, memory, progress)
+        rep = _eval_stage(
+            stages,
+            f.name,
+            file_keys[f.name],
+            f,
+            result.lang,
+            ref,
+            options,
+            memory,
+            progress,
+            bench=recipe_bench(result.recipe),
+        )
         result.evals[f.name] = rep
         failed = check_gates(rep, result.recipe.eval)
         if failed:
@@ -505,6 +519,7 @@ def _evaluate_parent(
         memory,
         progress,
         plan_as,
+        bench=recipe_bench(result.recipe),
     )
 
 
@@ -580,10 +595,13 @@ def _eval_stage(
     memory: MemoryPlan,
     progress: Progress | None,
     plan_as: str | None = None,
+    bench: dict[str, Any] | None = None,
 ):
     """Evaluate `model` as a cached stage; the report is kept as JSON. `ref` is (a stored reference to compare
     against, a file to store this model's log-probabilities in); `plan_as`: the planned file whose memory
-    decision applies (the parent instruct GGUF has the unquantized file's size)."""
+    decision applies (the parent instruct GGUF has the unquantized file's size); `bench`: the recipe's
+    benchmarks (`recipe_bench`)."""
+    bench = bench or {}
 
     compare_to, save_to = ref
     planned = memory.evals.get(plan_as or model.name)
@@ -591,7 +609,15 @@ def _eval_stage(
     batch = planned.batch if planned is not None and planned.chat else None
     out_json = stages.state.work / "eval" / f"{label}.json"
     key = stage_key(
-        "eval", __version__, file_key, lang, options.quick_eval, compare_to is not None, skip_chat, batch
+        "eval",
+        __version__,
+        file_key,
+        lang,
+        options.quick_eval,
+        compare_to is not None,
+        skip_chat,
+        batch,
+        *([json.dumps(bench, default=str, sort_keys=True)] if bench else []),
     )
     holder: dict[str, Any] = {}
 
@@ -607,6 +633,7 @@ def _eval_stage(
             n_threads=memory.threads.n,
             batch=batch,
             skip_chat=skip_chat,
+            **bench,
         )
         holder["report"] = rep
         with atomic_output(out_json, force=True) as tmp:
@@ -617,6 +644,24 @@ def _eval_stage(
         return holder["report"]
 
     return EvalReport.from_dict(json.loads(out_json.read_text(encoding="utf-8")))
+
+
+def bench_data(recipe: Recipe) -> Path | None:
+    """The recipe's eval.data folder, relative to the recipe's own folder."""
+    data = recipe.eval.data
+    if data is None:
+        return None
+    path = Path(data).expanduser()
+    return path if path.is_absolute() or recipe.file is None else Path(recipe.file).parent / path
+
+
+def recipe_bench(recipe: Recipe) -> dict[str, Any]:
+    """evaluate()'s benchmark arguments from the recipe's eval: section (none without tasks)."""
+    g = recipe.eval
+    if not g.tasks:
+        return {}
+    bench = {"tasks": list(g.tasks), "fewshot": g.fewshot, "limit": g.limit, "data": bench_data(recipe)}
+    return bench | {"chat_template": g.chat_template}
 
 
 def llama_cpp_version() -> str | None:

@@ -322,7 +322,7 @@ def next_steps(result) -> list[str]:
     return [
         f"edgemerge chat {run} --lang {result.lang}",
         f"ollama create {name} -f {result.out / 'Modelfile'} && ollama run {name}",
-        f"hf upload YOUR-NAME/{result.recipe.name} {result.out}",
+        f"edgemerge publish {result.out} --repo YOUR-NAME/{result.recipe.name}",
     ]
 
 

@@ -18,7 +18,7 @@ from ..files import atomic_output, output_lock, prepare_output
 from ..limits import MAX_THREADS, check_count, shown_path
 from ..progress import make_progress
 from ..recipe import Gates, load_recipe
-from .common import MODEL_OPTION, app, console, err_console, examples, print_json, the_model
+from .common import MODEL_OPTION, app, console, err_console, examples, listed, print_json, the_model
 
 # gate field -> its flag (for messages about a bad threshold)
 GATE_FLAGS = {
@@ -84,6 +84,7 @@ def _opt(flag: str, help: str):
         "edgemerge eval m-Q4_K_M.gguf -l eu -o eval.json --markdown eval.md",
         "edgemerge eval m-F16.gguf -l eu --save-logits m-F16.logits  # once",
         "edgemerge eval m-Q4_K_M.gguf -l eu --ref-logits m-F16.logits  # per quant",
+        "edgemerge eval m.gguf --task eus_trivia,eus_exams_eu --fewshot 5 --data b/",
     ),
 )
 def eval_(
@@ -91,7 +92,12 @@ def eval_(
         Path | None, typer.Argument(help="The GGUF file to evaluate.", metavar="MODEL", show_default=False)
     ] = None,
     lang: Annotated[
-        str | None, typer.Option("--lang", "-l", help="Target language (ISO 639-1): eu, ca, gl, es, en.")
+        str | None,
+        typer.Option(
+            "--lang",
+            "-l",
+            help="Target language (ISO 639-1): eu, ca, gl, es, en. Leave out to run only --task.",
+        ),
     ] = None,
     model_opt: Annotated[Path | None, MODEL_OPTION] = None,
     ref: Annotated[
@@ -126,6 +132,50 @@ def eval_(
     ] = None,
     mc_limit: Annotated[
         int | None, typer.Option("--mc-limit", help="Score only the first N questions.")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="A benchmark as lm-evaluation-harness defines it (repeats or commas for several): eus_trivia, eus_exams_eu "
+            "(or one subset, eus_exams_eu_ejadministrari), truthfulqa-multi_mc1 / _mc2 (or _mc1_eu, ...).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    fewshot: Annotated[
+        int | None,
+        typer.Option(
+            "--fewshot",
+            help="Few-shot examples per question (lm-eval's --num_fewshot; default: the task's own, 0). "
+            "The paper's tables are 5-shot.",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            help="Score only the first N questions of each task (lm-eval's --limit).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template",
+            help="Ask through the GGUF's chat template, few-shot examples as user/assistant turns (lm-eval's "
+            "--apply_chat_template --fewshot_as_multiturn, as the paper ran its tables).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Folder of the benchmarks' files, as README's 'Benchmarks' lays out (eustrivia/, "
+            "eusexams_eu/, truthfulqa_multi/LANG/).",
+            rich_help_panel="Benchmarks (lm-evaluation-harness format)",
+        ),
     ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the full report (with every answer) as JSON on stdout.")
@@ -190,9 +240,10 @@ def eval_(
     """
 
     model = the_model(model_arg, model_opt, "eval")
-    if lang is None:
-        raise EdgemergeError("give the target language: --lang eu (ISO 639-1: eu, ca, gl, es, en)")
+    tasks = listed(tasks, "--task")
     check_eval_numbers(ctx, mc_limit, max_tokens, threads)
+    check_count("--fewshot", fewshot, 0, 1 << 16, " (few-shot examples per question)")
+    check_count("--limit", limit, 1, why=" (the number of questions to score per task)")
     check_count("--batch", batch, 1, MAX_BATCH, " (answers decoded in parallel)")
     gates_recipe = load_recipe(recipe) if recipe else None
     gates = gates_recipe.eval if gates_recipe else Gates()
@@ -206,7 +257,7 @@ def eval_(
         "max_ppl_ratio": max_ppl_ratio,
     }
     gates = gates_with(gates, overrides, GATE_FLAGS)
-    sys_prompt = language_info(lang)["system"] if system else None
+    sys_prompt = language_info(lang)["system"] if system and lang is not None else None
     inputs = [model, ref, ref_logits, text, mc, gates_recipe.file if gates_recipe else None]
     reports = _report_paths(report_file, markdown, inputs)
     if save_logits is not None:
@@ -234,6 +285,11 @@ def eval_(
             ctx=ctx,
             mc_limit=mc_limit,
             system=sys_prompt,
+            tasks=tasks,
+            fewshot=fewshot,
+            limit=limit,
+            data=data,
+            chat_template=chat_template,
         )
     if report.memory_note:
         err_console.print(f"warning: {report.memory_note}", highlight=False)
@@ -263,6 +319,8 @@ def eval_(
                 )
             out.print(table)
         out.print(report.to_table())
+        if report.benchmarks and report.lang is not None:
+            out.print(report.bench_table())
         if results:
             gt = Table(title="gates")
             gt.add_column("gate")

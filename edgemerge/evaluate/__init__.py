@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import EdgemergeError
@@ -18,6 +19,7 @@ from ..progress import task
 from ..resources import memory_limit
 from ..runtime import Model, check_gguf
 from .answers import answer_prompts, scores
+from .bench import BENCH_CTX, family_rows, prepare_tasks, run_tasks, settings_for
 from .drift import DriftMeter, reference_chunks
 from .mc import evaluate_mc, load_mc
 from .perplexity import DEFAULT_CTX, make_chunks, perplexity
@@ -35,7 +37,7 @@ ANSWER_BATCH = 16  # parallel answers: past ~16, a 2-core CPU gains little more 
 
 def evaluate(
     model: Path,
-    lang: str,
+    lang: str | None,
     *,
     ref: Path | None = None,
     ref_logits: Path | None = None,
@@ -52,6 +54,11 @@ def evaluate(
     batch: int | None = None,
     skip_chat: str | None = None,
     inputs: list[Path | None] | None = None,
+    tasks: list[str] | None = None,
+    fewshot: int | None = None,
+    limit: int | None = None,
+    data: Path | None = None,
+    chat_template: bool = False,
 ) -> EvalReport:
     """Evaluate `model` in `lang` (see the module docstring); inputs are checked before any model is loaded.
 
@@ -63,18 +70,33 @@ def evaluate(
     `system`: a system prompt for the chat turns (default none: the prompt's own language is the only cue).
     `batch`: answers decoded in parallel (default 16). `skip_chat`: a reason not to answer the prompts (a file
     too large for this machine's memory): the chat metrics are then n/a and the report says why.
+    `tasks`: benchmarks in lm-evaluation-harness's format (bench.py) with their data under `data`, `fewshot`
+    examples (default: each task's own) and the first `limit` questions of each; `chat_template`: through the
+    model's chat template, few-shot examples as turns (lm-eval's --apply_chat_template --fewshot_as_multiturn).
+    Without `lang`, only they run.
     """
 
     t0 = time.perf_counter()
     if ref is not None and ref_logits is not None:
         raise EdgemergeError("give either --ref (a GGUF) or --ref-logits (a stored file), not both")
+    if lang is None and not tasks:
+        raise EdgemergeError("give --lang (the language to evaluate in) or --task (a benchmark), or both")
+    if lang is None and (
+        ref is not None or ref_logits is not None or save_logits is not None or mc is not None
+    ):
+        raise EdgemergeError(
+            "--ref, --ref-logits, --save-logits and --mc need --lang (the perplexity text's language)"
+        )
     check_gguf(model)
     if ref is not None:
         check_gguf(ref)
-    prompts = load_prompts(lang, quick=quick)  # fails first for an unknown language
-    passages = read_passages(text) if text is not None else sample_text(lang)
+    prompts = (
+        load_prompts(lang, quick=quick) if lang is not None else []
+    )  # fails first for an unknown language
+    passages = [] if lang is None else read_passages(text) if text is not None else sample_text(lang)
     if mc is not None:
         load_mc(mc)
+    bench = prepare_tasks(tasks, data, fewshot) if tasks else []
     stored = StoredReference(ref_logits) if ref_logits is not None else None
     if stored is not None and ctx is not None and ctx != stored.header.n_ctx:
         stored.close()
@@ -103,10 +125,14 @@ def evaluate(
             stack.callback(stored.close)
 
         with task(progress, f"loading {Path(model).name}", None):
-            m = Model(model, n_ctx=CHAT_CTX, n_threads=n_threads)
+            m = Model(model, n_ctx=max(CHAT_CTX, BENCH_CTX) if bench else CHAT_CTX, n_threads=n_threads)
         stack.callback(m.close)
-        m.check_chat_template()  # a broken template fails now, not after the perplexity run
         report.threads = m.threads
+        if lang is None:
+            _benchmarks(m, report, bench, fewshot, limit, progress, chat_template)
+            report.seconds = round(time.perf_counter() - t0, 2)
+            return report
+        m.check_chat_template()  # a broken template fails now, not after the perplexity run
         t1 = time.perf_counter()
         if stored is not None:
             tokens = m.tokenize("\n".join(passages), add_special=True)
@@ -151,8 +177,25 @@ def evaluate(
         if mc is not None:
             res = evaluate_mc(m, mc, limit=mc_limit or (QUICK_MC if quick else None), progress=progress)
             report.mc_file, report.mc_accuracy, report.mc_questions = res.file, res.accuracy, res.questions
+        if bench:
+            _benchmarks(m, report, bench, fewshot, limit, progress, chat_template)
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _benchmarks(
+    m: Model, report: EvalReport, bench, fewshot: int | None, limit: int | None, progress, chat: bool
+) -> None:
+    """Run the prepared benchmarks on `m` and put their rows and settings in `report`."""
+    t = time.perf_counter()
+    results = run_tasks(m, bench, limit, progress, chat)
+    report.benchmarks = [r.row() for r in results]
+    families = family_rows(results)
+    for fam in families:  # a family's line before its subsets' lines
+        first = next(i for i, b in enumerate(report.benchmarks) if b["family"] == fam["task"])
+        report.benchmarks.insert(first, fam)
+    report.bench_settings = asdict(settings_for(bench, fewshot, limit, chat))
+    report.bench_seconds = round(time.perf_counter() - t, 2)
 
 
 def _scored(model, chunks, progress, label: str, meter, save: Path | None, inputs: list[Path | None]):

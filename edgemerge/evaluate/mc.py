@@ -10,7 +10,6 @@ choice labelled 1) and EusTrivia/EusExams JSONL (one {"question", "candidates", 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgemergeError
-from ..limits import MAX_MC_BYTES, read_limited, shown
+from ..limits import shown
 from ..progress import task
-from ..runtime import Model, log_softmax
+from ..runtime import Model
+from .loglik import continuation_logliks
+from .records import read_records
 
 PROMPT = "Q: {question}\nA:"
 
@@ -100,34 +101,7 @@ def _item(rec: Any, where: str) -> MCItem:
 
 def load_mc(path: Path) -> list[MCItem]:
     """Read a multiple-choice file in one of the two formats (module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgemergeError(f"multiple-choice file {path} not found")
-    raw = read_limited(path, MAX_MC_BYTES, "multiple-choice file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EdgemergeError(f"multiple-choice file {path} is not UTF-8") from None
-    try:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
-        wheres = [f"{path} item {i + 1}" for i in range(len(records))]
-    except RecursionError:
-        raise EdgemergeError(f"multiple-choice file {path}: JSON nested too deeply") from None
-    except ValueError:
-        records, wheres = [], []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except (ValueError, RecursionError):
-                    raise EdgemergeError(
-                        f"{path}:{n}: not JSON (expected one JSON array, or JSON Lines: one object per line)"
-                    ) from None
-                wheres.append(f"{path}:{n}")
-    if not records:
-        raise EdgemergeError(f"multiple-choice file {path} has no questions")
-    return [_item(r, w) for r, w in zip(records, wheres)]
+    return [_item(r, w) for r, w in read_records(path, "multiple-choice file")]
 
 
 def choice_logliks(model: Model, item: MCItem) -> list[float]:
@@ -140,15 +114,7 @@ def choice_logliks(model: Model, item: MCItem) -> list[float]:
     if room < 1:
         raise EdgemergeError(f"a candidate of question {shown(item.question, 60)} does not fit the context")
     ctx = ctx[-room:]  # left truncation, as lm-evaluation-harness does, for questions longer than the context
-    last, rows = model.continuations(ctx, conts)
-    out = []
-    for cont, r in zip(conts, rows):
-        if not cont:
-            out.append(float("-inf"))
-            continue
-        scored = np.vstack([last[None, :], r])
-        out.append(float(log_softmax(scored)[np.arange(len(cont)), cont].sum()))
-    return out
+    return [x if c else float("-inf") for x, c in zip(continuation_logliks(model, ctx, conts), conts)]
 
 
 def evaluate_mc(model: Model, path: Path, *, limit: int | None = None, progress=None) -> MCResult:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import EdgemergeError
 from ..evaluate.prompts import language_info
 from ..files import MARKER, atomic_output
-from .card import CARD, DEMO_NOTE, LADDER_PLOT, SWEEP_PLOT, front_matter, model_card
+from .card import CARD, DEMO_NOTE, LADDER_PLOT, SWEEP_PLOT, fill_repo, front_matter, model_card
 from .info import PackageInfo
 from .manifest import EVAL_JSON, MANIFEST, eval_json, tool_versions
 from .manifest import manifest as manifest_data
@@ -33,6 +33,8 @@ __all__ = [
     "ChatInfo",
     "PackageInfo",
     "chat_info",
+    "fill_repo",
+    "foreign_files",
     "front_matter",
     "model_card",
     "modelfile",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gguf
 import yaml
 
 from .. import __version__
@@ -23,6 +24,12 @@ CARD = "README.md"
 SWEEP_PLOT = "sweep.png"  # the plot of the sweep that chose the weight (build --weight auto)
 LADDER_PLOT = "ladder.png"  # the plot of the quant ladder that chose the type (build --quant auto)
 TEMPLATE = Path(__file__).resolve().parent / "card_template.md"  # Jinja, rendered by ModelCard.from_template
+REPO_PLACEHOLDER = "<user>/{name}"  # the hub id in the card's commands until `edgemerge publish` fills it in
+PLACEHOLDER_NOTE = (
+    "Replace `{repo}` below with the repo this folder is uploaded to "
+    "(`edgemerge publish FOLDER --repo user/name` fills it in)."
+)
+DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's, Ollama's and LM Studio's usual default of size against quality
 DEMO_NOTE = (
     "**Demo build.** These models are tiny (a few million parameters, trained for seconds by "
     "`edgemerge build --demo`) and their answers are meaningless: the folder shows what a real build produces."
@@ -76,10 +83,61 @@ def _recipe_yaml(r: Recipe) -> dict[str, Any]:
     return data
 
 
-def _float_type(gguf_path: Path) -> str:
-    """The unquantized file's type as llama.cpp names it (its general.file_type), e.g. F16."""
+def file_type(gguf_path: Path) -> str | None:
+    """A GGUF's type as llama.cpp names it, from its general.file_type (F16, BF16, Q4_K_M, ...); None when the
+    file is missing or does not say."""
     ftype = kv(gguf_path).get("general.file_type") if gguf_path.exists() else None
-    return {0: "F32", 1: "F16", 32: "BF16"}.get(ftype, "F16" if ftype is None else f"file type {ftype}")
+    if ftype is None:
+        return None
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {ftype}"
+
+
+def file_types(p: PackageInfo) -> dict[str, str | None]:
+    """Each shipped GGUF's type (file_type)."""
+    return {name: file_type(p.out / name) for name in p.ggufs}
+
+
+def repo_placeholder(name: str) -> str:
+    """The hub id the card's commands use until `edgemerge publish` fills in the real one."""
+    return REPO_PLACEHOLDER.format(name=name)
+
+
+def fill_repo(card: str, name: str, repo: str, old: str | None = None) -> str:
+    """The card with the hub id `repo` in its commands, in place of the placeholder (or of `old`, the repo it was
+    published to before); the note asking to replace the placeholder goes."""
+    old = old or repo_placeholder(name)
+    note = PLACEHOLDER_NOTE.format(repo=repo_placeholder(name))
+    return card.replace(f"\n{note}\n", "").replace(old, repo)
+
+
+def recommended(p: PackageInfo, types: dict[str, str | None]) -> tuple[str, str]:
+    """(file, why): the smallest quantized file that passed the recipe's gates; without an evaluation, the
+    Q4_K_M file (else the first quantized one); when no quantized file passed, the unquantized one if it did."""
+    size = {n: (p.out / n).stat().st_size if (p.out / n).exists() else 0 for n in p.ggufs}
+    quants = p.ggufs[1:]
+    if not quants:
+        return p.ggufs[0], "the only file of this build"
+    if not p.evals:
+        pick = next((n for n in quants if types.get(n) == DEFAULT_QUANT), quants[0])
+        if types.get(pick) == DEFAULT_QUANT:
+            return (
+                pick,
+                f"not evaluated (`--skip-eval`); {DEFAULT_QUANT} is llama.cpp's and Ollama's usual default",
+            )
+        return pick, "not evaluated (`--skip-eval`); the recipe's first quantization"
+    passed = [n for n in p.ggufs if n in p.evals and not p.gate_failures.get(n)]
+    if any(n in quants for n in passed):
+        pick = min((n for n in passed if n in quants), key=lambda n: size[n])
+        return pick, "the smallest file that passed every gate of the recipe (see Evaluation)"
+    if p.ggufs[0] in passed:
+        return p.ggufs[
+            0
+        ], "no quantized file passed the recipe's gates; the unquantized one did (see Evaluation)"
+    pick = min(quants, key=lambda n: size[n])
+    return pick, "no file passed the recipe's gates (see Evaluation): treat this build as an experiment"
 
 
 def model_card(p: PackageInfo) -> str:
@@ -90,11 +148,14 @@ def model_card(p: PackageInfo) -> str:
     r = p.recipe
     files = []
     imx = p.imatrix
+    types = file_types(p)
     for name in p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else []):
         path = p.out / name
         made_with = "" if name == p.shipped_imatrix else ("yes" if imx and name in imx["files"] else "no")
         size = human_bytes(path.stat().st_size) if path.exists() else "?"
-        files.append({"name": name, "size": size, "imatrix": made_with})
+        kind = "importance matrix" if name == p.shipped_imatrix else (types[name] or "?")
+        files.append({"name": name, "type": kind, "size": size, "imatrix": made_with})
+    pick, why = recommended(p, types)
     card = ModelCard.from_template(
         front_matter(p),
         template_path=str(TEMPLATE),
@@ -111,7 +172,7 @@ def model_card(p: PackageInfo) -> str:
         version=__version__,
         method=r.method,
         options=r.options,
-        stored=_float_type(p.out / p.ggufs[0]),
+        stored=types[p.ggufs[0]] or "F16",
         formula=formula(r) if r.method == "task_arithmetic" else None,
         recipe_yaml=yaml.safe_dump(_recipe_yaml(r), sort_keys=False, allow_unicode=True).strip(),
         files=files,
@@ -122,13 +183,18 @@ def model_card(p: PackageInfo) -> str:
             for name, md in p.eval_markdown.items()
         ],
         quick=any(e.get("quick") for e in p.evals.values()),
-        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.model_dump(exclude_none=True).items()),
+        prompts=max((len(e.get("responses") or []) for e in p.evals.values()), default=0),
+        quick_tokens=max((e.get("max_tokens") or 0 for e in p.evals.values()), default=0),
+        gates=", ".join(f"{k} {v:g}" for k, v in r.eval.thresholds().items()),
         parents=[{"role": role, "markdown": rep["markdown"].strip()} for role, rep in p.parent_evals.items()],
         lang=p.lang,
         gguf=p.modelfile_gguf,
         ollama_name=r.name.lower(),
         licence=r.license,
         sweep=None if p.sweep is None else {**p.sweep, "plot": SWEEP_PLOT},
+        repo=repo_placeholder(r.name),
+        placeholder_note=PLACEHOLDER_NOTE.format(repo=repo_placeholder(r.name)),
+        recommended={"file": pick, "why": why, "tag": types[pick] or DEFAULT_QUANT},
         ladder=None if p.ladder is None else {**p.ladder, "plot": LADDER_PLOT},
     )
     return str(card)

@@ -13,7 +13,7 @@ from typing import Any
 from .. import __version__
 from ..hashes import sha256_file
 from ..public import public_inputs, public_recipe
-from .card import formula
+from .card import file_types, formula, recommended
 from .info import PackageInfo
 
 MANIFEST = "manifest.json"
@@ -46,11 +46,17 @@ def tool_versions() -> dict[str, str | None]:
 def eval_json(p: PackageInfo) -> dict[str, Any]:
     return {
         "lang": p.lang,
-        "gates": p.recipe.eval.model_dump(exclude_none=True),
+        "gates": p.recipe.eval.thresholds(),
         "files": p.evals,
         "gate_failures": p.gate_failures,
         "parents": {k: v["report"] for k, v in p.parent_evals.items()},
     }
+
+
+def _recommended(p: PackageInfo) -> dict[str, str | None]:
+    types = file_types(p)
+    pick, why = recommended(p, types)
+    return {"file": pick, "type": types[pick], "why": why}
 
 
 def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
@@ -72,6 +78,7 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
         "formula": formula(p.recipe) if p.recipe.method == "task_arithmetic" else None,
         "inputs": public_inputs(p.inputs, p.recipe.root),
         "imatrix": p.imatrix,
+        "recommended": _recommended(p),
         "sweep": None if p.sweep is None else {"reason": p.sweep["reason"]},
         "quant_ladder": None if p.ladder is None else p.ladder["data"],
         "backend": p.backend,

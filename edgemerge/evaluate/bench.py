@@ -1,0 +1,178 @@
+"""Benchmarks in lm-evaluation-harness's format and units, scored by llama.cpp: `prepare_tasks` reads and checks
+the task files and their data (before any model is loaded), `run_tasks` scores them on a loaded model.
+
+Each question's context is decoded once and its answer choices continue it from the KV cache (loglik.py); the
+prompts, few-shot examples and scores are lm-eval's (harness.py). Per task: lm-eval's metric names (acc,
+acc_norm, with their _stderr) over the questions asked; per family with `aggregate: size_weighted` also the
+size-weighted mean over its subsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgemergeError
+from ..progress import task as progress_task
+from ..runtime import Model
+from .harness import Prompter, TaskDocs, check_shots, load_docs, mean_stderr, pooled_stderr, requests, score
+from .loglik import continuation_logliks, encode_request
+from .taskfile import DEFAULT_SEED, load_spec, missing_subsets, resolve_tasks
+
+BENCH_CTX = 8192  # the longest prompt a benchmark may need (capped at the model's training context)
+
+
+@dataclass
+class PreparedTask:
+    docs: TaskDocs
+    prompter: Prompter
+    shots: int
+
+    @property
+    def name(self) -> str:
+        return self.docs.task.name
+
+
+@dataclass
+class TaskResult:
+    """One task's scores (lm-eval's names) and each question's chosen answer and log-likelihoods."""
+
+    task: str
+    family: str | None
+    questions: int
+    shots: int
+    metrics: dict[str, float]
+    stderrs: dict[str, float | None]
+    predictions: list[int] = field(default_factory=list, repr=False)
+    logliks: list[list[float]] = field(default_factory=list, repr=False)
+    per_question: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        """The task's line of the report: task, family, questions, shots, then each metric and its _stderr."""
+        out: dict[str, Any] = {"task": self.task, "family": self.family, "questions": self.questions}
+        out["shots"] = self.shots
+        for m, v in self.metrics.items():
+            out[m], out[f"{m}_stderr"] = v, self.stderrs[m]
+        return out
+
+
+@dataclass
+class BenchSettings:
+    """What the scores depend on besides the model, shown beside them."""
+
+    fewshot: int | None  # --fewshot (None: each task's own default, lm-eval's)
+    limit: int | None
+    chat_template: bool = False
+    seed: int = DEFAULT_SEED
+    missing: dict[str, list[str]] = field(default_factory=dict)  # family -> subsets whose data was absent
+
+
+def prepare_tasks(names: list[str], data: Path | None, fewshot: int | None) -> list[PreparedTask]:
+    """The tasks `names` with their data under `data`, every record checked and every task's few-shot split
+    large enough (see harness.py); fails on the first problem with one line naming the file or the field."""
+    tasks = resolve_tasks(
+        names, data if data is not None and Path(data).is_dir() else None
+    )  # unknown names first
+    if data is None:
+        t = tasks[0]
+        raise EdgemergeError(
+            f"task {t.name} reads its questions from local files: give --data DIR with "
+            f"{t.spec.data_files[t.eval_split].format(subset=t.subset or '<subset>')} in it ({t.spec.dataset_path} "
+            "on the Hugging Face hub, as JSON or JSON Lines)"
+        )
+    if not Path(data).is_dir():
+        raise EdgemergeError(
+            f"the benchmarks' data folder {data} is not a folder (--data, or eval.data in a recipe)"
+        )
+    out = []
+    for t in tasks:
+        prompter = Prompter(t.spec, t.name)
+        docs = load_docs(t, data, prompter)
+        shots = t.spec.num_fewshot if t.spec.num_fewshot == 0 or fewshot is None else fewshot
+        shots = shots or 0
+        check_shots(docs, shots)
+        out.append(PreparedTask(docs, prompter, shots))
+    return out
+
+
+def settings_for(
+    prepared: list[PreparedTask], fewshot: int | None, limit: int | None, chat: bool = False
+) -> BenchSettings:
+    return BenchSettings(fewshot, limit, chat, missing=missing_subsets([p.docs.task for p in prepared]))
+
+
+def check_context(
+    model: Model, prepared: list[PreparedTask], limit: int | None, progress=None, chat: bool = False
+) -> None:
+    """Every question's prompt and longest answer fit the model's context, or one line says how many tokens the
+    longest needs (the prompts are built and tokenized once here, before any is scored)."""
+    total = sum(len(p.docs.eval_docs[:limit]) for p in prepared)
+    with progress_task(progress, "building prompts", total, unit="questions") as advance:
+        for p in prepared:
+            need, where = 0, ""
+            for req in requests(p.docs, p.prompter, p.shots, limit, chat=chat):
+                ctx, conts = encode_request(model, req)
+                n = len(ctx) + max((len(c) for c in conts), default=0)
+                if n > need:
+                    need, where = n, req.doc.where
+                advance(1)
+            if need > model.n_ctx:
+                raise EdgemergeError(
+                    f"task {p.name}: the {p.shots}-shot prompt of {where} and its longest answer need {need} "
+                    f"tokens, more than the {model.n_ctx} of the model's context; give fewer --fewshot"
+                )
+
+
+def run_task(
+    model: Model, p: PreparedTask, limit: int | None, progress=None, chat: bool = False
+) -> TaskResult:
+    """Score one task's first `limit` questions (all without it); `chat`: through the model's chat template,
+    few-shot examples as turns (harness.requests)."""
+    spec = p.docs.task.spec
+    res = TaskResult(p.name, p.docs.task.family, 0, p.shots, {}, {})
+    n = len(p.docs.eval_docs[:limit])
+    with progress_task(progress, p.name, n, unit="questions") as advance:
+        for req in requests(p.docs, p.prompter, p.shots, limit, chat=chat):
+            ctx, conts = encode_request(model, req)
+            lls = continuation_logliks(model, ctx, conts)
+            res.logliks.append(lls)
+            res.predictions.append(max(range(len(lls)), key=lls.__getitem__))
+            res.per_question.append(score(spec, req, lls))
+            advance(1)
+    res.questions = len(res.per_question)
+    for m in res.per_question[0]:
+        xs = [q[m] for q in res.per_question]
+        res.metrics[m], res.stderrs[m] = sum(xs) / len(xs), mean_stderr(xs)
+    return res
+
+
+def run_tasks(
+    model: Model, prepared: list[PreparedTask], limit: int | None, progress=None, chat: bool = False
+) -> list[TaskResult]:
+    """Check every prompt fits, then score each task in turn (`chat`: through the model's chat template)."""
+    if chat and model.chat_template is None:
+        raise EdgemergeError(
+            f"--chat-template: {model.path.name} has no chat template (a base model?); leave --chat-template out"
+        )
+    check_context(model, prepared, limit, progress, chat)
+    return [run_task(model, p, limit, progress, chat) for p in prepared]
+
+
+def family_rows(results: list[TaskResult]) -> list[dict[str, Any]]:
+    """For each family whose task file says `aggregate: size_weighted`: the size-weighted mean of each metric
+    over the subsets run and lm-eval's pooled standard error."""
+    out = []
+    for fam in dict.fromkeys(r.family for r in results if r.family):
+        if load_spec(fam).aggregate != "size_weighted":
+            continue
+        subs = [r for r in results if r.family == fam]
+        sizes = [r.questions for r in subs]
+        row: dict[str, Any] = {"task": fam, "family": None, "questions": sum(sizes), "shots": subs[0].shots}
+        for m in subs[0].metrics:
+            row[m] = sum(r.metrics[m] * r.questions for r in subs) / sum(sizes)
+            ses = [r.stderrs[m] for r in subs]
+            row[f"{m}_stderr"] = None if None in ses else pooled_stderr(ses, sizes)  # type: ignore[arg-type]
+        row["subsets"] = len(subs)
+        out.append(row)
+    return out
