@@ -217,6 +217,7 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
             assert abs(sizes[q] - r["size"]) <= 8 * 1024, (q, sizes[q], r["size"])
     card = (out / "README.md").read_text()
     assert "![quant ladder: drift against file size](ladder.png)" in card
+    assert f"**Recommended: `edgemerge-demo-eu-{chosen}.gguf`**" in card and "the quant ladder chose" in card
     assert ladder["choice"]["reason"] in card
     for q in rungs:
         assert f"| {q} |" in card or f"| **{q}** |" in card

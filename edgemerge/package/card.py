@@ -120,6 +120,8 @@ def recommended(p: PackageInfo, types: dict[str, str | None]) -> tuple[str, str]
     quants = p.ggufs[1:]
     if not quants:
         return p.ggufs[0], "the only file of this build"
+    if not p.evals and p.ladder is not None:  # --quant auto shipped one type
+        return quants[0], "not evaluated (`--skip-eval`); the type the quant ladder chose (below)"
     if not p.evals:
         pick = next((n for n in quants if types.get(n) == DEFAULT_QUANT), quants[0])
         if types.get(pick) == DEFAULT_QUANT:
