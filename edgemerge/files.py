@@ -484,6 +484,16 @@ def ensure_free_space(path: Path, needed: int, what: str) -> None:
         )
 
 
+def si_bytes(n: float) -> str:
+    """Bytes in powers of 1000 (4.92 GB), as the Hugging Face hub and Ollama show file sizes and as --max-size
+    5GB counts them."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":

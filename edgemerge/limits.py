@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,30 @@ def check_count(flag: str, value: int | None, low: int, high: int | None = None,
     if value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"between {low} and {high}"
         raise EdgemergeError(f"{flag} {shown(value)}: must be {bound}{why}")
+
+
+# Size units as the tools users know write them: KB/MB/GB/TB are powers of 1000 (the hf CLI's --max-shard-size,
+# huggingface_hub's parse_size_to_int; llama.cpp's gguf-split takes 5G as 5 * 1000^3), KiB..TiB powers of 1024
+# (IEC, what llama.cpp logs in MiB); hand-written because parse_size_to_int is private API and has no binary units
+SIZE_UNITS = {"": 1, "B": 1} | {
+    f"{p}{suffix}": base**i
+    for i, p in enumerate("KMGT", 1)
+    for suffix, base in (("", 1000), ("B", 1000), ("IB", 1024))
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(flag: str, text: str) -> int:
+    """Bytes of a size such as 5GB (5 * 10^9), 800MB, 4.5GiB (4.5 * 2^30), 5G or 123 (bytes); anything else,
+    zero included, is one line naming the flag."""
+    m = _SIZE.fullmatch(text) if len(text) <= 40 else None
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[unit] < 1:
+        raise EdgemergeError(
+            f"{flag}: {shown(text)} is not a size; give a number and a unit, e.g. 5GB, 800MB or 4.5GiB "
+            "(GB: 10^9 bytes, as the hf CLI counts; GiB: 2^30)"
+        )
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
 
 
 def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:

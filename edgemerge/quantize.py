@@ -15,11 +15,13 @@ import collections
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,61 @@ def quantize(
     return dst
 
 
+def quant_sizes(src: Path, quants: list[str]) -> dict[str, int]:
+    """Bytes the file of each llama.cpp type in `quants` (canonical names) would take, without writing it:
+    llama.cpp's own dry run (`llama_model_quantize_params.dry_run`, llama-quantize --dry-run) picks each
+    tensor's type as a real run would and logs the tensor data's size in MiB; the file is that plus the header,
+    taken as the float file's (the same keys and tensor list: within a few KB, tested).
+
+    The types that need an importance matrix are sized too (the dry run only warns)."""
+    src = Path(src)
+    info = read_gguf(src)
+    if info.kv.get("general.file_type", 1) not in _FLOAT_FTYPES:
+        raise EdgemergeError(
+            f"{src} is already quantized; size the quants of the F16, BF16 or F32 GGUF instead"
+        )
+    names = [check_quant(q, imatrix=True) for q in quants]
+    ftypes = [str(quant_types()[n]) for n in names]
+    rc, out, err = _run_child(
+        child_command("edgemerge.quantize", "_sizes_main", str(src), *ftypes), stdout=True
+    )
+    if rc != 0:
+        raise EdgemergeError(
+            f"llama.cpp could not size the quants of {src}: {last_line(err) or 'it gave no reason'}"
+        )
+    mib = json.loads(out.decode().strip().splitlines()[-1])  # the child's last line; llama.cpp logs elsewhere
+    return {n: info.data_offset + round(mib[f] * 2**20) for n, f in zip(names, ftypes, strict=True)}
+
+
+def _sizes_main(src: str, *ftypes: str) -> int:
+    """The child of `quant_sizes`: one dry run per file type; prints {ftype: MiB of tensor data} as JSON."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import llama_cpp  # loads the llama.cpp library: only in this child
+
+    said: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        said.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    sizes = {}
+    with tempfile.TemporaryDirectory(prefix="edgemerge-dry-run-") as tmp:
+        dst = os.path.join(tmp, "never-written.gguf")
+        for ftype in ftypes:
+            said.clear()
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread, params.dry_run = int(ftype), 1, True
+            rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+            m = re.search(r"quant size\s*=\s*([0-9.]+) MiB", "".join(said))
+            if rc != 0 or m is None or os.path.exists(dst):
+                print("".join(said[-LOG_TAIL:]) or f"dry run of file type {ftype} failed", file=sys.stderr)
+                return 1
+            sizes[ftype] = float(m.group(1))
+    print(json.dumps(sizes))
+    return 0
+
+
 def run_quantizer(
     src: Path,
     dst: Path,
@@ -184,14 +241,21 @@ def run_quantizer(
     argv = child_command(
         "edgemerge.quantize", "_quantizer_main", str(src), str(dst), str(ftype), str(nthread), *extra
     )
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    rc, _, err = _run_child(argv)
+    return rc, last_line(err)
+
+
+def _run_child(argv: list[str], *, stdout: bool = False) -> tuple[int, bytes, str]:
+    """Run a child to its end: its return code, stdout (when captured) and stderr; on Ctrl-C (or any exception)
+    it is killed at once and the exception goes on."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if stdout else None, stderr=subprocess.PIPE)
     try:
-        _, err = proc.communicate()
+        out, err = proc.communicate()
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return proc.returncode, last_line(err.decode("utf-8", errors="replace"))
+    return proc.returncode, out or b"", err.decode("utf-8", errors="replace")
 
 
 def last_line(log: str) -> str:

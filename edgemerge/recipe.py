@@ -47,7 +47,13 @@ MAX_LANGUAGES = 64
 MAX_QUANTS = 32
 MAX_TEXT = 10_000  # description (it goes into the model card)
 IMATRIX_CHOICES = ("auto", "none")  # else the recipe's imatrix is a file
-AFTER_MERGE = ("quants", "imatrix", "eval", "sweep")  # recipe fields of the stages after the merge
+AFTER_MERGE = (
+    "quants",
+    "imatrix",
+    "eval",
+    "sweep",
+    "quant_auto",
+)  # recipe fields of the stages after the merge
 MAX_SWEEP = 32  # candidates per method: each is a merge, a quantization and an evaluation
 BENCH_FIELDS = (
     "tasks",
@@ -194,6 +200,77 @@ class SweepRule(BaseModel):
         return x
 
 
+def check_quant_names(v: list[str]) -> list[str]:
+    """At most MAX_QUANTS names shaped like llama.cpp's (which exist is checked when llama.cpp is loaded)."""
+    if len(v) > MAX_QUANTS:
+        raise ValueError(f"at most {MAX_QUANTS} quantization types, got {len(v)}")
+    for q in v:
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", q):
+            raise ValueError(f"a quantization type is a llama.cpp name such as Q4_K_M, got {shown(q)}")
+    return v
+
+
+# llama.cpp's usual file types, the sizes of an 8B model falling from 8.5 to 3.0 bits per weight; none needs an
+# importance matrix (IQ4_XS and the K types use one when the build has it)
+DEFAULT_LADDER = [
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q4_K_M",
+    "Q4_K_S",
+    "IQ4_XS",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+]
+
+
+class QuantAuto(BaseModel):
+    """The ladder `build --quant auto` measures and its drift gate (build/ladder.py): the smallest type of the
+    ladder that fits the budget (--max-size, --max-ram) and whose next-token distributions on held-out text of
+    the target language stay within the gate against the unquantized file: mean KL divergence at most
+    `max_kld_mean` and top-1 agreement at least `min_top1_agreement`. None disables one of the two.
+
+    The defaults are a starting point, not a measured optimum: about where llama.cpp's published KL-divergence
+    measurements of 8B models on English text place the step from 4-bit to 3-bit K types. A language the
+    instruct model knows less tends to drift more, which is what the gate measures.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    ladder: list[str] = Field(default_factory=lambda: list(DEFAULT_LADDER))
+    max_kld_mean: float | None = 0.05
+    min_top1_agreement: float | None = 0.9
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one llama.cpp type, e.g. [Q8_0, Q6_K, Q4_K_M, Q3_K_M]")
+        return list(dict.fromkeys(check_quant_names(v)))
+
+    @field_validator("max_kld_mean", "min_top1_agreement", mode="before")
+    @classmethod
+    def _gate(cls, v: Any, info) -> float | None:
+        if v is None:
+            return None
+        x = finite_number(info.field_name, v)
+        if info.field_name == "min_top1_agreement" and not 0 <= x <= 1:
+            raise ValueError(f"min_top1_agreement is a fraction: it must be between 0 and 1, got {shown(v)}")
+        if x <= 0 and info.field_name == "max_kld_mean":
+            raise ValueError(f"max_kld_mean must be above 0 (0 would refuse every quant), got {shown(v)}")
+        return x
+
+    @model_validator(mode="after")
+    def _some_gate(self) -> QuantAuto:
+        if self.max_kld_mean is None and self.min_top1_agreement is None:
+            raise ValueError(
+                "give max_kld_mean or min_top1_agreement (or both): without a drift gate the smallest type "
+                "would always win"
+            )
+        return self
+
+
 def check_weights(v: Any) -> list[float]:
     """A sweep's language weights: a non-empty list of finite numbers >= 0, at most MAX_SWEEP, de-duplicated in
     order (a weight above HIGH_WEIGHT is allowed: the sweep says it is unusual)."""
@@ -235,6 +312,7 @@ class Recipe(BaseModel):
     description: str | None = None
     eval: Gates = Field(default_factory=Gates)
     sweep: SweepRule = Field(default_factory=SweepRule)
+    quant_auto: QuantAuto = Field(default_factory=QuantAuto)
     # Folder the recipe was read from: relative local paths resolve against it (not part of the YAML).
     root: Path | None = Field(default=None, exclude=True)
     # The file it was read from (also a bundled one): an input of the command, never one of its outputs.
@@ -280,12 +358,7 @@ class Recipe(BaseModel):
     @field_validator("quants")
     @classmethod
     def _quants(cls, v: list[str]) -> list[str]:
-        if len(v) > MAX_QUANTS:
-            raise ValueError(f"at most {MAX_QUANTS} quantization types, got {len(v)}")
-        for q in v:
-            if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", q):
-                raise ValueError(f"a quantization type is a llama.cpp name such as Q4_K_M, got {shown(q)}")
-        return v
+        return check_quant_names(v)
 
     @field_validator("imatrix")
     @classmethod

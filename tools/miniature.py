@@ -538,6 +538,22 @@ def claims(results: list[dict]) -> list[dict]:
     return out
 
 
+def sweep_family(cfg: Config, plot: Path) -> str:
+    """`edgemerge sweep` over the trained family (the README's grid), its plot copied to `plot`; returns the
+    table and the reason for the choice."""
+    import shutil
+
+    from edgemerge.recipe import parse_recipe
+    from edgemerge.sweep import SWEEP_PNG, SweepOptions, sweep
+
+    data = recipe_dict("sweep", "task_arithmetic", 1.0, (cfg.out / "models").resolve())
+    data["sweep"] = {"weights": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5], "methods": ["task_arithmetic", "linear"]}
+    opts = SweepOptions(out=cfg.out / "sweep", threads=cfg.threads, backend="torch", fast=True)
+    res = sweep(parse_recipe(data), opts)
+    shutil.copyfile(res.out / SWEEP_PNG, plot)
+    return res.table() + "\n\n" + res.choice.reason
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config(out=Path("."))
@@ -573,10 +589,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate ({d.lr})")
     p.add_argument("--force", action="store_true", help="retrain even when OUT/models matches the settings")
-    args = p.parse_args(argv)
-    cfg = Config(**vars(args))
+    p.add_argument(
+        "--sweep-plot",
+        type=Path,
+        help="also run `edgemerge sweep` (task_arithmetic and linear at 0.25 .. 1.5, --fast) on the family and "
+        "copy its sweep.png here (the README's figure: tools/miniature-sweep.png)",
+    )
+    args = vars(p.parse_args(argv))
+    plot = args.pop("sweep_plot")
+    cfg = Config(**args)
     results = run(cfg)
     print(table(results))
+    if plot is not None:
+        print(sweep_family(cfg, plot))
     print("\nissue 7's claim, for each merge with w <= 1 (all three at once):")
     for c in claims(results):
         ratios = "  ".join(f"{k} {v:.3f}" for k, v in c.items() if k not in ("model", "holds"))

@@ -16,7 +16,9 @@ finished: the card, Modelfile, eval.json and manifest are removed when a build s
 written again at its end, so they describe only a finished build.
 """
 
+from .ladder import Budget, LadderChoice, Rung, choose_quant
 from .options import BuildOptions, Plan, apply_overrides, check_options, check_quants
+from .quant_auto import LadderResult
 from .run import BuildResult, build
 from .state import (
     PACKAGE_FILES,
@@ -37,10 +39,14 @@ from .target import choose_recipe, demo_options
 __all__ = [
     "PACKAGE_FILES",
     "STATE_FILE",
+    "Budget",
     "BuildOptions",
     "BuildResult",
     "BuildState",
+    "LadderChoice",
+    "LadderResult",
     "Plan",
+    "Rung",
     "StageEvent",
     "StageRecord",
     "Stages",
@@ -49,6 +55,7 @@ __all__ = [
     "build_lock",
     "check_options",
     "check_quants",
+    "choose_quant",
     "choose_recipe",
     "demo_options",
     "drop_stale",

@@ -17,6 +17,7 @@ from ..merge.methods import get_method
 from ..quantize import check_quant
 from ..recipe import Recipe, parse_recipe
 from ..resources import Threads, default_threads
+from .ladder import Budget
 
 SPACE_MARGIN = 64 * 1024**2
 
@@ -55,6 +56,8 @@ class BuildOptions:
     skip_chat_eval: bool = False  # perplexity and drift only
     # the sweep that chose the method and weight (build --weight auto): {"markdown", "reason", "plot", "lang"}
     sweep: dict | None = None
+    # build --quant auto: the budget the recipe's quant ladder is measured against (build/quant_auto.py)
+    quant_auto: Budget | None = None
 
 
 @dataclass
@@ -113,6 +116,10 @@ def check_options(options: BuildOptions, *, lang: bool = True) -> str:
     (the command line checks it only when --eval-lang names it: for --lang, the recipe's error says more).
     Returns the backend's resolved name."""
     if options.quants is not None:
+        if options.quant_auto is not None:
+            raise EdgemergeError(
+                "--quant auto chooses one type by measurement: give auto or a list of types, not both"
+            )
         check_quants(options.quants)
     if options.method is not None:
         get_method(options.method)

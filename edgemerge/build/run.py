@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import time
@@ -22,7 +23,7 @@ from ..files import (
     atomic_output,
     remove_file,
 )
-from ..memory_plan import MemoryPlan, check_chat_possible, plan_memory, shape_from_config
+from ..memory_plan import MemoryPlan, check_chat_possible, plan_evals, plan_memory, shape_from_config
 from ..package import PackageInfo, write_package
 from ..pipeline import export_hf, merge_to_gguf
 from ..progress import Progress
@@ -49,6 +50,7 @@ from .options import (
     plan_space_item,
     threads_for,
 )
+from .quant_auto import LadderResult, estimated_fits, run_ladder
 from .state import (
     StageEvent,
     StageRecord,
@@ -77,6 +79,7 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # the importance matrix the quants were made with
     sweep: dict[str, Any] | None = None  # the sweep that chose the weight (BuildOptions.sweep)
+    ladder: LadderResult | None = None  # the quant ladder that chose the type (build --quant auto)
     plan: Plan | None = None
     demo: bool = False
     seconds: float = 0.0
@@ -98,6 +101,7 @@ class BuildResult:
             "parents": {n: _summary(r.to_dict()) for n, r in self.parent_evals.items()},
             "gate_failures": self.gate_failures,
             "imatrix": self.calibration,
+            "quant_ladder": None if self.ladder is None else self.ladder.to_dict(),
             "plan": None if self.plan is None else {"needed": self.plan.needed, "free": self.plan.free},
             "memory_plan": None
             if self.plan is None or self.plan.memory is None
@@ -152,7 +156,8 @@ def build(
     t_start = time.perf_counter()
     options = demo_options(options or BuildOptions())
     recipe = apply_overrides(recipe, options)
-    quants = check_quants(recipe.quants)
+    # --quant auto: the ladder's types are planned (imatrix, cache keys) until it has chosen one
+    quants = check_quants(recipe.quant_auto.ladder if options.quant_auto else recipe.quants)
     check_choice(recipe, quants)  # imatrix: none with a type that needs one, an unreadable file
     lang = options.lang or recipe.lang_codes[0]
 
@@ -225,13 +230,19 @@ def _build(
         "export", __version__, inputs["instruct"], stamps["instruct"], options.outtype.lower()
     )
 
+    auto = options.quant_auto
+    # --quant auto: the types the budget may allow (a budget none can meet fails here, before any work)
+    fits = estimated_fits(quants, auto, shape, report.n_params) if auto is not None else quants
+
     # Disk plan for everything not yet built, before writing anything large.
     todo = {}
     if state.finished("merge", merge_key) is None:
         todo[merged.name] = ftype
-    for q in quants:
+    for q in quants if auto is None else []:
         if state.finished(f"quantize {q}", quant_keys[q]) is None:
             todo[quant_files[q].name] = q
+    if auto is not None:  # the ladder holds one quantized file at a time, at most the largest that may fit
+        todo[f"{quant_file_name(recipe.name, '<type>')} (the quant ladder, one type at a time)"] = fits[-1]
     if options.compare_parents and state.finished("export instruct", parent_key) is None:
         todo["instruct (for --compare-parents)"] = ftype
     plan = plan_space(out, report.n_params, todo)
@@ -246,14 +257,15 @@ def _build(
         raise EdgemergeError(
             f"not enough disk space at {out}: the build {plan.describe()}; free some space or choose another --out"
         )
+    planned_quants = quants if auto is None else fits[:1]  # auto: the smallest may be all that can answer
     sizes = {
         f.name: f.stat().st_size if f.name not in todo and f.exists() else plan_space_item(report.n_params, t)
-        for f, t in [(merged, ftype), *((quant_files[q], q) for q in quants)]
+        for f, t in [(merged, ftype), *((quant_files[q], q) for q in planned_quants)]
     }
     plan.memory = plan_memory(
         shape,
         sizes,
-        quants,
+        planned_quants,
         limit,
         threads_for(options.threads),
         n_inputs=len(report.models),
@@ -292,9 +304,51 @@ def _build(
         ),
         hashes,
     )
-    _calibrate_and_quantize(
-        stages, imx, merged, source_file, quants, quant_files, quant_keys, threads, progress
-    )
+    ladder = None
+    if auto is None:
+        _calibrate_and_quantize(
+            stages, imx, merged, source_file, quants, quant_files, quant_keys, threads, progress
+        )
+    else:
+
+        def make(q: str) -> None:
+            """A ladder type's quantize stage, the importance matrix first when it is the first type to use it
+            (a rerun whose scores are all cached computes none)."""
+            if q in imx.users and "imatrix" not in stages.records:
+                _imatrix_stage(stages, imx, merged, source_file, threads, progress)
+            _quant_stage(stages, imx, merged, q, quant_files, quant_keys, threads, progress)
+
+        ladder = run_ladder(
+            stages,
+            gate=recipe.quant_auto,
+            budget=auto,
+            merged=merged,
+            merge_key=merge_key,
+            quant_files=quant_files,
+            quant_keys=quant_keys,
+            make=make,
+            shape=shape,
+            lang=lang,
+            quick=options.quick_eval,
+            threads=threads,
+            title=f"{recipe.name}: quant ladder in {lang}",
+            progress=progress,
+        )
+        chosen = ladder.choice.chosen
+        assert chosen is not None  # run_ladder raised GateFailed otherwise
+        # from here the build is the one of --quant CHOSEN: the other types' files and an unused matrix go
+        quants = [chosen]
+        recipe = recipe.model_copy(update={"quants": quants})  # the card and manifest show what was built
+        if f"quantize {chosen}" not in stages.records:  # its score was cached, its file is gone
+            make(chosen)
+        imx = dataclasses.replace(imx, users=tuple(u for u in imx.users if u == chosen))
+        if imx.computes and "imatrix" not in stages.records:  # the chosen type's matrix ships with it
+            _imatrix_stage(stages, imx, merged, source_file, threads, progress)
+        drop_stale(state, {"merge", f"quantize {chosen}"} | ({"imatrix"} if imx.computes else set()))
+        made = {f.name: f.stat().st_size for f in (merged, quant_files[chosen])}
+        plan.memory.evals = plan_evals(
+            shape, made, limit, eval_all=options.eval_all, skip_chat=options.skip_chat_eval
+        )
 
     ggufs = [merged] + [quant_files[q] for q in quants]
     result = BuildResult(
@@ -306,6 +360,7 @@ def _build(
         plan=plan,
         demo=options.demo,
         sweep=options.sweep,
+        ladder=ladder,
     )
     computed_on = merged.name if imx.source == "float" else quant_file_name(recipe.name, SOURCE_QUANT)
     result.calibration = calibration_info(
@@ -340,27 +395,52 @@ def _calibrate_and_quantize(
     among them), then the imatrix stage (auto), then the types made with it."""
 
     def run(q: str) -> None:
-        with_imx = imx.path if q in imx.users else None
-        stages.run(
-            f"quantize {q}",
-            quant_keys[q],
-            [quant_files[q]],
-            lambda: _quantize(merged, q, quant_files[q], threads, progress, with_imx),
-        )
+        _quant_stage(stages, imx, merged, q, quant_files, quant_keys, threads, progress)
 
     for q in quants:
         if q not in imx.users:
             run(q)
     if imx.computes:
-        assert imx.path is not None and imx.key is not None
-        stages.run(
-            "imatrix",
-            imx.key,
-            [imx.path],
-            lambda: compute_build_imatrix(imx, merged, source_file, threads=threads, progress=progress),
-        )
+        _imatrix_stage(stages, imx, merged, source_file, threads, progress)
     for q in imx.users:
         run(q)
+
+
+def _quant_stage(
+    stages: Stages,
+    imx: ImatrixPlan,
+    merged: Path,
+    q: str,
+    quant_files: dict[str, Path],
+    quant_keys: dict[str, str],
+    threads: int | None,
+    progress: Progress | None,
+) -> None:
+    """The `quantize Q` stage: `merged` to type `q`, with the importance matrix when the type uses it."""
+    with_imx = imx.path if q in imx.users else None
+    stages.run(
+        f"quantize {q}",
+        quant_keys[q],
+        [quant_files[q]],
+        lambda: _quantize(merged, q, quant_files[q], threads, progress, with_imx),
+    )
+
+
+def _imatrix_stage(
+    stages: Stages,
+    imx: ImatrixPlan,
+    merged: Path,
+    source_file: Path,
+    threads: int | None,
+    progress: Progress | None,
+) -> None:
+    assert imx.path is not None and imx.key is not None
+    stages.run(
+        "imatrix",
+        imx.key,
+        [imx.path],
+        lambda: compute_build_imatrix(imx, merged, source_file, threads=threads, progress=progress),
+    )
 
 
 def _evaluate_files(
@@ -475,6 +555,7 @@ def _package(
         demo=result.demo,
         imatrix=result.calibration,
         sweep=result.sweep,
+        ladder=None if result.ladder is None else result.ladder.card(),
     )
     t0 = time.perf_counter()
     if on_stage:

@@ -28,7 +28,7 @@ from ..files import (
 )
 from ..hashes import sha256_file
 from ..limits import shown_path
-from ..package import CARD, EVAL_JSON, MANIFEST, MODELFILE, SWEEP_PLOT
+from ..package import CARD, EVAL_JSON, LADDER_PLOT, MANIFEST, MODELFILE, SWEEP_PLOT
 from ..progress import Progress
 
 WORK_SUFFIX = ".edgemerge"
@@ -284,7 +284,7 @@ def mark_unfinished(out: Path, name: str) -> None:
     the folder: nothing is written into it before the checks and the disk plan have passed."""
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "build", name=name, finished=False)
-    for n in (*PACKAGE_FILES, SWEEP_PLOT):  # the sweep's plot belongs to the card of a --weight auto build
+    for n in (*PACKAGE_FILES, SWEEP_PLOT, LADDER_PLOT):  # the plots belong to the card of an auto build
         remove_file(out / n)
 
 
@@ -340,12 +340,15 @@ def build_lock(out: Path) -> Iterator[None]:
 
 def drop_stale(state: BuildState, planned: set[str]) -> None:
     """Remove outputs of shipped-file stages the new plan no longer has (e.g. a quant dropped from the recipe)."""
-    changed = False
     for name in list(state.stages):
         if name.startswith(("merge", "quantize", "imatrix")) and name not in planned:
-            for rel in state.stages[name]["outputs"]:
-                state.remove_output(rel)
-            del state.stages[name]
-            changed = True
-    if changed:
+            drop_stage(state, name)
+
+
+def drop_stage(state: BuildState, name: str) -> None:
+    """Remove a finished stage's outputs and its record (nothing when it has none)."""
+    rec = state.stages.pop(name, None)
+    if rec is not None:
+        for rel in rec["outputs"]:
+            state.remove_output(rel)
         state.save()

@@ -12,9 +12,12 @@ from rich.table import Table
 
 from ..build import BuildOptions, StageEvent, check_options, choose_recipe
 from ..build import build as run_build
-from ..errors import GateFailed
+from ..build.ladder import COLUMNS as LADDER_COLUMNS
+from ..build.ladder import Budget, row_cells
+from ..errors import EdgemergeError, GateFailed
 from ..files import human_bytes
-from ..limits import MAX_THREADS, check_count
+from ..limits import MAX_THREADS, check_count, parse_size
+from ..package import LADDER_PLOT
 from ..package.info import modelfile_gguf
 from ..progress import make_progress
 from ..sweep import build_auto
@@ -26,6 +29,21 @@ DEMO_WARNING = (
     "llama.cpp quantize, llama.cpp eval, packaging. The models are tiny and their answers meaningless; the "
     "gates are reported but do not fail the demo."
 )
+
+
+def quant_budget(quant: list[str] | None, max_size: str | None, max_ram: str | None) -> Budget | None:
+    """--quant auto's budget (None without auto); a size flag without auto, or a malformed size, is refused."""
+    if listed(quant, "--quant") != ["auto"]:
+        given = [flag for flag, v in (("--max-size", max_size), ("--max-ram", max_ram)) if v is not None]
+        if given:
+            raise EdgemergeError(
+                f"{' and '.join(given)}: a budget for --quant auto; add --quant auto or leave it out"
+            )
+        return None
+    return Budget(
+        max_size=None if max_size is None else parse_size("--max-size", max_size),
+        max_ram=None if max_ram is None else parse_size("--max-ram", max_ram),
+    )
 
 
 def _weights(values: list[str] | None) -> list[float] | None:
@@ -44,6 +62,7 @@ def _o(*flags: str, help: str, metavar: str | None = None):
         "edgemerge build --lang eu  # the bundled recipe qwen3-8b-eu",
         "edgemerge build --recipe my-eu.yaml -q Q4_K_M,Q5_K_M -q Q8_0 -o dist/mine",
         "edgemerge build --lang eu --weight auto  # sweep the weight first",
+        "edgemerge build --lang eu --quant auto --max-size 5GB  # measured choice",
         "edgemerge build --lang eu --json > summary.json",
     )
 )
@@ -64,8 +83,27 @@ def build(
         _o(
             "--quant",
             "-q",
-            help="llama.cpp types to quantize to (default: the recipe's), e.g. Q4_K_M,Q8_0 or -q Q4_K_M -q Q8_0.",
-            metavar="TYPE[,TYPE...]",
+            help="llama.cpp types to quantize to (default: the recipe's), e.g. Q4_K_M,Q8_0 or -q Q4_K_M -q Q8_0; "
+            "auto: the smallest type of the recipe's quant ladder within --max-size/--max-ram whose drift from "
+            "F16 on held-out target-language text passes the recipe's quant_auto gate.",
+            metavar="TYPE[,TYPE...]|auto",
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        _o(
+            "--max-size",
+            help="With --quant auto: the largest file to ship, e.g. 5GB (10^9 bytes), 4.5GiB, 800MB.",
+            metavar="SIZE",
+        ),
+    ] = None,
+    max_ram: Annotated[
+        str | None,
+        _o(
+            "--max-ram",
+            help="With --quant auto: the memory the file may need to run one 4096-token chat (weights, KV cache, "
+            "buffers), e.g. 8GB.",
+            metavar="SIZE",
         ),
     ] = None,
     out: Annotated[Path | None, _o("--out", "-o", help="Output folder (default dist/<recipe name>).")] = None,
@@ -130,9 +168,11 @@ def build(
 
     check_count("--threads", threads, 1, MAX_THREADS)
     codes = listed(lang, "--lang")
+    budget = quant_budget(quant, max_size, max_ram)
     options = BuildOptions(
         out=out,
-        quants=listed(quant, "--quant"),
+        quants=None if budget is not None else listed(quant, "--quant"),
+        quant_auto=budget,
         weights=_weights(weight),
         method=method,
         imatrix=imatrix if imatrix in (None, "auto", "none") else str(Path(imatrix).expanduser().absolute()),
@@ -243,6 +283,8 @@ def _print_summary(result, family_seconds: float = 0.0) -> None:
     for name, rep in result.parent_evals.items():
         files.add_row(f"{name} (parent, for comparison)", "", *_metrics(rep), "")
     console.print(files)
+    if result.ladder is not None:
+        _print_ladder(result.ladder)
     for f, failed in result.gate_failures.items():
         console.print(f"[red]gate failed[/red] {f}: " + "; ".join(failed), highlight=False)
     console.print(
@@ -254,6 +296,17 @@ def _print_summary(result, family_seconds: float = 0.0) -> None:
         console.print(
             f"  {line}", highlight=False, markup=False, soft_wrap=True
         )  # commands to copy: unbroken
+
+
+def _print_ladder(ladder) -> None:
+    table = Table(title=f"quant ladder ({ladder.budget.describe()}; drift on held-out {ladder.lang} text)")
+    for c in LADDER_COLUMNS:
+        table.add_column(c, justify="left" if c in ("type", "verdict") else "right")
+    for r in sorted(ladder.rungs, key=lambda r: r.size):
+        cells = row_cells(r, ladder.choice)
+        table.add_row(*cells, style="bold" if r.quant == ladder.choice.chosen else None)
+    console.print(table)
+    console.print(f"quant: {ladder.choice.reason} (plot: {LADDER_PLOT} in the folder)", highlight=False)
 
 
 def _before(family_seconds: float) -> str:

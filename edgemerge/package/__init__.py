@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import EdgemergeError
 from ..evaluate.prompts import language_info
 from ..files import MARKER, atomic_output
-from .card import CARD, DEMO_NOTE, SWEEP_PLOT, fill_repo, front_matter, model_card
+from .card import CARD, DEMO_NOTE, LADDER_PLOT, SWEEP_PLOT, fill_repo, front_matter, model_card
 from .info import PackageInfo
 from .manifest import EVAL_JSON, MANIFEST, eval_json, tool_versions
 from .manifest import manifest as manifest_data
@@ -26,6 +26,7 @@ __all__ = [
     "CARD",
     "DEMO_NOTE",
     "EVAL_JSON",
+    "LADDER_PLOT",
     "MANIFEST",
     "MODELFILE",
     "SWEEP_PLOT",
@@ -57,10 +58,11 @@ def write_package(p: PackageInfo, *, system: str | None = None) -> tuple[list[Pa
     if warn:
         warnings.append(warn)
     shipped = p.ggufs + ([p.shipped_imatrix] if p.shipped_imatrix else [])
-    if p.sweep is not None:  # the sweep's plot travels with the card that shows it
-        with atomic_output(p.out / SWEEP_PLOT, force=True) as tmp:
-            shutil.copyfile(p.sweep["plot"], tmp)
-        shipped.append(SWEEP_PLOT)
+    for info, name in ((p.sweep, SWEEP_PLOT), (p.ladder, LADDER_PLOT)):
+        if info is not None:  # the plot travels with the card that shows it
+            with atomic_output(p.out / name, force=True) as tmp:
+                shutil.copyfile(info["plot"], tmp)
+            shipped.append(name)
     texts = {
         CARD: model_card(p),
         MODELFILE: mf,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 CARD = "README.md"
 SWEEP_PLOT = "sweep.png"  # the plot of the sweep that chose the weight (build --weight auto)
+LADDER_PLOT = "ladder.png"  # the plot of the quant ladder that chose the type (build --quant auto)
 TEMPLATE = Path(__file__).resolve().parent / "card_template.md"  # Jinja, rendered by ModelCard.from_template
 REPO_PLACEHOLDER = "<user>/{name}"  # the hub id in the card's commands until `edgemerge publish` fills it in
 PLACEHOLDER_NOTE = (
@@ -119,6 +120,8 @@ def recommended(p: PackageInfo, types: dict[str, str | None]) -> tuple[str, str]
     quants = p.ggufs[1:]
     if not quants:
         return p.ggufs[0], "the only file of this build"
+    if not p.evals and p.ladder is not None:  # --quant auto shipped one type
+        return quants[0], "not evaluated (`--skip-eval`); the type the quant ladder chose (below)"
     if not p.evals:
         pick = next((n for n in quants if types.get(n) == DEFAULT_QUANT), quants[0])
         if types.get(pick) == DEFAULT_QUANT:
@@ -194,5 +197,6 @@ def model_card(p: PackageInfo) -> str:
         repo=repo_placeholder(r.name),
         placeholder_note=PLACEHOLDER_NOTE.format(repo=repo_placeholder(r.name)),
         recommended={"file": pick, "why": why, "tag": types[pick] or DEFAULT_QUANT},
+        ladder=None if p.ladder is None else {**p.ladder, "plot": LADDER_PLOT},
     )
     return str(card)

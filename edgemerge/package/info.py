@@ -36,6 +36,9 @@ class PackageInfo:
     sweep: dict | None = (
         None  # the sweep that chose the weight: {"markdown", "reason", "plot" (a PNG path), "lang"}
     )
+    # the quant ladder that chose the type (build --quant auto): {"markdown", "reason", "plot" (a PNG path),
+    # "lang", "ctx" (the context its memory column is for), "data" (the manifest's quant_ladder)}
+    ladder: dict | None = None
 
     @property
     def shipped_imatrix(self) -> str | None:

@@ -80,6 +80,7 @@ def manifest(p: PackageInfo, files: list[Path]) -> dict[str, Any]:
         "imatrix": p.imatrix,
         "recommended": _recommended(p),
         "sweep": None if p.sweep is None else {"reason": p.sweep["reason"]},
+        "quant_ladder": None if p.ladder is None else p.ladder["data"],
         "backend": p.backend,
         "tools": tool_versions(),
         "stages": p.stages,
