@@ -92,4 +92,24 @@ ARCH_SPECS = {
             "mm_tokens_per_image": 4,
         },
     ),
+    # Qwen3 MoE (Qwen3-30B-A3B's layout, shrunk): 4 experts of 32 per layer, 2 used per token, the real Qwen2
+    # vocabulary (its family converts byte-level BPE only) and Qwen3's chat template; parity in F16 and F32
+    "qwen3moe": Spec(
+        arch="Qwen3MoeForCausalLM",
+        tokenizer="qwen2",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        extra={
+            "head_dim": 16,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
+        parity_outtype="f16",
+        more_parity=("f32",),
+        chat_template="Qwen-Qwen3-0.6B.jinja",
+    ),
 }

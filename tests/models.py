@@ -29,6 +29,7 @@ class Spec:
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
     parity_outtype: str = "f32"  # what the byte-parity test converts it to (tests/arch_fixtures.py)
+    more_parity: tuple[str, ...] = ()  # further outtypes the byte-parity test checks
     chat_template: str = ""  # a file of the shared llama.cpp-vocab/templates, saved as chat_template.jinja
     # a multimodal wrapper's own config keys (vision_config, ...): the fields above then make its text_config
     wrapper: dict | None = None

@@ -52,7 +52,8 @@ def _arch_keys(kv: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("arch", "outtype"), [(name, spec.parity_outtype) for name, spec in ARCH_SPECS.items()]
+    ("arch", "outtype"),
+    [(name, out) for name, spec in ARCH_SPECS.items() for out in (spec.parity_outtype, *spec.more_parity)],
 )
 def test_same_bytes_as_convert_hf_to_gguf(
     arch, outtype, arch_models, f32_ggufs, qwen3_q8_0, converter, tmp_path
