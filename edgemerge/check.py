@@ -338,9 +338,23 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
     kv = kv_heads * head_dim if kv_heads and head_dim else None
     _expect(shapes, "embed_tokens.weight", (vocab, hidden), "vocab_size x hidden_size", label)
     _expect(shapes, "lm_head.weight", (vocab, hidden), "vocab_size x hidden_size", label)
-    _expect(
-        shapes, "self_attn.q_proj.weight", (q, hidden), "num_attention_heads x head_dim, hidden_size", label
-    )
+    if q and (tc.get("model_type") in _GATED_QUERY or tc.get("attn_output_gate")):
+        # the query projection also makes the attention output's gate: twice the rows
+        _expect(
+            shapes,
+            "self_attn.q_proj.weight",
+            (2 * q, hidden),
+            "2 x num_attention_heads x head_dim, hidden_size",
+            label,
+        )
+    else:
+        _expect(
+            shapes,
+            "self_attn.q_proj.weight",
+            (q, hidden),
+            "num_attention_heads x head_dim, hidden_size",
+            label,
+        )
     _expect(
         shapes, "self_attn.k_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
     )
@@ -359,6 +373,8 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
 
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
+# families whose full-attention q_proj also makes the output gate (Qwen3-Next, Qwen3.5: attn_output_gate)
+_GATED_QUERY = {"qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"}
 
 
 def _check_experts(tc: dict, shapes: dict[str, tuple[int, ...]], hidden: int | None, label: str) -> None:

@@ -39,12 +39,13 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
 }
 
 # tensor kinds llama.cpp keeps in F32 whatever the outtype (the subset of the converter's list that
-# can occur in the families we support; the rest are vision/audio/recurrent tensors)
+# can occur in the families we support; the rest are vision/audio/other recurrent tensors)
 _ALWAYS_F32 = (
     gguf.MODEL_TENSOR.FFN_GATE_INP,
     gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
     gguf.MODEL_TENSOR.POS_EMBD,
     gguf.MODEL_TENSOR.TOKEN_TYPES,
+    gguf.MODEL_TENSOR.SSM_CONV1D,
 )
 
 # Hugging Face architecture name -> family; filled by `register` as the family modules are imported
