@@ -142,8 +142,20 @@ def check_compat(sources: RecipeSources) -> CompatReport:
         for key in ("architectures", "model_type"):
             if cfg.get(key) != ref_cfg.get(key):
                 raise EdgemergeError(
-                    f"config {key}: {ref_cfg.get(key)} in {ref_label} but {cfg.get(key)} in {label}; "
-                    "all models must share one architecture"
+                    f"config {key}: {_shown_list(ref_cfg.get(key))} in {ref_label} but "
+                    f"{_shown_list(cfg.get(key))} in {label}; all models must share one architecture (a "
+                    "language model fine-tuned from another family or generation cannot be merged into this one)"
+                )
+        for aliases, what in _FAMILY_KEYS.items():
+            (key, a), (_, b) = (_first_of(_text_config(c), aliases) for c in (ref_cfg, cfg))
+            if a is not None and b is not None and a != b:  # absent: the family's default, or no such layers
+                # a layer pattern: name its first odd entry
+                if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                    key, a, b = f"{key}[{i}]", a[i], b[i]
+                raise EdgemergeError(
+                    f"config {key} ({what}): {_shown_list(a)} in {ref_label} but {_shown_list(b)} in {label}; "
+                    "the models must come from one base model"
                 )
         va, vb = _text_config(ref_cfg).get("vocab_size"), _text_config(cfg).get("vocab_size")
         if va != vb:
@@ -193,6 +205,34 @@ def check_compat(sources: RecipeSources) -> CompatReport:
         models=models,
         tied_embeddings=tied,
     )
+
+
+# config keys that give a family's models different tensors or a different layer structure: named before the
+# tensor comparison, which would only name the first tensor that differs
+_FAMILY_KEYS = {
+    # transformers 5 saves Qwen3 MoE's num_experts as num_local_experts: the first of the names present counts
+    (
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+    ): "the expert count of each mixture-of-experts layer",
+    ("mlp_only_layers",): "the layers without experts",
+    ("layer_types",): "the layer pattern: which layers use which attention",
+}
+
+
+def _first_of(cfg: dict, aliases: tuple[str, ...]) -> tuple[str, Any]:
+    """(name, value) of the first of `aliases` that config.json sets (an empty list counts as unset)."""
+    for key in aliases:
+        if cfg.get(key) not in (None, []):
+            return key, cfg[key]
+    return aliases[0], None
+
+
+def _shown_list(value: Any) -> str:
+    """A config value for a message, cut to a readable length (a layer pattern can have 64 entries)."""
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_token_ids(tok: dict[str, dict], vocab_size: object, label: str) -> None:
@@ -298,9 +338,23 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
     kv = kv_heads * head_dim if kv_heads and head_dim else None
     _expect(shapes, "embed_tokens.weight", (vocab, hidden), "vocab_size x hidden_size", label)
     _expect(shapes, "lm_head.weight", (vocab, hidden), "vocab_size x hidden_size", label)
-    _expect(
-        shapes, "self_attn.q_proj.weight", (q, hidden), "num_attention_heads x head_dim, hidden_size", label
-    )
+    if q and (tc.get("model_type") in _GATED_QUERY or tc.get("attn_output_gate")):
+        # the query projection also makes the attention output's gate: twice the rows
+        _expect(
+            shapes,
+            "self_attn.q_proj.weight",
+            (2 * q, hidden),
+            "2 x num_attention_heads x head_dim, hidden_size",
+            label,
+        )
+    else:
+        _expect(
+            shapes,
+            "self_attn.q_proj.weight",
+            (q, hidden),
+            "num_attention_heads x head_dim, hidden_size",
+            label,
+        )
     _expect(
         shapes, "self_attn.k_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
     )
@@ -314,7 +368,43 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
     _expect(shapes, "mlp.up_proj.weight", (inter, hidden), "intermediate_size x hidden_size", label)
     _expect(shapes, "mlp.down_proj.weight", (hidden, inter), "hidden_size x intermediate_size", label)
     _expect(shapes, "input_layernorm.weight", (hidden,), "hidden_size", label)
+    _check_experts(tc, shapes, hidden, label)
     _expect(shapes, "model.norm.weight", (hidden,), "hidden_size", label)
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+# families whose full-attention q_proj also makes the output gate (Qwen3-Next, Qwen3.5: attn_output_gate)
+_GATED_QUERY = {"qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"}
+
+
+def _check_experts(tc: dict, shapes: dict[str, tuple[int, ...]], hidden: int | None, label: str) -> None:
+    """A mixture-of-experts model's routers and per-expert projections against num_experts and
+    moe_intermediate_size (the GGUF stacks the experts by that count)."""
+    count_key = next((k for k in ("num_experts", "num_local_experts") if k in tc), "num_experts")
+    count = _positive(tc, count_key, label)
+    inter = _positive(tc, "moe_intermediate_size", label)
+    experts = {n: s for n, s in shapes.items() if _EXPERT.search(n)}
+    if count is not None and (odd := next((n for n in experts if int(_EXPERT.search(n)[1]) >= count), None)):
+        raise EdgemergeError(
+            f"{label}: tensor {odd} belongs to an expert beyond config.json {count_key} {count}; the config does "
+            "not describe these weights (restore the model's own config.json)"
+        )
+    if count is not None:  # every expert of a layer is there (llama.cpp stacks exactly `count` of them)
+        present: dict[tuple[str, str], set[int]] = {}
+        for name in experts:
+            m = _EXPERT.search(name)
+            present.setdefault((name[: m.start()], name[m.end() :]), set()).add(int(m[1]))
+        for (head, tail), got in present.items():
+            if len(got) != count:
+                missing = min(set(range(count)) - got)
+                raise EdgemergeError(
+                    f"{label}: {head}.experts.{missing}.{tail} is missing ({count_key} is {count} and the other "
+                    "experts of that layer are there); download the missing shards"
+                )
+    _expect(shapes, "mlp.gate.weight", (count, hidden), f"{count_key} x hidden_size", label)
+    _expect(experts, ".gate_proj.weight", (inter, hidden), "moe_intermediate_size x hidden_size", label)
+    _expect(experts, ".up_proj.weight", (inter, hidden), "moe_intermediate_size x hidden_size", label)
+    _expect(experts, ".down_proj.weight", (hidden, inter), "hidden_size x moe_intermediate_size", label)
 
 
 # ---- files the output inherits from the instruct model --------------------------------------------------------

@@ -92,4 +92,51 @@ ARCH_SPECS = {
             "mm_tokens_per_image": 4,
         },
     ),
+    # Qwen3 MoE (Qwen3-30B-A3B's layout, shrunk): 4 experts of 32 per layer, 2 used per token, the real Qwen2
+    # vocabulary (its family converts byte-level BPE only) and Qwen3's chat template; parity in F16 and F32
+    "qwen3moe": Spec(
+        arch="Qwen3MoeForCausalLM",
+        tokenizer="qwen2",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        extra={
+            "head_dim": 16,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
+        parity_outtype="f16",
+        more_parity=("f32",),
+        chat_template="Qwen-Qwen3-0.6B.jinja",
+    ),
+    # Qwen3.5 (dense), the hybrid: a linear-attention (Gated DeltaNet) layer, then a full-attention one; twice as
+    # many value heads as key heads in the linear attention (the export reorders them); norms scale by 1 + w but
+    # the linear attention's gated norm by w; the real Qwen3.5 vocabulary and chat template. The converter runs
+    # with --no-mtp: a checkpoint saved by transformers has no multi-token-prediction block
+    "qwen35": Spec(
+        arch="Qwen3_5ForCausalLM",
+        tokenizer="qwen35",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        norm_weight=0.0,
+        unit_norms=("linear_attn.norm.weight",),
+        extra={
+            "head_dim": 256,  # rotary dims 256 x 0.25 = 64: what the default M-RoPE sections [11, 11, 10] cover
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+        parity_outtype="f16",
+        more_parity=("f32",),
+        chat_template="Qwen3.5-4B.jinja",
+        converter_args=("--no-mtp",),
+    ),
 }

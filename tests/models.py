@@ -29,10 +29,13 @@ class Spec:
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
     parity_outtype: str = "f32"  # what the byte-parity test converts it to (tests/arch_fixtures.py)
+    more_parity: tuple[str, ...] = ()  # further outtypes the byte-parity test checks
     chat_template: str = ""  # a file of the shared llama.cpp-vocab/templates, saved as chat_template.jinja
     # a multimodal wrapper's own config keys (vision_config, ...): the fields above then make its text_config
     wrapper: dict | None = None
     norm_weight: float = 1.0  # a norm's stored weight at scale 1 (Gemma's RMSNorm scales by 1 + w: 0.0)
+    unit_norms: tuple[str, ...] = ()  # 1-D weights stored at 1 whatever norm_weight says (a gated norm's)
+    converter_args: tuple[str, ...] = ()  # options the byte-parity test gives llama.cpp's converter
 
 
 def config_class(arch: str) -> type:
@@ -190,7 +193,8 @@ def make_model(
             g = torch.Generator().manual_seed(seed)
             for name, p in model.named_parameters():
                 if p.ndim == 1:
-                    p.copy_(spec.norm_weight + 0.1 * torch.randn(p.shape, generator=g))
+                    scale = 1.0 if name.endswith(spec.unit_norms) and spec.unit_norms else spec.norm_weight
+                    p.copy_(scale + 0.1 * torch.randn(p.shape, generator=g))
     model = model.to(getattr(torch, spec.dtype))
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import gguf
 import pytest
 
 from edgemerge.errors import EdgemergeError
-from edgemerge.gguf.arch import REGISTRY, arch_for, families, supported_names
+from edgemerge.gguf.arch import REGISTRY, arch_for, families, family_table, supported_names
 from edgemerge.gguf.arch.base import Arch, register
 
 from .arch_fixtures import ARCH_SPECS
@@ -17,25 +18,35 @@ from .arch_fixtures import ARCH_SPECS
 _README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _readme_families() -> dict[str, tuple[set[str], str]]:
-    """The README's family table: family -> (Hugging Face architectures, llama.cpp architecture)."""
-    text = _README.read_text(encoding="utf-8")
-    table = text[text.index("| family | Hugging Face architectures | llama.cpp architecture |") :]
-    rows = {}
-    for line in table.splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        family, names, arch = (c.strip() for c in line.strip("|").split("|"))
-        rows[family] = (set(re.findall(r"`([^`]+)`", names)), arch.strip("`"))
-    return rows
-
-
 def test_the_readme_table_is_the_registry():
-    expected = {
-        fam.title: ({n for n, f in REGISTRY.items() if f is fam}, gguf.MODEL_ARCH_NAMES[fam.model_arch])
-        for fam in families()
-    }
-    assert _readme_families() == expected
+    """The README's family table is the one family_table() makes (tools/family_table.py writes it)."""
+    text = _README.read_text(encoding="utf-8")
+    assert family_table() in text
+    assert text.count("| family | Hugging Face architectures |") == 1
+
+
+def test_the_family_table_lists_every_registered_architecture():
+    table = family_table()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    for fam in families():
+        row = rows[fam.title]
+        assert set(re.findall(r"`([^`]+)`", row)) == {*fam.hf_names, gguf.MODEL_ARCH_NAMES[fam.model_arch]}
+    assert len(rows) == len(families()) and set(REGISTRY) == {n for f in families() for n in f.hf_names}
+
+
+def test_the_table_writer_replaces_only_the_table():
+    text = "intro\n\n| family | Hugging Face architectures | llama.cpp architecture |\n| --- |\n| old | `X` | `y` |\n\nafter\n"
+    out = _family_table_tool().readme_with_table(text, family_table())
+    assert out == "intro\n\n" + family_table() + "\nafter\n"
+
+
+def _family_table_tool():
+    spec = importlib.util.spec_from_file_location(
+        "family_table", _README.parent / "tools" / "family_table.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_every_registered_architecture_has_a_fixture():

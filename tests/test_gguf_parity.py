@@ -30,9 +30,9 @@ def converter() -> Path:
         pytest.skip(f"llama.cpp's converter could not be fetched: {e}")
 
 
-def _convert(converter: Path, model: Path, out: Path, outtype: str) -> Path:
+def _convert(converter: Path, model: Path, out: Path, outtype: str, args: tuple[str, ...] = ()) -> Path:
     r = subprocess.run(
-        [sys.executable, str(converter), str(model), "--outfile", str(out), "--outtype", outtype],
+        [sys.executable, str(converter), str(model), "--outfile", str(out), "--outtype", outtype, *args],
         check=False,
         capture_output=True,
         text=True,
@@ -52,13 +52,16 @@ def _arch_keys(kv: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("arch", "outtype"), [(name, spec.parity_outtype) for name, spec in ARCH_SPECS.items()]
+    ("arch", "outtype"),
+    [(name, out) for name, spec in ARCH_SPECS.items() for out in (spec.parity_outtype, *spec.more_parity)],
 )
 def test_same_bytes_as_convert_hf_to_gguf(
     arch, outtype, arch_models, f32_ggufs, qwen3_q8_0, converter, tmp_path
 ):
     """Every tensor byte-identical; vocabulary, special tokens, chat template and hyper-parameters equal."""
-    theirs = _convert(converter, arch_models[arch], tmp_path / "theirs.gguf", outtype)
+    theirs = _convert(
+        converter, arch_models[arch], tmp_path / "theirs.gguf", outtype, ARCH_SPECS[arch].converter_args
+    )
     ours = (
         f32_ggufs[arch] if outtype == "f32" else qwen3_q8_0 if (arch, outtype) == ("qwen3", "q8_0") else None
     )

@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from edgemerge.errors import EdgemergeError
-from edgemerge.gguf.arch import arch_for, load_hparams
+from edgemerge.gguf.arch import REGISTRY, arch_for, load_hparams
 from edgemerge.merge.engine import merge_into
 from edgemerge.pipeline import export_hf, gguf_metadata, merge_to_gguf, merge_to_hf
 from edgemerge.recipe import load_recipe
@@ -322,12 +322,18 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
 
 
 @pytest.mark.parametrize("arch", list(ARCH_SPECS))
-def test_fused_gguf_equals_merge_then_export_for_every_family(arch, tmp_path, spm512_tokenizer, monkeypatch):
-    """Each family of the fixture table (its shapes, with the 512-token vocabulary) in its parity outtype: the
-    fused file has the bytes of merge_to_hf + export_hf, and the fused merge reads only the tensors the family
-    writes."""
-    spec = dataclasses.replace(ARCH_SPECS[arch], tokenizer="spm512")
-    family = make_family(tmp_path / "family", spec, spm512_tokenizer)
+def test_fused_gguf_equals_merge_then_export_for_every_family(
+    arch, tmp_path, spm512_tokenizer, tok_cache, monkeypatch
+):
+    """Each family of the fixture table (its shapes, with the 512-token vocabulary where the family reads a
+    SentencePiece one, else its own) in its parity outtype: the fused file has the bytes of merge_to_hf +
+    export_hf, and the fused merge reads only the tensors the family writes."""
+    spec = ARCH_SPECS[arch]
+    if "sentencepiece" in REGISTRY[spec.arch].vocab_kinds:
+        spec, tok = dataclasses.replace(spec, tokenizer="spm512"), spm512_tokenizer
+    else:
+        tok = tokenizer_dir(spec.tokenizer, tok_cache)
+    family = make_family(tmp_path / "family", spec, tok)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, {"eu": 0.7}))
     hf = merge_to_hf(recipe, tmp_path / "hf")
     two_step = export_hf(

@@ -79,8 +79,11 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def write_model(out: Path, specs: list[TensorSpec], config: dict, seed: int | None) -> None:
-    """Base weights N(0, 0.02) per tensor name; with a seed, base + N(0, 0.002) (a fine-tune of it)."""
+def write_model(
+    out: Path, specs: list[TensorSpec], config: dict, seed: int | None, tokenizer: Path | None = None
+) -> None:
+    """Base weights N(0, 0.02) per tensor name; with a seed, base + N(0, 0.002) (a fine-tune of it). The
+    tokenizer: the files of the folder `tokenizer`, else the shared 32k SentencePiece model."""
     if (out / "config.json").exists():
         return
     tmp = out.with_name(out.name + ".tmp")
@@ -97,7 +100,11 @@ def write_model(out: Path, specs: list[TensorSpec], config: dict, seed: int | No
         del w
     sink.close()
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(shared_data() / SPM, tmp / "tokenizer.model")
+    if tokenizer is None:
+        shutil.copy(shared_data() / SPM, tmp / "tokenizer.model")
+    else:
+        for f in tokenizer.iterdir():
+            shutil.copy(f, tmp / f.name)
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     tmp.rename(out)
 

@@ -3,6 +3,8 @@
 `open(specs)` writes the header, every key/value and all tensor infos (sizes are known from the shapes) with
 gguf-py's `GGUFWriter`; `write(name, array)` then appends one tensor's data and forgets it, and `write_rows`
 appends a tensor the family does not permute block by block, so memory never holds more than one tensor.
+An MoE layer's experts, one HF tensor each, are slices of one stacked GGUF tensor (`ffn_*_exps`): they come
+one after the other and are appended in place, so no stack is ever assembled in memory.
 gguf-py's `add_tensor` would keep every tensor in RAM until the end and its `write_tensor_data` takes a tensor
 only whole, so the data section is written here with the same padding (and hashed on the way if asked).
 Export and the fused merge both go through this class.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -27,6 +30,18 @@ from .arch import OUTTYPES, Arch, arch_for, check_outtype, load_hparams
 from .metadata import GGUFMetadata, write_metadata
 
 _HEADER_ALLOWANCE = 64 * 1024**2  # vocab + tensor infos: generous bound for the free-space check
+
+
+@dataclass
+class _Slot:
+    """Where one HF tensor goes: its GGUF tensor, its shape as it comes, the storage type, and whether it opens
+    and closes that GGUF tensor (both, unless it is one slice of a stack such as an MoE's experts)."""
+
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    first: bool = True
+    last: bool = True
 
 
 class GGUFSink:
@@ -49,12 +64,11 @@ class GGUFSink:
         self.metadata = metadata
         self.arch: Arch | None = None
         self.writer: gguf.GGUFWriter | None = None
-        # HF name -> (GGUF name, shape as it comes, storage type); shape as stored (the family may change it)
-        self._plan: dict[str, tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]] = {}
-        self._stored: dict[str, tuple[int, ...]] = {}
+        self._plan: dict[str, _Slot] = {}  # HF name -> where it goes
         self._order: list[str] = []
         self._next = 0
-        self._rows: tuple[str, int, int] | None = None  # tensor written in row blocks: name, size, written
+        self._rows: tuple[str, int] | None = None  # HF tensor written in row blocks: name, bytes written
+        self._tensor: tuple[str, int, int] | None = None  # GGUF tensor being written: name, size, written
         self._file = None
         self._pos = 0
         self._hash = hashlib.sha256() if sha256 else None
@@ -66,18 +80,7 @@ class GGUFSink:
         hparams = load_hparams(self.model_dir)
         arch = self.arch = arch_for(hparams)
         file_type = OUTTYPES[self.outtype][0]
-        seen: dict[str, str] = {}
-        for spec in specs:
-            new = arch.gguf_name(spec.name)
-            if new is None:
-                continue
-            if new in seen:
-                raise EdgemergeError(f"tensors {seen[new]!r} and {spec.name!r} both map to {new!r}")
-            seen[new] = spec.name
-            stored = arch.gguf_shape(spec.name, tuple(spec.shape))
-            self._plan[spec.name] = (new, tuple(spec.shape), arch.tensor_type(new, stored, self.outtype))
-            self._stored[spec.name] = stored
-        self._order = sorted(self._plan, key=lambda n: _sort_key(self._plan[n][0]))
+        stored = self._plan_tensors(arch, specs)
         extras = list(arch.extra_tensors())
 
         w = self.writer = gguf.GGUFWriter(path=None, arch=arch.name)
@@ -86,9 +89,7 @@ class GGUFSink:
             w.add_tensor_info(
                 name, data.shape, np.dtype(np.float32), _nbytes(data.shape, qtype), raw_dtype=qtype
             )
-        for hf_name in self._order:
-            new, _, qtype = self._plan[hf_name]
-            shape = self._stored[hf_name]
+        for new, (shape, qtype) in stored.items():
             w.add_tensor_info(new, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         self.nbytes = sum(ti.nbytes for ti in w.tensors[0].values())
         ensure_free_space(
@@ -116,16 +117,60 @@ class GGUFSink:
             self._write_whole(name, _encode(data, arch.tensor_type(name, data.shape, self.outtype)))
         return list(self._order)
 
+    def _plan_tensors(
+        self, arch: Arch, specs: list[TensorSpec]
+    ) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
+        """Where each HF tensor goes (`self._plan`, `self._order`); returns GGUF name -> (stored shape, storage
+        type), in file order. The slices of a stacked tensor (an MoE's experts) must all be there, of one
+        shape; they are written one after the other, in the order of their index."""
+        groups: dict[str, dict[int, TensorSpec]] = {}  # GGUF name -> slice index -> HF tensor
+        counts: dict[str, int | None] = {}  # GGUF name -> slices of its stack (None: not stacked)
+        for spec in specs:
+            new = arch.gguf_name(spec.name)
+            if new is None:
+                continue
+            index, count = arch.stack_slot(spec.name) or (0, None)
+            members = groups.setdefault(new, {})
+            if index in members or counts.setdefault(new, count) != count:
+                other = members.get(index) or next(iter(members.values()))
+                raise EdgemergeError(f"tensors {other.name!r} and {spec.name!r} both map to {new!r}")
+            members[index] = spec
+        out = {}
+        for new in sorted(groups, key=_sort_key):
+            members, count = groups[new], counts[new]
+            first = members[min(members)]
+            if count is not None and len(members) != count:
+                missing = min(set(range(count)) - set(members))
+                raise EdgemergeError(
+                    f"{new}: {len(members)} of {count} experts present (expert {missing} missing beside "
+                    f"{first.name!r}); the checkpoint is incomplete or config.json's expert count is wrong"
+                )
+            if odd := next((m for m in members.values() if tuple(m.shape) != tuple(first.shape)), None):
+                raise EdgemergeError(
+                    f"tensor {odd.name!r} has shape {tuple(odd.shape)} but {first.name!r} has "
+                    f"{tuple(first.shape)}: the experts of one layer must share their shapes"
+                )
+            shape = arch.gguf_shape(first.name, tuple(first.shape))
+            stored = shape if count is None else (count, *shape)
+            qtype = arch.tensor_type(new, stored, self.outtype)
+            for index in sorted(members):
+                last = index == len(members) - 1
+                self._plan[members[index].name] = _Slot(new, tuple(first.shape), qtype, index == 0, last)
+                self._order.append(members[index].name)
+            out[new] = (stored, qtype)
+        return out
+
     def write(self, name: str, array: np.ndarray) -> None:
         """Append one tensor (float32, float16 or bfloat16), in the order `open` returned."""
         if self.writer is None or self.arch is None:
             raise RuntimeError("GGUFSink.write before open")
         self._check_next(name)
-        _, shape, qtype = self._plan[name]
-        if tuple(array.shape) != shape:
-            raise EdgemergeError(f"tensor {name!r} has shape {tuple(array.shape)}, announced {shape}")
-        self._write_whole(self._plan[name][0], _encode(self.arch.transform(name, array), qtype))
-        self._next += 1
+        slot = self._plan[name]
+        if tuple(array.shape) != slot.shape:
+            raise EdgemergeError(f"tensor {name!r} has shape {tuple(array.shape)}, announced {slot.shape}")
+        self._start(slot)
+        self._emit_into(_encode(self.arch.transform(name, array), slot.qtype))
+        self._finish(slot)
 
     def _check_next(self, name: str) -> None:
         if self._next >= len(self._order) or self._order[self._next] != name:
@@ -140,23 +185,44 @@ class GGUFSink:
         """Rows [rows.start, rows.stop) of a tensor `takes_rows` accepts, in order."""
         if self.writer is None or self.arch is None:
             raise RuntimeError("GGUFSink.write_rows before open")
-        new, shape, qtype = self._plan[name]
+        slot = self._plan[name]
         if rows.start == 0:
             self._check_next(name)
-            self._rows = (name, self._begin(new), 0)
-        current, nbytes, written = self._rows or ("", 0, 0)
-        if current != name or written != _nbytes((rows.start, *shape[1:]), qtype):
+            self._start(slot)
+            self._rows = (name, 0)
+        current, written = self._rows or ("", 0)
+        if current != name or written != _nbytes((rows.start, *slot.shape[1:]), slot.qtype):
             raise RuntimeError(f"GGUFSink got rows {rows.start}:{rows.stop} of {name!r} out of order")
-        if tuple(block.shape) != (rows.stop - rows.start, *shape[1:]):
+        if tuple(block.shape) != (rows.stop - rows.start, *slot.shape[1:]):
             raise EdgemergeError(
-                f"tensor {name!r}: row block of shape {tuple(block.shape)}, announced {shape}"
+                f"tensor {name!r}: row block of shape {tuple(block.shape)}, announced {slot.shape}"
             )
-        written += self._emit(_encode(block, qtype))
-        self._rows = (name, nbytes, written)
-        if rows.stop == shape[0]:
-            self._end(new, nbytes, written)
+        self._rows = (name, written + self._emit_into(_encode(block, slot.qtype)))
+        if rows.stop == slot.shape[0]:
             self._rows = None
-            self._next += 1
+            self._finish(slot)
+
+    def _start(self, slot: _Slot) -> None:
+        """Begin the GGUF tensor an HF tensor opens (its first slice, or the whole of it)."""
+        if slot.first:
+            self._tensor = (slot.gguf_name, self._begin(slot.gguf_name), 0)
+        elif self._tensor is None or self._tensor[0] != slot.gguf_name:
+            raise RuntimeError(f"GGUFSink: a slice of {slot.gguf_name!r} before its first one")
+
+    def _emit_into(self, data: np.ndarray) -> int:
+        """Append to the GGUF tensor being written; returns the bytes."""
+        new, nbytes, written = self._tensor
+        n = self._emit(data)
+        self._tensor = (new, nbytes, written + n)
+        return n
+
+    def _finish(self, slot: _Slot) -> None:
+        """One HF tensor written: close its GGUF tensor if it was the last slice."""
+        if slot.last:
+            new, nbytes, written = self._tensor
+            self._end(new, nbytes, written)
+            self._tensor = None
+        self._next += 1
 
     # ---- the data section ------------------------------------------------------------------------------
     def _write_whole(self, gguf_name: str, data: np.ndarray) -> None:

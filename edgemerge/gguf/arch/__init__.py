@@ -8,6 +8,8 @@ import importlib
 import pkgutil
 from typing import Any
 
+import gguf
+
 from ...errors import EdgemergeError
 from ...limits import shown
 from .base import OUTTYPES, REGISTRY, Arch, check_outtype, load_hparams, register
@@ -19,6 +21,18 @@ for _module in pkgutil.iter_modules(__path__):
 def families() -> list[type[Arch]]:
     """Every registered family, in the order of their names (the one list behind help texts and errors)."""
     return sorted(set(REGISTRY.values()), key=lambda fam: fam.title)
+
+
+def family_table() -> str:
+    """The README's table of families (Markdown), made from the registry: `python tools/family_table.py`
+    writes it into the README, tests/test_gguf_arch.py keeps the two equal."""
+    rows = ["| family | Hugging Face architectures | llama.cpp architecture |", "| --- | --- | --- |"]
+    for fam in families():
+        names = ", ".join(f"`{name}`" for name in fam.hf_names)
+        if fam.note:
+            names += f" ({fam.note})"
+        rows.append(f"| {fam.title} | {names} | `{gguf.MODEL_ARCH_NAMES[fam.model_arch]}` |")
+    return "\n".join(rows) + "\n"
 
 
 def supported_names() -> str:
@@ -45,6 +59,7 @@ __all__ = [
     "arch_for",
     "check_outtype",
     "families",
+    "family_table",
     "load_hparams",
     "register",
     "supported_names",

@@ -6,6 +6,8 @@ A family module subclasses `Arch`, sets `title`, `hf_names` and `model_arch`, de
     keep(hf_name)                 filter_tensors: whether a checkpoint tensor goes into the GGUF at all
     gguf_name(hf_name)            the name mapping (gguf-py's TensorNameMap by default)
     gguf_shape(hf_name, shape)    and transform(hf_name, data), transforms(hf_name): modify_tensors
+    stack_slot(hf_name)           which slice of a stacked GGUF tensor a tensor is (an MoE's experts: the
+                                  converter's torch.stack of `experts.{e}.*` into `ffn_*_exps`)
     extra_tensors()               generate_extra_tensors (e.g. Llama 3 rope_freqs)
     write_params(w, file_type)    set_gguf_parameters
     write_vocab(w, dir, hparams)  set_vocab: write_vocab_extras(w, dir), then the vocabulary by `vocab_kinds`
@@ -15,6 +17,7 @@ are byte-identical to its output.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,16 +39,27 @@ OUTTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
 }
 
 # tensor kinds llama.cpp keeps in F32 whatever the outtype (the subset of the converter's list that
-# can occur in the families we support; the rest are vision/audio/recurrent tensors)
+# can occur in the families we support; the rest are vision/audio/other recurrent tensors)
 _ALWAYS_F32 = (
     gguf.MODEL_TENSOR.FFN_GATE_INP,
     gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
     gguf.MODEL_TENSOR.POS_EMBD,
     gguf.MODEL_TENSOR.TOKEN_TYPES,
+    gguf.MODEL_TENSOR.SSM_CONV1D,
 )
 
 # Hugging Face architecture name -> family; filled by `register` as the family modules are imported
 REGISTRY: dict[str, type[Arch]] = {}
+
+# one expert's tensor of a mixture-of-experts layer: `...mlp.experts.{e}.gate_proj.weight`
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_EXPERT_COUNT = ["num_local_experts", "num_experts", "n_routed_experts"]
+# the converter's expert scoring functions that the installed gguf-py knows (0.19 lacks sqrtsoftplus)
+_GATING = {
+    name: getattr(gguf.ExpertGatingFuncType, name.upper())
+    for name in ("sigmoid", "softmax", "sqrtsoftplus")
+    if hasattr(gguf.ExpertGatingFuncType, name.upper())
+}
 
 # HF tensors llama.cpp does not use
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
@@ -99,6 +113,7 @@ class Arch:
     """One model family: config keys -> GGUF keys, HF tensor names -> GGUF names, tensor transforms."""
 
     title: ClassVar[str] = ""  # the family as people name it, for tables and help ("Qwen2 / Qwen2.5")
+    note: ClassVar[str] = ""  # what the README's family table says after the names ("text only: ...")
     hf_names: ClassVar[tuple[str, ...]] = ()
     model_arch: ClassVar[gguf.MODEL_ARCH]
     # vocabulary builders to try in order (see vocab.py): the first whose files exist wins
@@ -134,7 +149,7 @@ class Arch:
         """GGUF name of an HF tensor via gguf-py's TensorNameMap; None for tensors `keep` leaves out."""
         if not self.keep(hf_name):
             return None
-        name = hf_name.replace("language_model.", "")
+        name = _EXPERT.sub(".experts.", hf_name.replace("language_model.", ""), count=1)
         new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise EdgemergeError(
@@ -142,6 +157,19 @@ class Arch:
                 "the checkpoint is not a plain causal LM of this family"
             )
         return new
+
+    def stack_slot(self, hf_name: str) -> tuple[int, int] | None:
+        """(index, count) when the tensor is one slice of a stacked GGUF tensor, else None: expert e of an MoE
+        layer is slice e of `ffn_{gate,up,down}_exps` (stacked along a new first axis, count = the experts).
+        Written slice after slice, so no whole stack is ever in memory."""
+        m = _EXPERT.search(hf_name)
+        if m is None:
+            return None
+        count = self.find(_EXPERT_COUNT)
+        index = int(m.group(1))
+        if not 0 <= index < count:
+            raise EdgemergeError(f"tensor {hf_name!r} is expert {index} but config.json has {count} experts")
+        return index, count
 
     def gguf_shape(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the tensor as `transform` returns it (the checkpoint's shape by default)."""
@@ -246,6 +274,8 @@ class Arch:
                 w.add_rope_scaling_yarn_beta_slow(v)
         elif rope_type in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        if (sections := self.rope_parameters.get("mrope_section")) is not None:
+            w.add_rope_dimension_sections([*sections, 0, 0, 0, 0][:4])  # padded to 4 as the converter does
         if (theta := rope.get("rope_theta")) is not None:
             w.add_rope_freq_base(theta)
         if (swa_theta := self.rope_parameters.get("sliding_attention", {}).get("rope_theta")) is not None:
@@ -256,10 +286,37 @@ class Arch:
             eps := self.find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"], optional=True)
         ) is not None:
             w.add_layer_norm_eps(eps)
+        self.write_expert_params(w)
         if (head_dim := self.hparams.get("head_dim")) is not None:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         w.add_file_type(file_type)
+
+    def write_expert_params(self, w: gguf.GGUFWriter) -> None:
+        """Mixture-of-experts keys (expert count, experts per token, groups, gating function), as the
+        converter's TextModel writes them for any config that has them."""
+        if (n_experts := self.find(_EXPERT_COUNT, optional=True)) is not None:
+            w.add_expert_count(n_experts)
+        used = self.find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"], optional=True)
+        if used is not None:
+            w.add_expert_used_count(used)
+        if (groups := self.hparams.get("n_group")) is not None:
+            w.add_expert_group_count(groups)
+        if (groups_used := self.hparams.get("topk_group")) is not None:
+            w.add_expert_group_used_count(groups_used)
+        score = self.find(
+            ["score_function", "scoring_func", "score_func", "moe_router_activation",
+             "moe_router_activation_func", "expert_selection_fn"],
+            optional=True,
+        )  # fmt: skip
+        if score is not None:
+            gating = _GATING.get(score)
+            if gating is None:
+                raise EdgemergeError(
+                    f"config.json's expert scoring function {score!r} is not one llama.cpp knows "
+                    f"({', '.join(_GATING)}); restore the model's own config.json"
+                )
+            w.add_expert_gating_func(gating)
 
     def write_vocab(self, w: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> None:
         """The tokenizer keys (the converter's set_vocab): `write_vocab_extras`, then the vocabulary of the first

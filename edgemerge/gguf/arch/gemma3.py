@@ -42,6 +42,7 @@ _MULTIMODAL = ("vision_", "projector.")
 @register
 class Gemma3Arch(Arch):
     title = "Gemma 3"
+    note = "text only: the vision tower is left out"
     hf_names = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     model_arch = gguf.MODEL_ARCH.GEMMA3
     vocab_kinds = ("sentencepiece", "gpt2")
