@@ -41,6 +41,12 @@ def qwen2_tokenizer(root: Path) -> Path:
     return out
 
 
+def _mlp(prefix: str, ff: int) -> list[TensorSpec]:
+    """A SwiGLU feed-forward block's three projections (a dense layer's, or one expert's), bf16."""
+    shapes = (("gate_proj", (ff, HIDDEN)), ("up_proj", (ff, HIDDEN)), ("down_proj", (HIDDEN, ff)))
+    return [TensorSpec(prefix + f"{proj}.weight", shape, "bfloat16") for proj, shape in shapes]
+
+
 def specs_of(vocab: int, experts: int) -> list[TensorSpec]:
     """A Qwen3 (experts 0) or Qwen3 MoE checkpoint's tensors, bf16."""
     q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
@@ -58,25 +64,11 @@ def specs_of(vocab: int, experts: int) -> list[TensorSpec]:
             TensorSpec(p + "post_attention_layernorm.weight", (HIDDEN,), "bfloat16"),
         ]
         if experts == 0:
-            specs += [
-                TensorSpec(p + f"mlp.{proj}.weight", shape, "bfloat16")
-                for proj, shape in (
-                    ("gate_proj", (DENSE_FF, HIDDEN)),
-                    ("up_proj", (DENSE_FF, HIDDEN)),
-                    ("down_proj", (HIDDEN, DENSE_FF)),
-                )
-            ]
+            specs += _mlp(p + "mlp.", DENSE_FF)
         else:
             specs.append(TensorSpec(p + "mlp.gate.weight", (experts, HIDDEN), "bfloat16"))
             for e in range(experts):
-                specs += [
-                    TensorSpec(p + f"mlp.experts.{e}.{proj}.weight", shape, "bfloat16")
-                    for proj, shape in (
-                        ("gate_proj", (EXPERT_FF, HIDDEN)),
-                        ("up_proj", (EXPERT_FF, HIDDEN)),
-                        ("down_proj", (HIDDEN, EXPERT_FF)),
-                    )
-                ]
+                specs += _mlp(p + f"mlp.experts.{e}.", EXPERT_FF)
     specs += [
         TensorSpec("model.norm.weight", (HIDDEN,), "bfloat16"),
         TensorSpec("lm_head.weight", (vocab, HIDDEN), "bfloat16"),
