@@ -19,7 +19,8 @@ from .shared import need_shared
 @dataclass
 class Spec:
     arch: str = "LlamaForCausalLM"
-    tokenizer: str = "llama-bpe"  # llama-bpe | llama3.1-bpe | qwen2 | spm (Mistral v1 SentencePiece) | spm512
+    # llama-bpe | llama3.1-bpe | qwen2 | qwen35 | gemma-4 | spm (Mistral v1 SentencePiece) | spm512
+    tokenizer: str = "llama-bpe"
     hidden: int = 256
     layers: int = 2
     heads: int = 4
@@ -64,6 +65,12 @@ def tokenizer_dir(kind: str, cache: Path) -> Path:
         tmp.mkdir(parents=True)
         shutil.copy(src, tmp / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(tmp)
+    elif kind == "gemma-4":
+        # AutoTokenizer would first build a config from the file, which its per-layer KV head counts break
+        from transformers import GemmaTokenizer
+
+        vocab = need_shared("tokenizers", "llama.cpp-vocab")
+        tok = GemmaTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
     else:
         vocab = need_shared("tokenizers", "llama.cpp-vocab")
         tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
