@@ -6,12 +6,20 @@ have non-trivial task vectors. Hidden sizes are multiples of 256 so llama.cpp k-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
+
+from edgemerge.check import check_compat
+from edgemerge.errors import EdgemergeError
+from edgemerge.recipe import load_recipe
+from edgemerge.sources import resolve_recipe
 
 from .shared import need_shared
 
@@ -295,3 +303,23 @@ def write_recipe(path: Path, family: dict[str, Path], weights: dict[str, float],
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def instruct_family(root: Path, spec: Spec, cache: Path, template: str, eos: list[int]) -> dict[str, Path]:
+    """base, instruct and eu in `spec`'s shapes and vocabulary, the instruct model with the real chat template
+    `template` and the end-of-turn ids `eos` (the spec's own chat template left out of all three)."""
+    spec = dataclasses.replace(spec, chat_template="")
+    family = make_family(root, spec, tokenizer_dir(spec.tokenizer, cache))
+    return chat_instruct(family, template=template, eos=eos)
+
+
+def compat_error(family: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object]) -> str:
+    """The check's message for `family` when a copy of eu has its config.json changed by `edit` (in place)."""
+    eu = shutil.copytree(family["eu"], tmp_path / "eu")
+    cfg = json.loads((eu / "config.json").read_text())
+    edit(cfg)
+    (eu / "config.json").write_text(json.dumps(cfg))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**family, "eu": eu}, {"eu": 1.0}))
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(resolve_recipe(recipe))
+    return e.value.message

@@ -5,24 +5,18 @@ a Gemma 4 instruct, and the checkpoints it refuses."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
-
 import numpy as np
 import pytest
 
-from edgemerge.check import check_compat
 from edgemerge.errors import EdgemergeError
 from edgemerge.gguf.arch import arch_for
 from edgemerge.gguf.inspect import kv, read_gguf, tensors
 from edgemerge.package import chat_info, modelfile, parse_modelfile_stops
 from edgemerge.pipeline import merge_to_gguf
 from edgemerge.recipe import load_recipe
-from edgemerge.sources import resolve_recipe
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_instruct, make_family, state_of, tokenizer_dir, write_recipe
+from .models import compat_error, instruct_family, state_of, write_recipe
 
 GEMMA4_EOS = [1, 106, 50]  # Gemma 4 -it's generation_config: <eos>, <turn|>, <|tool_response>
 TEMPLATE = "google-gemma-4-31B-it.jinja"
@@ -31,9 +25,9 @@ TEMPLATE = "google-gemma-4-31B-it.jinja"
 @pytest.fixture(scope="module")
 def gemma4_family(tmp_path_factory, tok_cache):
     """base, instruct (with 31B-it's chat template and end-of-turn ids) and eu, in the gemma4 fixture's shapes."""
-    spec = dataclasses.replace(ARCH_SPECS["gemma4"], chat_template="")
-    family = make_family(tmp_path_factory.mktemp("gemma4"), spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template=TEMPLATE, eos=GEMMA4_EOS)
+    return instruct_family(
+        tmp_path_factory.mktemp("gemma4"), ARCH_SPECS["gemma4"], tok_cache, TEMPLATE, GEMMA4_EOS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +70,11 @@ def test_chat_template_and_every_end_of_turn_token_reach_the_gguf_and_the_modelf
 
 
 def test_a_gemma3_language_model_beside_a_gemma4_instruct_names_both_architectures(gemma4_family, tmp_path):
-    eu = shutil.copytree(gemma4_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    cfg.update(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text")
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**gemma4_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(EdgemergeError) as e:
-        check_compat(resolve_recipe(recipe))
-    message = e.value.message
+    message = compat_error(
+        gemma4_family,
+        tmp_path,
+        lambda cfg: cfg.update(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text"),
+    )
     assert "Gemma4ForCausalLM in instruct" in message and "Gemma3ForCausalLM in eu" in message
     assert message.count("\n") == 0
 
@@ -91,15 +82,10 @@ def test_a_gemma3_language_model_beside_a_gemma4_instruct_names_both_architectur
 def test_a_layer_whose_tensors_do_not_fit_its_own_sizes_is_named(gemma4_family, tmp_path):
     """The check reads each layer's own sizes (the full layer's head of 64): a config that gives the full layers
     the sliding layers' head size no longer describes layer 1's query projection."""
-    eu = shutil.copytree(gemma4_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    cfg["per_layer_config"]["1"]["head_dim"] = 32
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**gemma4_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(
-        EdgemergeError, match=r"layers.1.self_attn.q_proj.weight has shape \[128, 64\].* of layer 1"
-    ):
-        check_compat(resolve_recipe(recipe))
+    message = compat_error(
+        gemma4_family, tmp_path, lambda cfg: cfg["per_layer_config"]["1"].update(head_dim=32)
+    )
+    assert "layers.1.self_attn.q_proj.weight has shape [128, 64]" in message and "of layer 1" in message
 
 
 def test_the_towers_are_not_tensors_of_the_family():

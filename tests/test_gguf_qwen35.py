@@ -5,23 +5,17 @@ and what the export leaves out."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
-
 import pytest
 
-from edgemerge.check import check_compat
 from edgemerge.errors import EdgemergeError
 from edgemerge.gguf.arch import arch_for
 from edgemerge.gguf.inspect import kv, tensors
 from edgemerge.package import chat_info, modelfile, parse_modelfile_stops
 from edgemerge.pipeline import merge_to_gguf
 from edgemerge.recipe import load_recipe
-from edgemerge.sources import resolve_recipe
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_instruct, make_family, tokenizer_dir, write_recipe
+from .models import compat_error, instruct_family, write_recipe
 
 QWEN35_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
@@ -29,9 +23,8 @@ QWEN35_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 @pytest.fixture(scope="module")
 def hybrid_family(tmp_path_factory, tok_cache):
     """base, instruct (with Qwen3.5's chat template and end-of-turn ids) and eu, in the qwen35 fixture's shapes."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen35"], chat_template="")
-    family = make_family(tmp_path_factory.mktemp("qwen35"), spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template="Qwen3.5-4B.jinja", eos=QWEN35_EOS)
+    root = tmp_path_factory.mktemp("qwen35")
+    return instruct_family(root, ARCH_SPECS["qwen35"], tok_cache, "Qwen3.5-4B.jinja", QWEN35_EOS)
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +63,9 @@ def test_chat_template_and_every_end_of_turn_token_reach_the_gguf_and_the_modelf
 
 
 def test_a_different_layer_pattern_is_named(hybrid_family, tmp_path):
-    eu = shutil.copytree(hybrid_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    cfg["layer_types"] = ["full_attention", "full_attention"]
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**hybrid_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(EdgemergeError) as e:
-        check_compat(resolve_recipe(recipe))
-    message = e.value.message
+    message = compat_error(
+        hybrid_family, tmp_path, lambda cfg: cfg.update(layer_types=["full_attention", "full_attention"])
+    )
     assert "config layer_types[0] (the layer pattern: which layers use which attention)" in message
     assert "linear_attention in instruct" in message and "but full_attention in eu" in message
 
