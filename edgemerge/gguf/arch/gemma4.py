@@ -97,8 +97,10 @@ class Gemma4Arch(Gemma3Arch):
         the first full-attention layer that sets it (transformers 5's form), as the converter looks it up."""
         if (value := self.hparams.get(global_key)) is not None:
             return value
-        for index, layer in (self.hparams.get("per_layer_config") or {}).items():
-            if int(index) < len(self.swa) and not self.swa[int(index)] and key in layer:
+        per_layer = self.hparams.get("per_layer_config") or {}
+        for index, layer in per_layer.items() if isinstance(per_layer, dict) else ():
+            full = str(index).isdecimal() and int(index) < len(self.swa) and not self.swa[int(index)]
+            if full and isinstance(layer, dict) and key in layer:
                 return layer[key]
         return None
 
@@ -128,7 +130,7 @@ class Gemma4Arch(Gemma3Arch):
         hp = self.hparams
         head_dim_swa = hp["head_dim"]
         shared = hp.get("num_kv_shared_layers") or 0
-        n_ff: Any = hp["intermediate_size"]
+        n_ff: Any = self.find(["intermediate_size"])
         if hp.get("use_double_wide_mlp"):
             n_ff = [n_ff if i < self.block_count - shared else 2 * n_ff for i in range(self.block_count)]
         kv: Any = hp["num_key_value_heads"]
