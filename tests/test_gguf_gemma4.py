@@ -5,6 +5,8 @@ a Gemma 4 instruct, and the checkpoints it refuses."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -15,18 +17,22 @@ from edgemerge.package import chat_info, modelfile, parse_modelfile_stops
 from edgemerge.pipeline import merge_to_gguf
 from edgemerge.recipe import load_recipe
 
-from .arch_fixtures import ARCH_SPECS
-from .models import compat_error, instruct_family, state_of, write_recipe
+from .models import chat_instruct, compat_error, state_of, write_recipe
 
 GEMMA4_EOS = [1, 106, 50]  # Gemma 4 -it's generation_config: <eos>, <turn|>, <|tool_response>
 TEMPLATE = "google-gemma-4-31B-it.jinja"
 
 
 @pytest.fixture(scope="module")
-def gemma4_family(tmp_path_factory, tok_cache):
-    """base, instruct (with 31B-it's chat template and end-of-turn ids) and eu, in the gemma4 fixture's shapes."""
-    return instruct_family(
-        tmp_path_factory.mktemp("gemma4"), ARCH_SPECS["gemma4"], tok_cache, TEMPLATE, GEMMA4_EOS
+def gemma4_family(arch_models, tmp_path_factory):
+    """base and eu: the session's gemma4 fixture; instruct: a copy of it with 31B-it's chat template and end-of-turn
+    ids. One model, not three, with the real 262k vocabulary: the merge's arithmetic is proven for each family by
+    test_merge_engine; here what counts is what flows from the instruct model into the fused GGUF (eu = base, so
+    the merged weights are the instruct model's)."""
+    model = arch_models["gemma4"]
+    instruct = shutil.copytree(model, tmp_path_factory.mktemp("gemma4") / "instruct")
+    return chat_instruct(
+        {"base": model, "instruct": instruct, "eu": model}, template=TEMPLATE, eos=GEMMA4_EOS
     )
 
 
