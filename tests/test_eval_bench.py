@@ -203,7 +203,11 @@ def test_a_context_too_small_for_the_prompt_says_how_many_tokens_it_needs(cli, t
         ([], "give --lang (the language to evaluate in) or --task"),
     ],
 )
-def test_bad_benchmark_input_is_one_line_and_exit_2(cli, args, message):
+def test_bad_benchmark_input_is_one_line_and_exit_2(cli, args, message, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # without --data: the hub, never the network here
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     model = need_shared("models", "stories260K", "stories260K.gguf")
     data = need_shared("bench")
     code, _out, err = cli("eval", model, *[a.format(data=data) for a in args])

@@ -96,9 +96,17 @@ def test_unknown_task_lists_the_known_ones():
         resolve_tasks(["eus_trivium"], None)
 
 
-def test_no_data_folder_names_the_file_to_give():
+def test_no_data_folder_offline_names_the_file_to_give(tmp_path, monkeypatch):
+    """Without --data the files come from the hub (tests/test_eval_hubdata.py); offline and not in the cache,
+    one line names the dataset and the file to give with --data."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(
-        EdgemergeError, match=r"give --data DIR with eustrivia/eus_trivia_test.jsonl in it \(HiTZ"
+        EdgemergeError,
+        match=r"task eus_trivia needs HiTZ/EusTrivia from the Hugging Face hub: it is not in the cache .* and "
+        r"HF_HUB_OFFLINE is set; .* give --data DIR with eustrivia/eus_trivia_test.jsonl in it",
     ):
         prepare_tasks(["eus_trivia"], None, 5)
 

@@ -28,9 +28,11 @@ from .harness import (
     pooled_stderr,
     requests,
     score,
+    task_splits,
 )
+from .hubdata import hub_files
 from .loglik import continuation_logliks_many, encode_request
-from .taskfile import DEFAULT_SEED, load_spec, missing_subsets, resolve_tasks
+from .taskfile import DEFAULT_SEED, Task, load_spec, missing_subsets, resolve_tasks
 
 BENCH_CTX = 8192  # the longest prompt a benchmark may need (capped at the model's training context)
 KV_CELLS = BENCH_CTX  # scoring several questions at once holds at most the KV cache of one such prompt
@@ -41,6 +43,7 @@ class PreparedTask:
     docs: TaskDocs
     prompter: Prompter
     shots: int
+    files: dict[str, Path] = field(default_factory=dict)  # split -> the file read
 
     @property
     def name(self) -> str:
@@ -81,31 +84,33 @@ class BenchSettings:
     missing: dict[str, list[str]] = field(default_factory=dict)  # family -> subsets whose data was absent
 
 
+def task_files(task: Task, data: Path | None) -> dict[str, Path]:
+    """split -> the file of the task's split: under the folder `data`, or without one from the hub (hubdata.py)."""
+    if data is None:
+        return hub_files(task)
+    return {split: task.file(split, data) for split in task_splits(task)}
+
+
 def prepare_tasks(names: list[str], data: Path | None, fewshot: int | None) -> list[PreparedTask]:
-    """The tasks `names` with their data under `data`, every record checked and every task's few-shot split
-    large enough (see harness.py); fails on the first problem with one line naming the file or the field."""
+    """The tasks `names` with their data under `data` (without it: fetched from the hub), every record checked
+    and every task's few-shot split large enough (see harness.py); fails on the first problem with one line
+    naming the file or the field."""
     tasks = resolve_tasks(
         names, data if data is not None and Path(data).is_dir() else None
     )  # unknown names first
-    if data is None:
-        t = tasks[0]
-        raise EdgemergeError(
-            f"task {t.name} reads its questions from local files: give --data DIR with "
-            f"{t.spec.data_files[t.eval_split].format(subset=t.subset or '<subset>')} in it ({t.spec.dataset_path} "
-            "on the Hugging Face hub, as JSON or JSON Lines)"
-        )
-    if not Path(data).is_dir():
+    if data is not None and not Path(data).is_dir():
         raise EdgemergeError(
             f"the benchmarks' data folder {data} is not a folder (--data, or eval.data in a recipe)"
         )
     out = []
     for t in tasks:
         prompter = Prompter(t.spec, t.name)
-        docs = load_docs(t, data, prompter)
+        files = task_files(t, data)
+        docs = load_docs(t, files, prompter)
         shots = t.spec.num_fewshot if t.spec.num_fewshot == 0 or fewshot is None else fewshot
         shots = shots or 0
         check_shots(docs, shots)
-        out.append(PreparedTask(docs, prompter, shots))
+        out.append(PreparedTask(docs, prompter, shots, files))
     return out
 
 
