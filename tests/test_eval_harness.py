@@ -4,6 +4,7 @@ functions when lm-eval is installed, and the bad-input messages."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgemerge.errors import EdgemergeError
-from edgemerge.evaluate.bench import prepare_tasks
+from edgemerge.evaluate.bench import bench_fingerprint, prepare_tasks
 from edgemerge.evaluate.harness import Doc, Prompter, mean_stderr, pooled_stderr, requests, score
 from edgemerge.evaluate.taskfile import all_task_names, known_tasks, load_spec, resolve_tasks
 
@@ -235,3 +236,22 @@ def test_chat_turns_equal_lm_evals(name, shots, limit, tmp_path):
         assert [json.loads(i.arguments[0]) for i in insts] == [req.messages] * len(insts)
         assert [i.arguments[1] for i in insts] == req.continuations == req.choices
         assert [m["role"] for m in req.messages] == ["user", "assistant"] * shots + ["user"]
+
+
+def test_the_fingerprint_holds_the_task_files_and_the_data_files_contents(tmp_path):
+    """bench_fingerprint (a build's eval key): the sha256 of each task file and each data file read."""
+    f = tmp_path / "eustrivia" / "eus_trivia_test.jsonl"
+    f.parent.mkdir()
+    f.write_text(
+        json.dumps({"question": "q", "candidates": ["a", "b"], "answer": 1}) + "\n", encoding="utf-8"
+    )
+    before = bench_fingerprint(["eus_trivia"], tmp_path)
+    task_file = Path(__file__).resolve().parents[1] / "edgemerge/evaluate/data/tasks/eus_trivia.yaml"
+    assert before == {
+        "task file eus_trivia": hashlib.sha256(task_file.read_bytes()).hexdigest(),
+        "eus_trivia test": hashlib.sha256(f.read_bytes()).hexdigest(),
+    }
+    f.write_text(
+        json.dumps({"question": "Q", "candidates": ["a", "b"], "answer": 1}) + "\n", encoding="utf-8"
+    )
+    assert bench_fingerprint(["eus_trivia"], tmp_path)["eus_trivia test"] != before["eus_trivia test"]

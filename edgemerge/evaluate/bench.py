@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgemergeError
+from ..hashes import sha256_file
 from ..progress import task as progress_task
 from ..runtime import MAX_PARALLEL, Model
 from .harness import (
@@ -32,7 +33,7 @@ from .harness import (
 )
 from .hubdata import hub_files
 from .loglik import continuation_logliks_many, encode_request
-from .taskfile import DEFAULT_SEED, Task, load_spec, missing_subsets, resolve_tasks
+from .taskfile import DEFAULT_SEED, TASKS_DIR, Task, load_spec, missing_subsets, resolve_tasks
 
 BENCH_CTX = 8192  # the longest prompt a benchmark may need (capped at the model's training context)
 KV_CELLS = BENCH_CTX  # scoring several questions at once holds at most the KV cache of one such prompt
@@ -89,6 +90,19 @@ def task_files(task: Task, data: Path | None) -> dict[str, Path]:
     if data is None:
         return hub_files(task)
     return {split: task.file(split, data) for split in task_splits(task)}
+
+
+def bench_fingerprint(names: list[str], data: Path | None) -> dict[str, str]:
+    """sha256 of every task file and data file the tasks `names` read (under `data`, or from the hub): what
+    their scores depend on besides the model and the settings, for a build's cache key (edited data or an
+    edited task file runs the benchmarks again)."""
+    folder = data if data is not None and Path(data).is_dir() else None
+    out: dict[str, str] = {}
+    for t in resolve_tasks(names, folder):
+        out[f"task file {t.spec.task}"] = sha256_file(TASKS_DIR / f"{t.spec.task}.yaml")
+        for split, path in task_files(t, data).items():
+            out[f"{t.name} {split}"] = sha256_file(path) if path.is_file() else "absent"
+    return out
 
 
 def prepare_tasks(names: list[str], data: Path | None, fewshot: int | None) -> list[PreparedTask]:
