@@ -33,6 +33,7 @@ MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
 VOCAB_CTX = 32  # the context of the `Llama` object itself: it is only asked for its vocabulary
 N_BATCH = 512  # tokens per llama_decode (llama.cpp's default)
 MAX_PARALLEL = 16  # sequences of one context for multiple-choice candidates
+KV_PAD = 256  # llama.cpp pads a context's KV cells to a multiple of this
 
 
 def check_gguf(path: Path) -> Path:
@@ -106,9 +107,7 @@ class Context:
             self._callback = lib.ggml_backend_sched_eval_callback(observer)
             p.cb_eval, p.cb_eval_user_data = self._callback, None
         model = llm.model
-        n_ctx_seq = (
-            -(-n_ctx_seq // 256) * 256
-        )  # llama.cpp pads the context to 256 cells, then splits it evenly
+        n_ctx_seq = -(-n_ctx_seq // KV_PAD) * KV_PAD  # llama.cpp pads the context, then splits it evenly
         p.n_ctx, p.n_seq_max, p.kv_unified = n_seq * n_ctx_seq, n_seq, False
         p.n_batch = p.n_ubatch = n_batch
         p.n_threads = p.n_threads_batch = threads

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgemerge.errors import EdgemergeError
-from edgemerge.evaluate.bench import bench_fingerprint, prepare_tasks
+from edgemerge.evaluate.bench import batch_shape, bench_fingerprint, prepare_tasks
 from edgemerge.evaluate.harness import Doc, Prompter, mean_stderr, pooled_stderr, requests, score
 from edgemerge.evaluate.taskfile import all_task_names, known_tasks, load_spec, resolve_tasks
 
@@ -255,3 +255,12 @@ def test_the_fingerprint_holds_the_task_files_and_the_data_files_contents(tmp_pa
         json.dumps({"question": "Q", "candidates": ["a", "b"], "answer": 1}) + "\n", encoding="utf-8"
     )
     assert bench_fingerprint(["eus_trivia"], tmp_path)["eus_trivia test"] != before["eus_trivia test"]
+
+
+def test_the_batched_context_holds_at_most_one_longest_prompts_kv_cache():
+    """batch_shape: as many sequences as 8192 KV cells hold (each padded to 256 cells), at most 16, never fewer
+    than the widest question's long answers."""
+    assert batch_shape(100, 1) == (16, 100)  # 0-shot: a full decode of questions
+    assert batch_shape(800, 1) == (8, 800)  # 8 x 1024 cells
+    assert batch_shape(2385, 4) == (4, 2385)  # 5-shot with four long answers: 4 x 2560 cells, as one at a time
+    assert batch_shape(2385, 1) == (3, 2385) and batch_shape(8000, 1) == (1, 8000)

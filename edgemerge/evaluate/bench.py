@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import EdgemergeError
 from ..hashes import sha256_file
 from ..progress import task as progress_task
-from ..runtime import MAX_PARALLEL, Model
+from ..runtime import KV_PAD, MAX_PARALLEL, Model
 from .harness import (
     Prompter,
     Request,
@@ -165,7 +165,8 @@ def batch_shape(need: int, widest: int) -> tuple[int, int]:
     """(sequences, tokens per sequence) of the context a task is scored in: every question fits a sequence
     (`need` tokens), as many sequences as KV_CELLS cells hold (at most MAX_PARALLEL), never fewer than the
     `widest` question's answers of two tokens or more (so its prompt is decoded once)."""
-    return min(MAX_PARALLEL, max(widest, KV_CELLS // max(need, 1), 1)), need
+    cells = -(-need // KV_PAD) * KV_PAD  # what llama.cpp gives each sequence
+    return min(MAX_PARALLEL, max(widest, KV_CELLS // cells, 1)), need
 
 
 def run_task(
