@@ -262,5 +262,8 @@ def test_the_batched_context_holds_at_most_one_longest_prompts_kv_cache():
     than the widest question's long answers."""
     assert batch_shape(100, 1) == (16, 100)  # 0-shot: a full decode of questions
     assert batch_shape(800, 1) == (8, 800)  # 8 x 1024 cells
-    assert batch_shape(2385, 4) == (4, 2385)  # 5-shot with four long answers: 4 x 2560 cells, as one at a time
+    assert batch_shape(2385, 4) == (
+        4,
+        2385,
+    )  # 5-shot with four long answers: 4 x 2560 cells, as one at a time
     assert batch_shape(2385, 1) == (3, 2385) and batch_shape(8000, 1) == (1, 8000)
