@@ -313,6 +313,7 @@ def generated(lang: str, passages: list[str], source: str) -> list[Case]:
         add({"type": "keyword", "word": kw}, p, p.upper(), other)
         add({"type": "keyword", "word": kw.upper()}, p)
         add({"type": "keyword", "word": kw, "count": c + 1}, p, p + " " + kw.capitalize() + ".")
+        add({"type": "keyword", "word": kw, "count": max(c, 2)}, p, f"{p} {p}")
         add({"type": "forbidden", "word": kw}, p, other, p.replace(kw, "").replace(kw.capitalize(), ""))
         # case
         for kind in ("lowercase", "uppercase"):
