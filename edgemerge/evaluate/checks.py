@@ -8,7 +8,7 @@ language") and asserted in tests/test_ifeval_parity.py. Definitions shared by se
 
 - word: a run of letters, digits or underscores (IFEval's `\w+`, so "l'aigua" and "etxe-aurrean" are two words
   each and a lone dash is none), where a Catalan middle dot joins ("col·legi" is one word).
-- bullet line: a line starting with "-", "*" or "•" followed by a space (CommonMark's list item).
+- bullet line: a line starting with "-", "*" or "•" followed by a space (a Markdown list item, or a bullet).
 - numbered line: a line starting with digits followed by "." or ")" and a space.
 - sentence: a maximal run of text ending in ".", "!", "?" or "…" (or the end of the answer).
 - paragraph: a block of text separated from the next by one or more blank lines.
