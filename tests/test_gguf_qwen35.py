@@ -14,7 +14,7 @@ import pytest
 
 from edgemerge.check import check_compat
 from edgemerge.errors import EdgemergeError
-from edgemerge.gguf.arch import arch_for
+from edgemerge.gguf.arch import arch_for, left_out_of_gguf
 from edgemerge.gguf.inspect import kv, tensors
 from edgemerge.package import chat_info, modelfile, parse_modelfile_stops
 from edgemerge.pipeline import check_inputs, export_hf, gguf_metadata, merge_to_gguf, merge_to_hf
@@ -234,3 +234,25 @@ def test_a_language_model_with_mtp_and_an_instruct_without_pass_the_check_and_dr
     assert report.note == "not merged, left out of a GGUF: 15 (mtp.*) only other inputs have are dropped"
     assert report.from_instruct == frozenset()
     assert {s.name for s in report.specs} == set(_tensors(hybrid_family["instruct"]))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"text_config": None, "num_hidden_layers": None},
+        {"text_config": {"num_hidden_layers": None}},
+        {"text_config": {"num_hidden_layers": 2, "layer_types": "linear_attention"}},
+        {"architectures": ["NotAModel"], "num_hidden_layers": 2},
+        {"architectures": None, "num_hidden_layers": 2},
+    ],
+)
+def test_what_a_family_leaves_out_is_read_from_config_json_and_an_odd_one_gives_none(config, tmp_path):
+    """The merge's check asks the instruct model's family what it leaves out of the GGUF; a config.json it
+    cannot make a family of gives no answer (the check then compares every tensor), never a traceback."""
+    good = {"architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": {"num_hidden_layers": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(good))
+    left_out = left_out_of_gguf(tmp_path)
+    assert left_out("mtp.fc.weight") and left_out("model.visual.blocks.0.attn.qkv.weight")
+    assert not left_out("model.language_model.layers.0.linear_attn.A_log") and not left_out("lm_head.weight")
+    (tmp_path / "config.json").write_text(json.dumps({**good, **config}))
+    assert left_out_of_gguf(tmp_path) is None

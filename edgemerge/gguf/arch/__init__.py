@@ -62,7 +62,7 @@ def left_out_of_gguf(model_dir: Path) -> Callable[[str], bool] | None:
     raw config.json, so no transformers import for a check."""
     try:
         family = arch_for(text_hparams(read_config(model_dir)))
-    except EdgemergeError:
+    except (EdgemergeError, TypeError, ValueError):  # e.g. a null count: no family, and the check goes on
         return None
     return lambda name: not family.keep(name)
 

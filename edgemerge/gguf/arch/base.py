@@ -95,7 +95,7 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
 def text_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """A config with its nested `text_config` (a multimodal model's language model) lifted to the top, as the
     converter's TextModel does."""
-    if "text_config" not in hparams:
+    if not isinstance(hparams.get("text_config"), dict):  # absent, or null as read_config allows
         return hparams
     text = hparams["text_config"]
     # the architecture is the top level's unless text_config names one (the converter's
