@@ -23,7 +23,7 @@ Llama-3.1-8B's 8.03e9 without its two 128,256 x 4,096 matrices), tokens_8B the s
 the 1B's count. Attention's own cost (growing with the prompt's length) is left out of the rule.
 
     python tools/bench_family.py /work/bench 1b-8k       # the 1B family with an 8192-token context
-    python -m edgemerge build --recipe /work/bench/1b-8k/recipe.yaml --quant Q4_K_M --skip-eval \\
+    edgemerge build --recipe /work/bench/1b-8k/recipe.yaml --quant Q4_K_M --skip-eval \\
         --out /work/bench/tasks/dist
     python tools/bench_tasks.py /work/bench/tasks/dist/*-F16.gguf /work/bench/tasks/dist/*-Q4_K_M.gguf \\
         --data /work/shared/data/bench --work /work/bench/tasks --laptop-sim \\
