@@ -14,7 +14,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EdgemergeError
 from ..evaluate import evaluate
-from ..evaluate.bench import prepare_tasks
+from ..evaluate.bench import bench_fingerprint, prepare_tasks
 from ..evaluate.gates import check_gates
 from ..evaluate.prompts import load_prompts
 from ..evaluate.report import EvalReport
@@ -617,6 +617,7 @@ def _eval_stage(
         skip_chat,
         batch,
         *([json.dumps(bench, default=str, sort_keys=True)] if bench else []),
+        *([bench_fingerprint(bench["tasks"], bench["data"])] if bench else []),  # the data's contents
     )
     holder: dict[str, Any] = {}
 
