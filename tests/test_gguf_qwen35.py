@@ -5,7 +5,6 @@ and what the export leaves out."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -21,17 +20,17 @@ from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_instruct, make_family, tokenizer_dir, write_recipe
+from .models import chat_copy, write_recipe
 
 QWEN35_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
 
 @pytest.fixture(scope="module")
-def hybrid_family(tmp_path_factory, tok_cache):
+def hybrid_family(tmp_path_factory, families):
     """base, instruct (with Qwen3.5's chat template and end-of-turn ids) and eu, in the qwen35 fixture's shapes."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen35"], chat_template="")
-    family = make_family(tmp_path_factory.mktemp("qwen35"), spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template="Qwen3.5-4B.jinja", eos=QWEN35_EOS)
+    return chat_copy(
+        families(ARCH_SPECS["qwen35"]), tmp_path_factory.mktemp("qwen35"), "Qwen3.5-4B.jinja", QWEN35_EOS
+    )
 
 
 @pytest.fixture(scope="module")
