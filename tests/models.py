@@ -6,6 +6,7 @@ have non-trivial task vectors. Hidden sizes are multiples of 256 so llama.cpp k-
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -158,6 +159,15 @@ def _as_released_llama31(folder: Path) -> None:
     path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer(tok_dir: Path):
+    """The tokenizer of `tok_dir`, loaded once for the models of a family in a row (2 s for a 152k vocabulary;
+    saving it does not change it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
 def make_model(
     out: Path,
     spec: Spec,
@@ -171,9 +181,8 @@ def make_model(
     """Write a tiny model to `out` (safetensors + config + tokenizer). With `base_state`, weights are
     base + delta_scale * N(0, 1) (seeded), like a fine-tune of that base."""
     import transformers
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = _tokenizer(tok_dir)
     vocab = len(tok)
     cfg_cls = config_class(spec.arch)
     kw = {
