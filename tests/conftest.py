@@ -1,4 +1,8 @@
-"""Session-wide fixtures: tokenizer folders built once from the shared vocabularies, tiny model families."""
+"""Session-wide fixtures: tokenizer folders built once from the shared vocabularies, tiny model families.
+
+The expensive ones (real-vocabulary tokenizers, `arch_models`, `f32_ggufs`, `families`) are built once per test
+run in `run_dir`, which every pytest-xdist worker of the run shares (tests/models.py built_once): read them,
+copy them to change them."""
 
 from __future__ import annotations
 
