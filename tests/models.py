@@ -251,7 +251,8 @@ def make_family(
     import transformers
 
     paths = {"base": make_model(root / "base", spec, tok_dir, seed=1, shard_size=shard_size)}
-    base = transformers.AutoModelForCausalLM.from_pretrained(paths["base"], torch_dtype=torch.float32)
+    # the fixture's own class: AutoModelForCausalLM makes Qwen3.5's causal LM of a conditional-generation folder
+    base = getattr(transformers, spec.arch).from_pretrained(paths["base"], torch_dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in base.named_parameters()}
     del base
     paths["instruct"] = make_model(
