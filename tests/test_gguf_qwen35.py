@@ -134,16 +134,14 @@ def with_mtp(model, tmp_path=None):
 
 
 @pytest.fixture(scope="module")
-def released_family(tmp_path_factory, tok_cache):
+def released_family(tmp_path_factory, families):
     """base, instruct and eu in the released class (the qwen35_vlm fixture's shapes, with its vision tower); the
     instruct model keeps its MTP block, as the released instruct checkpoints do, the language model does not
     (transformers drops it when saving a fine-tune)."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen35_vlm"], chat_template="")
-    family = make_family(
-        tmp_path_factory.mktemp("qwen35-vlm"), spec, tokenizer_dir(spec.tokenizer, tok_cache)
-    )
+    root = tmp_path_factory.mktemp("qwen35-vlm")
+    family = chat_copy(families(ARCH_SPECS["qwen35_vlm"]), root, "Qwen3.5-4B.jinja", QWEN35_EOS)
     with_mtp(family["instruct"])
-    return chat_instruct(family, template="Qwen3.5-4B.jinja", eos=QWEN35_EOS)
+    return family
 
 
 @pytest.fixture(scope="module")
