@@ -6,7 +6,6 @@ vision tower, an instruct model that keeps its multi-token-prediction block) mer
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -22,7 +21,7 @@ from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_instruct, make_family, tokenizer_dir, write_recipe
+from .models import chat_copy, write_recipe
 
 FULL_ATTENTION_LAYER = "layers.1."  # the released MTP block is one such layer
 
@@ -30,11 +29,11 @@ QWEN35_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
 
 @pytest.fixture(scope="module")
-def hybrid_family(tmp_path_factory, tok_cache):
+def hybrid_family(tmp_path_factory, families):
     """base, instruct (with Qwen3.5's chat template and end-of-turn ids) and eu, in the qwen35 fixture's shapes."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen35"], chat_template="")
-    family = make_family(tmp_path_factory.mktemp("qwen35"), spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template="Qwen3.5-4B.jinja", eos=QWEN35_EOS)
+    return chat_copy(
+        families(ARCH_SPECS["qwen35"]), tmp_path_factory.mktemp("qwen35"), "Qwen3.5-4B.jinja", QWEN35_EOS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +134,14 @@ def with_mtp(model, tmp_path=None):
 
 
 @pytest.fixture(scope="module")
-def released_family(tmp_path_factory, tok_cache):
+def released_family(tmp_path_factory, families):
     """base, instruct and eu in the released class (the qwen35_vlm fixture's shapes, with its vision tower); the
     instruct model keeps its MTP block, as the released instruct checkpoints do, the language model does not
     (transformers drops it when saving a fine-tune)."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen35_vlm"], chat_template="")
-    family = make_family(
-        tmp_path_factory.mktemp("qwen35-vlm"), spec, tokenizer_dir(spec.tokenizer, tok_cache)
-    )
+    root = tmp_path_factory.mktemp("qwen35-vlm")
+    family = chat_copy(families(ARCH_SPECS["qwen35_vlm"]), root, "Qwen3.5-4B.jinja", QWEN35_EOS)
     with_mtp(family["instruct"])
-    return chat_instruct(family, template="Qwen3.5-4B.jinja", eos=QWEN35_EOS)
+    return family
 
 
 @pytest.fixture(scope="module")

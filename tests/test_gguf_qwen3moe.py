@@ -5,7 +5,6 @@ merge into the GGUF and the Modelfile, and the mismatches the check names."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -25,18 +24,18 @@ from edgemerge.sources import resolve_recipe
 from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_instruct, make_family, tokenizer_dir, write_recipe
+from .models import chat_copy, write_recipe
 
 QWEN3_EOS = [151645, 151643]  # Qwen3's generation_config: <|im_end|>, <|endoftext|>
 EXPERT = "model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
 
 
 @pytest.fixture(scope="module")
-def moe_family(tmp_path_factory, tok_cache):
+def moe_family(tmp_path_factory, families):
     """base, instruct (with Qwen3's chat template and end-of-turn ids) and eu, in the qwen3moe fixture's shapes."""
-    spec = dataclasses.replace(ARCH_SPECS["qwen3moe"], chat_template="")
-    family = make_family(tmp_path_factory.mktemp("moe"), spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template="Qwen-Qwen3-0.6B.jinja", eos=QWEN3_EOS)
+    return chat_copy(
+        families(ARCH_SPECS["qwen3moe"]), tmp_path_factory.mktemp("moe"), "Qwen-Qwen3-0.6B.jinja", QWEN3_EOS
+    )
 
 
 @pytest.fixture(scope="module")
