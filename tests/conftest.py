@@ -16,6 +16,10 @@ from edgemerge.cli import main
 from .arch_fixtures import ARCH_SPECS
 from .models import Spec, make_family, tokenizer_dir
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: a llama.cpp thread that waits for a busy core spins (llama.cpp's own variable)
+    os.environ.setdefault("LLAMA_ARG_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
