@@ -17,7 +17,8 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "
 @dataclass
 class CompatReport:
     """What the check found: the shared architecture, the tensors (in the instruct model's dtype) and where
-    every input keeps them (`models`: instruct, base, then languages, in recipe order)."""
+    every input keeps them (`models`: instruct, base, then languages, in recipe order). `from_instruct`: the
+    tensors outside the merged language model, which the merge copies from the instruct model unchanged;
+    `note`: one line saying so ("" when there are none)."""
 
     architecture: str
     specs: list[TensorSpec]
@@ -47,6 +50,8 @@ class CompatReport:
     vocab_size: int | None
     models: list[ModelTensors]
     tied_embeddings: bool
+    from_instruct: frozenset[str] = field(default_factory=frozenset)
+    note: str = ""
 
     @property
     def n_params(self) -> int:
@@ -129,8 +134,14 @@ def _compare_tokenizers(ref: dict[str, dict], other: dict[str, dict], ref_label:
         raise EdgemergeError(f"tokenizer: the BPE merges differ between {ref_label} and {label}")
 
 
-def check_compat(sources: RecipeSources) -> CompatReport:
-    """Check that all inputs can be merged; raise EdgemergeError naming the first mismatch and both values."""
+def check_compat(sources: RecipeSources, outside: Callable[[str], bool] | None = None) -> CompatReport:
+    """Check that all inputs can be merged; raise EdgemergeError naming the first mismatch and both values.
+
+    `outside`: the tensors outside the language model the merge is about (what the family leaves out of its
+    GGUF: a vision tower, a multi-token-prediction block; pipeline.check_inputs gives it). They are not compared
+    and may be missing from any input: the instruct model's go to the output unchanged (`from_instruct`), those
+    only other inputs have are dropped, and `note` says so in one line."""
+    outside = outside or (lambda name: False)
     named = [(f"{role} ({src.ref})", src) for role, src in sources.named()]
     configs = [check_model_json(src.path) for _, src in named]
     for label, src in named:
@@ -166,11 +177,11 @@ def check_compat(sources: RecipeSources) -> CompatReport:
 
     models = [read_tensors(src, label) for label, src in named]
     for m, cfg in zip(models, configs):
-        check_config_tensors(cfg, m.shapes, m.label)
+        check_config_tensors(cfg, {n: s for n, s in m.shapes.items() if not outside(n)}, m.label)
     ref = models[0]
     for m in models[1:]:
-        missing = sorted(set(ref.files) - set(m.files))
-        extra = sorted(set(m.files) - set(ref.files))
+        missing = sorted(n for n in set(ref.files) - set(m.files) if not outside(n))
+        extra = sorted(n for n in set(m.files) - set(ref.files) if not outside(n))
         if missing:
             raise EdgemergeError(
                 f"tensor {missing[0]} is in {ref.label} but not in {m.label} ({len(missing)} missing)"
@@ -180,7 +191,7 @@ def check_compat(sources: RecipeSources) -> CompatReport:
                 f"tensor {extra[0]} is in {m.label} but not in {ref.label} ({len(extra)} extra)"
             )
         for name, shape in ref.shapes.items():
-            if m.shapes[name] != shape:
+            if not outside(name) and m.shapes[name] != shape:
                 raise EdgemergeError(
                     f"tensor {name}: shape {list(shape)} in {ref.label} but {list(m.shapes[name])} in {m.label}"
                 )
@@ -204,7 +215,38 @@ def check_compat(sources: RecipeSources) -> CompatReport:
         vocab_size=_text_config(ref_cfg).get("vocab_size"),
         models=models,
         tied_embeddings=tied,
+        from_instruct=frozenset(n for n in ref.files if outside(n)),
+        note=_outside_note(models, outside),
     )
+
+
+def _outside_note(models: list[ModelTensors], outside: Callable[[str], bool]) -> str:
+    """One line on the tensors outside the merged language model: the instruct model's, which inputs lack
+    them, and the ones only other inputs have."""
+    kept = [n for n in models[0].files if outside(n)]
+    extra = sorted({n for m in models[1:] for n in m.files if outside(n) and n not in models[0].files})
+    parts = [
+        f"{m.label} lacks {len(miss)} ({_groups(miss)})"
+        for m in models[1:]
+        if (miss := [n for n in kept if n not in m.files])
+    ]
+    if kept:
+        parts.insert(0, f"{len(kept)} tensors ({_groups(kept)}) are {models[0].label}'s, unchanged")
+    if extra:
+        parts.append(f"{len(extra)} ({_groups(extra)}) only other inputs have are dropped")
+    if not parts:
+        return ""
+    return "not merged, left out of a GGUF: " + "; ".join(parts)
+
+
+def _groups(names: list[str]) -> str:
+    """Tensor names as the blocks they belong to: `mtp.*`, `model.visual.*`."""
+    heads = set()
+    for name in names:
+        parts = name.split(".")
+        i = next((i for i, p in enumerate(parts) if p != "model"), 0)
+        heads.add(".".join(parts[: i + 1]) + ".*")
+    return ", ".join(sorted(heads))
 
 
 # config keys that give a family's models different tensors or a different layer structure: named before the

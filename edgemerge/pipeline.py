@@ -18,6 +18,7 @@ from . import __version__
 from .check import CompatReport, check_compat, check_config_tensors, check_inherited_files
 from .errors import EdgemergeError
 from .files import atomic_output, ensure_free_space
+from .gguf.arch import left_out_of_gguf
 from .gguf.metadata import GGUFMetadata, Lineage
 from .gguf.sink import GGUFSink
 from .limits import shown
@@ -62,6 +63,14 @@ def _with_dtype(recipe: Recipe, dtype: str | None) -> Recipe:
     out = recipe.model_copy(update={"dtype": dtype})
     out.root = recipe.root
     return out
+
+
+def check_inputs(sources: RecipeSources) -> CompatReport:
+    """The compatibility check of a merge's inputs, told which tensors the instruct model's family leaves out of
+    a GGUF: those are outside the merge (check.check_compat's `outside`), so a released Qwen3.5 instruct
+    model with its multi-token-prediction block merges with a language model saved without it, and a vision
+    tower goes to the Hugging Face output as the instruct model's."""
+    return check_compat(sources, outside=left_out_of_gguf(sources.instruct.path))
 
 
 def output_bytes(report: CompatReport, dtype: str) -> int:
@@ -135,7 +144,7 @@ def merge_to_hf(
     out_dir = Path(out_dir)
     recipe = _with_dtype(recipe, dtype)
     sources = sources or resolve_recipe(recipe, progress)
-    report = check_compat(sources)
+    report = check_inputs(sources)
     ensure_free_space(out_dir.parent, output_bytes(report, recipe.dtype) + SPACE_MARGIN, "the merged model")
     with atomic_output(out_dir, force=force, inputs=sources.paths(), kind="merge") as tmp:
         sink = SafetensorsSink(
@@ -190,7 +199,7 @@ def merge_to_gguf(
     out_file = Path(out_file)
     recipe = _with_dtype(recipe, dtype)
     sources = sources or resolve_recipe(recipe, progress)
-    report = report or check_compat(sources)
+    report = report or check_inputs(sources)
     width = {"f32": 4, "f16": 2, "bf16": 2}.get(outtype.lower(), 2)
     ensure_free_space(out_file.parent, report.n_params * width + SPACE_MARGIN, "the GGUF file")
     with atomic_output(out_file, force=force, inputs=sources.paths()) as tmp:

@@ -211,12 +211,32 @@ def busy_cpus(allowed: set[int] | None = None, interval: float = 0.25) -> float:
     return sum(per_cpu) / 100
 
 
+THREADS_ENV = "LLAMA_ARG_THREADS"  # llama.cpp's own environment variable for -t (llama-server, llama-cli)
+
+
+def threads_from_env(value: str) -> int:
+    """`LLAMA_ARG_THREADS` as llama.cpp's tools take it: a positive thread count."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise EdgemergeError(
+            f"{THREADS_ENV}={shown(value)} is not a thread count; set it to a number from 1 to 1024"
+        )
+    return n
+
+
 def default_threads(
     *, busy: float | None = None, proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
 ) -> Threads:
-    """The thread count for llama.cpp now (see `choose_threads`); `busy` measured when not given (0.25 s)."""
+    """The thread count for llama.cpp now: `LLAMA_ARG_THREADS` when set (as llama.cpp's tools read it), else
+    `choose_threads` on this machine; `busy` measured when not given (0.25 s)."""
     logical = psutil.cpu_count() or 1
     physical = psutil.cpu_count(logical=False) or logical
+    if os.environ.get(THREADS_ENV):
+        n = threads_from_env(os.environ[THREADS_ENV])
+        return Threads(n, max(n, physical), 0.0, f"{THREADS_ENV}={n}")
     allowed = _allowed_cpus()
     if busy is None:
         busy = busy_cpus(allowed)

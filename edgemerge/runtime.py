@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ MIN_CTX = 16  # fewer tokens than this hold no prompt and no perplexity chunk
 VOCAB_CTX = 32  # the context of the `Llama` object itself: it is only asked for its vocabulary
 N_BATCH = 512  # tokens per llama_decode (llama.cpp's default)
 MAX_PARALLEL = 16  # sequences of one context for multiple-choice candidates
+KV_PAD = 256  # llama.cpp pads a context's KV cells to a multiple of this
 
 
 def check_gguf(path: Path) -> Path:
@@ -106,9 +107,7 @@ class Context:
             self._callback = lib.ggml_backend_sched_eval_callback(observer)
             p.cb_eval, p.cb_eval_user_data = self._callback, None
         model = llm.model
-        n_ctx_seq = (
-            -(-n_ctx_seq // 256) * 256
-        )  # llama.cpp pads the context to 256 cells, then splits it evenly
+        n_ctx_seq = -(-n_ctx_seq // KV_PAD) * KV_PAD  # llama.cpp pads the context, then splits it evenly
         p.n_ctx, p.n_seq_max, p.kv_unified = n_seq * n_ctx_seq, n_seq, False
         p.n_batch = p.n_ubatch = n_batch
         p.n_threads = p.n_threads_batch = threads
@@ -172,6 +171,28 @@ class Context:
             with llama_call():
                 self._lib.llama_free(self.ptr)
             self.ptr = None
+
+
+@dataclass
+class _Unit:
+    """A question's prefix with some of its continuations (`Model.continuations_many`): one sequence per
+    continuation of two tokens or more, one for the prefix alone when there is none."""
+
+    item: int
+    prefix: list[int]
+    conts: list[tuple[int, list[int]]]  # (index among the question's continuations, tokens)
+
+    @property
+    def n_seq(self) -> int:
+        return max(1, len(self.conts))
+
+
+def _finished(
+    got: tuple[list[np.ndarray], dict[int, np.ndarray]],
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A question's prefix logits (of its first unit) and its continuations' logits in order."""
+    lasts, rows = got
+    return (lasts[0] if lasts else np.zeros((0,), np.float32)), [rows[j] for j in sorted(rows)]
 
 
 @dataclass
@@ -297,32 +318,101 @@ class Model:
 
     def continuations(self, prefix: list[int], conts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The logits after `prefix` (its last position), and for each continuation the logits at each of its
-        positions but the last, decoded after the prefix: the prefix is decoded once, copied into up to
-        MAX_PARALLEL sequences (llama_memory_seq_cp), and the continuations are decoded side by side."""
-        per = max(1, min(len(conts), MAX_PARALLEL))
-        longest = max((len(c) for c in conts), default=0)
-        if len(prefix) + longest > self.n_ctx:
-            raise ValueError(f"{len(prefix) + longest} tokens do not fit a context of {self.n_ctx}")
-        ctx = self.context(per, len(prefix) + longest)
+        positions but the last, decoded after the prefix: `continuations_many` of this one question, in a
+        context of as many sequences as it has continuations of two tokens or more (at most MAX_PARALLEL)."""
+        per = max(1, min(sum(len(c) > 1 for c in conts), MAX_PARALLEL))
+        need = len(prefix) + max((len(c) for c in conts), default=0)
+        if need > self.n_ctx:
+            raise ValueError(f"{need} tokens do not fit a context of {self.n_ctx}")
+        return next(self.continuations_many([(prefix, conts)], per, need))
+
+    def continuations_many(
+        self, items: Iterable[tuple[list[int], list[list[int]]]], n_seq: int, n_ctx_seq: int
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """For each (prefix, continuations) of `items`, in order, what `continuations` gives, several questions
+        per llama_decode in a context of `n_seq` sequences of `n_ctx_seq` tokens.
+
+        A question is one unit (split in units of at most `n_seq` continuations when it has more): units are
+        packed in order while their sequences fit, each unit's prefix in its own sequence (the longest prefix in
+        sequence 0, so the sequences still decoding at any position are 0..k-1, as llama.cpp's split_equal
+        wants them), all prefixes decoded together position by position (each 512-token llama_decode holds
+        every sequence's next tokens). Then each continuation of two tokens or more continues its unit's
+        sequence (the first in the sequence itself, the others in copies, llama_memory_seq_cp), one unit's
+        continuations side by side per llama_decode, as `continuations` decodes them: several questions'
+        continuations in one decode put a different mix of streams in each micro-batch, and the f16 KV cache
+        turns the last-bit differences that makes into 1e-2 nats on stories260K's long answers (4e-6 with an
+        f32 cache). A one-token continuation needs only the prefix's last logits."""
+        if n_ctx_seq > self.n_ctx:
+            raise ValueError(f"{n_ctx_seq} tokens do not fit a context of {self.n_ctx}")
+        ctx = self.context(n_seq, n_ctx_seq)
         self._cached = []
-        last = np.zeros((0, self.n_vocab), np.float32)
-        out: list[np.ndarray] = []
-        for g in range(0, len(conts), per):
-            group = conts[g : g + per]
-            ctx.clear()
-            last = ctx.decode([(t, p, 0, p == len(prefix) - 1) for p, t in enumerate(prefix)])
-            for j in range(1, len(group)):
-                ctx.copy_sequence(0, j)
-            entries = [
-                (t, len(prefix) + k, j, True) for j, c in enumerate(group) for k, t in enumerate(c[:-1])
-            ]
-            rows = ctx.decode(entries)
-            at = 0
-            for c in group:
-                n = max(0, len(c) - 1)
-                out.append(rows[at : at + n])
-                at += n
-        return last[-1] if len(last) else last, out
+        group: list[_Unit] = []
+        done: dict[int, tuple[list[np.ndarray], dict[int, np.ndarray]]] = {}
+        units_left: dict[int, int] = {}
+        nxt = 0  # the next item to hand out
+        for i, (prefix, conts) in enumerate(items):
+            if len(prefix) + max((len(c) for c in conts), default=0) > ctx.n_ctx_seq:
+                raise ValueError(f"question {i} does not fit sequences of {ctx.n_ctx_seq} tokens")
+            multi = [j for j, c in enumerate(conts) if len(c) > 1]
+            chunks = [multi[k : k + n_seq] for k in range(0, len(multi), n_seq)] or [[]]
+            units_left[i] = len(chunks)
+            done[i] = ([], {j: np.zeros((0, self.n_vocab), np.float32) for j in range(len(conts))})
+            for chunk in chunks:
+                unit = _Unit(i, prefix, [(j, conts[j]) for j in chunk])
+                if group and sum(u.n_seq for u in group) + unit.n_seq > n_seq:
+                    self._decode_units(ctx, group, done, units_left)
+                    group = []
+                group.append(unit)
+            while nxt in done and units_left[nxt] == 0:
+                yield _finished(done.pop(nxt))
+                nxt += 1
+        if group:
+            self._decode_units(ctx, group, done, units_left)
+        while nxt in done:
+            yield _finished(done.pop(nxt))
+            nxt += 1
+
+    def _decode_units(
+        self,
+        ctx: Context,
+        group: list[_Unit],
+        done: dict[int, tuple[list[np.ndarray], dict[int, np.ndarray]]],
+        units_left: dict[int, int],
+    ) -> None:
+        """Decode a group of units (`continuations_many`) and store their logits in `done`."""
+        order = sorted(group, key=lambda u: -len(u.prefix))
+        ctx.clear()
+        entries, wants = [], []
+        for pos in range(len(order[0].prefix)):
+            for s, u in enumerate(order):
+                if pos < len(u.prefix):
+                    last = pos == len(u.prefix) - 1
+                    entries.append((u.prefix[pos], pos, s, last))
+                    if last:
+                        wants.append(u)
+        for u, row in zip(wants, ctx.decode(entries)):
+            done[u.item][0].append(row)
+        free = len(order)
+        for s, u in enumerate(order):
+            seqs = []  # (sequence, continuation index, tokens)
+            for k, (j, cont) in enumerate(u.conts):
+                if k:
+                    ctx.copy_sequence(s, free)
+                seqs.append((s if k == 0 else free, j, cont))
+                free += k > 0
+            entries, owners = [], []  # owners: the index in `seqs` of each entry
+            for k in range(max((len(c) - 1 for *_, c in seqs), default=0)):
+                for n, (q, _j, cont) in enumerate(seqs):
+                    if k < len(cont) - 1:
+                        entries.append((cont[k], len(u.prefix) + k, q, True))
+                        owners.append(n)
+            if not entries:
+                continue
+            rows, owner = ctx.decode(entries), np.array(owners, dtype=np.int64)
+            for n, (_q, j, _c) in enumerate(seqs):
+                done[u.item][1][j] = rows[owner == n]
+        for u in group:
+            units_left[u.item] -= 1
 
     def logits_many(self, seqs: list[list[int]], first: int) -> Iterator[np.ndarray]:
         """For each sequence (all of one length L <= n_ctx), the logits at positions first..L-1, evaluated from an

@@ -206,10 +206,46 @@ ARCH_SPECS = {
                 "subsampling_conv_channels": [8, 4],
                 "output_proj_dims": 32,
                 # unclipped: transformers' default clip bounds are +-inf buffers (a checkpoint brings finite
-                # ones), and base - base over them is NaN for the merge
+                # ones), which the merge refuses as non-finite
                 "use_clipped_linears": False,
             },
         },
         parity_outtype="f16",
+    ),
+    # Qwen3.5 as released: the conditional-generation class (text_config nested, `model.language_model.*`
+    # tensors, a small vision tower `model.visual.*` that the GGUF leaves out), the qwen35 fixture's text model
+    "qwen35_vlm": Spec(
+        arch="Qwen3_5ForConditionalGeneration",
+        tokenizer="qwen35",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        norm_weight=0.0,
+        unit_norms=("linear_attn.norm.weight",),
+        extra={
+            "head_dim": 256,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+        wrapper={
+            "vision_config": {
+                "depth": 1,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "patch_size": 8,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 16,
+            },
+        },
+        parity_outtype="f16",
+        more_parity=("f32",),
+        chat_template="Qwen3.5-4B.jinja",
+        converter_args=("--no-mtp",),
     ),
 }

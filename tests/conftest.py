@@ -1,7 +1,12 @@
-"""Session-wide fixtures: tokenizer folders built once from the shared vocabularies, tiny model families."""
+"""Session-wide fixtures: tokenizer folders built once from the shared vocabularies, tiny model families.
+
+The expensive ones (real-vocabulary tokenizers, `arch_models`, `f32_ggufs`, `families`) are built once per test
+run in `run_dir`, which every pytest-xdist worker of the run shares (tests/models.py built_once): read them,
+copy them to change them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +16,42 @@ from edgemerge.cli import main
 from .arch_fixtures import ARCH_SPECS
 from .models import Spec, make_family, tokenizer_dir
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: a llama.cpp thread that waits for a busy core spins (llama.cpp's own variable)
+    os.environ.setdefault("LLAMA_ARG_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
-def tok_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tokenizers")
+def run_dir(tmp_path_factory) -> Path:
+    """A folder of this test run shared by all its pytest-xdist workers (their base temp folders' parent; the base
+    temp folder itself in one process): fixtures built there with `built_once` are built once per run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def tok_cache(run_dir) -> Path:
+    (run_dir / "tokenizers").mkdir(exist_ok=True)
+    return run_dir / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def families(run_dir, tok_cache):
+    """`families(spec)`: make_family's base, instruct and eu of a Spec with its own tokenizer, built once per test
+    run (tests/models.py shared_family). Read-only: copy a family to change it (tests/models.py chat_copy)."""
+    from .models import shared_family, tiny_spm_tokenizer
+
+    (run_dir / "families").mkdir(exist_ok=True)
+
+    def family(spec: Spec) -> dict[str, Path]:
+        tok = (
+            tiny_spm_tokenizer(tok_cache)
+            if spec.tokenizer == "spm512"
+            else tokenizer_dir(spec.tokenizer, tok_cache)
+        )
+        return shared_family(run_dir / "families", spec, tok)
+
+    return family
 
 
 @pytest.fixture(scope="session")
@@ -94,39 +131,52 @@ class LazyDict(dict):
 
 
 @pytest.fixture(scope="session")
-def arch_models(tmp_path_factory, tok_cache) -> dict[str, Path]:
+def arch_models(run_dir, tok_cache) -> dict[str, Path]:
     """One tiny model per GGUF-supported architecture (built on first use), with real tokenizers: llama
     (Llama 3 BPE), mistral (Mistral v1 SentencePiece .model), qwen2 (Qwen2 BPE, tied embeddings, chat
     template), qwen3 (tied, with the cheap 512-token SentencePiece vocabulary: its tokenizer path is qwen2's)
-    and llama31 (Llama 3.1 RoPE scaling)."""
-    from .models import make_model, tiny_spm_tokenizer
+    and llama31 (Llama 3.1 RoPE scaling). Built once per test run, shared by all workers: read-only."""
+    from .models import built_once, make_model, tiny_spm_tokenizer
 
-    root = tmp_path_factory.mktemp("arch-models")
+    root = run_dir / "arch-models"
+    root.mkdir(exist_ok=True)
 
     def build(name: str) -> Path:
         spec = ARCH_SPECS[name]
         kind = spec.tokenizer
         tok = tiny_spm_tokenizer(tok_cache) if kind == "spm512" else tokenizer_dir(kind, tok_cache)
-        return make_model(root / name, spec, tok, seed=3)
+        return built_once(root / name, lambda out: make_model(out, spec, tok, seed=3))
 
     return LazyDict(build)
 
 
 @pytest.fixture(scope="session")
-def f32_ggufs(tmp_path_factory, arch_models) -> dict[str, Path]:
-    """Our F32 GGUF export of each `arch_models` entry (made on first use)."""
+def f32_ggufs(run_dir, arch_models) -> dict[str, Path]:
+    """Our F32 GGUF export of each `arch_models` entry (made on first use, once per test run: read-only)."""
     from edgemerge.pipeline import export_hf
 
-    root = tmp_path_factory.mktemp("f32-ggufs")
-    return LazyDict(lambda name: export_hf(arch_models[name], root / f"{name}-f32.gguf", outtype="f32"))
+    from .models import built_once
+
+    root = run_dir / "f32-ggufs"
+    root.mkdir(exist_ok=True)
+
+    def export(name: str) -> Path:
+        return built_once(
+            root / f"{name}-f32.gguf", lambda out: export_hf(arch_models[name], out, outtype="f32")
+        )
+
+    return LazyDict(export)
 
 
 @pytest.fixture(scope="session")
-def qwen3_q8_0(tmp_path_factory, arch_models) -> Path:
-    """Our Q8_0 GGUF export of the Qwen3 fixture."""
+def qwen3_q8_0(run_dir, arch_models) -> Path:
+    """Our Q8_0 GGUF export of the Qwen3 fixture (once per test run: read-only)."""
     from edgemerge.pipeline import export_hf
 
-    return export_hf(arch_models["qwen3"], tmp_path_factory.mktemp("q8") / "qwen3-q8_0.gguf", outtype="q8_0")
+    from .models import built_once
+
+    out = run_dir / "qwen3-q8_0.gguf"
+    return built_once(out, lambda path: export_hf(arch_models["qwen3"], path, outtype="q8_0"))
 
 
 @pytest.fixture

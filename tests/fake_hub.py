@@ -1,7 +1,9 @@
 """A stand-in for the Hugging Face hub's HTTP API on 127.0.0.1, serving repos from local folders.
 
 Downloads: just what huggingface_hub's `snapshot_download` asks for (repo info, recursive tree listing, HEAD/GET
-of `resolve/<commit>/<file>`), so the real download code of `edgemerge.sources` runs in tests without a network.
+of `resolve/<commit>/<file>`), so the real download code of `edgemerge.sources` runs in tests without a network;
+for dataset repos (`datasets`) what `hf_hub_download(..., repo_type="dataset")` asks for (HEAD/GET of
+`datasets/<repo>/resolve/<revision>/<file>`).
 Weights are served as LFS files (ETag = sha256), as the hub does; every request is logged in `requests`. A repo
 named in `gated` answers 401 GatedRepo, as the hub does without an accepted licence; a revision other than main
 or the repo's commit answers 404 RevisionNotFound.
@@ -34,10 +36,11 @@ class FakeHub:
         repos: dict[str, Path] | None = None,
         gated: tuple[str, ...] = (),
         *,
+        datasets: dict[str, Path] | None = None,
         storage: Path | None = None,
         tokens: dict[str, str] | None = None,
     ):
-        repos = repos or {}
+        repos = (repos or {}) | {f"datasets/{name}": folder for name, folder in (datasets or {}).items()}
         self.repos = {name: Path(folder) for name, folder in repos.items()}
         self.gated = set(gated)
         self.commits = {name: hashlib.sha1(name.encode()).hexdigest() for name in repos}
@@ -118,8 +121,9 @@ class FakeHub:
                 return self._json(h, 200, {"id": repo, "sha": self.commits[repo], "siblings": siblings})
             if parts[4] == "tree":
                 return self._json(h, 200, [self._entry(repo, f) for f in self._files(repo)])
-        if len(parts) >= 5 and parts[2] == "resolve":
-            repo, name = "/".join(parts[:2]), "/".join(parts[4:])
+        off = 1 if parts[0] == "datasets" else 0  # a dataset repo's files: datasets/<repo>/resolve/...
+        if len(parts) >= 5 + off and parts[2 + off] == "resolve":
+            repo, name = "/".join(parts[: 2 + off]), "/".join(parts[4 + off :])
             file = self.repos[repo] / name if repo in self.repos else None
             if file is None or not file.is_file():
                 return self._json(h, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})

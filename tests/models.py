@@ -6,15 +6,17 @@ have non-trivial task vectors. Hidden sizes are multiples of 256 so llama.cpp k-
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from edgemerge.check import check_compat
 from edgemerge.errors import EdgemergeError
@@ -54,25 +56,38 @@ def config_class(arch: str) -> type:
     return getattr(transformers, arch).config_class
 
 
+def built_once(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path` (a file or folder), made by `make(path)` once per test run: a lock beside it makes every other
+    pytest-xdist worker wait for the first instead of building it again, and a `.done` marker written last tells
+    a finished build from one a crashed worker left half-made (removed and made again)."""
+    done = path.with_name(path.name + ".done")
+    with FileLock(path.with_name(path.name + ".lock")):
+        if not done.exists():
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+            make(path)
+            done.touch()
+    return path
+
+
 def tokenizer_dir(kind: str, cache: Path) -> Path:
-    """A saved Hugging Face tokenizer folder built from real shared vocabularies (cached per session)."""
-    out = cache / f"tok-{kind}"
-    if out.exists():
-        return out
+    """A saved Hugging Face tokenizer folder built from real shared vocabularies (cached per test run)."""
+    return built_once(cache / f"tok-{kind}", lambda out: _save_tokenizer(kind, cache, out))
+
+
+def _save_tokenizer(kind: str, cache: Path, out: Path) -> None:
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    tmp = cache / f".tok-{kind}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     if kind == "llama3.1-bpe":
-        shutil.copytree(tokenizer_dir("llama-bpe", cache), tmp)
-        _as_released_llama31(tmp)
-        tmp.rename(out)
-        return out
+        shutil.copytree(tokenizer_dir("llama-bpe", cache), out)
+        _as_released_llama31(out)
+        return
     if kind == "spm":
         src = need_shared("tokenizers", "mistral_sentencepiece", "tokenizer.model.v1")
-        tmp.mkdir(parents=True)
-        shutil.copy(src, tmp / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp)
+        out.mkdir(parents=True)
+        shutil.copy(src, out / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(out)
     elif kind == "gemma-4":
         # AutoTokenizer would first build a config from the file, which its per-layer KV head counts break
         from transformers import GemmaTokenizer
@@ -82,11 +97,9 @@ def tokenizer_dir(kind: str, cache: Path) -> Path:
     else:
         vocab = need_shared("tokenizers", "llama.cpp-vocab")
         tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
-    tok.save_pretrained(tmp)
+    tok.save_pretrained(out)
     if kind == "llama-bpe":
-        _as_released_llama3(tmp)
-    tmp.rename(out)
-    return out
+        _as_released_llama3(out)
 
 
 def _as_released_llama3(folder: Path) -> None:
@@ -159,6 +172,15 @@ def _as_released_llama31(folder: Path) -> None:
     path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer(tok_dir: Path):
+    """The tokenizer of `tok_dir`, loaded once for the models of a family in a row (2 s for a 152k vocabulary;
+    saving it does not change it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
 def make_model(
     out: Path,
     spec: Spec,
@@ -172,9 +194,8 @@ def make_model(
     """Write a tiny model to `out` (safetensors + config + tokenizer). With `base_state`, weights are
     base + delta_scale * N(0, 1) (seeded), like a fine-tune of that base."""
     import transformers
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = _tokenizer(tok_dir)
     vocab = len(tok)
     cfg_cls = config_class(spec.arch)
     kw = {
@@ -243,7 +264,8 @@ def make_family(
     import transformers
 
     paths = {"base": make_model(root / "base", spec, tok_dir, seed=1, shard_size=shard_size)}
-    base = transformers.AutoModelForCausalLM.from_pretrained(paths["base"], torch_dtype=torch.float32)
+    # the fixture's own class: AutoModelForCausalLM makes Qwen3.5's causal LM of a conditional-generation folder
+    base = getattr(transformers, spec.arch).from_pretrained(paths["base"], torch_dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in base.named_parameters()}
     del base
     paths["instruct"] = make_model(
@@ -256,22 +278,38 @@ def make_family(
     return paths
 
 
+def shared_family(
+    cache: Path, spec: Spec, tok_dir: Path, langs: tuple[str, ...] = ("eu",)
+) -> dict[str, Path]:
+    """make_family's family of `spec`, built once per test run under `cache` (keyed by the spec, the tokenizer
+    and the languages). Shared between tests and workers: read it; copy it to change it (`chat_copy`)."""
+    key = sha256(repr((spec, tok_dir.name, langs)).encode()).hexdigest()[:16]
+    root = built_once(cache / f"family-{key}", lambda out: make_family(out, spec, tok_dir, langs))
+    return {"base": root / "base", "instruct": root / "instruct", **{c: root / f"lang-{c}" for c in langs}}
+
+
+def chat_copy(family: dict[str, Path], root: Path, template: str, eos: list[int]) -> dict[str, Path]:
+    """A copy of a (shared) family under `root` in which only the instruct model has a chat template, `template`,
+    and the EOS list `eos` (chat_instruct): what make_family without a chat template then chat_instruct make."""
+    copy = {k: Path(shutil.copytree(p, root / p.name)) for k, p in family.items()}
+    for p in copy.values():
+        (p / "chat_template.jinja").unlink(missing_ok=True)
+    return chat_instruct(copy, template, eos)
+
+
 def tiny_spm_tokenizer(cache: Path) -> Path:
     """llama2.c's 512-token SentencePiece tokenizer as a Hugging Face tokenizer folder (built in ~0.1 s): the
     cheap vocabulary for merge tests, where what matters is the weights, not the tokenizer."""
-    out = cache / "tok-spm512"
-    if out.exists():
-        return out
-    from transformers import LlamaTokenizer
 
-    src = need_shared("models", "stories260K", "tok512.model")
-    tmp = cache / ".tok-spm512.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy(src, tmp / "tokenizer.model")
-    LlamaTokenizer.from_pretrained(tmp).save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    def save(out: Path) -> None:
+        from transformers import LlamaTokenizer
+
+        src = need_shared("models", "stories260K", "tok512.model")
+        out.mkdir(parents=True)
+        shutil.copy(src, out / "tokenizer.model")
+        LlamaTokenizer.from_pretrained(out).save_pretrained(out)
+
+    return built_once(cache / "tok-spm512", save)
 
 
 def chat_instruct(
@@ -303,14 +341,6 @@ def write_recipe(path: Path, family: dict[str, Path], weights: dict[str, float],
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def instruct_family(root: Path, spec: Spec, cache: Path, template: str, eos: list[int]) -> dict[str, Path]:
-    """base, instruct and eu in `spec`'s shapes and vocabulary, the instruct model with the real chat template
-    `template` and the end-of-turn ids `eos` (the spec's own chat template left out of all three)."""
-    spec = dataclasses.replace(spec, chat_template="")
-    family = make_family(root, spec, tokenizer_dir(spec.tokenizer, cache))
-    return chat_instruct(family, template=template, eos=eos)
 
 
 def compat_error(family: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object]) -> str:

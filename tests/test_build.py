@@ -419,6 +419,20 @@ def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family,
     gates = json.loads((result.out / "eval.json").read_text(encoding="utf-8"))["gates"]
     assert gates == {"min_stop_rate": 0.0}  # the benchmark settings are not gates
 
+    # the eval stages' key holds the data's contents: the same data is cached, an edited file runs them again
+    def evals_cached() -> list[bool]:
+        stages = _manifest(result.out)["stages"]
+        return [v["cached"] for k, v in stages.items() if k.startswith("eval ")]
+
+    again = {"out": tmp_path / "out", "quick_eval": True}
+    build(load_recipe(path), BuildOptions(**again))
+    assert evals_cached() and all(evals_cached())
+    f = tmp_path / "bench" / "eustrivia" / "eus_trivia_test.jsonl"
+    f.write_text(f.read_text(encoding="utf-8").replace("bat", "hiru"), encoding="utf-8")  # same size
+    build(load_recipe(path), BuildOptions(**again))
+    assert evals_cached() and not any(evals_cached())
+    assert _manifest(result.out)["stages"]["quantize Q8_0"]["cached"]
+
 
 def test_a_recipes_unknown_task_fails_before_any_work(build_family, tmp_path):
     recipe = yaml.safe_load(build_family["recipe"].read_text(encoding="utf-8"))

@@ -4,6 +4,8 @@ options take commas and repeats, --json is a switch, -m/-c/-t/-o/-q as llama.cpp
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import typer.main
@@ -104,3 +106,18 @@ def test_eval_json_is_a_switch(cli, tmp_path):
     )
     assert code == 2 and "--report and --markdown both name" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_python_dash_m_is_the_same_command_line():
+    """`python -m edgemerge` runs the CLI (a checkout without the script on PATH): help, and a user error's exit."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "edgemerge", "--help"], check=False, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "build" in ok.stdout and "Usage" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "edgemerge", "export", "/nonexistent-dir", "-o", "x.gguf"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -10,8 +10,13 @@ import pytest
 
 from edgemerge.evaluate.bench import prepare_tasks, run_tasks
 from edgemerge.evaluate.harness import requests
-from edgemerge.evaluate.loglik import encode_pair, encode_request
-from edgemerge.runtime import Model, log_softmax
+from edgemerge.evaluate.loglik import (
+    continuation_logliks,
+    continuation_logliks_many,
+    encode_pair,
+    encode_request,
+)
+from edgemerge.runtime import Context, Model, log_softmax
 
 from .shared import need_shared
 
@@ -41,14 +46,70 @@ def test_loglikelihoods_equal_whole_sequences_scored_from_scratch(stories):
             assert r.predictions[req.index] == int(np.argmax(lls))
 
 
+def _one_at_a_time(model, p, limit):
+    """Each question scored alone (`continuation_logliks`: one question's prompt per context)."""
+    return [
+        continuation_logliks(model, *encode_request(model, req))
+        for req in requests(p.docs, p.prompter, p.shots, limit)
+    ]
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+
+
+@pytest.mark.parametrize("model", ["stories260K", "qwen3"])
+def test_several_questions_per_decode_score_as_one_at_a_time(model, f32_ggufs, monkeypatch):
+    """The batched pass (several questions' prompts in one llama_decode, each question's answers continuing its
+    own sequence) gives each question the log-likelihoods it gets alone, within llama.cpp's batch-size noise,
+    and the same chosen answers: eus_trivia 0-shot (one-token answers with the fixtures' vocabularies: no
+    continuation decoded; two tokens with stories260K's) and TruthfulQA-multi mc2 (long answers: the prompt's
+    sequence copied per answer)."""
+    data = need_shared("bench")
+    path = (
+        need_shared("models", "stories260K", "stories260K.gguf")
+        if model == "stories260K"
+        else f32_ggufs[model]
+    )
+    decodes: list[set[int]] = []  # the sequences of each Context.decode call of prompts (from position 0)
+    real = Context.decode
+
+    def watched(self, entries, **kw):
+        if entries and min(pos for _t, pos, _s, _w in entries) == 0:
+            decodes.append({seq for _t, _p, seq, _w in entries})
+        return real(self, entries, **kw)
+
+    prepared = prepare_tasks(["eus_trivia", "truthfulqa-multi_mc2_eu"], data, 0)
+    with Model(path, n_ctx=512, n_threads=1) as m:
+        monkeypatch.setattr(Context, "decode", watched)
+        results = run_tasks(m, prepared, 20)
+        batched = decodes[:]
+        decodes.clear()
+        worst = 0.0
+        for p, r in zip(prepared, results):
+            alone = _one_at_a_time(m, p, 20)
+            assert r.predictions == [int(np.argmax(lls)) for lls in alone]
+            worst = max(worst, _max_diff(r.logliks, alone))
+        n_alone = len(decodes)
+        # a question with more long answers than the context's sequences: split, its prompt decoded per part
+        (p,) = prepared[1:]
+        pairs = [encode_request(m, req) for req in requests(p.docs, p.prompter, 0, 6)]
+        need = max(len(c) + max(len(x) for x in k) for c, k in pairs)
+        split = list(continuation_logliks_many(m, iter(pairs), 3, need))
+        worst = max(worst, _max_diff(split, _one_at_a_time(m, p, 6)))
+    print(f"{model}: max |ll batched - ll alone| = {worst:.2e} nats")
+    assert worst < 5e-5
+    # the batched pass: several questions' prompts per decode (at most 16 sequences), far fewer prompt decodes
+    print(f"{model}: {len(batched)} prompt decodes batched, {n_alone} one question at a time")
+    assert n_alone == 40 and max(len(d) for d in batched) in range(5, 17) and len(batched) < 0.75 * n_alone
+
+
 def test_eval_task_reports_lm_evals_metrics_with_the_settings(cli, tmp_path):
     model = need_shared("models", "stories260K", "stories260K.gguf")
     data = need_shared("bench")
     md = tmp_path / "card.md"
     args = ["eval", model, "--task", "eus_trivia", "--task", "truthfulqa-multi_mc2_eu", "--fewshot", "1"]
-    code, out, err = cli(
-        *args, "--limit", "4", "--data", data, "--json", "--markdown", md, "--threads", "1"
-    )
+    code, out, err = cli(*args, "--limit", "4", "--data", data, "--json", "--markdown", md, "--threads", "1")
     assert code == 0, err
     report = json.loads(out)
     rows = {b["task"]: b for b in report["benchmarks"]}
@@ -144,7 +205,11 @@ def test_a_context_too_small_for_the_prompt_says_how_many_tokens_it_needs(cli, t
         ([], "give --lang (the language to evaluate in) or --task"),
     ],
 )
-def test_bad_benchmark_input_is_one_line_and_exit_2(cli, args, message):
+def test_bad_benchmark_input_is_one_line_and_exit_2(cli, args, message, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # without --data: the hub, never the network here
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     model = need_shared("models", "stories260K", "stories260K.gguf")
     data = need_shared("bench")
     code, _out, err = cli("eval", model, *[a.format(data=data) for a in args])

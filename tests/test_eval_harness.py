@@ -4,6 +4,7 @@ functions when lm-eval is installed, and the bad-input messages."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgemerge.errors import EdgemergeError
-from edgemerge.evaluate.bench import prepare_tasks
+from edgemerge.evaluate.bench import batch_shape, bench_fingerprint, prepare_tasks
 from edgemerge.evaluate.harness import Doc, Prompter, mean_stderr, pooled_stderr, requests, score
 from edgemerge.evaluate.taskfile import all_task_names, known_tasks, load_spec, resolve_tasks
 
@@ -96,9 +97,17 @@ def test_unknown_task_lists_the_known_ones():
         resolve_tasks(["eus_trivium"], None)
 
 
-def test_no_data_folder_names_the_file_to_give():
+def test_no_data_folder_offline_names_the_file_to_give(tmp_path, monkeypatch):
+    """Without --data the files come from the hub (tests/test_eval_hubdata.py); offline and not in the cache,
+    one line names the dataset and the file to give with --data."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(
-        EdgemergeError, match=r"give --data DIR with eustrivia/eus_trivia_test.jsonl in it \(HiTZ"
+        EdgemergeError,
+        match=r"task eus_trivia needs HiTZ/EusTrivia from the Hugging Face hub: it is not in the cache .* and "
+        r"HF_HUB_OFFLINE is set; .* give --data DIR with eustrivia/eus_trivia_test.jsonl in it",
     ):
         prepare_tasks(["eus_trivia"], None, 5)
 
@@ -227,3 +236,34 @@ def test_chat_turns_equal_lm_evals(name, shots, limit, tmp_path):
         assert [json.loads(i.arguments[0]) for i in insts] == [req.messages] * len(insts)
         assert [i.arguments[1] for i in insts] == req.continuations == req.choices
         assert [m["role"] for m in req.messages] == ["user", "assistant"] * shots + ["user"]
+
+
+def test_the_fingerprint_holds_the_task_files_and_the_data_files_contents(tmp_path):
+    """bench_fingerprint (a build's eval key): the sha256 of each task file and each data file read."""
+    f = tmp_path / "eustrivia" / "eus_trivia_test.jsonl"
+    f.parent.mkdir()
+    f.write_text(
+        json.dumps({"question": "q", "candidates": ["a", "b"], "answer": 1}) + "\n", encoding="utf-8"
+    )
+    before = bench_fingerprint(["eus_trivia"], tmp_path)
+    task_file = Path(__file__).resolve().parents[1] / "edgemerge/evaluate/data/tasks/eus_trivia.yaml"
+    assert before == {
+        "task file eus_trivia": hashlib.sha256(task_file.read_bytes()).hexdigest(),
+        "eus_trivia test": hashlib.sha256(f.read_bytes()).hexdigest(),
+    }
+    f.write_text(
+        json.dumps({"question": "Q", "candidates": ["a", "b"], "answer": 1}) + "\n", encoding="utf-8"
+    )
+    assert bench_fingerprint(["eus_trivia"], tmp_path)["eus_trivia test"] != before["eus_trivia test"]
+
+
+def test_the_batched_context_holds_at_most_one_longest_prompts_kv_cache():
+    """batch_shape: as many sequences as 8192 KV cells hold (each padded to 256 cells), at most 16, never fewer
+    than the widest question's long answers."""
+    assert batch_shape(100, 1) == (16, 100)  # 0-shot: a full decode of questions
+    assert batch_shape(800, 1) == (8, 800)  # 8 x 1024 cells
+    assert batch_shape(2385, 4) == (
+        4,
+        2385,
+    )  # 5-shot with four long answers: 4 x 2560 cells, as one at a time
+    assert batch_shape(2385, 1) == (3, 2385) and batch_shape(8000, 1) == (1, 8000)

@@ -5,6 +5,7 @@ merge into the GGUF and the Modelfile, and the mismatches the check names."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -23,17 +24,18 @@ from edgemerge.sources import resolve_recipe
 from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
-from .models import compat_error, instruct_family, write_recipe
+from .models import chat_copy, write_recipe
 
 QWEN3_EOS = [151645, 151643]  # Qwen3's generation_config: <|im_end|>, <|endoftext|>
 EXPERT = "model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
 
 
 @pytest.fixture(scope="module")
-def moe_family(tmp_path_factory, tok_cache):
+def moe_family(tmp_path_factory, families):
     """base, instruct (with Qwen3's chat template and end-of-turn ids) and eu, in the qwen3moe fixture's shapes."""
-    root = tmp_path_factory.mktemp("moe")
-    return instruct_family(root, ARCH_SPECS["qwen3moe"], tok_cache, "Qwen-Qwen3-0.6B.jinja", QWEN3_EOS)
+    return chat_copy(
+        families(ARCH_SPECS["qwen3moe"]), tmp_path_factory.mktemp("moe"), "Qwen-Qwen3-0.6B.jinja", QWEN3_EOS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +107,15 @@ def test_chat_template_and_every_end_of_turn_token_reach_the_gguf_and_the_modelf
 
 
 def test_a_different_expert_count_is_named(moe_family, tmp_path):
-    def eight_experts(cfg):
-        del cfg["num_local_experts"]  # transformers 5's name of it; the released checkpoints' is num_experts
-        cfg["num_experts"] = 8
-
-    message = compat_error(moe_family, tmp_path, eight_experts)
+    eu = shutil.copytree(moe_family["eu"], tmp_path / "eu")
+    cfg = json.loads((eu / "config.json").read_text())
+    del cfg["num_local_experts"]  # transformers 5's name of it; the released checkpoints' is num_experts
+    cfg["num_experts"] = 8
+    (eu / "config.json").write_text(json.dumps(cfg))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**moe_family, "eu": eu}, {"eu": 1.0}))
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(resolve_recipe(recipe))
+    message = e.value.message
     assert "num_local_experts (the expert count of each mixture-of-experts layer): 4 in instruct" in message
     assert "but 8 in eu" in message and message.count("\n") == 0
 
@@ -147,7 +153,13 @@ def test_configs_llama_cpp_would_run_differently_are_refused(fields, needle):
 
 
 def test_a_dense_language_model_beside_an_moe_instruct_names_both_architectures(moe_family, tmp_path):
-    message = compat_error(
-        moe_family, tmp_path, lambda cfg: cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    eu = shutil.copytree(moe_family["eu"], tmp_path / "eu")
+    cfg = json.loads((eu / "config.json").read_text())
+    cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    (eu / "config.json").write_text(json.dumps(cfg))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**moe_family, "eu": eu}, {"eu": 1.0}))
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(resolve_recipe(recipe))
+    assert (
+        "Qwen3MoeForCausalLM in instruct" in e.value.message and "Qwen3ForCausalLM in eu" in e.value.message
     )
-    assert "Qwen3MoeForCausalLM in instruct" in message and "Qwen3ForCausalLM in eu" in message

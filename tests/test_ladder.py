@@ -184,7 +184,7 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
     budget = 1_600_000
     code, stdout, err = cli(
         "build", "--recipe", demo_yaml, "--quant", "auto", "--max-size", "1.6MB", "--out", out,
-        "--skip-eval", "--threads", "2",
+        "--skip-eval", "--threads", "1",
     )  # fmt: skip
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -225,7 +225,7 @@ def test_build_quant_auto_ships_the_smallest_type_within_budget_and_gate(demo_ya
 
     # a memory budget every type meets: the same choice from the cached scores, the budget in the manifest
     code, _, err = cli("build", "--recipe", demo_yaml, "--quant", "auto", "--max-ram", "2GB", "--out", out,
-                       "--skip-eval", "--threads", "2")  # fmt: skip
+                       "--skip-eval", "--threads", "1")  # fmt: skip
     assert code == 0, err
     again = json.loads((out / "manifest.json").read_text())["quant_ladder"]
     assert again["budget"]["max_ram"] == 2 * 10**9 and again["choice"]["chosen"] == chosen

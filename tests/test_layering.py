@@ -32,7 +32,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "demo": ("demo",),
     "build": ("build",),
     "sweep": ("sweep",),
-    "cli": ("cli",),
+    "cli": ("cli", "__main__"),  # `python -m edgemerge` is the command line too
 }
 
 # room -> the rooms it may use (besides itself); `util` is open to every room

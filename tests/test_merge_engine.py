@@ -25,7 +25,7 @@ from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
 from .merge_reference import assert_rounded_once, reference
-from .models import chat_instruct, make_family, state_of, tokenizer_dir, write_recipe
+from .models import chat_copy, state_of, write_recipe
 
 WEIGHTS = {"eu": 0.7, "ca": 0.4}
 
@@ -322,19 +322,15 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
 
 
 @pytest.mark.parametrize("arch", list(ARCH_SPECS))
-def test_fused_gguf_equals_merge_then_export_for_every_family(
-    arch, tmp_path, spm512_tokenizer, tok_cache, monkeypatch
-):
+def test_fused_gguf_equals_merge_then_export_for_every_family(arch, tmp_path, families, monkeypatch):
     """Each family of the fixture table (its shapes, with the 512-token vocabulary where the family reads a
     SentencePiece one: a tokenizer.model, or a tokenizer.json of that kind as Gemma 4's; else its own) in its
     parity outtype: the fused file has the bytes of merge_to_hf + export_hf, and the fused merge reads only the
     tensors the family writes."""
     spec = ARCH_SPECS[arch]
     if {"sentencepiece", "llama_hf"} & set(REGISTRY[spec.arch].vocab_kinds):
-        spec, tok = dataclasses.replace(spec, tokenizer="spm512"), spm512_tokenizer
-    else:
-        tok = tokenizer_dir(spec.tokenizer, tok_cache)
-    family = make_family(tmp_path / "family", spec, tok)
+        spec = dataclasses.replace(spec, tokenizer="spm512")
+    family = families(spec)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, {"eu": 0.7}))
     hf = merge_to_hf(recipe, tmp_path / "hf")
     two_step = export_hf(
@@ -424,13 +420,11 @@ LLAMA32_TEMPLATE = "meta-llama-Llama-3.2-3B-Instruct.jinja"
 
 
 @pytest.fixture(scope="module")
-def llama32_family(tmp_path_factory, tok_cache):
+def llama32_family(tmp_path_factory, families):
     """Tiny Llama 3.2 family (tests/arch_fixtures.py "llama": tied embeddings, llama3 RoPE factor 32, the
     Llama 3.1 vocabulary): base, instruct (alone with 3.2 Instruct's chat template and EOS list), eu."""
-    spec = dataclasses.replace(ARCH_SPECS["llama"], chat_template="")
     root = tmp_path_factory.mktemp("llama32-family")
-    family = make_family(root, spec, tokenizer_dir(spec.tokenizer, tok_cache))
-    return chat_instruct(family, template=LLAMA32_TEMPLATE, eos=LLAMA32_EOS)
+    return chat_copy(families(ARCH_SPECS["llama"]), root, LLAMA32_TEMPLATE, LLAMA32_EOS)
 
 
 def test_fused_gguf_of_a_tied_llama32_family(tmp_path, llama32_family):

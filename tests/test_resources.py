@@ -151,8 +151,10 @@ def test_choose_threads(physical, allowed, quota, busy, n, cores, reason):
     assert 1 <= t.n <= t.cores
 
 
-def test_default_threads_reads_this_machine_and_a_quota(tmp_path):
+def test_default_threads_reads_this_machine_and_a_quota(tmp_path, monkeypatch):
     import psutil
+
+    monkeypatch.delenv(res.THREADS_ENV, raising=False)
 
     physical = psutil.cpu_count(logical=False) or psutil.cpu_count()
     proc, root = _tree(tmp_path, V2, {})
@@ -162,6 +164,16 @@ def test_default_threads_reads_this_machine_and_a_quota(tmp_path):
     quota = res.default_threads(busy=0.0, proc_root=proc, cgroup_root=root)
     assert (quota.n, quota.cores) == (1, 1)
     assert "cgroup CPU quota 1" in quota.reason or physical == 1
+
+
+def test_llama_arg_threads_sets_the_default_as_in_llama_cpp(monkeypatch):
+    monkeypatch.setenv(res.THREADS_ENV, "3")
+    t = res.default_threads(busy=5.0)
+    assert (t.n, t.reason) == (3, "LLAMA_ARG_THREADS=3")
+    for bad in ("0", "two", "-1", "99999"):
+        monkeypatch.setenv(res.THREADS_ENV, bad)
+        with pytest.raises(EdgemergeError, match="LLAMA_ARG_THREADS=.* is not a thread count"):
+            res.default_threads(busy=0.0)
 
 
 def test_busy_cpus_counts_cpus_not_percent():

@@ -92,7 +92,7 @@ def swept(demo_recipe, tmp_path_factory):
     events = []
     res = sweep(
         demo_recipe,
-        SweepOptions(out=out, weights=[0.5, 1.0], threads=2),
+        SweepOptions(out=out, weights=[0.5, 1.0], threads=1),
         on_stage=lambda e: events.append(e),
     )
     return res, events
@@ -122,7 +122,7 @@ def test_a_rerun_reuses_every_score_and_a_new_weight_adds_only_its_candidates(sw
     events = []
     again = sweep(
         demo_recipe,
-        SweepOptions(out=res.out, weights=[0.5, 1.0, 0.75], threads=2),
+        SweepOptions(out=res.out, weights=[0.5, 1.0, 0.75], threads=1),
         on_stage=lambda e: events.append(e),
     )
     fresh = sorted(e.name for e in events if e.done and not e.record.cached)
@@ -140,9 +140,9 @@ def test_build_weight_auto_builds_the_chosen_candidate_and_shows_its_sweep(demo_
     out = tmp_path / "demo"
     s, b = build_auto(
         demo_recipe,
-        BuildOptions(out=out, threads=2, skip_eval=True, quants=["Q8_0"]),
+        BuildOptions(out=out, threads=1, skip_eval=True, quants=["Q8_0"]),
         SweepOptions(
-            out=tmp_path / "demo-sweep", weights=[0.5, 1.0], methods=["task_arithmetic"], threads=2, fast=True
+            out=tmp_path / "demo-sweep", weights=[0.5, 1.0], methods=["task_arithmetic"], threads=1, fast=True
         ),
     )
     assert s.choice.chosen is not None

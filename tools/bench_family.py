@@ -48,6 +48,7 @@ class Size:
     heads: int
     kv_heads: int
     vocab: int = 32000
+    ctx: int = 2048  # max_position_embeddings (the llama.cpp context the eval may use)
 
 
 SIZES = {
@@ -56,6 +57,8 @@ SIZES = {
     "1b": Size(
         "1b", hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4
     ),  # 1.10B (TinyLlama's shape)
+    # the same with an 8192-token context: 5-shot eus_exams prompts need up to 2,663 tokens (tools/bench_tasks.py)
+    "1b-8k": Size("1b-8k", hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, ctx=8192),
 }
 
 
@@ -143,7 +146,7 @@ def _config(size: Size) -> dict:
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         num_key_value_heads=size.kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=size.ctx,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=1,
@@ -179,7 +182,9 @@ def make_family(root: Path, size: Size | str, tokenizer: Path | None = None) -> 
             "no SentencePiece tokenizer: pass --tokenizer PATH/tokenizer.model (a 32k Llama-2 vocab)"
         )
     fam = root / size.name
-    stamp = {"size": asdict(size), "base_std": BASE_STD, "delta_std": DELTA_STD, "format": 1}
+    # a family made before `ctx` existed is reused: the default context is left out of its stamp
+    shape = {k: v for k, v in asdict(size).items() if k != "ctx" or v != 2048}
+    stamp = {"size": shape, "base_std": BASE_STD, "delta_std": DELTA_STD, "format": 1}
     done = fam / "family.json"
     if done.exists() and json.loads(done.read_text()) == stamp:
         return fam

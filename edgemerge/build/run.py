@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..check import check_compat
 from ..errors import EdgemergeError
 from ..evaluate import evaluate
-from ..evaluate.bench import prepare_tasks
+from ..evaluate.bench import bench_fingerprint, prepare_tasks
 from ..evaluate.gates import check_gates
 from ..evaluate.prompts import load_prompts
 from ..evaluate.report import EvalReport
@@ -25,7 +24,7 @@ from ..files import (
 )
 from ..memory_plan import MemoryPlan, check_chat_possible, plan_evals, plan_memory, shape_from_config
 from ..package import PackageInfo, write_package
-from ..pipeline import export_hf, merge_to_gguf
+from ..pipeline import check_inputs, export_hf, merge_to_gguf
 from ..progress import Progress
 from ..quantize import quant_file_name, quantize
 from ..recipe import Recipe
@@ -191,7 +190,7 @@ def _build(
     # Inputs: resolving downloads hub models (huggingface_hub shows its progress); the check reads headers only.
     sources = resolve_recipe(recipe, progress)
     check_out_path(out, sources.paths())  # hub models too, before any write
-    report = check_compat(sources)
+    report = check_inputs(sources)
     inputs = input_provenance(sources)
 
     ftype = options.outtype.upper()
@@ -618,6 +617,7 @@ def _eval_stage(
         skip_chat,
         batch,
         *([json.dumps(bench, default=str, sort_keys=True)] if bench else []),
+        *([bench_fingerprint(bench["tasks"], bench["data"])] if bench else []),  # the data's contents
     )
     holder: dict[str, Any] = {}
 

@@ -173,7 +173,8 @@ def eval_(
         typer.Option(
             "--data",
             help="Folder of the benchmarks' files, as README's 'Benchmarks' lays out (eustrivia/, "
-            "eusexams_eu/, truthfulqa_multi/LANG/).",
+            "eusexams_eu/, truthfulqa_multi/LANG/); without it they are fetched from the Hugging Face hub "
+            "(the datasets lm-eval reads) into its cache.",
             rich_help_panel="Benchmarks (lm-evaluation-harness format)",
         ),
     ] = None,

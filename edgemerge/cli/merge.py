@@ -9,12 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..check import check_compat
 from ..errors import EdgemergeError
 from ..files import human_bytes, prepare_output
 from ..merge.backends import resolve_backend_name
 from ..merge.methods import get_method
-from ..pipeline import merge_to_gguf, merge_to_hf
+from ..pipeline import check_inputs, merge_to_gguf, merge_to_hf
 from ..recipe import load_recipe
 from ..sources import local_inputs, resolve_recipe
 from .common import app, console, examples, live_progress, print_json
@@ -115,7 +114,7 @@ def check(
     opts = get_method(r.method).parse_options(r.options)
     with live_progress() as progress:
         sources = resolve_recipe(r, progress)
-    report = check_compat(sources)
+    report = check_inputs(sources)
     result = {
         "recipe": r.name,
         "compatible": True,
@@ -124,6 +123,7 @@ def check(
         "params": report.n_params,
         "vocab_size": report.vocab_size,
         "tied_embeddings": report.tied_embeddings,
+        "not_merged": report.note or None,  # tensors outside the language model (a vision tower, mtp.*)
         "method": r.method,
         "options": opts,
         "models": {
@@ -147,3 +147,5 @@ def check(
         f"{len(report.specs)} tensors, {report.n_params / 1e6:.1f} M parameters, vocabulary {report.vocab_size}, "
         f"method {r.method} {opts}"
     )
+    if report.note:
+        console.print(report.note, markup=False)

@@ -182,12 +182,18 @@ class TaskDocs:
     fewshot_docs: list[Doc]
 
 
-def load_docs(task: Task, data: Path, prompter: Prompter) -> TaskDocs:
-    """The task's eval and few-shot documents from `data`, checked and filtered (module docstring)."""
+def task_splits(task: Task) -> list[str]:
+    """The splits a task reads: its eval split, then its few-shot split when that is another."""
+    return [s for s in dict.fromkeys((task.eval_split, task.spec.fewshot_split)) if s]
+
+
+def load_docs(task: Task, data: Path | dict[str, Path], prompter: Prompter) -> TaskDocs:
+    """The task's eval and few-shot documents from the folder `data` (or the files of each split, fetched from
+    the hub), checked and filtered (module docstring)."""
     spec = task.spec
     splits: dict[str, list[Doc]] = {}
-    for split in dict.fromkeys(s for s in (task.eval_split, spec.fewshot_split) if s):
-        path = task.file(split, data)
+    for split in task_splits(task):
+        path = data[split] if isinstance(data, dict) else task.file(split, data)
         if not path.is_file():
             raise EdgemergeError(
                 f"task {task.name} needs {path} (the {split} split of {spec.dataset_path}"

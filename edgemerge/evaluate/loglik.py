@@ -1,5 +1,6 @@
-"""Log-likelihoods of continuations of one context through llama.cpp: the context is decoded once and each
-continuation continues it from the cache (`Model.continuations`).
+"""Log-likelihoods of continuations of a context through llama.cpp: the context is decoded once and each
+continuation continues it from the cache (`Model.continuations`); a benchmark's questions are scored several
+per llama_decode, each in its own sequences (`Model.continuations_many`).
 
     ll(c) = Σ_i log p(c_i | context, c_<i)        (float64 log-softmax of llama.cpp's logits)
 
@@ -9,6 +10,9 @@ continuation's tokens are those of context + continuation after the context's ow
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -38,7 +42,26 @@ def encode_request(model: Model, req: Request) -> tuple[list[int], list[list[int
 
 def continuation_logliks(model: Model, ctx: list[int], conts: list[list[int]]) -> list[float]:
     """ll of each continuation after `ctx` (an empty continuation: 0, the empty sum, as in lm-eval)."""
-    last, rows = model.continuations(ctx, conts)
+    return _logliks(*model.continuations(ctx, conts), conts)
+
+
+def continuation_logliks_many(
+    model: Model, pairs: Iterable[tuple[list[int], list[list[int]]]], n_seq: int, n_ctx_seq: int
+) -> Iterator[list[float]]:
+    """`continuation_logliks` of each (context, continuations) in order, several questions per llama_decode
+    (`Model.continuations_many`, `n_seq` sequences of `n_ctx_seq` tokens)."""
+    pending: deque[list[list[int]]] = deque()
+
+    def feed() -> Iterator[tuple[list[int], list[list[int]]]]:
+        for ctx, conts in pairs:
+            pending.append(conts)
+            yield ctx, conts
+
+    for last, rows in model.continuations_many(feed(), n_seq, n_ctx_seq):
+        yield _logliks(last, rows, pending.popleft())
+
+
+def _logliks(last: np.ndarray, rows: list[np.ndarray], conts: list[list[int]]) -> list[float]:
     out = []
     for cont, r in zip(conts, rows):
         if not cont:

@@ -107,8 +107,10 @@ def merge_into(
 ) -> MergeStats:
     """Merge every tensor of the recipe's inputs into `sink` (opened, written in its order, closed).
 
-    The compatibility check runs first unless its `report` is given. Raises EdgemergeError on bad input or a
-    non-finite merged tensor; the sink is then left unfinished for the caller to discard.
+    The compatibility check runs first unless its `report` is given. The tensors outside the language model
+    (`report.from_instruct`: a vision tower, a multi-token-prediction block) are the instruct model's,
+    unchanged but for the output dtype. Raises EdgemergeError on bad input or a non-finite merged tensor; the
+    sink is then left unfinished for the caller to discard.
     """
     method = get_method(recipe.method)
     opts = method.parse_options(recipe.options)
@@ -124,7 +126,9 @@ def merge_into(
     total = sum(s.nbytes for s in specs)
     # single-pass methods read every piece once, in order: all of them are read ahead; sparsifiers (and slerp)
     # walk a tensor several times, so only tensors of one piece are
-    pipeline = streaming(sink, specs, report.models, indices, read_all_ahead=method.single_pass)
+    pipeline = streaming(
+        sink, specs, report.models, indices, method.single_pass, first_only=report.from_instruct
+    )
     with (
         pipeline as (writer, order, readers, prefetch),
         task(progress, f"merge ({method.name}, {xp.name})", total) as advance,
@@ -134,9 +138,12 @@ def merge_into(
             parts = pieces(spec, True)
             t = _Inputs(name, spec.shape, weights, parts, depth(name, n_layers), readers, prefetch, xp)
             out = TensorOut(writer, spec, parts)
-            for rows, merged in method.merge(xp, t, opts):
+            copied = name in report.from_instruct
+            blocks = ((rows, t.instruct(rows)) for rows in parts) if copied else method.merge(xp, t, opts)
+            for rows, merged in blocks:
                 if not xp.all_finite(merged):
-                    raise _non_finite_error(name, readers.load((name, rows), indices), report.models)
+                    used = indices[:1] if copied else indices
+                    raise _non_finite_error(name, readers.load((name, rows), used), report.models)
                 block = xp.to_numpy(merged, recipe.dtype)
                 del merged
                 advance(out.add(rows, block))

@@ -32,7 +32,6 @@ from ..build.state import (
     prepare_out,
     stage_key,
 )
-from ..check import check_compat
 from ..errors import EdgemergeError
 from ..evaluate.prompts import load_prompts
 from ..evaluate.signals import Probe, Signals, make_probe, measure
@@ -40,7 +39,7 @@ from ..files import atomic_output, free_bytes, human_bytes, remove_file
 from ..memory_plan import plan_file
 from ..merge.backends import resolve_backend_name
 from ..package.plots import sweep_plot
-from ..pipeline import export_hf, merge_to_gguf
+from ..pipeline import check_inputs, export_hf, merge_to_gguf
 from ..progress import Progress
 from ..quantize import check_quant, quant_file_name, quantize
 from ..recipe import HIGH_WEIGHT, Recipe, SweepRule, parse_recipe
@@ -208,7 +207,7 @@ def sweep(
         stages = Stages(state, on_stage, progress)
         sources = resolve_recipe(recipe, progress)
         check_out_path(out, sources.paths())
-        report = check_compat(sources)
+        report = check_inputs(sources)
         inputs, stamps = input_provenance(sources), input_stamps(sources)
         llama = llama_cpp_version()
         threads = threads_for(options.threads).n

@@ -78,10 +78,19 @@ def pieces(spec: TensorSpec, blockwise: bool) -> list[slice | None]:
 class Prefetch:
     """Reads pieces of the merge ahead of use in a background thread: while one piece is merged, the next one in
     `sequence` is read. Each array read ahead is served once; reads of anything else (sparsifiers' later passes
-    over a tensor) go to disk when asked for. At most one piece waits besides the one being merged."""
+    over a tensor) go to disk when asked for. At most one piece waits besides the one being merged. Tensors
+    named in `first_only` are read from the first of `indices` only."""
 
-    def __init__(self, readers: Readers, sequence: list[tuple[str, slice | None]], indices, pool):
+    def __init__(
+        self,
+        readers: Readers,
+        sequence: list[tuple[str, slice | None]],
+        indices: list[int],
+        pool,
+        first_only: frozenset[str] = frozenset(),
+    ):
         self._readers, self._seq, self._indices, self._pool = readers, sequence, indices, pool
+        self._first_only = first_only
         self._next = 0
         self._ahead: dict[tuple[str, int | None], Future] = {}
         self._started: set[tuple[str, int | None]] = set()
@@ -91,7 +100,8 @@ class Prefetch:
         if self._next < len(self._seq):
             piece = self._seq[self._next]
             self._next += 1
-            self._ahead[piece_key(*piece)] = self._pool.submit(self._readers.load, piece, self._indices)
+            indices = self._indices[:1] if piece[0] in self._first_only else self._indices
+            self._ahead[piece_key(*piece)] = self._pool.submit(self._readers.load, piece, indices)
 
     def take(self, name: str, rows: slice | None, i: int) -> np.ndarray | None:
         """Input `i`'s array of this piece if it was read ahead (and not served yet), else None."""
@@ -152,10 +162,16 @@ class TensorOut:
 
 @contextlib.contextmanager
 def streaming(
-    sink: Sink, specs: list[TensorSpec], models: list[ModelTensors], indices: list[int], read_all_ahead: bool
+    sink: Sink,
+    specs: list[TensorSpec],
+    models: list[ModelTensors],
+    indices: list[int],
+    read_all_ahead: bool,
+    first_only: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[BackgroundSink, list[str], Readers, Prefetch]]:
     """The three threads: `sink` opened behind a writer thread, the inputs behind a read-ahead thread (every
-    piece, or with `read_all_ahead` False only tensors of one piece). Yields (sink, order, readers, prefetch):
+    piece, or with `read_all_ahead` False only tensors of one piece; the tensors of `first_only` from the
+    first of `indices` only: the merge's tensors outside the language model). Yields (sink, order, readers, prefetch):
     `order` is the names the sink wants, in its order (the others are not read). Closes the sink at the end,
     or aborts it on any error."""
     by_name = {s.name: s for s in specs}
@@ -173,7 +189,7 @@ def streaming(
                 for rows in pieces(by_name[name], True)
                 if read_all_ahead or rows is None
             ]
-            yield sink, order, readers, Prefetch(readers, sequence, indices, pool)
+            yield sink, order, readers, Prefetch(readers, sequence, indices, pool, first_only)
             sink.close()
     except BaseException:
         sink.abort()

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gguf
 
 from ...errors import EdgemergeError
 from ...limits import shown
-from .base import OUTTYPES, REGISTRY, Arch, check_outtype, load_hparams, register
+from ...model_json import read_config
+from .base import OUTTYPES, REGISTRY, Arch, check_outtype, load_hparams, register, text_hparams
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -52,6 +55,18 @@ def arch_for(hparams: dict[str, Any]) -> Arch:
     return REGISTRY[name](hparams)
 
 
+def left_out_of_gguf(model_dir: Path) -> Callable[[str], bool] | None:
+    """Which tensors of a model folder its family leaves out of a GGUF (`Arch.keep` False: a vision tower, a
+    multi-token-prediction block), as a predicate on tensor names; None when the folder's architecture has no
+    family here or its config.json is unusable (the compatibility check then says what is wrong). Reads the
+    raw config.json, so no transformers import for a check."""
+    try:
+        family = arch_for(text_hparams(read_config(model_dir)))
+    except (EdgemergeError, TypeError, ValueError):  # e.g. a null count: no family, and the check goes on
+        return None
+    return lambda name: not family.keep(name)
+
+
 __all__ = [
     "OUTTYPES",
     "REGISTRY",
@@ -60,7 +75,9 @@ __all__ = [
     "check_outtype",
     "families",
     "family_table",
+    "left_out_of_gguf",
     "load_hparams",
     "register",
     "supported_names",
+    "text_hparams",
 ]

@@ -89,15 +89,19 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
         OSError,
     ):  # e.g. unknown model_type: the raw file still names the architecture
         hparams = raw
-    if "text_config" in hparams:
-        text = hparams["text_config"]
-        # the architecture is the top level's unless text_config names one (the converter's
-        # get_model_architecture); transformers writes `architectures: null` into a nested text_config
-        arch = (
-            text["architectures"] if text.get("architectures") is not None else hparams.get("architectures")
-        )
-        hparams = {**hparams, **text, "architectures": arch}
-    return hparams
+    return text_hparams(hparams)
+
+
+def text_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A config with its nested `text_config` (a multimodal model's language model) lifted to the top, as the
+    converter's TextModel does."""
+    if not isinstance(hparams.get("text_config"), dict):  # absent, or null as read_config allows
+        return hparams
+    text = hparams["text_config"]
+    # the architecture is the top level's unless text_config names one (the converter's
+    # get_model_architecture); transformers writes `architectures: null` into a nested text_config
+    arch = text["architectures"] if text.get("architectures") is not None else hparams.get("architectures")
+    return {**hparams, **text, "architectures": arch}
 
 
 def register(cls: type[Arch]) -> type[Arch]:

@@ -1,4 +1,6 @@
-"""Qwen3.5 (dense): llama.cpp architecture `qwen35`, from `Qwen3_5ForCausalLM`.
+"""Qwen3.5 (dense): llama.cpp architecture `qwen35`, from `Qwen3_5ForCausalLM` or the language model inside
+`Qwen3_5ForConditionalGeneration` (the class of the released checkpoints: config.json nests the text model's
+settings under `text_config`, its tensors are `model.language_model.*` beside a vision tower `model.visual.*`).
 
 A hybrid: most layers are linear-attention (Gated DeltaNet) blocks, every `full_attention_interval`-th one a
 gated full-attention block (`layer_types` in config.json says which). Merging is tensor by tensor like any
@@ -11,8 +13,11 @@ other model; the export mirrors the converter's `Qwen3_5TextModel` (conversion/q
 - the linear attention's sizes as `ssm.*` keys, the layer pattern as `attention.recurrent_layers`, the rotary
   dimensions as head_dim x partial_rotary_factor with interleaved M-RoPE sections ([11, 11, 10, 0] when the
   config names none).
-The multi-token-prediction block (`mtp.*`) of the released checkpoints is left out, as `--no-mtp` does: it only
-serves speculative decoding, and a language model saved by transformers does not have it.
+Left out of the GGUF, as the converter leaves them out of a text GGUF: the multi-token-prediction block
+(`mtp.*`, as `--no-mtp` does: it only serves speculative decoding, and a language model saved by transformers
+does not have it) and the vision tower (the converter writes it to a separate mmproj file; edgemerge does not).
+A merge takes both from the instruct model unchanged into its Hugging Face output, so that folder still loads
+as the instruct model's class (check.py, `outside`).
 """
 
 from __future__ import annotations
@@ -27,14 +32,15 @@ from .base import Arch, register
 from .gemma3 import add_one
 
 _DEFAULT_MROPE_SECTION = [11, 11, 10, 0]  # the converter's default (_Qwen35MRopeMixin)
-_LEFT_OUT = ("mtp.",)  # the multi-token-prediction block
+_LEFT_OUT = ("mtp.", "model.mtp.")  # the multi-token-prediction block (the converter accepts both prefixes)
+_VISION = "visual."  # the vision tower's marker in the converter's TextModel.filter_tensors
 
 
 @register
 class Qwen35Arch(Arch):
     title = "Qwen3.5 (dense)"
-    note = "the multi-token-prediction block is left out"
-    hf_names = ("Qwen3_5ForCausalLM",)
+    note = "text only: the vision tower and the multi-token-prediction block are left out"
+    hf_names = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
     model_arch = gguf.MODEL_ARCH.QWEN35
 
     def __init__(self, hparams: dict[str, Any]):
@@ -51,7 +57,7 @@ class Qwen35Arch(Arch):
         self.n_v = hparams.get("linear_num_value_heads", 0)
 
     def keep(self, hf_name: str) -> bool:
-        return super().keep(hf_name) and not hf_name.startswith(_LEFT_OUT)
+        return super().keep(hf_name) and not hf_name.startswith(_LEFT_OUT) and _VISION not in hf_name
 
     def gguf_name(self, hf_name: str) -> str | None:
         if hf_name.endswith(".dt_bias"):
