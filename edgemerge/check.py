@@ -376,42 +376,81 @@ def check_config_tensors(cfg: dict, shapes: dict[str, tuple[int, ...]], label: s
                 f"{label}: config.json hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
             )
         head_dim = hidden // heads
-    q = heads * head_dim if heads and head_dim else None
-    kv = kv_heads * head_dim if kv_heads and head_dim else None
     _expect(shapes, "embed_tokens.weight", (vocab, hidden), "vocab_size x hidden_size", label)
     _expect(shapes, "lm_head.weight", (vocab, hidden), "vocab_size x hidden_size", label)
-    if q and (tc.get("model_type") in _GATED_QUERY or tc.get("attn_output_gate")):
-        # the query projection also makes the attention output's gate: twice the rows
-        _expect(
-            shapes,
-            "self_attn.q_proj.weight",
-            (2 * q, hidden),
-            "2 x num_attention_heads x head_dim, hidden_size",
-            label,
-        )
-    else:
-        _expect(
-            shapes,
-            "self_attn.q_proj.weight",
-            (q, hidden),
-            "num_attention_heads x head_dim, hidden_size",
-            label,
-        )
-    _expect(
-        shapes, "self_attn.k_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
-    )
-    _expect(
-        shapes, "self_attn.v_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size", label
-    )
-    _expect(
-        shapes, "self_attn.o_proj.weight", (hidden, q), "hidden_size, num_attention_heads x head_dim", label
-    )
-    _expect(shapes, "mlp.gate_proj.weight", (inter, hidden), "intermediate_size x hidden_size", label)
-    _expect(shapes, "mlp.up_proj.weight", (inter, hidden), "intermediate_size x hidden_size", label)
-    _expect(shapes, "mlp.down_proj.weight", (hidden, inter), "hidden_size x intermediate_size", label)
+    sizes = _layer_sizes(tc, n_layers, (head_dim, kv_heads, inter), label)
+    if sizes is None:
+        _expect_layer(shapes, tc, hidden, heads, (head_dim, kv_heads, inter), "", label)
+    else:  # layers of their own sizes: each layer's tensors against its sizes
+        by_layer: dict[int | None, dict[str, tuple[int, ...]]] = {}
+        for name, shape in shapes.items():
+            by_layer.setdefault(layer_of(name), {})[name] = shape
+        for i, layer_sizes in enumerate(sizes):
+            _expect_layer(by_layer.get(i, {}), tc, hidden, heads, layer_sizes, f" of layer {i}", label)
     _expect(shapes, "input_layernorm.weight", (hidden,), "hidden_size", label)
     _check_experts(tc, shapes, hidden, label)
     _expect(shapes, "model.norm.weight", (hidden,), "hidden_size", label)
+
+
+def _expect_layer(
+    shapes: dict[str, tuple[int, ...]],
+    tc: dict,
+    hidden: int | None,
+    heads: int | None,
+    sizes: tuple[int | None, int | None, int | None],
+    where: str,
+    label: str,
+) -> None:
+    """A decoder layer's attention and MLP projections against (head_dim, num_key_value_heads,
+    intermediate_size); `where` names the layer when layers have sizes of their own."""
+    head_dim, kv_heads, inter = sizes
+    q = heads * head_dim if heads and head_dim else None
+    kv = kv_heads * head_dim if kv_heads and head_dim else None
+    if q and (tc.get("model_type") in _GATED_QUERY or tc.get("attn_output_gate")):
+        # the query projection also makes the attention output's gate: twice the rows
+        q_rows, q_what = 2 * q, "2 x num_attention_heads x head_dim, hidden_size"
+    else:
+        q_rows, q_what = q, "num_attention_heads x head_dim, hidden_size"
+    for suffix, want, what in (
+        ("self_attn.q_proj.weight", (q_rows, hidden), q_what),
+        ("self_attn.k_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size"),
+        ("self_attn.v_proj.weight", (kv, hidden), "num_key_value_heads x head_dim, hidden_size"),
+        ("self_attn.o_proj.weight", (hidden, q), "hidden_size, num_attention_heads x head_dim"),
+        ("mlp.gate_proj.weight", (inter, hidden), "intermediate_size x hidden_size"),
+        ("mlp.up_proj.weight", (inter, hidden), "intermediate_size x hidden_size"),
+        ("mlp.down_proj.weight", (hidden, inter), "hidden_size x intermediate_size"),
+    ):
+        _expect(shapes, suffix, want, what + where, label)
+
+
+def _layer_sizes(
+    tc: dict, n_layers: int | None, sizes: tuple[int | None, int | None, int | None], label: str
+) -> list[tuple[int | None, int | None, int | None]] | None:
+    """Each layer's (head_dim, num_key_value_heads, intermediate_size) when layers differ (Gemma 4: the
+    full-attention layers' own head size and KV heads, from per_layer_config as transformers 5 saves them or
+    global_head_dim / num_global_key_value_heads as released; double-wide MLPs in the layers that reuse an earlier
+    layer's KV); None when every layer has the config's top-level sizes."""
+    per_layer = tc.get("per_layer_config")
+    types = tc.get("layer_types")
+    if n_layers is None or not (per_layer or tc.get("global_head_dim") or tc.get("use_double_wide_mlp")):
+        return None
+    if per_layer is not None and not (
+        isinstance(per_layer, dict) and all(isinstance(v, dict) for v in per_layer.values())
+    ):
+        raise EdgemergeError(f"{label}: config.json per_layer_config must map layer numbers to objects")
+    head_dim, kv_heads, inter = sizes
+    global_head = _positive(tc, "global_head_dim", label)
+    global_kv = _positive(tc, "num_global_key_value_heads", label) if tc.get("attention_k_eq_v") else None
+    shared = tc.get("num_kv_shared_layers") or 0
+    out = []
+    for i in range(n_layers):
+        full = isinstance(types, list) and i < len(types) and types[i] == "full_attention"
+        own = (per_layer or {}).get(str(i), {})
+        hd = _positive(own, "head_dim", label) or (global_head if full else None) or head_dim
+        kvh = _positive(own, "num_key_value_heads", label) or (global_kv if full else None) or kv_heads
+        wide = tc.get("use_double_wide_mlp") and isinstance(shared, int) and i >= n_layers - shared
+        out.append((hd, kvh, 2 * inter if wide and inter else inter))
+    return out
 
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")

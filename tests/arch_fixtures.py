@@ -139,6 +139,79 @@ ARCH_SPECS = {
         chat_template="Qwen3.5-4B.jinja",
         converter_args=("--no-mtp",),
     ),
+    # Gemma 4 (31B's layout, shrunk), the real Gemma 4 vocabulary and 31B-it's chat template: a sliding-window
+    # layer (head 32, window 8: shorter than the test prompt) then a full-attention one (head 64, proportional
+    # RoPE on a quarter of it, one KV head whose projection serves K and V: no v_proj), norms that scale by w,
+    # a final logit softcap; parity in F16 and F32
+    "gemma4": Spec(
+        arch="Gemma4ForCausalLM",
+        tokenizer="gemma-4",
+        hidden=64,
+        heads=2,
+        kv_heads=2,
+        intermediate=128,
+        tie=True,
+        extra={
+            "head_dim": 32,
+            "global_head_dim": 64,
+            "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 8,
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0,
+        },
+        parity_outtype="f16",
+        more_parity=("f32",),
+        chat_template="google-gemma-4-31B-it.jinja",
+    ),
+    # the language model of Gemma 4's multimodal checkpoint in E2B's layout: per-layer embeddings (8 per
+    # layer), the last layer reusing layer 1's KV (no k/v projections) with a double-wide MLP; its tiny
+    # vision and audio towers are left out of the GGUF
+    "gemma4_vlm": Spec(
+        arch="Gemma4ForConditionalGeneration",
+        tokenizer="gemma-4",
+        hidden=64,
+        layers=3,
+        heads=2,
+        kv_heads=1,
+        intermediate=128,
+        tie=True,
+        extra={
+            "head_dim": 32,
+            "global_head_dim": 64,
+            "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+            "sliding_window": 8,
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 8,
+            "num_kv_shared_layers": 1,
+            "use_double_wide_mlp": True,
+        },
+        wrapper={
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "patch_size": 4,
+                "position_embedding_size": 64,
+                "pooling_kernel_size": 2,
+            },
+            "audio_config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "subsampling_conv_channels": [8, 4],
+                "output_proj_dims": 32,
+                # unclipped: transformers' default clip bounds are +-inf buffers (a checkpoint brings finite
+                # ones), which the merge refuses as non-finite
+                "use_clipped_linears": False,
+            },
+        },
+        parity_outtype="f16",
+    ),
     # Qwen3.5 as released: the conditional-generation class (text_config nested, `model.language_model.*`
     # tensors, a small vision tower `model.visual.*` that the GGUF leaves out), the qwen35 fixture's text model
     "qwen35_vlm": Spec(

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
+import pytest
 import torch
 from filelock import FileLock
+
+from edgemerge.check import check_compat
+from edgemerge.errors import EdgemergeError
+from edgemerge.recipe import load_recipe
+from edgemerge.sources import resolve_recipe
 
 from .shared import need_shared
 
@@ -23,7 +29,8 @@ from .shared import need_shared
 @dataclass
 class Spec:
     arch: str = "LlamaForCausalLM"
-    tokenizer: str = "llama-bpe"  # llama-bpe | llama3.1-bpe | qwen2 | spm (Mistral v1 SentencePiece) | spm512
+    # llama-bpe | llama3.1-bpe | qwen2 | qwen35 | gemma-4 | spm (Mistral v1 SentencePiece) | spm512
+    tokenizer: str = "llama-bpe"
     hidden: int = 256
     layers: int = 2
     heads: int = 4
@@ -81,6 +88,12 @@ def _save_tokenizer(kind: str, cache: Path, out: Path) -> None:
         out.mkdir(parents=True)
         shutil.copy(src, out / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(out)
+    elif kind == "gemma-4":
+        # AutoTokenizer would first build a config from the file, which its per-layer KV head counts break
+        from transformers import GemmaTokenizer
+
+        vocab = need_shared("tokenizers", "llama.cpp-vocab")
+        tok = GemmaTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
     else:
         vocab = need_shared("tokenizers", "llama.cpp-vocab")
         tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{kind}.gguf")
@@ -328,3 +341,15 @@ def write_recipe(path: Path, family: dict[str, Path], weights: dict[str, float],
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def compat_error(family: dict[str, Path], tmp_path: Path, edit: Callable[[dict], object]) -> str:
+    """The check's message for `family` when a copy of eu has its config.json changed by `edit` (in place)."""
+    eu = shutil.copytree(family["eu"], tmp_path / "eu")
+    cfg = json.loads((eu / "config.json").read_text())
+    edit(cfg)
+    (eu / "config.json").write_text(json.dumps(cfg))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**family, "eu": eu}, {"eu": 1.0}))
+    with pytest.raises(EdgemergeError) as e:
+        check_compat(resolve_recipe(recipe))
+    return e.value.message

@@ -324,10 +324,11 @@ def test_fused_gguf_equals_merge_then_export(tmp_path, merge_family):
 @pytest.mark.parametrize("arch", list(ARCH_SPECS))
 def test_fused_gguf_equals_merge_then_export_for_every_family(arch, tmp_path, families, monkeypatch):
     """Each family of the fixture table (its shapes, with the 512-token vocabulary where the family reads a
-    SentencePiece one, else its own) in its parity outtype: the fused file has the bytes of merge_to_hf +
-    export_hf, and the fused merge reads only the tensors the family writes."""
+    SentencePiece one: a tokenizer.model, or a tokenizer.json of that kind as Gemma 4's; else its own) in its
+    parity outtype: the fused file has the bytes of merge_to_hf + export_hf, and the fused merge reads only the
+    tensors the family writes."""
     spec = ARCH_SPECS[arch]
-    if "sentencepiece" in REGISTRY[spec.arch].vocab_kinds:
+    if {"sentencepiece", "llama_hf"} & set(REGISTRY[spec.arch].vocab_kinds):
         spec = dataclasses.replace(spec, tokenizer="spm512")
     family = families(spec)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", family, {"eu": 0.7}))
