@@ -21,7 +21,7 @@ from edgemerge.recipe import load_recipe
 from edgemerge.sources import resolve_recipe
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_copy, write_recipe
+from .models import chat_copy, compat_error, write_recipe
 
 FULL_ATTENTION_LAYER = "layers.1."  # the released MTP block is one such layer
 
@@ -72,14 +72,9 @@ def test_chat_template_and_every_end_of_turn_token_reach_the_gguf_and_the_modelf
 
 
 def test_a_different_layer_pattern_is_named(hybrid_family, tmp_path):
-    eu = shutil.copytree(hybrid_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    cfg["layer_types"] = ["full_attention", "full_attention"]
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**hybrid_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(EdgemergeError) as e:
-        check_compat(resolve_recipe(recipe))
-    message = e.value.message
+    message = compat_error(
+        hybrid_family, tmp_path, lambda cfg: cfg.update(layer_types=["full_attention", "full_attention"])
+    )
     assert "config layer_types[0] (the layer pattern: which layers use which attention)" in message
     assert "linear_attention in instruct" in message and "but full_attention in eu" in message
 

@@ -5,7 +5,6 @@ merge into the GGUF and the Modelfile, and the mismatches the check names."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -24,7 +23,7 @@ from edgemerge.sources import resolve_recipe
 from edgemerge.tensors.spec import TensorSpec
 
 from .arch_fixtures import ARCH_SPECS
-from .models import chat_copy, write_recipe
+from .models import chat_copy, compat_error, write_recipe
 
 QWEN3_EOS = [151645, 151643]  # Qwen3's generation_config: <|im_end|>, <|endoftext|>
 EXPERT = "model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
@@ -107,15 +106,11 @@ def test_chat_template_and_every_end_of_turn_token_reach_the_gguf_and_the_modelf
 
 
 def test_a_different_expert_count_is_named(moe_family, tmp_path):
-    eu = shutil.copytree(moe_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    del cfg["num_local_experts"]  # transformers 5's name of it; the released checkpoints' is num_experts
-    cfg["num_experts"] = 8
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**moe_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(EdgemergeError) as e:
-        check_compat(resolve_recipe(recipe))
-    message = e.value.message
+    def eight_experts(cfg):
+        del cfg["num_local_experts"]  # transformers 5's name of it; the released checkpoints' is num_experts
+        cfg["num_experts"] = 8
+
+    message = compat_error(moe_family, tmp_path, eight_experts)
     assert "num_local_experts (the expert count of each mixture-of-experts layer): 4 in instruct" in message
     assert "but 8 in eu" in message and message.count("\n") == 0
 
@@ -153,13 +148,7 @@ def test_configs_llama_cpp_would_run_differently_are_refused(fields, needle):
 
 
 def test_a_dense_language_model_beside_an_moe_instruct_names_both_architectures(moe_family, tmp_path):
-    eu = shutil.copytree(moe_family["eu"], tmp_path / "eu")
-    cfg = json.loads((eu / "config.json").read_text())
-    cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
-    (eu / "config.json").write_text(json.dumps(cfg))
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**moe_family, "eu": eu}, {"eu": 1.0}))
-    with pytest.raises(EdgemergeError) as e:
-        check_compat(resolve_recipe(recipe))
-    assert (
-        "Qwen3MoeForCausalLM in instruct" in e.value.message and "Qwen3ForCausalLM in eu" in e.value.message
+    message = compat_error(
+        moe_family, tmp_path, lambda cfg: cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
     )
+    assert "Qwen3MoeForCausalLM in instruct" in message and "Qwen3ForCausalLM in eu" in message
