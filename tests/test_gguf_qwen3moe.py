@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy: safetensors.numpy reads the bf16 fixture
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
