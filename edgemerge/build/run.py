@@ -457,6 +457,7 @@ def _evaluate_files(
 
     merged = ggufs[0]
     ref_logits = stages.state.work / "eval" / f"{merged.name}.logits"
+    bench, fingerprint = recipe_bench_and_fingerprint(result.recipe)  # once: the same for every file
     for f in ggufs:
         ref = (None, ref_logits) if f == merged else (ref_logits, None)
         rep = _eval_stage(
@@ -469,7 +470,8 @@ def _evaluate_files(
             options,
             memory,
             progress,
-            bench=recipe_bench(result.recipe),
+            bench=bench,
+            fingerprint=fingerprint,
         )
         result.evals[f.name] = rep
         failed = check_gates(rep, result.recipe.eval)
@@ -507,6 +509,7 @@ def _evaluate_parent(
         ),
         hashes,
     )
+    bench, fingerprint = recipe_bench_and_fingerprint(result.recipe)
     result.parent_evals["instruct"] = _eval_stage(
         stages,
         "instruct",
@@ -518,7 +521,8 @@ def _evaluate_parent(
         memory,
         progress,
         plan_as,
-        bench=recipe_bench(result.recipe),
+        bench=bench,
+        fingerprint=fingerprint,
     )
 
 
@@ -595,11 +599,12 @@ def _eval_stage(
     progress: Progress | None,
     plan_as: str | None = None,
     bench: dict[str, Any] | None = None,
+    fingerprint: dict[str, str] | None = None,
 ):
     """Evaluate `model` as a cached stage; the report is kept as JSON. `ref` is (a stored reference to compare
     against, a file to store this model's log-probabilities in); `plan_as`: the planned file whose memory
-    decision applies (the parent instruct GGUF has the unquantized file's size); `bench`: the recipe's
-    benchmarks (`recipe_bench`)."""
+    decision applies (the parent instruct GGUF has the unquantized file's size); `bench`, `fingerprint`: the
+    recipe's benchmarks and their files' sha256 (`recipe_bench_and_fingerprint`)."""
     bench = bench or {}
 
     compare_to, save_to = ref
@@ -617,7 +622,7 @@ def _eval_stage(
         skip_chat,
         batch,
         *([json.dumps(bench, default=str, sort_keys=True)] if bench else []),
-        *([bench_fingerprint(bench["tasks"], bench["data"])] if bench else []),  # the data's contents
+        *([fingerprint] if fingerprint else []),  # the data's contents
     )
     holder: dict[str, Any] = {}
 
@@ -662,6 +667,13 @@ def recipe_bench(recipe: Recipe) -> dict[str, Any]:
         return {}
     bench = {"tasks": list(g.tasks), "fewshot": g.fewshot, "limit": g.limit, "data": bench_data(recipe)}
     return bench | {"chat_template": g.chat_template}
+
+
+def recipe_bench_and_fingerprint(recipe: Recipe) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """`recipe_bench` and the sha256 of the files its tasks read (`bench_fingerprint`, for the eval stages'
+    keys; None without tasks): hashed once per evaluation pass, not once per file."""
+    bench = recipe_bench(recipe)
+    return bench, (bench_fingerprint(bench["tasks"], bench["data"]) if bench else None)
 
 
 def llama_cpp_version() -> str | None:
