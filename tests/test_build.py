@@ -407,8 +407,10 @@ def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family,
     recipe["languages"][0]["model"] = str(build_family["eu"])
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    result = build(load_recipe(path), BuildOptions(out=tmp_path / "out", quick_eval=True))
-    for name, rep in result.evals.items():
+    result = build(
+        load_recipe(path), BuildOptions(out=tmp_path / "out", quick_eval=True, compare_parents=True)
+    )
+    for name, rep in {**result.evals, **result.parent_evals}.items():
         (row,) = rep.benchmarks
         assert (row["task"], row["questions"], row["shots"]) == ("eus_trivia", 2, 1), name
         assert rep.bench_settings["limit"] == 2 and rep.bench_settings["chat_template"] is True
@@ -424,7 +426,7 @@ def test_a_recipes_eval_tasks_run_on_every_file_and_reach_the_card(build_family,
         stages = _manifest(result.out)["stages"]
         return [v["cached"] for k, v in stages.items() if k.startswith("eval ")]
 
-    again = {"out": tmp_path / "out", "quick_eval": True}
+    again = {"out": tmp_path / "out", "quick_eval": True, "compare_parents": True}
     build(load_recipe(path), BuildOptions(**again))
     assert evals_cached() and all(evals_cached())
     f = tmp_path / "bench" / "eustrivia" / "eus_trivia_test.jsonl"
